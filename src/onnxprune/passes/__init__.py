@@ -1,0 +1,5 @@
+"""Graph rewriting passes."""
+
+from onnxprune.passes.base import Change, Pass, PassReport, Skip
+
+__all__ = ["Change", "Pass", "PassReport", "Skip"]
