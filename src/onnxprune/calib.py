@@ -1,0 +1,182 @@
+"""The calibration data contract used by every command that takes ``--calib PATH``.
+
+``PATH`` is either
+
+* an ``.npz`` file whose keys are the model's input names and whose axis 0 indexes samples:
+  an array of rank ``r + 1`` for an input of rank ``r`` gives feeds ``a[i]``; an array of
+  the input's own rank (batch axis first) gives one-sample feeds ``a[i:i+1]``; or
+* a directory of ``.npz`` files, one feed each (keys = input names, arrays fed as they
+  are), read in file-name order; shapes may differ between files (e.g. token lengths).
+
+Everything is validated against the model's inputs before use: names, dtypes and static
+dims. A mismatch is refused with a message naming the input, the sample (or file) and the
+expected versus given shape or dtype. Empty data is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.errors import CalibrationError
+
+__all__ = ["CalibrationData", "InputSpec", "load_calibration", "model_input_specs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype and dims (ints, or strings for symbolic/unknown)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | str, ...]
+
+    def shape_text(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.dims) + "]"
+
+    def matches(self, shape: Sequence[int]) -> bool:
+        if len(shape) != len(self.dims):
+            return False
+        return all(not isinstance(d, int) or d == s for d, s in zip(self.dims, shape, strict=True))
+
+
+def model_input_specs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed (graph inputs that are not initializers)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        if value.dtype is None:
+            raise CalibrationError(f"model input {value.name!r} has no tensor element type")
+        dims: tuple[int | str, ...] = tuple(
+            d if isinstance(d, int) else (str(d) if d.value is not None else "?")
+            for d in (value.shape or ())
+        )
+        specs.append(InputSpec(str(value.name), np.dtype(value.dtype.numpy()), dims))
+    return specs
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
+    if array.dtype != spec.dtype:
+        raise CalibrationError(
+            f"calibration input {spec.name!r} ({where}): expected dtype {spec.dtype}, "
+            f"given {array.dtype}"
+        )
+    if not spec.matches(array.shape):
+        raise CalibrationError(
+            f"calibration input {spec.name!r} ({where}): expected shape {spec.shape_text()}, "
+            f"given {_shape_text(array.shape)}"
+        )
+
+
+def _check_names(specs: Sequence[InputSpec], keys: Sequence[str], where: str) -> None:
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in keys]
+    if missing:
+        raise CalibrationError(
+            f"calibration data {where}: no array for model input {missing[0]!r} "
+            f"(model inputs: {', '.join(names)}; given: {', '.join(keys) or 'none'})"
+        )
+    unknown = [k for k in keys if k not in names]
+    if unknown:
+        raise CalibrationError(
+            f"calibration data {where}: {unknown[0]!r} is not a model input "
+            f"(model inputs: {', '.join(names)})"
+        )
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CalibrationError(f"calibration file {path}: not a readable .npz ({exc})") from None
+
+
+@dataclasses.dataclass
+class CalibrationData:
+    """Validated calibration feeds. Iterate :meth:`feeds` for one dict per sample."""
+
+    source: Path
+    specs: list[InputSpec]
+    _arrays: dict[str, np.ndarray] | None = None
+    _files: list[Path] = dataclasses.field(default_factory=list)
+    _add_axis: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        if self._arrays is not None:
+            return len(next(iter(self._arrays.values())))
+        return len(self._files)
+
+    def feed(self, index: int) -> dict[str, np.ndarray]:
+        """The feed of sample ``index``."""
+        if self._arrays is not None:
+            return {
+                name: (a[index] if self._add_axis[name] else a[index : index + 1])
+                for name, a in self._arrays.items()
+            }
+        return _read_npz(self._files[index])
+
+    def feeds(self, indices: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds in order (all, or those at ``indices``)."""
+        for i in range(len(self)) if indices is None else indices:
+            yield self.feed(i)
+
+
+def _from_npz(path: Path, specs: list[InputSpec]) -> CalibrationData:
+    arrays = _read_npz(path)
+    _check_names(specs, list(arrays), str(path))
+    counts = {name: a.shape[0] if a.ndim else 0 for name, a in arrays.items()}
+    if any(n == 0 for n in counts.values()):
+        raise CalibrationError(f"calibration data {path}: no samples (axis 0 is empty)")
+    if len(set(counts.values())) > 1:
+        raise CalibrationError(
+            f"calibration data {path}: inputs have different sample counts on axis 0: {counts}"
+        )
+    add_axis = {}
+    for spec in specs:
+        array = arrays[spec.name]
+        add_axis[spec.name] = array.ndim == len(spec.dims) + 1
+        sample = array[0] if add_axis[spec.name] else array[0:1]
+        _check_array(spec, sample, f"sample 0 of {path.name}; axis 0 indexes samples")
+    return CalibrationData(path, specs, _arrays=arrays, _add_axis=add_axis)
+
+
+def _from_dir(path: Path, specs: list[InputSpec]) -> CalibrationData:
+    files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+    if not files:
+        raise CalibrationError(f"calibration folder {path}: no .npz files")
+    for index, file in enumerate(files):
+        arrays = _read_npz(file)
+        _check_names(specs, list(arrays), str(file))
+        for spec in specs:
+            _check_array(spec, arrays[spec.name], f"sample {index}, file {file.name}")
+    return CalibrationData(path, specs, _files=files)
+
+
+def load_calibration(path: str | os.PathLike[str], model: ir.Model) -> CalibrationData:
+    """Load and validate calibration data for ``model``.
+
+    Raises:
+        CalibrationError: missing path, unreadable file, empty data, or a name, dtype or
+            shape mismatch (the message names the input and the sample or file).
+    """
+    path = Path(path)
+    specs = model_input_specs(model)
+    if not specs:
+        raise CalibrationError("the model has no inputs to calibrate")
+    if path.is_dir():
+        return _from_dir(path, specs)
+    if not path.is_file():
+        raise CalibrationError(f"calibration data {path}: no such file or folder")
+    return _from_npz(path, specs)

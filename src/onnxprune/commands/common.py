@@ -1,0 +1,38 @@
+"""Argument groups and helpers shared by CLI commands (declared once)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from onnxprune.errors import UsageError
+from onnxprune.io.atomic import write_text_atomic
+
+__all__ = ["add_dims_option", "parse_dims", "write_json"]
+
+
+def add_dims_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="bind a symbolic dimension (e.g. --dim batch=1 --dim seq=128); repeatable",
+    )
+
+
+def parse_dims(items: list[str]) -> dict[str, int]:
+    """Parse ``NAME=VALUE`` pairs into a dict; bad items are usage errors."""
+    dims = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit() or int(value) <= 0:
+            raise UsageError(f"--dim {item!r}: expected NAME=POSITIVE_INT, e.g. batch=1")
+        dims[name] = int(value)
+    return dims
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write a JSON report atomically (sorted keys, so reruns give identical bytes)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
