@@ -38,7 +38,7 @@ def model_from_text(text: str, initializers: Mapping[str, np.ndarray] | None = N
 def set_initializer(model: ir.Model, name: str, array: np.ndarray) -> None:
     """Add or replace the initializer ``name`` with ``array``."""
     graph = model.graph
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    tensor = ir.tensor(np.asarray(array, order="C"), name=name)
     if name in graph.initializers:
         value = graph.initializers[name]
         value.const_value = tensor
