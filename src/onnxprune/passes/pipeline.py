@@ -1,0 +1,219 @@
+"""The canonicalization pipeline: exact rewrites run in a fixed order to a fixed point.
+
+Order (:data:`PASS_NAMES`): fold constants, eliminate no-ops, fold BatchNorm, fold affine
+ops, fuse activations, remove dead nodes, remove unused initializers, deduplicate
+initializers, topological sort. One round runs every pass once; rounds repeat until a round
+changes nothing (converged) or ``max_iterations`` rounds have run. Each pass is exact: the
+rewritten model computes the same outputs.
+
+The BatchNorm/affine/activation passes live in their own modules and are imported when the
+pipeline runs; a module that is not installed is reported as unavailable, never an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxprune.errors import UsageError
+from onnxprune.passes.base import Pass, PassReport, graph_stats
+from onnxprune.passes.cleanup import (
+    DeduplicateInitializersPass,
+    RemoveDeadNodesPass,
+    RemoveUnusedInitializersPass,
+    TopologicalSortPass,
+)
+from onnxprune.passes.constant_folding import FoldConstantsPass
+from onnxprune.passes.eliminate import EliminateNoOpsPass
+
+__all__ = ["DEFAULT_MAX_ITERATIONS", "PASS_NAMES", "CanonicalizeReport", "canonicalize"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_ITERATIONS = 10
+
+# Name -> (module, class) for passes written in their own modules; imported lazily.
+_EXTERNAL: dict[str, tuple[str, str]] = {
+    "fold-batchnorm": ("onnxprune.passes.fold_batchnorm", "FoldBatchNormPass"),
+    "fold-affine": ("onnxprune.passes.fold_affine", "FoldAffinePass"),
+    "fuse-activations": ("onnxprune.passes.fuse_activations", "FuseActivationsPass"),
+}
+_LOCAL: dict[str, Callable[[], Pass]] = {
+    "fold-constants": FoldConstantsPass,
+    "eliminate-noops": EliminateNoOpsPass,
+    "remove-dead-nodes": RemoveDeadNodesPass,
+    "remove-unused-initializers": RemoveUnusedInitializersPass,
+    "deduplicate-initializers": DeduplicateInitializersPass,
+    "topological-sort": TopologicalSortPass,
+}
+
+#: Canonicalization passes in the order they run; the names ``--skip PASS`` accepts.
+PASS_NAMES: tuple[str, ...] = (
+    "fold-constants",
+    "eliminate-noops",
+    "fold-batchnorm",
+    "fold-affine",
+    "fuse-activations",
+    "remove-dead-nodes",
+    "remove-unused-initializers",
+    "deduplicate-initializers",
+    "topological-sort",
+)
+
+
+def _make_pass(name: str) -> Pass | None:
+    """Instantiate pass ``name``; None when its module is not installed."""
+    if name in _LOCAL:
+        return _LOCAL[name]()
+    module_name, class_name = _EXTERNAL[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:  # a broken import inside the module is a real error
+            raise
+        return None
+    return getattr(module, class_name)()
+
+
+@dataclasses.dataclass
+class CanonicalizeReport:
+    """What :func:`canonicalize` did.
+
+    Attributes:
+        passes: Names of the passes that ran, in order.
+        rounds: Pass reports per round (round ``i`` is ``rounds[i]``).
+        converged: True when the last round changed nothing.
+        skipped: Passes left out on request.
+        unavailable: Passes whose module is not installed.
+        before: Graph statistics before the first round.
+        after: Graph statistics after the last round.
+    """
+
+    passes: list[str] = dataclasses.field(default_factory=list)
+    rounds: list[list[PassReport]] = dataclasses.field(default_factory=list)
+    converged: bool = False
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    unavailable: list[str] = dataclasses.field(default_factory=list)
+    before: dict[str, int] = dataclasses.field(default_factory=dict)
+    after: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for round_ in self.rounds for r in round_)
+
+    def changes_by_pass(self) -> dict[str, list[dict[str, Any]]]:
+        """Every change of every round, grouped by pass name."""
+        out: dict[str, list[dict[str, Any]]] = {name: [] for name in self.passes}
+        for i, round_ in enumerate(self.rounds):
+            for name, report in zip(self.passes, round_, strict=True):
+                out[name].extend(
+                    {"round": i, "node": c.node, "what": c.what} for c in report.changes
+                )
+        return out
+
+    def final_skips(self) -> dict[str, list[dict[str, str]]]:
+        """Skips of the last round (earlier rounds repeat them), grouped by pass name."""
+        last = self.rounds[-1] if self.rounds else []
+        return {
+            name: [{"node": s.node, "reason": s.reason} for s in r.skips]
+            for name, r in zip(self.passes, last, strict=True)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, including the :meth:`summary` text."""
+        return {
+            "passes": list(self.passes),
+            "iterations": len(self.rounds),
+            "converged": self.converged,
+            "skipped": list(self.skipped),
+            "unavailable": list(self.unavailable),
+            "before": dict(self.before),
+            "after": dict(self.after),
+            "changes": self.changes_by_pass(),
+            "skips": self.final_skips(),
+            "summary": self.summary(),
+        }
+
+    def summary(self) -> str:
+        """A few lines for humans: counts per pass and before/after statistics."""
+        state = "converged" if self.converged else "did NOT converge"
+        lines = [f"canonicalize: {len(self.rounds)} round(s), {state}"]
+        skips = self.final_skips()
+        for name, changes in self.changes_by_pass().items():
+            lines.append(f"  {name}: {len(changes)} change(s), {len(skips.get(name, []))} skip(s)")
+        for name in self.skipped:
+            lines.append(f"  {name}: skipped on request")
+        for name in self.unavailable:
+            lines.append(f"  {name}: not available (module not installed)")
+        lines.append(
+            "  nodes {} -> {}, initializers {} -> {}, initializer bytes {} -> {}".format(
+                self.before.get("nodes"),
+                self.after.get("nodes"),
+                self.before.get("initializers"),
+                self.after.get("initializers"),
+                self.before.get("initializer_bytes"),
+                self.after.get("initializer_bytes"),
+            )
+        )
+        return "\n".join(lines)
+
+
+def _select(passes: Sequence[str] | None, skip: Collection[str]) -> list[str]:
+    chosen = list(PASS_NAMES if passes is None else passes)
+    unknown = [name for name in [*chosen, *skip] if name not in PASS_NAMES]
+    if unknown:
+        raise UsageError(f"unknown pass {unknown[0]!r}; passes: {', '.join(PASS_NAMES)}")
+    return [name for name in chosen if name not in skip]
+
+
+def canonicalize(
+    model: ir.Model,
+    *,
+    passes: Sequence[str] | None = None,
+    skip: Collection[str] = (),
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+) -> CanonicalizeReport:
+    """Run the canonicalization passes on ``model`` in place until nothing changes.
+
+    Args:
+        model: The model to rewrite in place.
+        passes: Pass names to run, in the given order (default: :data:`PASS_NAMES`).
+        skip: Pass names to leave out.
+        max_iterations: Upper bound on rounds; hitting it leaves ``converged`` False.
+
+    Returns:
+        The aggregated report.
+
+    Raises:
+        UsageError: A pass name is unknown or ``max_iterations`` is below 1.
+    """
+    if max_iterations < 1:
+        raise UsageError(f"max_iterations must be >= 1, got {max_iterations}")
+    names = _select(passes, skip)
+    report = CanonicalizeReport(before=graph_stats(model))
+    report.skipped = [n for n in (PASS_NAMES if passes is None else passes) if n in skip]
+    instances: list[Pass] = []
+    for name in names:
+        instance = _make_pass(name)
+        if instance is None:
+            logger.warning("pass %s is not available (module not installed)", name)
+            report.unavailable.append(name)
+        else:
+            instances.append(instance)
+            report.passes.append(name)
+    for i in range(max_iterations):
+        round_ = [instance(model) for instance in instances]
+        report.rounds.append(round_)
+        logger.debug("round %d: %d change(s)", i, sum(len(r.changes) for r in round_))
+        if not any(r.modified for r in round_):
+            report.converged = True
+            break
+    if not report.converged:
+        logger.warning("canonicalize did not converge in %d rounds", max_iterations)
+    report.after = graph_stats(model)
+    return report
