@@ -1,4 +1,4 @@
-"""canonicalize(): fixed order to a fixed point, report, skip/unknown/unavailable passes."""
+"""canonicalize(): fixed order to a fixed point, report, skipped and unknown passes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import onnxprune.passes as passes_pkg
 from onnxprune.errors import UsageError
 from onnxprune.passes import pipeline
 from onnxprune.passes.base import Pass, PassReport
@@ -126,16 +127,6 @@ def test_unknown_pass_is_a_usage_error() -> None:
         canonicalize(exporter_model(), max_iterations=0)
 
 
-def test_missing_pass_module_is_reported_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(
-        pipeline._EXTERNAL, "fuse-activations", ("onnxprune.passes._not_here", "Nope")
-    )
-    report = canonicalize(exporter_model(), passes=["fuse-activations", "remove-dead-nodes"])
-    assert report.unavailable == ["fuse-activations"]
-    assert report.passes == ["remove-dead-nodes"]
-    assert "  fuse-activations: not available (module not installed)" in report.summary()
-
-
 class _AlwaysChanges(Pass):
     name = "always"
 
@@ -144,7 +135,7 @@ class _AlwaysChanges(Pass):
 
 
 def test_iteration_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(pipeline._LOCAL, "topological-sort", _AlwaysChanges)
+    monkeypatch.setitem(pipeline._PASSES, "topological-sort", _AlwaysChanges)
     report = canonicalize(exporter_model(), passes=["topological-sort"], max_iterations=3)
     assert not report.converged and len(report.rounds) == 3
     assert "did NOT converge" in report.summary()
@@ -192,3 +183,25 @@ def test_random_chains_canonicalize_exactly(chain: list[str]) -> None:
     assert set(counts) <= {"Relu", "Add", "Identity"}
     assert len(model.graph.initializers) <= 1
     assert not canonicalize(model, passes=LOCAL).modified
+
+
+def test_pass_names_run_order_and_package_exports() -> None:
+    assert PASS_NAMES == (
+        "fold-constants",
+        "eliminate-noops",
+        "fold-batchnorm",
+        "fold-affine",
+        "fuse-activations",
+        "remove-dead-nodes",
+        "remove-unused-initializers",
+        "deduplicate-initializers",
+        "topological-sort",
+    )
+    exported = {
+        getattr(passes_pkg, n).name
+        for n in passes_pkg.__all__
+        if isinstance(getattr(passes_pkg, n), type)
+        and issubclass(getattr(passes_pkg, n), Pass)
+        and getattr(passes_pkg, n) is not Pass
+    }
+    assert exported == set(PASS_NAMES)

@@ -11,7 +11,8 @@ sorted, so a folded result is seen by every later consumer):
 3. Static shape computations: ``Shape``/``Size`` of a tensor whose shape is statically known
    (after ONNX shape inference), and the shape vectors flowing through
    ``Gather``/``Slice``/``Concat``/``Unsqueeze``/``Squeeze``/``Cast``/``Identity`` are tracked
-   element by element; ``Gather(Shape(x), 1)`` folds even when ``x`` has a symbolic batch dim.
+   element by element (:mod:`onnxprune.passes._shape_vectors`); ``Gather(Shape(x), 1)`` folds
+   even when ``x`` has a symbolic batch dim.
 4. A ``Reshape`` target still depending on symbolic dims is made constant where the symbolic
    element ``i`` is dim ``i`` of the reshaped tensor itself (``allowzero=0``): it becomes ``0``
    ("copy this dim"). That turns the exporter flatten ``Reshape(x, Concat(Unsqueeze(Gather(
@@ -26,7 +27,6 @@ with symbolic or unknown dims, and ``Reshape`` targets that cannot be made const
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -37,6 +37,15 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx_ir.passes.common import ShapeInferencePass
 
+from onnxprune.passes._match import fresh_name
+from onnxprune.passes._shape_vectors import (
+    DEFAULT_DOMAINS,
+    DimRef,
+    ShapeVector,
+    constant_array,
+    propagate,
+    resolve_reshape_elems,
+)
 from onnxprune.passes.base import Pass, PassReport
 
 __all__ = [
@@ -59,8 +68,6 @@ NONDETERMINISTIC_OPS = frozenset(
         "RandomUniformLike",
     }
 )
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-_MAX_VECTOR = 64  # integer constants up to this size take part in shape-vector tracking
 
 
 def node_label(node: ir.Node) -> str:
@@ -69,159 +76,6 @@ def node_label(node: ir.Node) -> str:
         return node.name
     first = node.outputs[0].name if node.outputs else ""
     return f"{node.op_type}({first})"
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant data, or None when it is not a constant.
-
-    Initializers that are also graph inputs are not constants: a caller may feed them.
-    """
-    if value is None or value.is_graph_input():
-        return None
-    if value.is_initializer() and value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if (
-        producer is None
-        or producer.op_type != "Constant"
-        or producer.domain not in _DEFAULT_DOMAINS
-    ):
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _DimRef:
-    """Element of a shape vector that is dim ``index`` of ``value`` (not statically known)."""
-
-    value: ir.Value
-    index: int
-
-
-_Elem = int | _DimRef
-
-
-@dataclasses.dataclass(frozen=True)
-class _Vec:
-    """A 0-D or 1-D integer tensor known element by element."""
-
-    elems: tuple[_Elem, ...]
-    scalar: bool = False
-
-    @property
-    def static(self) -> bool:
-        return all(isinstance(e, int) for e in self.elems)
-
-
-def _int_list(value: ir.Value | None) -> list[int] | None:
-    array = constant_array(value)
-    if array is None or not np.issubdtype(array.dtype, np.integer):
-        return None
-    return [int(v) for v in array.reshape(-1)]
-
-
-def _axes(node: ir.Node, input_index: int) -> list[int] | None:
-    """Axes from the ``axes`` attribute (old opsets) or the given input; None if absent."""
-    attr = node.attributes.get("axes")
-    if attr is not None:
-        return list(attr.as_ints())
-    if len(node.inputs) > input_index and node.inputs[input_index] is not None:
-        return _int_list(node.inputs[input_index])
-    return None
-
-
-def _shape_elems(value: ir.Value) -> tuple[_Elem, ...] | None:
-    if value.shape is None:
-        return None
-    return tuple(d if isinstance(d, int) else _DimRef(value, i) for i, d in enumerate(value.shape))
-
-
-def _vector_of(value: ir.Value | None, vectors: dict[ir.Value, _Vec]) -> _Vec | None:
-    if value is None:
-        return None
-    if value in vectors:
-        return vectors[value]
-    if value.dtype is not None and not value.dtype.is_integer():
-        return None
-    if value.shape is not None and (len(value.shape) > 1 or not value.shape.is_static()):
-        return None
-    array = constant_array(value)
-    if array is None or not np.issubdtype(array.dtype, np.integer):
-        return None
-    if array.ndim > 1 or array.size > _MAX_VECTOR:
-        return None
-    return _Vec(tuple(int(v) for v in array.reshape(-1)), scalar=array.ndim == 0)
-
-
-def _propagate(node: ir.Node, vectors: dict[ir.Value, _Vec]) -> _Vec | None:
-    """The shape vector of ``node``'s first output, when it can be tracked."""
-    op = node.op_type
-    if op == "Shape":
-        elems = _shape_elems(node.inputs[0])
-        if elems is None:
-            return None
-        start_attr, end_attr = node.attributes.get("start"), node.attributes.get("end")
-        start = start_attr.as_int() if start_attr is not None else 0
-        end = end_attr.as_int() if end_attr is not None else len(elems)
-        return _Vec(elems[slice(start, end)])
-    if op == "Size":
-        elems = _shape_elems(node.inputs[0])
-        if elems is None or not all(isinstance(e, int) for e in elems):
-            return None
-        return _Vec((math.prod(elems),), scalar=True)  # type: ignore[arg-type]
-    vecs = [_vector_of(v, vectors) for v in node.inputs]
-    if not vecs or vecs[0] is None:
-        return None
-    data = vecs[0]
-    if op in {"Identity", "Cast"}:
-        to = node.attributes.get("to")
-        if to is not None and not ir.DataType(to.as_int()).is_integer():
-            return None
-        return data
-    if op == "Gather":
-        return _gather(node, data)
-    if op == "Unsqueeze":
-        return _Vec(data.elems) if data.scalar and _axes(node, 1) in ([0], [-1]) else None
-    if op == "Squeeze":
-        ok = not data.scalar and len(data.elems) == 1 and _axes(node, 1) in (None, [0], [-1])
-        return _Vec(data.elems, scalar=True) if ok else None
-    if op == "Concat":
-        if any(v is None or v.scalar for v in vecs):
-            return None
-        return _Vec(tuple(e for v in vecs for e in v.elems))  # type: ignore[union-attr]
-    if op == "Slice":
-        return _slice(node, data)
-    return None
-
-
-def _gather(node: ir.Node, data: _Vec) -> _Vec | None:
-    axis = node.attributes.get("axis")
-    if data.scalar or (axis is not None and axis.as_int() not in (0, -1)):
-        return None
-    indices = constant_array(node.inputs[1])
-    if indices is None or indices.ndim > 1:
-        return None
-    n = len(data.elems)
-    picked = []
-    for i in indices.reshape(-1).tolist():
-        if not -n <= i < n:
-            return None
-        picked.append(data.elems[i])
-    return _Vec(tuple(picked), scalar=indices.ndim == 0)
-
-
-def _slice(node: ir.Node, data: _Vec) -> _Vec | None:
-    if data.scalar or len(node.inputs) < 3:
-        return None
-    starts, ends = _int_list(node.inputs[1]), _int_list(node.inputs[2])
-    axes = _int_list(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else [0]
-    steps = _int_list(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else [1]
-    if starts is None or ends is None or axes not in ([0], [-1]) or steps is None:
-        return None
-    if len(starts) != 1 or len(ends) != 1 or len(steps) != 1 or steps[0] == 0:
-        return None
-    return _Vec(data.elems[slice(starts[0], ends[0], steps[0])])
 
 
 def _evaluate(node: ir.Node, arrays: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
@@ -308,15 +162,15 @@ class FoldConstantsPass(Pass):
         if self.infer_shapes:
             infer_shapes(model)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-        vectors: dict[ir.Value, _Vec] = {}
+        vectors: dict[ir.Value, ShapeVector] = {}
         for node in list(model.graph):
             self._visit(node, vectors, opset, report)
 
     def _visit(
-        self, node: ir.Node, vectors: dict[ir.Value, _Vec], opset: int, report: PassReport
+        self, node: ir.Node, vectors: dict[ir.Value, ShapeVector], opset: int, report: PassReport
     ) -> None:
         label = node_label(node)
-        if node.domain not in _DEFAULT_DOMAINS:
+        if node.domain not in DEFAULT_DOMAINS:
             if _all_constant(node):
                 report.skip(label, f"op in non-default domain {node.domain!r} is not evaluated")
             return
@@ -331,7 +185,7 @@ class FoldConstantsPass(Pass):
             return
         if node.op_type == "Reshape":
             self._constant_reshape_target(node, vectors, report)
-        vec = _propagate(node, vectors)
+        vec = propagate(node, vectors)
         if vec is not None and vec.static:
             dtype = _vector_dtype(node)
             array = np.array([int(e) for e in vec.elems], dtype=dtype.numpy())  # type: ignore[arg-type]
@@ -397,7 +251,7 @@ class FoldConstantsPass(Pass):
         return None
 
     def _constant_reshape_target(
-        self, node: ir.Node, vectors: dict[ir.Value, _Vec], report: PassReport
+        self, node: ir.Node, vectors: dict[ir.Value, ShapeVector], report: PassReport
     ) -> None:
         target = node.inputs[1] if len(node.inputs) > 1 else None
         vec = vectors.get(target) if target is not None else None
@@ -411,12 +265,12 @@ class FoldConstantsPass(Pass):
             # A literal 0 means "zero" under allowzero=1, so the 0 copy cannot be used.
             report.skip(label, "allowzero=1 and the target has a literal 0; not made constant")
             return
-        elems, unresolved = _resolve_reshape_elems(node.inputs[0], vec.elems)
+        elems, unresolved = resolve_reshape_elems(node.inputs[0], vec.elems)
         if len(unresolved) == 1 and -1 not in literals:
             unresolved.pop()  # the single unknown element is what -1 infers
         if unresolved:
             ref = vec.elems[unresolved[0]]
-            assert isinstance(ref, _DimRef)
+            assert isinstance(ref, DimRef)
             report.skip(
                 label,
                 f"target element {unresolved[0]} is symbolic dim {ref.index} of "
@@ -427,7 +281,7 @@ class FoldConstantsPass(Pass):
         graph = node.graph
         assert graph is not None
         value = ir.Value(
-            name=_unique_name(graph, f"{target.name}_const"),
+            name=fresh_name(graph, f"{target.name}_const"),
             shape=ir.Shape(array.shape),
             type=ir.TensorType(ir.DataType.INT64),
             const_value=ir.tensor(array),
@@ -470,38 +324,6 @@ def _shape_skip_reason(node: ir.Node) -> str:
         return f"shape of {source.name if source else ''!r} is unknown; not constant"
     symbolic = [i for i, d in enumerate(source.shape) if not isinstance(d, int)]
     return f"{source.name!r} has symbolic dims at {symbolic}; {node.op_type} is not constant"
-
-
-def _resolve_reshape_elems(
-    data: ir.Value | None, elems: Sequence[_Elem]
-) -> tuple[list[int], list[int]]:
-    """Replace dim ``i`` of the reshaped tensor at position ``i`` by 0; list what is left."""
-    out: list[int] = []
-    unresolved: list[int] = []
-    shape = data.shape if data is not None else None
-    for i, elem in enumerate(elems):
-        if isinstance(elem, int):
-            out.append(elem)
-            continue
-        same = elem.value is data
-        if not same and shape is not None and i < len(shape) and elem.index == i:
-            mine, theirs = shape[i], elem.value.shape[elem.index]  # type: ignore[index]
-            same = isinstance(mine, ir.SymbolicDim) and mine.value is not None and mine == theirs
-        if same and elem.index == i:
-            out.append(0)
-        else:
-            out.append(-1)
-            unresolved.append(i)
-    return out, unresolved
-
-
-def _unique_name(graph: ir.Graph, base: str) -> str:
-    taken = {v.name for v in graph.inputs} | set(graph.initializers)
-    taken |= {v.name for n in graph for v in n.outputs}
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    return name
 
 
 def _replace_outputs(node: ir.Node, tensors: Sequence[ir.TensorProtocol]) -> None:

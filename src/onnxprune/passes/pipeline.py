@@ -5,17 +5,13 @@ ops, fuse activations, remove dead nodes, remove unused initializers, deduplicat
 initializers, topological sort. One round runs every pass once; rounds repeat until a round
 changes nothing (converged) or ``max_iterations`` rounds have run. Each pass is exact: the
 rewritten model computes the same outputs.
-
-The BatchNorm/affine/activation passes live in their own modules and are imported when the
-pipeline runs; a module that is not installed is reported as unavailable, never an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import onnx_ir as ir
@@ -30,6 +26,9 @@ from onnxprune.passes.cleanup import (
 )
 from onnxprune.passes.constant_folding import FoldConstantsPass
 from onnxprune.passes.eliminate import EliminateNoOpsPass
+from onnxprune.passes.fold_affine import FoldAffinePass
+from onnxprune.passes.fold_batchnorm import FoldBatchNormPass
+from onnxprune.passes.fuse_activations import FuseActivationsPass
 
 __all__ = ["DEFAULT_MAX_ITERATIONS", "PASS_NAMES", "CanonicalizeReport", "canonicalize"]
 
@@ -37,47 +36,24 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ITERATIONS = 10
 
-# Name -> (module, class) for passes written in their own modules; imported lazily.
-_EXTERNAL: dict[str, tuple[str, str]] = {
-    "fold-batchnorm": ("onnxprune.passes.fold_batchnorm", "FoldBatchNormPass"),
-    "fold-affine": ("onnxprune.passes.fold_affine", "FoldAffinePass"),
-    "fuse-activations": ("onnxprune.passes.fuse_activations", "FuseActivationsPass"),
-}
-_LOCAL: dict[str, Callable[[], Pass]] = {
-    "fold-constants": FoldConstantsPass,
-    "eliminate-noops": EliminateNoOpsPass,
-    "remove-dead-nodes": RemoveDeadNodesPass,
-    "remove-unused-initializers": RemoveUnusedInitializersPass,
-    "deduplicate-initializers": DeduplicateInitializersPass,
-    "topological-sort": TopologicalSortPass,
+# Pass name (its ``name`` attribute) -> pass class, in the order the passes run.
+_PASSES: dict[str, type[Pass]] = {
+    cls.name: cls
+    for cls in (
+        FoldConstantsPass,
+        EliminateNoOpsPass,
+        FoldBatchNormPass,
+        FoldAffinePass,
+        FuseActivationsPass,
+        RemoveDeadNodesPass,
+        RemoveUnusedInitializersPass,
+        DeduplicateInitializersPass,
+        TopologicalSortPass,
+    )
 }
 
 #: Canonicalization passes in the order they run; the names ``--skip PASS`` accepts.
-PASS_NAMES: tuple[str, ...] = (
-    "fold-constants",
-    "eliminate-noops",
-    "fold-batchnorm",
-    "fold-affine",
-    "fuse-activations",
-    "remove-dead-nodes",
-    "remove-unused-initializers",
-    "deduplicate-initializers",
-    "topological-sort",
-)
-
-
-def _make_pass(name: str) -> Pass | None:
-    """Instantiate pass ``name``; None when its module is not installed."""
-    if name in _LOCAL:
-        return _LOCAL[name]()
-    module_name, class_name = _EXTERNAL[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:  # a broken import inside the module is a real error
-            raise
-        return None
-    return getattr(module, class_name)()
+PASS_NAMES: tuple[str, ...] = tuple(_PASSES)
 
 
 @dataclasses.dataclass
@@ -89,7 +65,6 @@ class CanonicalizeReport:
         rounds: Pass reports per round (round ``i`` is ``rounds[i]``).
         converged: True when the last round changed nothing.
         skipped: Passes left out on request.
-        unavailable: Passes whose module is not installed.
         before: Graph statistics before the first round.
         after: Graph statistics after the last round.
     """
@@ -98,7 +73,6 @@ class CanonicalizeReport:
     rounds: list[list[PassReport]] = dataclasses.field(default_factory=list)
     converged: bool = False
     skipped: list[str] = dataclasses.field(default_factory=list)
-    unavailable: list[str] = dataclasses.field(default_factory=list)
     before: dict[str, int] = dataclasses.field(default_factory=dict)
     after: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -131,7 +105,6 @@ class CanonicalizeReport:
             "iterations": len(self.rounds),
             "converged": self.converged,
             "skipped": list(self.skipped),
-            "unavailable": list(self.unavailable),
             "before": dict(self.before),
             "after": dict(self.after),
             "changes": self.changes_by_pass(),
@@ -148,8 +121,6 @@ class CanonicalizeReport:
             lines.append(f"  {name}: {len(changes)} change(s), {len(skips.get(name, []))} skip(s)")
         for name in self.skipped:
             lines.append(f"  {name}: skipped on request")
-        for name in self.unavailable:
-            lines.append(f"  {name}: not available (module not installed)")
         lines.append(
             "  nodes {} -> {}, initializers {} -> {}, initializer bytes {} -> {}".format(
                 self.before.get("nodes"),
@@ -195,17 +166,9 @@ def canonicalize(
     if max_iterations < 1:
         raise UsageError(f"max_iterations must be >= 1, got {max_iterations}")
     names = _select(passes, skip)
-    report = CanonicalizeReport(before=graph_stats(model))
+    report = CanonicalizeReport(before=graph_stats(model), passes=names)
     report.skipped = [n for n in (PASS_NAMES if passes is None else passes) if n in skip]
-    instances: list[Pass] = []
-    for name in names:
-        instance = _make_pass(name)
-        if instance is None:
-            logger.warning("pass %s is not available (module not installed)", name)
-            report.unavailable.append(name)
-        else:
-            instances.append(instance)
-            report.passes.append(name)
+    instances = [_PASSES[name]() for name in names]
     for i in range(max_iterations):
         round_ = [instance(model) for instance in instances]
         report.rounds.append(round_)
