@@ -11,8 +11,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from onnxprune.bundled import default_calibration, default_model
 from onnxprune.cli import main
-from onnxprune.data import default_calibration, default_model
 from onnxprune.passes import pipeline
 from onnxprune.runtime import run_model
 from onnxprune.testing import model_from_text

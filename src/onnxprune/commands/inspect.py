@@ -6,8 +6,8 @@ import argparse
 import json
 
 from onnxprune.analysis.inspect import inspect_model
+from onnxprune.bundled import default_model
 from onnxprune.commands.common import add_dims_option, parse_dims
-from onnxprune.data import default_model
 from onnxprune.io import load
 
 __all__ = ["register", "run"]
