@@ -1,5 +1,6 @@
 """onnxprune: framework-agnostic ONNX graph optimizer."""
 
+from onnxprune.bench import BenchResult, benchmark
 from onnxprune.errors import (
     BudgetError,
     CalibrationError,
@@ -10,10 +11,12 @@ from onnxprune.errors import (
     UsageError,
 )
 from onnxprune.io import load, save
+from onnxprune.verification import VerifyResult, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BenchResult",
     "BudgetError",
     "CalibrationError",
     "ModelLoadError",
@@ -21,7 +24,10 @@ __all__ = [
     "SaveError",
     "UnsafeExternalDataError",
     "UsageError",
+    "VerifyResult",
     "__version__",
+    "benchmark",
     "load",
     "save",
+    "verify",
 ]
