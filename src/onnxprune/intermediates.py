@@ -1,0 +1,64 @@
+"""Run a model with intermediate tensors exposed as outputs, streaming over feeds.
+
+The model is saved (atomically, via :func:`onnxprune.io.save`) into a temporary folder with
+the requested values added as graph outputs, and the in-memory model is restored at once.
+Feeds are processed one at a time, so memory is bounded by one feed's intermediates; callers
+that need many tensors on large models request them in chunks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.io import save
+from onnxprune.runtime import make_session
+
+__all__ = ["iter_intermediates"]
+
+
+def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
+    values = {v.name: v for v in model.graph.inputs}
+    for node in model.graph:
+        for value in node.outputs:
+            if value is not None and value.name:
+                values[value.name] = value
+    return values
+
+
+def iter_intermediates(
+    model: ir.Model,
+    names: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    threads: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{name: array}`` for ``names`` (node outputs or graph inputs) per feed."""
+    values = _values_by_name(model)
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise KeyError(f"no tensor named {missing[0]!r} in the model")
+    present = {v.name for v in model.graph.outputs}
+    added = [values[n] for n in dict.fromkeys(names) if n not in present and n in values]
+    inputs = {v.name for v in model.graph.inputs}
+    added = [v for v in added if v.name not in inputs]
+    with tempfile.TemporaryDirectory(prefix="onnxprune-act-") as folder:
+        model.graph.outputs.extend(added)
+        try:
+            path = save(model, Path(folder) / "model.onnx")
+        finally:
+            for value in added:
+                model.graph.outputs.remove(value)
+        session = make_session(path, intra_op_threads=threads)
+        run_names = [n for n in names if n not in inputs]
+        for feed in feeds:
+            outputs = session.run(run_names, dict(feed)) if run_names else []
+            result = dict(zip(run_names, outputs, strict=True))
+            for name in names:
+                if name in inputs:
+                    result[name] = np.asarray(feed[name])
+            yield result

@@ -1,0 +1,220 @@
+"""Dependency analysis driver: run the op rules over a model and form prunable groups.
+
+A *unit* is a set of channel elements removed together (see :mod:`channels`). Units whose
+initializer elements live in the same set of initializer axes form a *group*: for a plain
+convolution, every output channel is a unit and the layer's output channels are the group;
+for a Concat, each input branch forms its own group. A group is reported blocked, with the
+node and reason, when its units touch a blocked space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import onnx_ir as ir
+
+from onnxprune.analysis.shapes import infer_shapes, shape_tuple
+from onnxprune.prune import rules_shape  # noqa: F401  (registers the shape rules)
+from onnxprune.prune.channels import ChannelGraph, Space, SpaceKey
+from onnxprune.prune.context import RuleContext
+from onnxprune.prune.rules import RULES, UNARY
+
+__all__ = ["Analysis", "Group", "Unit", "analyze"]
+
+_SHAPE_PRESERVING = frozenset(
+    [
+        *UNARY,
+        "GroupNormalization",
+        "LayerNormalization",
+        "InstanceNormalization",
+        "BatchNormalization",
+        "Softmax",
+        "LogSoftmax",
+    ]
+)
+
+
+def _label(node: ir.Node) -> str:
+    if node.name:
+        return node.name
+    outputs = ",".join(o.name for o in node.outputs if o is not None)
+    return f"{node.op_type}({outputs})"
+
+
+@dataclasses.dataclass
+class Unit:
+    """Elements removed together, as (space, index) pairs."""
+
+    root: int
+    members: list[tuple[Space, int]]
+    blocked: tuple[str, str] | None = None
+
+    def position(self, anchor: SpaceKey) -> int:
+        return min(i for s, i in self.members if s.key == anchor)
+
+
+@dataclasses.dataclass
+class Group:
+    """Units sharing the same initializer axes; pruning keeps a subset of them."""
+
+    id: str
+    anchor: SpaceKey
+    initializers: list[SpaceKey]
+    nodes: list[str]
+    units: list[Unit]
+    blocked: tuple[str, str] | None = None
+    reasons: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+    @property
+    def touches_activations(self) -> bool:
+        return any(not s.is_initializer for s, _ in self.units[0].members)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "size": self.size,
+            "initializers": [f"{v}:{a}" for v, a in self.initializers],
+            "nodes": self.nodes,
+            "blocked": None
+            if self.blocked is None
+            else {"node": self.blocked[0], "reason": self.blocked[1]},
+            "all_blocking": [{"node": n, "reason": r} for n, r in self.reasons],
+        }
+
+
+@dataclasses.dataclass
+class Analysis:
+    """Result of :func:`analyze`; ``context`` keeps the rewrites pruning must apply."""
+
+    graph: ChannelGraph
+    context: RuleContext
+    groups: list[Group]
+
+    @property
+    def reported(self) -> list[Group]:
+        """Groups that involve activations (drops kernel axes and other weight-only axes)."""
+        return [g for g in self.groups if g.touches_activations]
+
+    @property
+    def prunable(self) -> list[Group]:
+        return [g for g in self.groups if g.blocked is None and g.size > 1]
+
+    def group(self, group_id: str) -> Group:
+        for g in self.groups:
+            if g.id == group_id:
+                return g
+        raise KeyError(group_id)
+
+
+def _shapes(model: ir.Model) -> dict[str, tuple[int | str | None, ...]]:
+    inferred = infer_shapes(model)
+    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    for graph_value in inferred.graph.initializers.values():
+        tensor = graph_value.const_value
+        if tensor is not None:
+            shapes[graph_value.name] = tuple(int(d) for d in tensor.shape)
+    for node in inferred.graph:
+        for value in (*node.inputs, *node.outputs):
+            if value is not None and value.name not in shapes:
+                shape = shape_tuple(value.shape)
+                if shape is not None:
+                    shapes[value.name] = shape
+    for value in inferred.graph.inputs:
+        shape = shape_tuple(value.shape)
+        if shape is not None:
+            shapes.setdefault(value.name, shape)
+    # onnx cannot infer some function ops (GroupNormalization-21): their output has the
+    # input's shape.
+    for node in inferred.graph:
+        out = node.outputs[0] if node.outputs else None
+        if out is not None and out.name not in shapes and node.op_type in _SHAPE_PRESERVING:
+            source = node.inputs[0].name if node.inputs and node.inputs[0] is not None else None
+            if source in shapes:
+                shapes[out.name] = shapes[source]
+    return shapes
+
+
+def _run_rules(model: ir.Model, ctx: RuleContext) -> None:
+    graph = ctx.graph
+    for node in model.graph:
+        ctx.node_name = _label(node)
+        ctx.touched = set()
+        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx", "com.microsoft") else None
+        values = [v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name]
+        if rule is None:
+            for name in values:
+                graph.block_all(name, ctx.node_name, f"no pruning rule for {node.op_type}")
+            continue
+        rule(node, ctx)
+        for name in values:
+            for axis in range(graph.rank(name) or 0):
+                if (name, axis) not in ctx.touched:
+                    graph.block(name, axis, ctx.node_name, f"axis not mapped by {node.op_type}")
+    for value in model.graph.inputs:
+        if value.name not in model.graph.initializers:
+            graph.block_all(value.name, "graph input", "channels come from a graph input")
+    for value in model.graph.outputs:
+        graph.block_all(value.name, "graph output", "graph output shapes must not change")
+
+
+def _units(graph: ChannelGraph) -> list[Unit]:
+    members: dict[int, list[tuple[Space, int]]] = defaultdict(list)
+    for space in graph.spaces.values():
+        for i in range(space.size):
+            members[graph.find(space.base + i)].append((space, i))
+    units = []
+    for root in sorted(members):
+        elems = members[root]
+        if not any(s.is_initializer for s, _ in elems):
+            continue
+        blocked = next((graph.blocked[s.key] for s, _ in elems if s.key in graph.blocked), None)
+        units.append(Unit(root, elems, blocked))
+    return units
+
+
+def _consumers(model: ir.Model) -> dict[str, list[str]]:
+    users: dict[str, list[str]] = defaultdict(list)
+    for node in model.graph:
+        for value in node.inputs:
+            if value is not None and value.name in model.graph.initializers:
+                users[value.name].append(_label(node))
+    return users
+
+
+def analyze(model: ir.Model) -> Analysis:
+    """Run the rules over ``model`` (not modified) and return its groups."""
+    shapes = _shapes(model)
+    graph = ChannelGraph(shapes, model.graph.initializers.keys())
+    ctx = RuleContext(graph, model)
+    _run_rules(model, ctx)
+    by_signature: dict[tuple[SpaceKey, ...], list[Unit]] = defaultdict(list)
+    for unit in _units(graph):
+        keys = sorted({s.key for s, _ in unit.members if s.is_initializer})
+        by_signature[tuple(keys)].append(unit)
+    users = _consumers(model)
+    groups = []
+    for signature, units in by_signature.items():
+        anchor = min(signature, key=lambda k: graph.spaces[k].base)
+        nodes = sorted({n for v, _ in signature for n in users.get(v, [])})
+        blocked = next((u.blocked for u in units if u.blocked is not None), None)
+        reasons = sorted(
+            {graph.blocked[s.key] for u in units for s, _ in u.members if s.key in graph.blocked}
+        )
+        group_id = f"{anchor[0]}:{anchor[1]}"
+        groups.append(Group(group_id, anchor, list(signature), nodes, units, blocked, reasons))
+    groups.sort(key=lambda g: (graph.spaces[g.anchor].base, g.units[0].position(g.anchor)))
+    # Several groups can share an anchor axis (the halves of a Split): name them by the
+    # position of their first channel on it.
+    anchors = defaultdict(list)
+    for group in groups:
+        anchors[group.id].append(group)
+    for shared in anchors.values():
+        if len(shared) > 1:
+            for group in shared:
+                group.id = f"{group.id}@{group.units[0].position(group.anchor)}"
+    return Analysis(graph, ctx, groups)

@@ -1,0 +1,98 @@
+"""What op rules see and record: the channel graph, constants, and rewrites to apply later."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.prune.channels import ChannelGraph, SpaceKey
+
+__all__ = ["AttrRewrite", "RuleContext", "ShapeRewrite", "SliceRewrite"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttrRewrite:
+    """After pruning, set ``node.attr = kept(space) // divisor`` (Conv group, GroupNorm)."""
+
+    node: ir.Node
+    attr: str
+    space: SpaceKey
+    divisor: int = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShapeRewrite:
+    """After pruning, set entry ``index`` of the constant input ``input_index`` of ``node`` to
+    ``kept(space) * multiplier`` (Reshape targets, Split sizes, Expand shapes)."""
+
+    node: ir.Node
+    input_index: int
+    index: int
+    space: SpaceKey
+    multiplier: int = 1
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SliceRewrite:
+    """After pruning, shift a Slice's start/end on a channel axis to the kept indices."""
+
+    node: ir.Node
+    position: int  # index into the starts/ends/axes vectors
+    source: SpaceKey
+    start: int
+    end: int
+
+
+class RuleContext:
+    """Shared state while rules run over the graph."""
+
+    def __init__(self, graph: ChannelGraph, model: ir.Model) -> None:
+        self.graph = graph
+        self.model = model
+        self.attr_rewrites: list[AttrRewrite] = []
+        self.shape_rewrites: list[ShapeRewrite] = []
+        self.slice_rewrites: list[SliceRewrite] = []
+        self.touched: set[SpaceKey] = set()
+        self.node_name = ""
+
+    # Relations made through the context are recorded as "touched", so the driver can
+    # block every axis a rule did not account for.
+    def unite(
+        self, a: SpaceKey, b: SpaceKey, *, offset: int = 0, block: int = 1, partial: bool = False
+    ) -> bool:
+        self._touch(a)
+        self._touch(b)
+        return self.graph.unite(a, b, self.node_name, offset=offset, block=block, partial=partial)
+
+    def block(self, value: str, axis: int, reason: str) -> None:
+        self._touch((value, axis))
+        self.graph.block(value, axis, self.node_name, reason)
+
+    def block_all(self, value: str, reason: str) -> None:
+        for axis in range(self.rank(value) or 0):
+            self.block(value, axis, reason)
+
+    def _touch(self, key: SpaceKey) -> None:
+        rank = self.graph.rank(key[0])
+        if rank:
+            self.touched.add((key[0], key[1] % rank))
+
+    def rank(self, value: str) -> int | None:
+        return self.graph.rank(value)
+
+    def dims(self, value: str) -> tuple[int | None, ...] | None:
+        return self.graph.shapes.get(value)
+
+    def const(self, value: ir.Value | None) -> np.ndarray | None:
+        """The value's constant array if it is an initializer (not a graph input)."""
+        if value is None or value.const_value is None or value.is_graph_input():
+            return None
+        return value.const_value.numpy()
+
+    def const_ints(self, value: ir.Value | None) -> list[int] | None:
+        array = self.const(value)
+        if array is None or array.dtype.kind not in "iu":
+            return None
+        return [int(v) for v in array.reshape(-1)]

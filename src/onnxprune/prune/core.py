@@ -1,0 +1,233 @@
+"""Structured pruning of an ONNX model: analyze, score, decide a plan, remove channels.
+
+``prune_model`` rewrites an ``ir.Model`` in place. The decision is separate from the cut:
+a :class:`~onnxprune.prune.plan.PruningPlan` (group -> kept positions) is made from scores
+and ratios (or loaded), then applied. A global MACs or parameters target is met by a
+bisection over a uniform ratio, evaluating each candidate plan with the exact cost model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.errors import UsageError
+from onnxprune.prune.analysis import Analysis, analyze
+from onnxprune.prune.apply import apply_removal
+from onnxprune.prune.cost import CostModel
+from onnxprune.prune.importance import CRITERIA, group_scores
+from onnxprune.prune.plan import PruningPlan
+from onnxprune.prune.select import make_plan
+
+__all__ = ["PruneOptions", "PruneReport", "decide_plan", "prune_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PruneOptions:
+    """What to prune and how much.
+
+    Exactly one of ``ratio``, ``layer_ratios`` (alone), ``target_macs``, ``target_params``
+    or ``plan`` decides the amount. Targets are the fraction of MACs/parameters to keep.
+    """
+
+    ratio: float | None = None
+    layer_ratios: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    target_macs: float | None = None
+    target_params: float | None = None
+    plan: PruningPlan | None = None
+    max_ratio: float = 0.9
+    round_to: int = 8
+    criterion: str = "l2"
+    exclude: Sequence[str] = ()
+
+    def validate(self) -> None:
+        amounts = [
+            self.ratio is not None,
+            self.target_macs is not None,
+            self.target_params is not None,
+            self.plan is not None,
+        ]
+        if sum(amounts) > 1:
+            raise UsageError("give only one of --ratio, --target-macs, --target-params, --plan")
+        if sum(amounts) == 0 and not self.layer_ratios:
+            raise UsageError(
+                "nothing to do: give --ratio, --target-macs, --target-params or --plan"
+            )
+        for name, value in (("ratio", self.ratio), ("max-ratio", self.max_ratio)):
+            if value is not None and not 0 <= value < 1:
+                raise UsageError(f"--{name} {value}: must be in [0, 1)")
+        for name, value in (
+            ("target-macs", self.target_macs),
+            ("target-params", self.target_params),
+        ):
+            if value is not None and not 0 < value <= 1:
+                raise UsageError(f"--{name} {value}: the fraction to keep must be in (0, 1]")
+        for key, value in self.layer_ratios.items():
+            if not 0 <= value < 1:
+                raise UsageError(f"layer ratio {key}={value}: must be in [0, 1)")
+        if self.round_to < 1:
+            raise UsageError(f"--round-to {self.round_to}: must be >= 1")
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"--criterion {self.criterion!r}: choose from {', '.join(CRITERIA)}")
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What was pruned, what was blocked and why, and the cost before and after."""
+
+    groups: list[dict[str, Any]]
+    plan: PruningPlan
+    macs: tuple[int, int]
+    params: tuple[int, int]
+    pruned_axes: dict[str, list[int]]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "onnxprune.prune/1",
+            "macs": {"before": self.macs[0], "after": self.macs[1]},
+            "params": {"before": self.params[0], "after": self.params[1]},
+            "groups": self.groups,
+            "plan": self.plan.to_dict(),
+            "pruned_axes": self.pruned_axes,
+            "notes": self.notes,
+        }
+
+
+def _excluded_groups(analysis: Analysis, exclude: Sequence[str]) -> set[str]:
+    node_names = {n for g in analysis.groups for n in g.nodes}
+    group_ids = {g.id for g in analysis.groups}
+    for name in exclude:
+        if name not in node_names and name not in group_ids:
+            raise UsageError(f"--exclude {name!r}: no node or group of that name has weights")
+    wanted = set(exclude)
+    return {g.id for g in analysis.groups if g.id in wanted or wanted & set(g.nodes)}
+
+
+def _layer_ratio_map(analysis: Analysis, layer_ratios: Mapping[str, float]) -> dict[str, float]:
+    result: dict[str, float] = {}
+    for key, value in layer_ratios.items():
+        hits = [g.id for g in analysis.prunable if g.id == key or key in g.nodes[:1]]
+        if not hits:
+            hits = [g.id for g in analysis.prunable if key in g.nodes]
+        if not hits:
+            raise UsageError(f"layer ratio {key!r}: no prunable group of that name")
+        for gid in hits:
+            result[gid] = value
+    return result
+
+
+def _search_uniform(
+    *,
+    analysis: Analysis,
+    scores: Mapping[str, np.ndarray],
+    base: Mapping[str, float],
+    candidates: Sequence[str],
+    options: PruneOptions,
+    cost: CostModel,
+) -> tuple[PruningPlan, float]:
+    """Smallest uniform ratio whose plan meets the MACs/params target (bisection)."""
+    target = options.target_macs if options.target_macs is not None else options.target_params
+    use_macs = options.target_macs is not None
+    before = cost.macs_before if use_macs else cost.params_before
+
+    def plan_for(r: float) -> tuple[PruningPlan, float]:
+        ratios = {**dict.fromkeys(candidates, r), **base}
+        plan = make_plan(analysis, scores, ratios, options.round_to)
+        macs, params = cost.evaluate(plan.removed_roots(analysis))
+        return plan, (macs if use_macs else params) / max(before, 1)
+
+    lo, hi = 0.0, options.max_ratio
+    best = plan_for(hi)
+    if best[1] > target:  # type: ignore[operator]
+        return best
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        plan, frac = plan_for(mid)
+        if frac <= target:  # type: ignore[operator]
+            hi, best = mid, (plan, frac)
+        else:
+            lo = mid
+        if hi - lo < 1e-3:
+            break
+    return best
+
+
+def decide_plan(
+    model: ir.Model,
+    analysis: Analysis,
+    options: PruneOptions,
+    activation_stats: Mapping | None = None,
+    cost: CostModel | None = None,
+) -> tuple[PruningPlan, list[str]]:
+    """Turn options into a plan (kept positions per group) without touching the model."""
+    if options.plan is not None:
+        return options.plan, []
+    excluded = _excluded_groups(analysis, options.exclude)
+    scores, notes = group_scores(model, analysis, options.criterion, activation_stats)
+    base = dict(_layer_ratio_map(analysis, options.layer_ratios).items())
+    candidates = [g.id for g in analysis.prunable if g.id not in excluded and g.id not in base]
+    for gid in excluded:
+        base.pop(gid, None)
+    if options.target_macs is not None or options.target_params is not None:
+        cost = cost or CostModel(model, analysis)
+        plan, reached = _search_uniform(
+            analysis=analysis,
+            scores=scores,
+            base=base,
+            candidates=candidates,
+            options=options,
+            cost=cost,
+        )
+        what = "MACs" if options.target_macs is not None else "parameters"
+        target = options.target_macs if options.target_macs is not None else options.target_params
+        if reached > target + 1e-9:  # type: ignore[operator]
+            notes.append(
+                f"target {what} {target:.3f} not reachable within --max-ratio "
+                f"{options.max_ratio}: reached {reached:.3f}"
+            )
+        return plan, notes
+    ratios = {**{gid: min(options.ratio or 0.0, options.max_ratio) for gid in candidates}, **base}
+    return make_plan(analysis, scores, ratios, options.round_to), notes
+
+
+def _group_rows(analysis: Analysis, plan: PruningPlan, excluded: set[str]) -> list[dict]:
+    rows = []
+    for group in analysis.reported:
+        row = group.to_dict()
+        row["kept"] = len(plan.keep[group.id]) if group.id in plan.keep else group.size
+        if group.id in excluded:
+            row["excluded"] = True
+        rows.append(row)
+    return rows
+
+
+def prune_model(
+    model: ir.Model, options: PruneOptions, activation_stats: Mapping | None = None
+) -> PruneReport:
+    """Prune ``model`` in place and report what changed."""
+    options.validate()
+    analysis = analyze(model)
+    cost = CostModel(model, analysis)
+    plan, notes = decide_plan(model, analysis, options, activation_stats, cost)
+    removed = plan.removed_roots(analysis)
+    macs_after, params_after = cost.evaluate(removed)
+    excluded = _excluded_groups(analysis, options.exclude) if options.plan is None else set()
+    rows = _group_rows(analysis, plan, excluded)
+    pruned = apply_removal(model, analysis, removed)
+    logger.info("pruned %d groups, MACs %d -> %d", len(plan.keep), cost.macs_before, macs_after)
+    return PruneReport(
+        groups=rows,
+        plan=plan,
+        macs=(cost.macs_before, macs_after),
+        params=(cost.params_before, params_after),
+        pruned_axes=pruned,
+        notes=notes,
+    )

@@ -1,0 +1,211 @@
+"""Rules for ops that move, merge or split axes: Reshape, Flatten, Squeeze, Unsqueeze,
+Gather, reductions, Pad, Resize, Expand, Shape.
+
+Reshape is matched axis group by axis group: walking input and output dims, a run of input
+axes whose product equals a run of output axes forms a group. A one-to-one group maps
+identically; a merge ``(C, H, W) -> C*H*W`` maps channel c of the leading axis to the block
+``c*H*W .. c*H*W + H*W - 1`` (Flatten into a classifier); a split ``D -> (heads, d)`` maps
+head h to the block of hidden dims it covers (attention heads). The remaining axes of a
+merge or split are blocked, and so is any group that mixes channels otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+
+from onnxprune.prune.context import RuleContext, ShapeRewrite
+from onnxprune.prune.rules import RULES, _attr, _broadcast_into, _rule
+
+__all__ = ["match_axis_groups"]
+
+Dims = tuple[int | str | None, ...]
+
+
+def match_axis_groups(src: Dims, dst: Dims) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of axes with equal products; None when the shapes cannot be matched."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        a, b = src[i], dst[j]
+        if not isinstance(a, int) or not isinstance(b, int):
+            if a != b or a is None:
+                return None
+            groups.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        gi, gj, pa, pb = [i], [j], a, b
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(src) and isinstance(src[i], int):
+                pa *= src[i]
+                gi.append(i)
+                i += 1
+            elif pb < pa and j < len(dst) and isinstance(dst[j], int):
+                pb *= dst[j]
+                gj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    # Trailing size-1 axes on either side join the last group.
+    if any(src[k] != 1 for k in range(i, len(src))) or any(dst[k] != 1 for k in range(j, len(dst))):
+        return None
+    if groups:
+        groups[-1][0].extend(range(i, len(src)))
+        groups[-1][1].extend(range(j, len(dst)))
+    return groups
+
+
+def _leading(axes: list[int], dims: Dims) -> int:
+    """The first axis of a run whose size is not 1 (the one that indexes blocks)."""
+    return next((a for a in axes if dims[a] != 1), axes[0])
+
+
+def _map_reshape(ctx: RuleContext, x: str, y: str, node: ir.Node, target_index: int | None) -> None:
+    src, dst = ctx.dims(x), ctx.dims(y)
+    if src is None or dst is None:
+        return
+    groups = match_axis_groups(src, dst)
+    if groups is None:
+        return  # everything stays unmapped (blocked)
+    target = ctx.const_ints(node.inputs[target_index]) if target_index is not None else None
+    for gi, gj in groups:
+        li, lj = _leading(gi, src), _leading(gj, dst)
+        if len([a for a in gi if src[a] != 1]) > 1 and len([a for a in gj if dst[a] != 1]) > 1:
+            continue  # many-to-many: mixes channels, blocked
+        block_in = math.prod(src[a] for a in gi if a != li)  # type: ignore[misc]
+        block_out = math.prod(dst[a] for a in gj if a != lj)  # type: ignore[misc]
+        if block_in > 1:  # merge: input element c owns output block c*block_in ..
+            ctx.unite((x, li), (y, lj), block=block_in)
+        else:  # split (or one-to-one): output element h owns input block h*block_out ..
+            ctx.unite((y, lj), (x, li), block=block_out)
+        for a in gi:
+            if a != li:
+                ctx.block(x, a, "merged into another axis by a reshape")
+        for a in gj:
+            if a != lj:
+                ctx.block(y, a, "split off another axis by a reshape")
+        if target is not None and lj < len(target) and target[lj] > 0:
+            ctx.shape_rewrites.append(ShapeRewrite(node, target_index, lj, (y, lj)))
+
+
+@_rule("Reshape")
+def _reshape(node: ir.Node, ctx: RuleContext) -> None:
+    _map_reshape(ctx, node.inputs[0].name, node.outputs[0].name, node, 1)
+
+
+@_rule("Flatten")
+def _flatten(node: ir.Node, ctx: RuleContext) -> None:
+    _map_reshape(ctx, node.inputs[0].name, node.outputs[0].name, node, None)
+
+
+@_rule("Squeeze", "Unsqueeze")
+def _squeeze(node: ir.Node, ctx: RuleContext) -> None:
+    _map_reshape(ctx, node.inputs[0].name, node.outputs[0].name, node, None)
+
+
+@_rule("Gather")
+def _gather(node: ir.Node, ctx: RuleContext) -> None:
+    data, indices, y = node.inputs[0].name, node.inputs[1].name, node.outputs[0].name
+    rank, ri = ctx.rank(data), ctx.rank(indices)
+    if rank is None or ri is None:
+        return
+    axis = int(_attr(node, "axis", 0)) % rank
+    for a in range(axis):
+        ctx.unite((data, a), (y, a))
+    for a in range(ri):
+        ctx.unite((indices, a), (y, axis + a))
+    for a in range(axis + 1, rank):
+        ctx.unite((data, a), (y, a - 1 + ri))
+    ctx.block(data, axis, "gathered axis")
+
+
+@_rule(
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceSumSquare",
+    "ReduceLogSumExp",
+)
+def _reduce(node: ir.Node, ctx: RuleContext) -> None:
+    x, y = node.inputs[0].name, node.outputs[0].name
+    rank = ctx.rank(x) or 0
+    axes = _attr(node, "axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = ctx.const_ints(node.inputs[1])
+    if axes is None:
+        return
+    reduced = {a % rank for a in axes} if axes else set(range(rank))
+    keep = int(_attr(node, "keepdims", 1))
+    out = 0
+    for a in range(rank):
+        if a in reduced:
+            ctx.block(x, a, f"{node.op_type} reduces over this axis")
+            out += keep
+        else:
+            ctx.unite((x, a), (y, out))
+            out += 1
+
+
+@_rule("Pad")
+def _pad(node: ir.Node, ctx: RuleContext) -> None:
+    x, y = node.inputs[0].name, node.outputs[0].name
+    rank = ctx.rank(x) or 0
+    pads = ctx.const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+    pads = pads if pads is not None else list(_attr(node, "pads", []) or [])
+    axes = ctx.const_ints(node.inputs[3]) if len(node.inputs) > 3 else None
+    if len(pads) != 2 * len(axes or range(rank)):
+        return
+    axes = [a % rank for a in (axes or range(rank))]
+    padded = {a for k, a in enumerate(axes) if pads[k] or pads[k + len(axes)]}
+    for a in range(rank):
+        if a in padded:
+            ctx.block(x, a, "padded axis")
+        else:
+            ctx.unite((x, a), (y, a))
+
+
+@_rule("Resize", "Upsample")
+def _resize(node: ir.Node, ctx: RuleContext) -> None:
+    x, y = node.inputs[0].name, node.outputs[0].name
+    xd, yd = ctx.dims(x), ctx.dims(y)
+    if xd is None or yd is None:
+        return
+    sizes_index = 3 if node.op_type == "Resize" else None
+    for a, (i, o) in enumerate(zip(xd, yd, strict=False)):
+        if isinstance(i, int) and i == o:
+            ctx.unite((x, a), (y, a))
+            has_sizes = sizes_index is not None and len(node.inputs) > sizes_index
+            if has_sizes and node.inputs[sizes_index] is not None:
+                ctx.shape_rewrites.append(ShapeRewrite(node, sizes_index, a, (y, a)))
+        else:
+            ctx.block(x, a, "resized axis")
+
+
+@_rule("Expand")
+def _expand(node: ir.Node, ctx: RuleContext) -> None:
+    x, y = node.inputs[0].name, node.outputs[0].name
+    _broadcast_into(ctx, x, y)
+    shape = ctx.const_ints(node.inputs[1])
+    xd, yd = ctx.dims(x), ctx.dims(y)
+    if shape is None or xd is None or yd is None:
+        return
+    shift = len(yd) - len(shape)
+    for k, entry in enumerate(shape):
+        axis = k + shift
+        if entry > 1 and axis >= len(yd) - len(xd):
+            ctx.shape_rewrites.append(ShapeRewrite(node, 1, k, (y, axis)))
+
+
+@_rule("Shape", "Size")
+def _shape(node: ir.Node, ctx: RuleContext) -> None:
+    ctx.block_all(node.inputs[0].name, f"{node.op_type} reads the size of this axis")
+
+
+assert "Reshape" in RULES
