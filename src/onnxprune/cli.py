@@ -20,7 +20,7 @@ from onnxprune.errors import OnnxPruneError
 __all__ = ["build_parser", "main"]
 
 #: Command modules, in the order ``--help`` lists them.
-COMMANDS = ("inspect", "canonicalize", "bench", "verify", "sparsify", "lowrank")
+COMMANDS = ("inspect", "canonicalize", "prune", "bench", "verify", "sparsify", "lowrank")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from onnxprune.passes._match import add_initializer
 from onnxprune.prune.analysis import Analysis
 from onnxprune.prune.channels import SpaceKey
 
-__all__ = ["apply_removal", "kept_indices", "zero_units"]
+__all__ = ["apply_removal", "kept_counts", "kept_indices", "zero_units"]
 
 
 def kept_indices(analysis: Analysis, removed_roots: Collection[int]) -> dict[SpaceKey, np.ndarray]:
@@ -124,16 +124,23 @@ def _rewrite_constants(model: ir.Model, analysis: Analysis, kept: dict[SpaceKey,
         _set_node_constant(node, index, array)
 
 
-def apply_removal(model: ir.Model, analysis: Analysis, removed_roots: Collection[int]) -> dict:
+def apply_removal(
+    model: ir.Model, analysis: Analysis, removed_roots: Collection[int]
+) -> dict[SpaceKey, np.ndarray]:
     """Remove the units with the given roots from ``model`` in place.
 
     Returns:
-        Kept channel counts per pruned space, ``{"value:axis": [before, after]}``.
+        The kept indices of every space that lost channels.
     """
     kept = kept_indices(analysis, removed_roots)
     _rewrite_constants(model, analysis, kept)
     _slice_initializers(model, kept)
     _update_shapes(model, kept)
+    return kept
+
+
+def kept_counts(analysis: Analysis, kept: dict[SpaceKey, np.ndarray]) -> dict[str, list[int]]:
+    """``{"value:axis": [before, after]}`` for a report."""
     return {
         f"{name}:{axis}": [analysis.graph.spaces[(name, axis)].size, len(idx)]
         for (name, axis), idx in sorted(kept.items())

@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnxprune.errors import UsageError
 from onnxprune.prune.analysis import Analysis, analyze
-from onnxprune.prune.apply import apply_removal
+from onnxprune.prune.apply import apply_removal, kept_counts
 from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import CRITERIA, group_scores
 from onnxprune.prune.plan import PruningPlan
@@ -88,6 +88,8 @@ class PruneReport:
     params: tuple[int, int]
     pruned_axes: dict[str, list[int]]
     notes: list[str]
+    kept: dict = dataclasses.field(default_factory=dict, repr=False)
+    ranks: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -221,7 +223,8 @@ def prune_model(
     macs_after, params_after = cost.evaluate(removed)
     excluded = _excluded_groups(analysis, options.exclude) if options.plan is None else set()
     rows = _group_rows(analysis, plan, excluded)
-    pruned = apply_removal(model, analysis, removed)
+    kept = apply_removal(model, analysis, removed)
+    pruned = kept_counts(analysis, kept)
     logger.info("pruned %d groups, MACs %d -> %d", len(plan.keep), cost.macs_before, macs_after)
     return PruneReport(
         groups=rows,
@@ -230,4 +233,6 @@ def prune_model(
         params=(cost.params_before, params_after),
         pruned_axes=pruned,
         notes=notes,
+        kept=kept,
+        ranks={name: len(shape) for name, shape in analysis.graph.shapes.items()},
     )

@@ -1,0 +1,91 @@
+"""``onnxprune prune``: structured pruning that physically removes channels and heads."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxprune.commands.common import add_dims_option, parse_dims, write_json
+from onnxprune.errors import UsageError
+from onnxprune.prune.api import prune_file
+from onnxprune.prune.core import PruneOptions
+from onnxprune.prune.importance import CRITERIA
+from onnxprune.prune.plan import PruningPlan
+
+__all__ = ["register", "run"]
+
+
+def _layer_ratio(item: str) -> tuple[str, float]:
+    name, _, value = item.rpartition("=")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise UsageError(f"--layer-ratio {item!r}: expected NAME=RATIO") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "prune",
+        help="remove channels, filters and attention heads",
+        description="Find the channels that must go together (residual adds, concat/split, "
+        "depthwise convs, BatchNorm, flatten into a classifier, attention heads, MLP hidden "
+        "units), score them, remove them physically and optionally refit the next layers "
+        "on calibration data. Groups that cannot be pruned are reported with the node "
+        "and the reason.",
+    )
+    parser.add_argument("model", help="input .onnx file (never modified)")
+    parser.add_argument("-o", "--output", required=True, help="output .onnx file")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--ratio", type=float, help="fraction of channels removed per group")
+    amount.add_argument("--target-macs", type=float, metavar="F", help="fraction of MACs kept")
+    amount.add_argument("--target-params", type=float, metavar="F", help="fraction of params kept")
+    amount.add_argument("--plan", metavar="P.json", help="replay a pruning plan")
+    parser.add_argument(
+        "--layer-ratio",
+        action="append",
+        default=[],
+        metavar="GROUP=R",
+        type=_layer_ratio,
+        help="ratio for one group (id from the report) or layer (node name); repeatable",
+    )
+    parser.add_argument("--max-ratio", type=float, default=0.9, help="cap per group (0.9)")
+    parser.add_argument("--criterion", choices=CRITERIA, default="l2")
+    parser.add_argument("--calib", help="calibration .npz or folder (for activation/recovery)")
+    parser.add_argument("--reconstruct", action="store_true", help="least-squares refit")
+    parser.add_argument("--iterative", type=int, default=1, metavar="K", help="prune in K steps")
+    parser.add_argument(
+        "--round-to", type=int, default=8, metavar="N", help="kept channels multiple (8)"
+    )
+    parser.add_argument("--exclude", action="append", default=[], metavar="NODE")
+    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    parser.add_argument("--save-plan", metavar="P.json", help="write the plan of the last step")
+    add_dims_option(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = PruneOptions(
+        ratio=args.ratio,
+        layer_ratios=dict(args.layer_ratio),
+        target_macs=args.target_macs,
+        target_params=args.target_params,
+        plan=PruningPlan.load(args.plan) if args.plan else None,
+        max_ratio=args.max_ratio,
+        round_to=args.round_to,
+        criterion=args.criterion,
+        exclude=args.exclude,
+    )
+    result = prune_file(
+        args.model,
+        args.output,
+        options,
+        calib=args.calib,
+        reconstruct=args.reconstruct,
+        iterative=args.iterative,
+        dims=parse_dims(args.dim),
+    )
+    print(result.summary())
+    if args.report:
+        write_json(args.report, result.to_dict())
+    if args.save_plan:
+        write_json(args.save_plan, result.steps[-1].plan.to_dict())
+    return 0

@@ -1,0 +1,59 @@
+"""Per-channel activation statistics on calibration data, for data-driven importance.
+
+For each chosen channel space ``(value, axis)``: ``activation`` accumulates
+``mean |a|`` over every other axis and every sample; ``apoz`` accumulates the share of
+positive entries (1 - the average percentage of zeros after a ReLU). Values are streamed
+feed by feed through :func:`onnxprune.intermediates.iter_intermediates`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.intermediates import iter_intermediates
+from onnxprune.prune.analysis import Analysis
+from onnxprune.prune.channels import SpaceKey
+
+__all__ = ["activation_stats"]
+
+_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_RECTIFIERS = frozenset({"Relu", "Clip"})
+
+
+def _spaces(model: ir.Model, analysis: Analysis, criterion: str) -> list[SpaceKey]:
+    ops = _PRODUCERS if criterion == "activation" else _RECTIFIERS
+    produced = {
+        node.outputs[0].name for node in model.graph if node.op_type in ops and node.outputs
+    }
+    keys = set()
+    for group in analysis.prunable:
+        for space, _ in group.units[0].members:
+            if not space.is_initializer and space.value in produced:
+                keys.add(space.key)
+    return sorted(keys)
+
+
+def activation_stats(
+    model: ir.Model,
+    analysis: Analysis,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    criterion: str,
+) -> dict[SpaceKey, np.ndarray]:
+    """Per-channel ``mean |a|`` (activation) or share of positive values (apoz)."""
+    keys = _spaces(model, analysis, criterion)
+    if not keys:
+        return {}
+    names = sorted({k[0] for k in keys})
+    sums = {k: np.zeros(analysis.graph.spaces[k].size) for k in keys}
+    counts = dict.fromkeys(keys, 0)
+    for outputs in iter_intermediates(model, names, feeds):
+        for key in keys:
+            array = outputs[key[0]]
+            moved = np.moveaxis(array, key[1], 0).reshape(array.shape[key[1]], -1)
+            values = np.abs(moved) if criterion == "activation" else (moved > 0)
+            sums[key] += values.sum(1, dtype=np.float64)
+            counts[key] += moved.shape[1]
+    return {k: sums[k] / max(counts[k], 1) for k in keys}

@@ -1,0 +1,161 @@
+"""File-level pruning: load, canonicalize, prune (optionally in steps), recover, check, save."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxprune.calib import load_calibration, model_input_specs
+from onnxprune.check import check_feeds
+from onnxprune.errors import UsageError
+from onnxprune.io import load, save
+from onnxprune.metrics import output_metrics
+from onnxprune.passes.pipeline import canonicalize
+from onnxprune.prune.activations import activation_stats
+from onnxprune.prune.analysis import analyze
+from onnxprune.prune.core import PruneOptions, PruneReport, prune_model
+from onnxprune.prune.recover import refit_consumers
+from onnxprune.runtime import make_session
+
+__all__ = ["PruneFileResult", "prune_file"]
+
+#: Calibration samples used for statistics and refits (the rest are held out).
+FIT_SAMPLES = 128
+
+
+@dataclasses.dataclass
+class PruneFileResult:
+    """Report of :func:`prune_file`."""
+
+    output: str
+    steps: list[PruneReport]
+    refits: list[list[dict[str, Any]]]
+    fidelity: dict[str, dict[str, float | None]]
+    macs: tuple[int, int]
+    params: tuple[int, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "onnxprune.prune_file/1",
+            "output": self.output,
+            "macs": {"before": self.macs[0], "after": self.macs[1]},
+            "params": {"before": self.params[0], "after": self.params[1]},
+            "fidelity": self.fidelity,
+            "steps": [s.to_dict() for s in self.steps],
+            "refits": self.refits,
+        }
+
+    def summary(self) -> str:
+        macs_ratio = self.macs[0] / max(self.macs[1], 1)
+        lines = [
+            f"MACs   {self.macs[0]:,} -> {self.macs[1]:,} ({macs_ratio:.2f}x fewer)",
+            f"params {self.params[0]:,} -> {self.params[1]:,}",
+        ]
+        for name, metrics in self.fidelity.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
+            lines.append(f"output {name}: {shown}")
+        blocked = [g for g in self.steps[0].groups if g.get("blocked")]
+        lines.append(
+            f"groups: {len(self.steps[0].groups) - len(blocked)} prunable, {len(blocked)} blocked"
+        )
+        lines.append(f"wrote {self.output}")
+        return "\n".join(lines)
+
+
+def _fidelity(reference: str, candidate: Path, feeds: list) -> dict[str, dict[str, float | None]]:
+    ref, cand = make_session(reference), make_session(candidate)
+    names = [o.name for o in ref.get_outputs()]
+    refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    cands: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        for n, r, c in zip(names, ref.run(names, feed), cand.run(names, feed), strict=True):
+            refs[n].append(r.reshape(-1, r.shape[-1]) if r.ndim > 1 else r.reshape(1, -1))
+            cands[n].append(c.reshape(-1, c.shape[-1]) if c.ndim > 1 else c.reshape(1, -1))
+    return {n: output_metrics(np.concatenate(refs[n]), np.concatenate(cands[n])) for n in names}
+
+
+def _step_options(options: PruneOptions, step: int, steps: int, progress: float) -> PruneOptions:
+    """Options for step ``step`` of ``steps``: the same final amount reached geometrically."""
+    if steps == 1:
+        return options
+    if options.ratio is not None:
+        keep = (1 - options.ratio) ** (1 / steps)
+        return dataclasses.replace(options, ratio=1 - keep)
+    for name in ("target_macs", "target_params"):
+        target = getattr(options, name)
+        if target is not None:
+            # progress = fraction of the original already kept
+            return dataclasses.replace(
+                options, **{name: min(1.0, target ** (step / steps) / progress)}
+            )
+    raise UsageError("--iterative needs --ratio, --target-macs or --target-params")
+
+
+def prune_file(
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    options: PruneOptions,
+    *,
+    calib: str | os.PathLike[str] | None = None,
+    reconstruct: bool = False,
+    iterative: int = 1,
+    dims: Mapping[str, int] | None = None,
+) -> PruneFileResult:
+    """Prune ``model_path`` into ``output_path``; the input file is never modified."""
+    options.validate()
+    if iterative < 1:
+        raise UsageError(f"--iterative {iterative}: must be >= 1")
+    if iterative > 1 and options.plan is not None:
+        raise UsageError("--iterative cannot replay a --plan")
+    needs_data = reconstruct or options.criterion in ("activation", "apoz")
+    if needs_data and calib is None:
+        wanted = "--reconstruct" if reconstruct else f"--criterion {options.criterion}"
+        raise UsageError(f"--calib is required for {wanted}")
+    teacher = load(model_path)
+    model = load(model_path)
+    calibration = load_calibration(calib, model) if calib is not None else None
+    feeds = (
+        list(calibration.feeds(range(min(FIT_SAMPLES, len(calibration))))) if calibration else []
+    )
+    check = check_feeds(
+        model_input_specs(model), calibration, dims, count=len(calibration) if calibration else 4
+    )
+    skip = ("fold-batchnorm",) if options.criterion == "bn" else ()
+    canonicalize(model, skip=skip)
+    steps, refits = [], []
+    progress = 1.0
+    for step in range(1, iterative + 1):
+        step_options = _step_options(options, step, iterative, progress)
+        stats = None
+        if options.criterion in ("activation", "apoz"):
+            stats = activation_stats(model, analyze(model), feeds, options.criterion)
+        report = prune_model(model, step_options, stats)
+        steps.append(report)
+        progress *= (
+            report.macs[1] / max(report.macs[0], 1)
+            if options.target_params is None
+            else report.params[1] / max(report.params[0], 1)
+        )
+        if reconstruct:
+            results = refit_consumers(teacher, model, report.kept, feeds, report.ranks)
+            refits.append([dataclasses.asdict(r) for r in results])
+    canonicalize(model)
+    fidelity: dict[str, dict[str, float | None]] = {}
+
+    def measure(tmp: Path) -> None:
+        fidelity.update(_fidelity(str(model_path), tmp, check))
+
+    dest = save(model, output_path, before_commit=measure)
+    return PruneFileResult(
+        output=str(dest),
+        steps=steps,
+        refits=refits,
+        fidelity=fidelity,
+        macs=(steps[0].macs[0], steps[-1].macs[1]),
+        params=(steps[0].params[0], steps[-1].params[1]),
+    )

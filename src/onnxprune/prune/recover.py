@@ -1,0 +1,241 @@
+"""Training-free recovery: refit the layers that lost input channels, by least squares.
+
+After channels are removed, each *consumer* (a Conv with group 1, a Gemm, or a MatMul with a
+constant 2-D weight whose input-channel axis was pruned) is refit so that, on calibration
+data, its output in the pruned model matches its output in the original model (the
+original is the teacher; layer-wise distillation):
+
+    W', b' = argmin  sum_rows || A_p W' + b' - Y_o ||^2 + lam ||W'||^2
+
+``A_p`` are the consumer's input rows in the pruned model (im2col patches for a Conv,
+token rows for Gemm/MatMul), ``Y_o`` the original model's consumer output on the same
+rows, restricted to the consumer's kept output channels, and
+``lam = ridge * trace(A^T A) / K`` a small relative ridge. The normal equations are
+accumulated feed by feed (memory ~K^2), rows are sampled with a seeded generator, and the
+consumers are refit in topological order so each refit sees the effect of earlier ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.intermediates import iter_intermediates
+from onnxprune.prune.channels import SpaceKey
+
+__all__ = ["RefitResult", "consumers", "refit_consumers"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RefitResult:
+    """One refit layer: relative output error on the sampled rows before and after."""
+
+    node: str
+    rows: int
+    error_before: float
+    error_after: float
+
+
+@dataclasses.dataclass
+class _Consumer:
+    node: ir.Node
+    kind: str  # "conv" | "gemm" | "matmul"
+    weight: ir.Value
+    bias: ir.Value | None
+    out_kept: np.ndarray | None
+
+
+def _attr(node: ir.Node, name: str, default: object) -> object:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _in_axis(node: ir.Node) -> int | None:
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "Gemm":
+        return 1 if _attr(node, "transB", 0) else 0
+    if node.op_type == "MatMul":
+        return 0
+    return None
+
+
+def _supported(node: ir.Node) -> bool:
+    if node.op_type == "Conv":
+        w = node.inputs[1].const_value
+        return (
+            _attr(node, "group", 1) == 1
+            and w is not None
+            and len(w.shape) == 4
+            and _attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+        )
+    if node.op_type == "Gemm":
+        return not _attr(node, "transA", 0) and node.inputs[1].const_value is not None
+    if node.op_type == "MatMul":
+        w = node.inputs[1].const_value
+        return w is not None and len(w.shape) == 2 and not node.inputs[1].is_graph_input()
+    return False
+
+
+def consumers(
+    model: ir.Model, kept: Mapping[SpaceKey, np.ndarray], ranks: Mapping[str, int]
+) -> list[_Consumer]:
+    """Layers of the pruned model whose weight lost input channels, in graph order."""
+    found = []
+    for node in model.graph:
+        axis = _in_axis(node)
+        if axis is None or not _supported(node) or (node.inputs[1].name, axis) not in kept:
+            continue
+        kind = {"Conv": "conv", "Gemm": "gemm", "MatMul": "matmul"}[node.op_type]
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if bias is not None and (bias.const_value is None or len(bias.const_value.shape) != 1):
+            bias = None if kind == "conv" else bias
+        out_axis = 1 if kind in ("conv", "gemm") else -1
+        out = node.outputs[0].name
+        rank = ranks.get(out)
+        if not rank:
+            continue
+        key = (out, out_axis % rank)
+        found.append(_Consumer(node, kind, node.inputs[1], bias, kept.get(key)))
+    return found
+
+
+def _conv_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], pos: np.ndarray):
+    """im2col rows ``[R, C*kh*kw]`` (weight layout order) at output positions (n, oh, ow)."""
+    kh, kw = kernel
+    sh, sw = _attr(node, "strides", [1, 1])
+    dh, dw = _attr(node, "dilations", [1, 1])
+    t, left, b, r = _attr(node, "pads", [0, 0, 0, 0])
+    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)))
+    n, oh, ow = pos[:, 0], pos[:, 1], pos[:, 2]
+    ii = oh[:, None, None] * sh + np.arange(kh)[None, :, None] * dh
+    jj = ow[:, None, None] * sw + np.arange(kw)[None, None, :] * dw
+    chans = np.arange(x.shape[1])[None, :, None, None]
+    patches = xp[n[:, None, None, None], chans, ii[:, None], jj[:, None]]
+    return patches.reshape(len(pos), -1)
+
+
+def _positions(shape: tuple[int, ...], kind: str, count: int, rng: np.random.Generator):
+    if kind == "conv":
+        n, _, h, w = shape
+        total = n * h * w
+        flat = rng.choice(total, size=min(count, total), replace=False)
+        return np.stack(np.unravel_index(np.sort(flat), (n, h, w)), axis=1)
+    total = int(np.prod(shape[:-1]))
+    return np.sort(rng.choice(total, size=min(count, total), replace=False))
+
+
+def _rows(c: _Consumer, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    if c.kind == "conv":
+        kh, kw = (int(d) for d in c.weight.const_value.shape[2:])
+        return _conv_rows(x, c.node, (kh, kw), pos)
+    return x.reshape(-1, x.shape[-1])[pos]
+
+
+def _targets(c: _Consumer, y: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    if c.kind == "conv":
+        rows = y[pos[:, 0], :, pos[:, 1], pos[:, 2]]
+    else:
+        rows = y.reshape(-1, y.shape[-1])[pos]
+    return rows if c.out_kept is None else rows[:, c.out_kept]
+
+
+def _weight_matrix(c: _Consumer) -> np.ndarray:
+    """The consumer's weight as ``[K, N]`` so that output rows = A @ W."""
+    w = c.weight.const_value.numpy().astype(np.float64)
+    if c.kind == "conv":
+        return w.reshape(w.shape[0], -1).T
+    if c.kind == "gemm":
+        w = w.T if _attr(c.node, "transB", 0) else w
+        return w * float(_attr(c.node, "alpha", 1.0))
+    return w
+
+
+def _store(c: _Consumer, solution: np.ndarray, fit_bias: bool) -> None:
+    w_old = c.weight.const_value.numpy()
+    weights = solution[:-1] if fit_bias else solution
+    if c.kind == "conv":
+        new = weights.T.reshape(w_old.shape)
+    elif c.kind == "gemm":
+        new = weights / float(_attr(c.node, "alpha", 1.0))
+        new = new.T if _attr(c.node, "transB", 0) else new
+    else:
+        new = weights
+    c.weight.const_value = ir.tensor(new.astype(w_old.dtype), name=c.weight.name)
+    if fit_bias and c.bias is not None:
+        scale = float(_attr(c.node, "beta", 1.0)) if c.kind == "gemm" else 1.0
+        b_old = c.bias.const_value.numpy()
+        c.bias.const_value = ir.tensor((solution[-1] / scale).astype(b_old.dtype), name=c.bias.name)
+
+
+def refit_consumers(
+    original: ir.Model,
+    pruned: ir.Model,
+    kept: Mapping[SpaceKey, np.ndarray],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    ranks: Mapping[str, int],
+    *,
+    max_rows: int = 4096,
+    ridge: float = 1e-3,
+    seed: int = 0,
+) -> list[RefitResult]:
+    """Refit every consumer of pruned channels in ``pruned`` (in place)."""
+    layers = consumers(pruned, kept, ranks)
+    if not layers or not feeds:
+        return []
+    per_feed = max(1, max_rows // len(feeds))
+    teacher_names = [c.node.outputs[0].name for c in layers]
+    teacher: dict[str, list[np.ndarray]] = {n: [] for n in teacher_names}
+    positions: dict[str, list[np.ndarray]] = {n: [] for n in teacher_names}
+    rng = np.random.default_rng(seed)
+    for outputs in iter_intermediates(original, teacher_names, feeds):
+        for c in layers:
+            name = c.node.outputs[0].name
+            y = outputs[name]
+            pos = _positions(y.shape, c.kind, per_feed, rng)
+            positions[name].append(pos)
+            teacher[name].append(_targets(c, y, pos).astype(np.float64))
+    results = []
+    for c in layers:
+        name = c.node.outputs[0].name
+        x_name = c.node.inputs[0].name
+        rows = [
+            _rows(c, out[x_name].astype(np.float64), pos)
+            for out, pos in zip(
+                iter_intermediates(pruned, [x_name], feeds), positions[name], strict=True
+            )
+        ]
+        results.append(_solve(c, np.concatenate(rows), np.concatenate(teacher[name]), ridge))
+    return results
+
+
+def _solve(c: _Consumer, a: np.ndarray, t: np.ndarray, ridge: float) -> RefitResult:
+    fit_bias = c.bias is not None
+    w = _weight_matrix(c)
+    pred = a @ w
+    if fit_bias:
+        scale = float(_attr(c.node, "beta", 1.0)) if c.kind == "gemm" else 1.0
+        pred = pred + scale * c.bias.const_value.numpy().astype(np.float64)
+    norm = float(np.linalg.norm(t)) or 1.0
+    before = float(np.linalg.norm(pred - t)) / norm
+    design = np.hstack([a, np.ones((len(a), 1))]) if fit_bias else a
+    gram = design.T @ design
+    lam = ridge * float(np.trace(gram)) / max(gram.shape[0], 1)
+    reg = lam * np.eye(gram.shape[0])
+    if fit_bias:
+        reg[-1, -1] = 0.0  # the bias is not shrunk
+    solution = np.linalg.solve(gram + reg, design.T @ t)
+    after = float(np.linalg.norm(design @ solution - t)) / norm
+    if after < before:
+        _store(c, solution, fit_bias)
+    else:
+        after = before  # keep the original weights when the fit does not help
+    label = c.node.name or c.node.outputs[0].name
+    logger.info("refit %s: relative error %.4f -> %.4f (%d rows)", label, before, after, len(a))
+    return RefitResult(label, len(a), before, after)
