@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
-from onnxprune.prune.analysis import Analysis, analyze
+from onnxprune.prune.analysis import Analysis, _label, analyze
 from onnxprune.prune.apply import apply_removal, kept_counts
 from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import CRITERIA, group_scores
@@ -103,14 +103,43 @@ class PruneReport:
         }
 
 
-def _excluded_groups(analysis: Analysis, exclude: Sequence[str]) -> set[str]:
-    node_names = {n for g in analysis.groups for n in g.nodes}
+def _output_weight_axis(node: ir.Node) -> tuple[str, int] | None:
+    """The initializer axis that indexes a layer's output channels."""
+    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+        return None
+    weight = node.inputs[1].name
+    if node.op_type == "Conv":
+        return (weight, 0)
+    if node.op_type == "ConvTranspose":
+        return (weight, 1)
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return (weight, 0 if trans_b is not None and trans_b.value else 1)
+    if node.op_type == "MatMul" and len(node.inputs[1].const_value.shape) == 2:
+        return (weight, 1)
+    return None
+
+
+def _excluded_groups(model: ir.Model, analysis: Analysis, exclude: Sequence[str]) -> set[str]:
+    """Groups holding the output channels of the excluded layers (or named by id).
+
+    Excluding a layer keeps its output channels; its input channels may still shrink when
+    the layer before it is pruned.
+    """
+    labels = {}
+    for node in model.graph:
+        key = _output_weight_axis(node)
+        if key is not None:
+            labels[_label(node)] = key
     group_ids = {g.id for g in analysis.groups}
+    keys = set()
     for name in exclude:
-        if name not in node_names and name not in group_ids:
-            raise UsageError(f"--exclude {name!r}: no node or group of that name has weights")
+        if name in labels:
+            keys.add(labels[name])
+        elif name not in group_ids:
+            raise UsageError(f"--exclude {name!r}: no layer with weights or group of that name")
     wanted = set(exclude)
-    return {g.id for g in analysis.groups if g.id in wanted or wanted & set(g.nodes)}
+    return {g.id for g in analysis.groups if g.id in wanted or keys & set(g.initializers)}
 
 
 def _layer_ratio_map(analysis: Analysis, layer_ratios: Mapping[str, float]) -> dict[str, float]:
@@ -172,7 +201,7 @@ def decide_plan(
     """Turn options into a plan (kept positions per group) without touching the model."""
     if options.plan is not None:
         return options.plan, []
-    excluded = _excluded_groups(analysis, options.exclude)
+    excluded = _excluded_groups(model, analysis, options.exclude)
     scores, notes = group_scores(model, analysis, options.criterion, activation_stats)
     base = dict(_layer_ratio_map(analysis, options.layer_ratios).items())
     candidates = [g.id for g in analysis.prunable if g.id not in excluded and g.id not in base]
@@ -221,7 +250,7 @@ def prune_model(
     plan, notes = decide_plan(model, analysis, options, activation_stats, cost)
     removed = plan.removed_roots(analysis)
     macs_after, params_after = cost.evaluate(removed)
-    excluded = _excluded_groups(analysis, options.exclude) if options.plan is None else set()
+    excluded = _excluded_groups(model, analysis, options.exclude) if options.plan is None else set()
     rows = _group_rows(analysis, plan, excluded)
     kept = apply_removal(model, analysis, removed)
     pruned = kept_counts(analysis, kept)
