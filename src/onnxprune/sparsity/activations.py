@@ -1,0 +1,153 @@
+"""Input statistics of weight layers on calibration data, with bounded memory.
+
+For a layer viewed as ``y = W x`` with ``x`` in ``R^K`` (see :mod:`onnxprune.sparsity.layers`),
+the calibration set gives rows ``X[n, K]``: the tokens of a MatMul/Gemm input reshaped to
+``[-1, K]``, the im2col patches of a Conv input (column order ``(i, j, c)``, matching the
+weight view), or the pixels of a ConvTranspose input. Accumulated in float64 over samples:
+
+* ``sq[k] = sum_n X[n, k]^2`` (so ``||x_k||_2 = sqrt(sq[k])``, used by Wanda);
+* ``gram = X^T X`` (``K x K``, only when asked for; used by the OBS update).
+
+Memory is bounded: the model copy gets the needed intermediate values as extra outputs,
+samples are streamed one feed at a time, and a Conv keeps at most ``max_rows`` patch
+positions per sample (chosen by a seeded generator, so results are reproducible). Layers
+reading the same value with the same view (Q/K/V projections) share one statistic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxprune.runtime import make_session
+from onnxprune.sparsity.layers import WeightLayer
+
+__all__ = ["InputStats", "collect_stats", "layer_rows", "stats_support"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class InputStats:
+    """Sums over the rows ``X[n, K]`` seen so far."""
+
+    rows: int
+    sq: np.ndarray
+    gram: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.astype(np.float64, copy=False)
+        self.rows += x.shape[0]
+        self.sq += np.einsum("nk,nk->k", x, x)
+        if self.gram is not None:
+            self.gram += x.T @ x
+
+    @property
+    def norms(self) -> np.ndarray:
+        """``||x_k||_2`` per input column."""
+        return np.sqrt(self.sq)
+
+
+def stats_support(layer: WeightLayer) -> str | None:
+    """A reason why input statistics are not collected for ``layer``, or None."""
+    if layer.op in ("Conv", "ConvTranspose"):
+        if layer.group != 1:
+            return f"{layer.op} with group={layer.group}: data-aware statistics not supported"
+        if len(layer.shape) != 4:
+            return f"{len(layer.shape) - 2}-D {layer.op}: only 2-D convolutions are supported"
+        if layer.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            return f"{layer.op} with auto_pad: data-aware statistics not supported"
+    return None
+
+
+def _im2col(x: np.ndarray, layer: WeightLayer) -> np.ndarray:
+    """Patches of ``x[N, C, H, W]`` as rows ``[N*OH*OW, kh*kw*C]`` in ``(i, j, c)`` order."""
+    kh, kw = layer.shape[2:]
+    sh, sw = layer.attrs.get("strides", (1, 1))
+    dh, dw = layer.attrs.get("dilations", (1, 1))
+    top, left, bottom, right = layer.attrs.get("pads", (0, 0, 0, 0))
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    taps = [
+        xp[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = np.stack(taps, axis=1)  # [N, kh*kw, C, OH, OW]
+    return patches.transpose(0, 3, 4, 1, 2).reshape(-1, kh * kw * x.shape[1])
+
+
+def layer_rows(
+    layer: WeightLayer, x: np.ndarray, rng: np.random.Generator, max_rows: int
+) -> np.ndarray:
+    """Rows ``X[n, K]`` of one sample's input ``x`` (Conv patches subsampled to ``max_rows``)."""
+    k = layer.matrix_shape[1]
+    if layer.op == "Conv":
+        rows = _im2col(x, layer)
+    elif layer.op == "ConvTranspose":
+        rows = np.moveaxis(x, 1, -1).reshape(-1, k)
+    else:
+        rows = x.reshape(-1, k)
+    if layer.op in ("Conv", "ConvTranspose") and rows.shape[0] > max_rows:
+        rows = rows[np.sort(rng.choice(rows.shape[0], size=max_rows, replace=False))]
+    return rows
+
+
+def _signature(layer: WeightLayer) -> tuple[Any, ...]:
+    keys = ("strides", "dilations", "pads")
+    conv = tuple(tuple(layer.attrs.get(k, ())) for k in keys) if layer.op != "MatMul" else ()
+    view = "conv" if layer.op == "Conv" else ("convT" if layer.op == "ConvTranspose" else "mm")
+    kernel = layer.shape[2:] if layer.op == "Conv" else ()
+    return (layer.activation, view, layer.matrix_shape[1], kernel, conv)
+
+
+def _session_with_outputs(model: ir.Model, names: Sequence[str]) -> Any:
+    proto = ir.serde.serialize_model(model)
+    present = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in present:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    return make_session(proto)
+
+
+def collect_stats(
+    model: ir.Model,
+    layers: Sequence[WeightLayer],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    gram: bool,
+    max_rows: int = 256,
+    seed: int = 0,
+) -> dict[str, InputStats]:
+    """Input statistics per layer node name (layers without support are left out)."""
+    wanted = [layer for layer in layers if stats_support(layer) is None]
+    if not wanted:
+        return {}
+    shared: dict[tuple[Any, ...], InputStats] = {}
+    by_sig: dict[tuple[Any, ...], WeightLayer] = {}
+    for layer in wanted:
+        sig = _signature(layer)
+        if sig not in shared:
+            k = layer.matrix_shape[1]
+            shared[sig] = InputStats(0, np.zeros(k), np.zeros((k, k)) if gram else None)
+            by_sig[sig] = layer
+    input_names = {v.name for v in model.graph.inputs}
+    fetch = sorted({layer.activation for layer in wanted} - input_names)
+    session = _session_with_outputs(model, fetch)
+    rng = np.random.default_rng(seed)
+    samples = 0
+    for feed in feeds:
+        values = dict(zip(fetch, session.run(fetch, dict(feed)), strict=True)) if fetch else {}
+        values.update({k: v for k, v in feed.items() if k in input_names})
+        for sig, layer in by_sig.items():
+            shared[sig].add(layer_rows(layer, values[layer.activation], rng, max_rows))
+        samples += 1
+    logger.info("collected input statistics of %d layers on %d samples", len(wanted), samples)
+    return {layer.node: shared[_signature(layer)] for layer in wanted}

@@ -1,0 +1,213 @@
+"""File-level API of ``onnxprune sparsify``: validate, sparsify, store compactly, check, save.
+
+The input file is never modified. The masked model is compared with the original on the
+calibration data (or synthetic feeds) for the fidelity report; the compact (bitmask) model
+must equal the masked model exactly or nothing is written. The output is written
+atomically; the same input, settings and seed give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.calib import CalibrationData, load_calibration, model_input_specs
+from onnxprune.check import check_feeds
+from onnxprune.errors import UsageError
+from onnxprune.io import load, save, source_files
+from onnxprune.metrics import output_metrics
+from onnxprune.runtime import make_session
+from onnxprune.sparsity.layers import WeightLayer, find_layers
+from onnxprune.sparsity.prune import (
+    METHODS,
+    PATTERNS,
+    SCOPES,
+    SparsifyConfig,
+    apply_sparsity,
+    parse_pattern,
+)
+from onnxprune.sparsity.report import SparsifyResult
+from onnxprune.sparsity.storage import check_exact, store_bitmask
+
+__all__ = ["sparsify_file", "validate_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def _check_fraction(what: str, value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value < 1.0):
+        raise UsageError(f"{what} {value!r} is outside [0, 1)")
+
+
+def validate_config(config: SparsifyConfig, node_names: Sequence[str], has_calib: bool) -> None:
+    """Refuse bad settings with a message naming the offending value.
+
+    Raises:
+        UsageError: sparsity outside [0, 1), unknown pattern/scope/method, an N:M pattern
+            with another sparsity, an unknown --exclude/--layer-sparsity node, a
+            data-aware method without calibration data, or iterations < 1.
+    """
+    for what, value, allowed in (
+        ("pattern", config.pattern, PATTERNS),
+        ("scope", config.scope, SCOPES),
+        ("method", config.method, METHODS),
+    ):
+        if value not in allowed:
+            raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+    _check_fraction("--sparsity", config.sparsity)
+    nm = parse_pattern(config.pattern)
+    if nm is not None and not math.isclose(config.sparsity, 1 - nm[0] / nm[1]):
+        raise UsageError(
+            f"--pattern {config.pattern} means sparsity {1 - nm[0] / nm[1]:g}; "
+            f"--sparsity {config.sparsity:g} contradicts it"
+        )
+    known = set(node_names)
+    for option, names in (
+        ("--exclude", config.exclude),
+        ("--layer-sparsity", config.layer_sparsity),
+    ):
+        for name in names:
+            if name not in known:
+                raise UsageError(
+                    f"{option}: no node {name!r} in the model; prunable or skipped "
+                    f"Conv/ConvTranspose/Gemm/MatMul nodes: {', '.join(sorted(known)) or 'none'}"
+                )
+    for name, value in config.layer_sparsity.items():
+        _check_fraction(f"--layer-sparsity {name}", value)
+    if nm is not None and config.layer_sparsity:
+        raise UsageError("--layer-sparsity cannot be combined with an N:M pattern")
+    if config.data_aware and not has_calib:
+        raise UsageError("--method wanda and --update need calibration data (--calib PATH)")
+    if config.iterative < 1:
+        raise UsageError(f"--iterative {config.iterative} must be >= 1")
+
+
+def _eligible(
+    layers: list[WeightLayer], skipped: dict[str, str], config: SparsifyConfig
+) -> list[WeightLayer]:
+    """Layers to prune; the others are added to ``skipped`` with the reason."""
+    nm = parse_pattern(config.pattern)
+    kept = []
+    for layer in layers:
+        if layer.node in config.exclude:
+            skipped[layer.node] = "excluded (--exclude)"
+        elif nm is not None and layer.channel_run % nm[1]:
+            skipped[layer.node] = (
+                f"{config.pattern} needs groups of {nm[1]} consecutive input channels; "
+                f"the reduction runs over {layer.channel_run} channels"
+            )
+        else:
+            kept.append(layer)
+    return kept
+
+
+def _stack(parts: list[np.ndarray]) -> np.ndarray:
+    if all(p.shape == parts[0].shape for p in parts):
+        return np.concatenate(parts, axis=0)
+    return np.concatenate([p.reshape(-1, p.shape[-1]) if p.ndim >= 2 else p.ravel() for p in parts])
+
+
+def _fidelity(
+    reference: str | os.PathLike[str], model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, dict[str, float | None]]:
+    """Output metrics of ``model`` against the reference file over all feeds."""
+    ref_session = make_session(reference)
+    cand_session = make_session(model)
+    names = [o.name for o in ref_session.get_outputs()]
+    ref_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    cand_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        for n, r, c in zip(
+            names,
+            ref_session.run(names, dict(feed)),
+            cand_session.run(names, dict(feed)),
+            strict=True,
+        ):
+            ref_parts[n].append(r)
+            cand_parts[n].append(c)
+    return {n: output_metrics(_stack(ref_parts[n]), _stack(cand_parts[n])) for n in names}
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def sparsify_file(
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    config: SparsifyConfig,
+    *,
+    calib: str | os.PathLike[str] | None = None,
+    calib_samples: int = 128,
+    fidelity_samples: int = 64,
+) -> SparsifyResult:
+    """Sparsify ``model_path`` into ``output_path`` (see the module docstring).
+
+    Args:
+        model_path: Input model (never modified).
+        output_path: Output model, written atomically.
+        config: What to prune and how.
+        calib: Calibration data (required for Wanda and ``update``).
+        calib_samples: Calibration samples used for activation statistics.
+        fidelity_samples: Samples used for the fidelity report.
+
+    Raises:
+        UsageError, CalibrationError: bad settings or data (nothing written).
+        BudgetError: the compact model does not equal the masked one (nothing written).
+    """
+    model = load(model_path)
+    input_bytes = sum(os.path.getsize(f) for f in source_files(model))
+    layers, skipped = find_layers(model)
+    validate_config(config, [layer.node for layer in layers] + list(skipped), calib is not None)
+    data: CalibrationData | None = load_calibration(calib, model) if calib is not None else None
+    layers = _eligible(layers, skipped, config)
+
+    def feeds() -> Iterator[dict[str, np.ndarray]]:
+        assert data is not None
+        return data.feeds(range(min(len(data), calib_samples)))
+
+    results, steps = apply_sparsity(model, layers, config, feeds if data is not None else None)
+    check = list(itertools.islice(data.feeds(), fidelity_samples)) if data else None
+    check = check or check_feeds(model_input_specs(model), None, count=4)
+    fidelity = _fidelity(model_path, model, check)
+    masked = _copy(model)
+    stored = {s.weight: s for s in store_bitmask(model, [layer.weight for layer in layers])}
+    error = check_exact(
+        masked, model, check[:4], [w for w, s in stored.items() if s.format == "bitmask"]
+    )
+    for result in results:
+        record = stored[result.weight]
+        result.storage, result.dense_bytes, result.stored_bytes = (
+            record.format,
+            record.dense_bytes,
+            record.stored_bytes,
+        )
+        if record.reason:
+            result.notes.append(f"stored dense: {record.reason}")
+    dest = save(model, output_path, before_commit=lambda p: make_session(p) and None)
+    return SparsifyResult(
+        input=str(model_path),
+        output=str(dest),
+        settings=config.to_dict(),
+        layers=results,
+        skipped=dict(sorted(skipped.items())),
+        input_bytes=input_bytes,
+        output_bytes=_output_bytes(dest),
+        fidelity=fidelity,
+        fidelity_samples=len(check),
+        fidelity_source="calibration" if data else "synthetic",
+        steps=steps,
+        stored_vs_masked_max_abs_error=error,
+    )
+
+
+def _output_bytes(path: Path) -> int:
+    data = path.parent / (path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

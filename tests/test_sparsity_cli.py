@@ -1,0 +1,139 @@
+"""``onnxprune sparsify`` end to end: refusals (message + exit 2, nothing written), determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxprune
+from onnxprune.cli import main
+from onnxprune.io import load
+from onnxprune.runtime import run_model
+
+DATA = Path(onnxprune.__file__).parent / "data"
+MODEL = str(DATA / "digits_cnn.onnx")
+CALIB = str(DATA / "digits_calib.npz")
+
+
+def test_sparsify_writes_exact_smaller_model_and_report(tmp_path: Path) -> None:
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    before = Path(MODEL).read_bytes()
+    argv = ["sparsify", MODEL, "-o", str(out), "--sparsity", "0.5", "--report", str(report)]
+    assert main(argv) == 0
+    assert Path(MODEL).read_bytes() == before
+    doc = json.loads(report.read_text())
+    assert doc["schema"] == "onnxprune.sparsify/1"
+    assert doc["sizes"]["output_bytes"] < 0.7 * doc["sizes"]["input_bytes"]
+    assert doc["stored_vs_masked_max_abs_error"] == 0.0
+    assert [layer["sparsity"] for layer in doc["layers"]] == [0.5, 0.5, 0.5, 0.5]
+    assert "trt_sparsity_enable" in doc["speedup"]["tensorrt"]
+    feed = {"input": np.load(CALIB)["input"][:2]}
+    assert run_model(load(out), feed)["logits"].shape == (2, 10)
+
+
+def test_same_input_and_seed_give_same_bytes(tmp_path: Path) -> None:
+    outs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for out in outs:
+        argv = [
+            "sparsify",
+            MODEL,
+            "-o",
+            str(out),
+            "--sparsity",
+            "0.5",
+            "--method",
+            "wanda",
+            "--update",
+            "--calib",
+            CALIB,
+        ]
+        assert main(argv) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sparsity", "1.0"], "--sparsity 1.0 is outside [0, 1)"),
+        (["--sparsity", "-0.1"], "--sparsity -0.1 is outside [0, 1)"),
+        (["--sparsity", "0.5", "--exclude", "nope"], "--exclude: no node 'nope'"),
+        (["--sparsity", "0.5", "--layer-sparsity", "nope=0.2"], "--layer-sparsity: no node 'nope'"),
+        (["--sparsity", "0.5", "--layer-sparsity", "bad"], "expected NODE=S"),
+        (["--sparsity", "0.5", "--method", "wanda"], "need calibration data (--calib PATH)"),
+        (["--pattern", "2:4", "--sparsity", "0.7"], "contradicts it"),
+        (["--sparsity", "0.5", "--iterative", "0"], "--iterative 0 must be >= 1"),
+        ([], "--sparsity is required"),
+    ],
+)
+def test_refusals_exit_2_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    out = tmp_path / "out.onnx"
+    assert main(["sparsify", MODEL, "-o", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "onnxprune sparsify: error:" in err and message in err, err
+    assert not out.exists()
+
+
+def test_calibration_mismatch_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input=np.zeros((4, 1, 9, 9), np.float32))
+    out = tmp_path / "out.onnx"
+    argv = [
+        "sparsify",
+        MODEL,
+        "-o",
+        str(out),
+        "--sparsity",
+        "0.5",
+        "--method",
+        "wanda",
+        "--calib",
+        str(bad),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "calibration input 'input'" in err and "expected shape" in err, err
+    assert not out.exists()
+
+
+def test_exclude_and_override_and_two_four_skip(tmp_path: Path) -> None:
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    argv = [
+        "sparsify",
+        MODEL,
+        "-o",
+        str(out),
+        "--pattern",
+        "2:4",
+        "--exclude",
+        "/classifier/classifier.3/Gemm",
+        "--report",
+        str(report),
+    ]
+    assert main(argv) == 0
+    doc = json.loads(report.read_text())
+    assert doc["skipped"]["/classifier/classifier.3/Gemm"] == "excluded (--exclude)"
+    assert "groups of 4" in doc["skipped"]["/features/features.0/Conv"]
+    assert {layer["pattern"] for layer in doc["layers"]} == {"2:4"}
+    out2 = tmp_path / "o2.onnx"
+    argv = [
+        "sparsify",
+        MODEL,
+        "-o",
+        str(out2),
+        "--sparsity",
+        "0.5",
+        "--layer-sparsity",
+        "/features/features.0/Conv=0.25",
+        "--report",
+        str(report),
+    ]
+    assert main(argv) == 0
+    layers = {layer["node"]: layer for layer in json.loads(report.read_text())["layers"]}
+    assert layers["/features/features.0/Conv"]["zeros"] == 36  # round(0.25 * 144)
