@@ -128,3 +128,41 @@ def test_second_run_with_same_plan_is_rejected_cleanly():
 
     with pytest.raises(UsageError, match="has 16 channels, the model 8"):
         plan.removed_roots(analyze(model))
+
+
+MLP = """
+<ir_version: 10, opset_import: ["" : 18]>
+g (float[batch, 6] x, float[12, 6] w1, float[12] b1, float[3, 12] w2, float[3] b2)
+  => (float[batch, 3] y) {
+  h = Gemm <transB=1> (x, w1, b1)
+  r = Relu (h)
+  y = Gemm <transB=1> (r, w2, b2)
+}
+"""
+
+
+def test_bias_compensation_is_exact_for_constant_channels():
+    """Channels whose weights are zero but bias is not carry relu(b): folding that constant
+    into the next bias makes their removal exact."""
+    from onnxprune.prune.core import prune_model
+    from onnxprune.testing import model_from_text
+
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((12, 6)).astype(np.float32)
+    w1[::2] = 0.0  # even hidden units: exactly relu(b1), and the l2 criterion drops them
+    arrays = {
+        "w1": w1,
+        "b1": np.abs(rng.standard_normal(12)).astype(np.float32),
+        "w2": rng.standard_normal((3, 12)).astype(np.float32),
+        "b2": rng.standard_normal(3).astype(np.float32),
+    }
+    reference = model_from_text(MLP, arrays)
+    feeds = {"x": rng.standard_normal((5, 6)).astype(np.float32)}
+    expected = run_model(reference, feeds)["y"]
+    for compensate, matches in ((True, True), (False, False)):
+        pruned = _copy(reference)
+        report = prune_model(pruned, PruneOptions(ratio=0.5, round_to=1, compensate=compensate))
+        assert pruned.graph.initializers["w1"].const_value.shape == (6, 6)
+        got = run_model(pruned, feeds)["y"]
+        assert np.allclose(got, expected, atol=1e-5) == matches
+        assert bool(report.notes) == compensate

@@ -1,7 +1,7 @@
 """The canonicalization pipeline: exact rewrites run in a fixed order to a fixed point.
 
-Order (:data:`PASS_NAMES`): fold constants, eliminate no-ops, fold BatchNorm, fold affine
-ops, fuse activations, remove dead nodes, remove unused initializers, deduplicate
+Order (:data:`PASS_NAMES`): fold constants, eliminate no-ops, fold BatchNorm, fuse
+activations, fold affine ops, remove dead nodes, remove unused initializers, deduplicate
 initializers, topological sort. One round runs every pass once; rounds repeat until a round
 changes nothing (converged) or ``max_iterations`` rounds have run. Each pass is exact: the
 rewritten model computes the same outputs.
@@ -43,8 +43,10 @@ _PASSES: dict[str, type[Pass]] = {
         FoldConstantsPass,
         EliminateNoOpsPass,
         FoldBatchNormPass,
-        FoldAffinePass,
+        # Activations are fused before affine folding: folding GELU's 0.5 or 1/sqrt(2)
+        # into a neighbouring MatMul would hide the pattern from us and from onnxruntime.
         FuseActivationsPass,
+        FoldAffinePass,
         RemoveDeadNodesPass,
         RemoveUnusedInitializersPass,
         DeduplicateInitializersPass,

@@ -18,7 +18,8 @@ import onnx_ir as ir
 
 from onnxprune.errors import UsageError
 from onnxprune.prune.analysis import Analysis, _label, analyze
-from onnxprune.prune.apply import apply_removal, kept_counts
+from onnxprune.prune.apply import apply_removal, kept_counts, kept_indices
+from onnxprune.prune.compensate import compensate_removed_inputs, expected_input
 from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import CRITERIA, group_scores
 from onnxprune.prune.plan import PruningPlan
@@ -46,6 +47,7 @@ class PruneOptions:
     round_to: int = 8
     criterion: str = "l2"
     exclude: Sequence[str] = ()
+    compensate: bool = True
 
     def validate(self) -> None:
         amounts = [
@@ -252,6 +254,17 @@ def prune_model(
     macs_after, params_after = cost.evaluate(removed)
     excluded = _excluded_groups(model, analysis, options.exclude) if options.plan is None else set()
     rows = _group_rows(analysis, plan, excluded)
+    if options.compensate:
+        expected = {}
+        for node in model.graph:
+            for value in node.inputs[:1]:
+                if value is not None and value.name not in expected:
+                    mean = expected_input(value)
+                    if mean is not None:
+                        expected[value.name] = mean
+        adjusted = compensate_removed_inputs(model, kept_indices(analysis, removed), expected)
+        if adjusted:
+            notes.append(f"bias compensation (no data) in {len(adjusted)} layers")
     kept = apply_removal(model, analysis, removed)
     pruned = kept_counts(analysis, kept)
     logger.info("pruned %d groups, MACs %d -> %d", len(plan.keep), cost.macs_before, macs_after)
