@@ -20,7 +20,18 @@ from onnxprune.errors import OnnxPruneError
 __all__ = ["build_parser", "main"]
 
 #: Command modules, in the order ``--help`` lists them.
-COMMANDS = ("inspect", "canonicalize", "prune", "bench", "verify", "sparsify", "lowrank")
+COMMANDS = (
+    "optimize",
+    "inspect",
+    "canonicalize",
+    "prune",
+    "sensitivity",
+    "bench",
+    "verify",
+    "sparsify",
+    "lowrank",
+    "quantize",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 
 For a group of ``n`` units and ratio ``r`` the number kept is ``n - floor(n * r)``, rounded
 up to a multiple of ``round_to`` (never above ``n``, never below 1): channel counts that are
-multiples of 8 keep onnxruntime's convolution and GEMM kernels on their fast paths. The units
+multiples of 8 keep onnxruntime's convolution and GEMM kernels on their fast paths. Groups
+smaller than ``4 * round_to`` are not rounded: there the rounding step would be a quarter
+of the layer or more, and small layers are not where kernel efficiency is decided. The units
 kept are those with the highest scores; ties keep the lower position (deterministic).
 """
 
@@ -22,7 +24,7 @@ __all__ = ["keep_count", "make_plan"]
 def keep_count(size: int, ratio: float, round_to: int = 1) -> int:
     """Units kept in a group of ``size`` at ``ratio`` removed."""
     kept = size - math.floor(size * ratio + 1e-9)
-    if round_to > 1:
+    if round_to > 1 and size >= 4 * round_to:
         kept = math.ceil(kept / round_to) * round_to
     return max(1, min(size, kept))
 

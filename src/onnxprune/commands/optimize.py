@@ -1,0 +1,62 @@
+"""``onnxprune optimize``: from exported model to deployable model in one command."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnxprune.commands.common import add_dims_option, parse_dims, write_json
+from onnxprune.errors import BudgetError
+from onnxprune.optimize import DEFAULT_PRESET, PRESETS, optimize
+
+__all__ = ["register", "run"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    presets = "; ".join(f"{k}: {v['description']}" for k, v in PRESETS.items())
+    parser = sub.add_parser(
+        "optimize",
+        help="run a recipe (canonicalize, prune, low-rank, sparsify, quantize) under a budget",
+        description="Run the steps of a recipe or preset, verifying fidelity against the "
+        "input on held-out calibration samples after each step and backing off when the "
+        "budget is missed; then benchmark the result against the input and write it only "
+        f"if it meets the budget and is not slower. Without MODEL: the bundled digits CNN "
+        f"and its data. Presets: {presets}. Exit codes: 0 ok, 1 budget not met or result "
+        "slower (nothing written), 2 usage error or bad input.",
+    )
+    parser.add_argument("model", nargs="?", help="input .onnx (default: bundled digits CNN)")
+    parser.add_argument("-o", "--output", help="output .onnx (default: MODEL.optimized.onnx)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--recipe", metavar="R.yaml", help="recipe file (YAML or JSON)")
+    source.add_argument("--preset", choices=sorted(PRESETS), help=f"default {DEFAULT_PRESET}")
+    parser.add_argument("--calib", help="calibration .npz or folder")
+    parser.add_argument("--budget", metavar="EXPR", help='e.g. "top1_agreement>=0.99"')
+    parser.add_argument("--provider", help="cpu, cuda or tensorrt (default from the recipe)")
+    parser.add_argument("--eval", dest="eval_set", help=".npz with inputs and 'label'")
+    parser.add_argument("--threads", type=int, default=2, help="threads for the benchmark")
+    parser.add_argument("--bench-seconds", type=float, default=10.0)
+    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    add_dims_option(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = optimize(
+            args.model,
+            args.output,
+            recipe=args.recipe,
+            preset_name=args.preset,
+            calib=args.calib,
+            budget=args.budget,
+            provider=args.provider,
+            eval_set=args.eval_set,
+            dims=parse_dims(args.dim),
+            threads=args.threads,
+            bench_seconds=args.bench_seconds,
+        )
+    except BudgetError:
+        raise
+    print(report.to_table())
+    if args.report:
+        write_json(args.report, report.to_dict())
+    return 0

@@ -1,0 +1,195 @@
+"""``onnxprune.optimize``: run a recipe under an accuracy budget, then verify and measure.
+
+After each step the candidate is verified against the *input* model on held-out
+calibration samples. When the budget is missed, a step that has an amount is retried at
+half the strength (at most ``max_tries`` runs); a step that still misses it is skipped and
+the report says why. The final model is benchmarked against the input, interleaved, on the
+chosen provider; a model measured slower (the paired 95% interval of the latency ratio lies
+above 1) is not written. A final model outside the budget is not written either (exit 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from onnxprune.analysis.macs import count_costs
+from onnxprune.bench import benchmark
+from onnxprune.bundled import default_calibration, default_model, default_test_set
+from onnxprune.errors import BudgetError, UsageError
+from onnxprune.io import load, save, source_files
+from onnxprune.optimize.data import accuracy, split_calibration
+from onnxprune.optimize.recipe import Recipe, load_recipe, preset
+from onnxprune.optimize.report import ModelStats, OptimizeReport, StepRecord
+from onnxprune.optimize.steps import BACKOFF_STEPS, StepRun, StepSkippedError, run_step
+from onnxprune.tolerance import parse_tolerance
+from onnxprune.verification import verify
+
+__all__ = ["DEFAULT_PRESET", "optimize"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "cpu-fast"
+_NO_BUDGET = "cosine>=-1"
+
+
+def _stats(path: Path, dims: Mapping[str, int]) -> ModelStats:
+    model = load(path)
+    costs = count_costs(model, dims=dims)
+    size = sum(os.path.getsize(f) for f in source_files(model))
+    return ModelStats(int(costs.total_macs), int(costs.total_params), size)
+
+
+def _resolve(recipe: str | os.PathLike[str] | Recipe | None, preset_name: str | None) -> Recipe:
+    if recipe is not None and preset_name is not None:
+        raise UsageError("give --recipe or --preset, not both")
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe is not None:
+        return load_recipe(recipe)
+    return preset(preset_name or DEFAULT_PRESET)
+
+
+def _run_with_backoff(
+    step, src: Path, work: Path, index: int, ctx: dict[str, Any]
+) -> tuple[Path | None, StepRecord]:
+    strength, tries = 1.0, 0
+    reason = ""
+    while tries < ctx["max_tries"]:
+        tries += 1
+        dst = work / f"step{index}_{step.name}_{tries}.onnx"
+        run = StepRun(ctx["fit"], ctx["dims"], strength, ctx["budget"])
+        try:
+            run_step(step.name, src, dst, step.options, run)
+        except StepSkippedError as exc:
+            return None, StepRecord(
+                step.name, dict(step.options), "skipped", strength, tries, str(exc)
+            )
+        except BudgetError as exc:
+            reason = str(exc)
+        else:
+            check = verify(ctx["input"], dst, ctx["holdout"], tolerance=ctx["tolerance"])
+            if check.passed:
+                return dst, StepRecord(
+                    step.name, dict(step.options), "applied", strength, tries, "", check.outputs
+                )
+            reason = f"budget missed: {check.failure_message()}"
+        if step.name not in BACKOFF_STEPS:
+            break
+        strength /= 2
+    return None, StepRecord(step.name, dict(step.options), "skipped", strength, tries, reason)
+
+
+def _measure(report: OptimizeReport, src: Path, final: Path, ctx: dict[str, Any]) -> None:
+    feeds: dict[str, Any] = (
+        {"calib": ctx["holdout"]} if ctx["holdout"] is not None else {"dims": ctx["dims"]}
+    )
+    result = benchmark(
+        [src, final],
+        provider=report.provider,
+        threads=ctx["threads"],
+        seconds=ctx["seconds"],
+        warmup=5,
+        show_progress=False,
+        **feeds,
+    )
+    first, second = result.models
+    ratio = second.paired_ratio_to_first
+    report.latency_ms = (first.latency_ms.median, second.latency_ms.median)
+    if ratio is not None:
+        report.latency_ratio = (ratio.ratio, ratio.low, ratio.high)
+
+
+def optimize(
+    model: str | os.PathLike[str] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    recipe: str | os.PathLike[str] | Recipe | None = None,
+    preset_name: str | None = None,
+    calib: str | os.PathLike[str] | None = None,
+    budget: str | None = None,
+    provider: str | None = None,
+    eval_set: str | os.PathLike[str] | None = None,
+    dims: Mapping[str, int] | None = None,
+    max_tries: int = 3,
+    threads: int = 2,
+    bench_seconds: float = 10.0,
+) -> OptimizeReport:
+    """Optimize ``model`` (default: the bundled digits CNN) into ``output``.
+
+    Raises:
+        BudgetError: the budget cannot be met, or the result is slower than the input;
+            nothing is written (exit code 1).
+        UsageError, ModelLoadError, CalibrationError: bad options or input (exit code 2).
+    """
+    bundled = model is None
+    src = Path(model) if model is not None else default_model()
+    calib = calib if calib is not None else (default_calibration() if bundled else None)
+    eval_set = eval_set if eval_set is not None else (default_test_set() if bundled else None)
+    dest = Path(output) if output is not None else Path(f"{src.stem}.optimized.onnx")
+    plan = _resolve(recipe, preset_name)
+    budget = budget if budget is not None else plan.budget
+    tolerance = parse_tolerance(budget) if budget else parse_tolerance(_NO_BUDGET)
+    provider = provider or plan.provider or "cpu"
+    bound = dict(dims or {})
+    load(src)  # validate the input before any work
+    report = OptimizeReport(
+        str(src),
+        None,
+        plan.to_dict(),
+        budget,
+        provider,
+        [],
+        _stats(src, bound),
+        _stats(src, bound),
+    )
+    with tempfile.TemporaryDirectory(prefix="onnxprune-opt-") as tmp:
+        work = Path(tmp)
+        fit = holdout = None
+        if calib is not None:
+            fit, holdout = split_calibration(Path(calib), work)
+        elif any(s.name != "canonicalize" for s in plan.steps) or budget:
+            raise UsageError("--calib is required to verify the budget of this recipe")
+        ctx = {
+            "fit": fit,
+            "holdout": holdout,
+            "dims": bound,
+            "budget": budget,
+            "tolerance": tolerance,
+            "input": src,
+            "max_tries": max_tries,
+            "threads": threads,
+            "seconds": bench_seconds,
+        }
+        current = src
+        for index, step in enumerate(plan.steps, 1):
+            produced, record = _run_with_backoff(step, current, work, index, ctx)
+            report.steps.append(record)
+            if produced is not None:
+                current = produced
+        if holdout is not None:
+            final_check = verify(src, current, holdout, tolerance=tolerance)
+            report.fidelity = final_check.outputs
+            if not final_check.passed:
+                report.message = f"budget {budget!r} not met: {final_check.failure_message()}"
+                raise BudgetError(report.message + "; nothing written")
+        report.after = _stats(current, bound)
+        _measure(report, src, current, ctx)
+        if report.latency_ratio is not None and report.latency_ratio[1] > 1.0:
+            report.message = (
+                f"the optimized model is slower than the input on {provider} "
+                f"(latency ratio {report.latency_ratio[0]:.2f}); nothing written"
+            )
+            raise BudgetError(report.message)
+        if eval_set is not None:
+            report.accuracy = (accuracy(src, eval_set), accuracy(current, eval_set))
+        written = save(load(current), dest)
+        report.output = str(written)
+        report.written = True
+        applied = [s.name for s in report.steps if s.status == "applied"]
+        report.message = f"wrote {written} (steps applied: {', '.join(applied) or 'none'})"
+    return report

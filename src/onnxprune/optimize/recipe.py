@@ -1,0 +1,205 @@
+"""Recipes: which steps ``onnxprune optimize`` runs, in which order, with which options.
+
+A recipe is YAML (or JSON)::
+
+    budget: "top1_agreement>=0.99"     # optional; --budget overrides
+    provider: cpu                       # optional; --provider overrides
+    steps:
+      - canonicalize: {}
+      - prune: {target_macs: 0.7, reconstruct: true}
+      - quantize: {method: percentile}
+
+Every step name and option is validated against the step's own option list; an unknown
+step or key is an error that names it. Presets are recipes shipped with onnxprune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from onnxprune.errors import UsageError
+
+__all__ = ["PRESETS", "STEP_OPTIONS", "Recipe", "Step", "load_recipe", "preset"]
+
+#: Options each step accepts, with their types (validated on load).
+STEP_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "canonicalize": {"skip": list},
+    "prune": {
+        "ratio": float,
+        "target_macs": float,
+        "target_params": float,
+        "criterion": str,
+        "reconstruct": bool,
+        "iterative": int,
+        "round_to": int,
+        "max_ratio": float,
+        "exclude": list,
+    },
+    "lowrank": {
+        "rank": int,
+        "energy": float,
+        "target_params": float,
+        "method": str,
+        "conv": str,
+        "fold": bool,
+        "exclude": list,
+    },
+    "sparsify": {
+        "sparsity": float,
+        "pattern": str,
+        "scope": str,
+        "method": str,
+        "update": bool,
+        "exclude": list,
+    },
+    "quantize": {
+        "method": str,
+        "mode": str,
+        "target": str,
+        "dtype": str,
+        "per_channel": bool,
+        "exclude": list,
+    },
+}
+_TOP_KEYS = {"budget", "provider", "steps", "description"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    options: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    steps: tuple[Step, ...]
+    budget: str | None = None
+    provider: str | None = None
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "budget": self.budget,
+            "provider": self.provider,
+            "steps": [{s.name: dict(s.options)} for s in self.steps],
+        }
+
+
+def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        name = expected.__name__ if isinstance(expected, type) else str(expected)
+        raise UsageError(f"recipe {where}: expected {name}, got {value!r}")
+    return value
+
+
+def _parse_step(index: int, entry: Any) -> Step:
+    if not isinstance(entry, Mapping) or len(entry) != 1:
+        raise UsageError(f"recipe step {index + 1}: expected one 'name: {{options}}' mapping")
+    ((name, options),) = entry.items()
+    if name not in STEP_OPTIONS:
+        raise UsageError(
+            f"recipe step {index + 1}: unknown step {name!r}; steps: {', '.join(STEP_OPTIONS)}"
+        )
+    options = options or {}
+    if not isinstance(options, Mapping):
+        raise UsageError(f"recipe step {name!r}: options must be a mapping")
+    allowed = STEP_OPTIONS[name]
+    checked = {}
+    for key, value in options.items():
+        if key not in allowed:
+            raise UsageError(
+                f"recipe step {name!r}: unknown option {key!r}; options: {', '.join(allowed)}"
+            )
+        checked[key] = _check_type(f"step {name!r} option {key!r}", value, allowed[key])
+    return Step(name, checked)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping (from YAML/JSON) into a :class:`Recipe`."""
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{source}: a recipe is a mapping with a 'steps' list")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise UsageError(
+            f"{source}: unknown key {unknown[0]!r}; keys: {', '.join(sorted(_TOP_KEYS))}"
+        )
+    steps = data.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise UsageError(f"{source}: 'steps' must be a non-empty list")
+    return Recipe(
+        steps=tuple(_parse_step(i, e) for i, e in enumerate(steps)),
+        budget=data.get("budget"),
+        provider=data.get("provider"),
+        description=str(data.get("description", "")),
+    )
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read a YAML or JSON recipe file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        if str(path).endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(f"recipe {path}: cannot parse: {exc}") from None
+    return parse_recipe(data, str(path))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-int8": {
+        "description": "canonicalize, then static int8 QDQ for the onnxruntime CPU provider",
+        "provider": "cpu",
+        "budget": "cosine>=0.99",
+        "steps": [{"canonicalize": {}}, {"quantize": {"method": "percentile"}}],
+    },
+    "cpu-fast": {
+        "description": "canonicalize, prune to 70% of the MACs with recovery, then int8",
+        "provider": "cpu",
+        "budget": "cosine>=0.99",
+        "steps": [
+            {"canonicalize": {}},
+            {"prune": {"target_macs": 0.7, "reconstruct": True}},
+            {"quantize": {"method": "percentile"}},
+        ],
+    },
+    "cpu-prune": {
+        "description": "canonicalize, then prune to 70% of the MACs with recovery (float)",
+        "provider": "cpu",
+        "budget": "cosine>=0.99",
+        "steps": [
+            {"canonicalize": {}},
+            {"prune": {"target_macs": 0.7, "reconstruct": True}},
+        ],
+    },
+    "gpu-fp16": {
+        "description": "canonicalize, then float16 weights and compute",
+        "provider": "cuda",
+        "steps": [{"canonicalize": {}}, {"quantize": {"dtype": "fp16"}}],
+    },
+    "tensorrt-int8": {
+        "description": "canonicalize, then int8 QDQ with symmetric activations for TensorRT",
+        "provider": "tensorrt",
+        "steps": [{"canonicalize": {}}, {"quantize": {"target": "tensorrt"}}],
+    },
+}
+
+
+def preset(name: str) -> Recipe:
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return parse_recipe(PRESETS[name], f"preset {name}")

@@ -1,0 +1,104 @@
+"""optimize: recipes, budget guard, the bundled main job, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from onnxprune.cli import main
+from onnxprune.errors import UsageError
+from onnxprune.optimize.recipe import PRESETS, parse_recipe, preset
+
+
+def test_main_job_on_bundled_model(tmp_path: Path, capsys):
+    out, report = tmp_path / "digits.onnx", tmp_path / "r.json"
+    code = main(
+        [
+            "optimize",
+            "-o",
+            str(out),
+            "--preset",
+            "cpu-prune",
+            "--bench-seconds",
+            "1",
+            "--report",
+            str(report),
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0, text
+    for row in ("MACs", "parameters", "file size", "latency", "accuracy (held-out)"):
+        assert row in text
+    data = json.loads(report.read_text())
+    assert data["schema"] == "onnxprune.optimize/1" and data["written"]
+    assert data["after"]["macs"] < data["before"]["macs"]
+    assert [s["status"] for s in data["steps"]] == ["applied", "applied"]
+    before, after = data["accuracy"]
+    assert before - after <= 0.02
+    assert out.is_file()
+
+
+def test_impossible_budget_exits_1_and_writes_nothing(tmp_path: Path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "budget: cosine>=1.5\nsteps:\n  - canonicalize: {}\n  - prune: {ratio: 0.5}\n"
+    )
+    out = tmp_path / "o.onnx"
+    code = main(["optimize", "-o", str(out), "--recipe", str(recipe), "--bench-seconds", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "budget 'cosine>=1.5' not met" in err and "nothing written" in err
+    assert not out.exists()
+
+
+def test_step_that_misses_budget_backs_off_then_is_skipped(tmp_path: Path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "budget: cosine>=0.99999\nsteps:\n  - canonicalize: {}\n  - prune: {ratio: 0.8}\n"
+    )
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = ["optimize", "-o", str(out), "--recipe", str(recipe), "--bench-seconds", "1"]
+    code = main([*args, "--report", str(report)])
+    capsys.readouterr()
+    steps = json.loads(report.read_text())["steps"] if code == 0 else []
+    assert code == 0
+    assert steps[0]["status"] == "applied"
+    assert steps[1]["status"] == "skipped" and steps[1]["tries"] == 3
+    assert "budget missed" in steps[1]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ("steps:\n  - fold: {}\n", "unknown step 'fold'"),
+        ("steps:\n  - prune: {ratios: 0.5}\n", "unknown option 'ratios'"),
+        ("steps:\n  - prune: {ratio: fast}\n", "expected float, got 'fast'"),
+        ("step:\n  - prune: {}\n", "unknown key 'step'"),
+        ("steps: []\n", "'steps' must be a non-empty list"),
+    ],
+)
+def test_recipe_validation_names_the_fault(tmp_path: Path, capsys, recipe, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe)
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", "-o", str(out), "--recipe", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_budget_metric_is_usage_error(tmp_path: Path, capsys):
+    code = main(["optimize", "-o", str(tmp_path / "o.onnx"), "--budget", "accuracy>=0.9"])
+    assert code == 2
+    assert "accuracy" in capsys.readouterr().err
+
+
+def test_presets_parse():
+    for name in PRESETS:
+        assert preset(name).steps[0].name == "canonicalize"
+    with pytest.raises(UsageError, match="unknown preset"):
+        preset("fastest")
+    assert parse_recipe({"steps": [{"prune": {"target_macs": 1}}]}).steps[0].options == {
+        "target_macs": 1.0
+    }
