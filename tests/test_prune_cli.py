@@ -127,3 +127,21 @@ def test_plan_for_another_model_is_refused(chain: Path, tmp_path: Path, capsys):
     plan.write_text("{not json")
     assert main(["prune", str(chain), "-o", str(tmp_path / "o.onnx"), "--plan", str(plan)]) == 2
     assert "cannot read plan" in capsys.readouterr().err
+
+
+def test_layer_ratios_file_from_sensitivity(chain: Path, tmp_path: Path, capsys):
+    saved = tmp_path / "lr.json"
+    saved.write_text(
+        json.dumps(
+            {"schema": "onnxprune.layer_ratios/1", "round_to": 1, "layer_ratios": {"w1:0": 0.5}}
+        )
+    )
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = ["prune", str(chain), "-o", str(out), "--layer-ratios", str(saved)]
+    assert main([*args, "--report", str(report)]) == 0
+    groups = {g["id"]: g for g in json.loads(report.read_text())["steps"][0]["groups"]}
+    assert groups["w1:0"]["kept"] == 8 and groups["w2:0"]["kept"] == 16
+    out.unlink()
+    assert main([*args, "--round-to", "8"]) == 2
+    assert "--round-to 8 differs from the allocation's round_to 1" in capsys.readouterr().err
+    assert not out.exists()

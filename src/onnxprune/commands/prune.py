@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from onnxprune.commands.common import add_dims_option, parse_dims, write_json
 from onnxprune.errors import UsageError
@@ -47,13 +48,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=_layer_ratio,
         help="ratio for one group (id from the report) or layer (node name); repeatable",
     )
+    parser.add_argument(
+        "--layer-ratios",
+        metavar="R.json",
+        help="per-group ratios from `onnxprune sensitivity --allocate F --save-ratios R.json`",
+    )
     parser.add_argument("--max-ratio", type=float, default=0.9, help="cap per group (0.9)")
     parser.add_argument("--criterion", choices=CRITERIA, default="l2")
     parser.add_argument("--calib", help="calibration .npz or folder (for activation/recovery)")
     parser.add_argument("--reconstruct", action="store_true", help="least-squares refit")
     parser.add_argument("--iterative", type=int, default=1, metavar="K", help="prune in K steps")
     parser.add_argument(
-        "--round-to", type=int, default=8, metavar="N", help="kept channels multiple (8)"
+        "--round-to", type=int, default=None, metavar="N", help="kept channels multiple (8)"
     )
     parser.add_argument("--exclude", action="append", default=[], metavar="NODE")
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
@@ -62,15 +68,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _saved_ratios(path: str | None, round_to: int | None) -> tuple[dict[str, float], int]:
+    """Layer ratios and rounding from a saved allocation (or none)."""
+    if path is None:
+        return {}, round_to if round_to is not None else 8
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read --layer-ratios {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("schema") != "onnxprune.layer_ratios/1":
+        raise UsageError(
+            f"--layer-ratios {path}: not a saved allocation (onnxprune.layer_ratios/1)"
+        )
+    saved = int(data.get("round_to", 8))
+    if round_to is not None and round_to != saved:
+        raise UsageError(
+            f"--round-to {round_to} differs from the allocation's round_to {saved} in {path}"
+        )
+    return {str(k): float(v) for k, v in data["layer_ratios"].items()}, saved
+
+
 def run(args: argparse.Namespace) -> int:
+    saved, round_to = _saved_ratios(args.layer_ratios, args.round_to)
     options = PruneOptions(
         ratio=args.ratio,
-        layer_ratios=dict(args.layer_ratio),
+        layer_ratios={**saved, **dict(args.layer_ratio)},
         target_macs=args.target_macs,
         target_params=args.target_params,
         plan=PruningPlan.load(args.plan) if args.plan else None,
         max_ratio=args.max_ratio,
-        round_to=args.round_to,
+        round_to=round_to,
         criterion=args.criterion,
         exclude=args.exclude,
     )

@@ -134,7 +134,7 @@ def prune_file(
         stats = None
         if options.criterion in ("activation", "apoz"):
             stats = activation_stats(model, analyze(model), feeds, options.criterion)
-        report = prune_model(model, step_options, stats)
+        report = prune_model(model, step_options, stats, dims)
         steps.append(report)
         progress *= (
             report.macs[1] / max(report.macs[0], 1)

@@ -108,12 +108,18 @@ def compensate_removed_inputs(
         delta = per_channel[:, removed] @ mean[removed].astype(np.float64)
         if not np.any(delta):
             continue
-        _add_to_bias(model, node, delta)
+        out_kept = kept.get((node.outputs[0].name, 1))
+        _add_to_bias(model, node, delta, out_kept)
         adjusted.append(node.name or node.outputs[0].name)
     return adjusted
 
 
-def _add_to_bias(model: ir.Model, node: ir.Node, delta: np.ndarray) -> None:
+def _add_to_bias(
+    model: ir.Model, node: ir.Node, delta: np.ndarray, out_kept: np.ndarray | None
+) -> None:
+    """Add ``delta`` to the layer's bias. A bias that did not exist is created already
+    cut to the kept output channels: it is not part of the analysis, so the removal that
+    follows would not slice it."""
     dtype = node.inputs[1].const_value.numpy().dtype
     if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value:
         bias = node.inputs[2]
@@ -128,6 +134,8 @@ def _add_to_bias(model: ir.Model, node: ir.Node, delta: np.ndarray) -> None:
         else:
             bias.const_value = ir.tensor(new.astype(dtype), name=bias.name)
         return
+    if out_kept is not None:
+        delta = delta[out_kept]
     fresh = add_initializer(model.graph, f"{node.name or 'layer'}_bias", delta.astype(dtype))
     if len(node.inputs) == 2:
         node.resize_inputs(3)

@@ -243,12 +243,19 @@ def _group_rows(analysis: Analysis, plan: PruningPlan, excluded: set[str]) -> li
 
 
 def prune_model(
-    model: ir.Model, options: PruneOptions, activation_stats: Mapping | None = None
+    model: ir.Model,
+    options: PruneOptions,
+    activation_stats: Mapping | None = None,
+    dims: Mapping[str, int] | None = None,
 ) -> PruneReport:
-    """Prune ``model`` in place and report what changed."""
+    """Prune ``model`` in place and report what changed.
+
+    ``dims`` binds symbolic dims (e.g. ``{"seq": 128}``) for MAC counting, so a MACs target
+    is met at the sizes the model is deployed with.
+    """
     options.validate()
     analysis = analyze(model)
-    cost = CostModel(model, analysis)
+    cost = CostModel(model, analysis, dims)
     plan, notes = decide_plan(model, analysis, options, activation_stats, cost)
     removed = plan.removed_roots(analysis)
     macs_after, params_after = cost.evaluate(removed)

@@ -7,7 +7,9 @@ with the unpruned outputs. The removed units are *zeroed* in place
 (:func:`~onnxprune.prune.apply.zero_units`) and restored afterwards instead of being cut:
 by the exactness oracle (``tests/test_prune_exact.py``) a model whose removed channels are
 zero computes the same outputs as the physically pruned one, and one analysis serves every
-(group, ratio) pair. Per output it records cosine, SQNR and top-1 agreement
+(group, ratio) pair. Prune's data-free bias compensation (``PruneOptions.compensate``) is
+applied first when enabled (it may add bias inputs, so that point runs on a copy). Per output
+it records cosine, SQNR and top-1 agreement
 (:func:`onnxprune.metrics.output_metrics`) and, as the scalar error, the noise-to-signal
 ratio over all samples, worst output::
 
@@ -53,7 +55,8 @@ from onnxprune.metrics import output_metrics
 from onnxprune.passes.pipeline import canonicalize
 from onnxprune.prune.activations import activation_stats
 from onnxprune.prune.analysis import Analysis, Group, analyze
-from onnxprune.prune.apply import zero_units
+from onnxprune.prune.apply import kept_indices, zero_units
+from onnxprune.prune.compensate import compensate_removed_inputs, expected_input
 from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import CRITERIA, group_scores
 from onnxprune.prune.select import keep_count
@@ -159,11 +162,24 @@ class _Probe:
     cost: CostModel
     feeds: Sequence[Mapping[str, np.ndarray]]
     threads: int
+    compensate: bool = True
     reference: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def error(self, removed: list[int]) -> tuple[float, dict]:
         if not removed:
             return _compare(self.reference, self.reference)
+        if self.compensate:  # adds bias inputs: work on a copy
+            model = ir.serde.deserialize_model(ir.serde.serialize_model(self.model))
+            expected = {}
+            for node in model.graph:
+                value = node.inputs[0] if node.inputs else None
+                if value is not None and value.name not in expected:
+                    mean = expected_input(value)
+                    if mean is not None:
+                        expected[value.name] = mean
+            compensate_removed_inputs(model, kept_indices(self.analysis, removed), expected)
+            zero_units(model, self.analysis, removed)
+            return _compare(self.reference, _run(model, self.feeds, self.threads))
         graph = self.model.graph
         originals = {n: v.const_value for n, v in graph.initializers.items()}
         try:
@@ -216,11 +232,14 @@ def measure_sensitivity(
     activation_stats: Mapping | None = None,
     dims: Mapping[str, int] | None = None,
     threads: int = 1,
+    compensate: bool = True,
 ) -> SensitivityResult:
     """Prune each prunable group alone at each ratio and measure the output error.
 
     ``model`` should be canonicalized as ``onnxprune prune`` does (group ids must match);
-    it is left unchanged. ``feeds`` are calibration samples.
+    it is left unchanged. ``feeds`` are calibration samples. ``compensate`` mirrors
+    ``PruneOptions.compensate``: the data-free bias compensation prune applies is applied
+    before zeroing (on a copy of the model per point), so the error is prune's.
     """
     if not feeds:
         raise UsageError("sensitivity needs at least one calibration sample")
@@ -233,7 +252,7 @@ def measure_sensitivity(
     scores, notes = group_scores(model, analysis, criterion, activation_stats)
     for note in notes:
         logger.info("%s", note)
-    probe = _Probe(model, analysis, cost, feeds, threads)
+    probe = _Probe(model, analysis, cost, feeds, threads, compensate)
     probe.reference = _run(model, feeds, threads)
     rows = [
         probe.row(g, _lowest_first(g, scores[g.id]), ratios, round_to) for g in analysis.prunable
