@@ -10,7 +10,8 @@ import pytest
 from onnxprune.sparsity import SparsifyConfig, apply_sparsity, find_layers
 from onnxprune.sparsity.activations import collect_stats
 from onnxprune.sparsity.masks import nm_mask, nm_violation, select_global, select_layer
-from onnxprune.sparsity.sparsegpt import layer_output_error, obs_update
+from onnxprune.sparsity.prune import stages
+from onnxprune.sparsity.sparsegpt import layer_output_error, obs_update, refit_target
 from onnxprune.sparsity.storage import check_exact, store_bitmask
 from onnxprune.sparsity.wanda import wanda_scores
 from onnxprune.testing import model_from_text
@@ -155,6 +156,97 @@ def test_wanda_update_beats_magnitude_on_model_output() -> None:
             float(np.sum((ort_run(model, f) - r) ** 2)) for f, r in zip(data, ref, strict=True)
         )
     assert errors["wanda+update"] < 0.7 * errors["magnitude"], errors
+
+
+MLP = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,16] x, float[16,32] w1, float[32,32] w2, float[32,32] w3, float[32,8] w4)
+  => (float[N,8] y) {
+    a = MatMul(x, w1)
+    b = Relu(a)
+    c = MatMul(b, w2)
+    d = Relu(c)
+    e = MatMul(d, w3)
+    f = Relu(e)
+    y = MatMul(f, w4)
+}
+"""
+
+
+def mlp_model(seed: int) -> ir.Model:
+    rng = np.random.default_rng(seed)
+    shapes = [(16, 32), (32, 32), (32, 32), (32, 8)]
+    return model_from_text(
+        MLP,
+        {
+            f"w{i}": (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
+            for i, s in enumerate(shapes, 1)
+        },
+    )
+
+
+def mlp_feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    mix = np.random.default_rng(99).standard_normal((16, 16))  # correlated inputs
+    return [{"x": (rng.standard_normal((8, 16)) @ mix).astype(np.float32)} for _ in range(n)]
+
+
+def test_stages_put_parallel_layers_together() -> None:
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,4] x, float[4,4] wq, float[4,4] wk, float[4,4] wo, float[4,4] wf) => (float[2,4] y) {
+        q = MatMul(x, wq)
+        k = MatMul(x, wk)
+        s = Add(q, k)
+        o = MatMul(s, wo)
+        r = Relu(o)
+        y = MatMul(r, wf)
+    }
+    """
+    rng = np.random.default_rng(0)
+    model = model_from_text(
+        text, {n: rng.standard_normal((4, 4)).astype(np.float32) for n in ("wq", "wk", "wo", "wf")}
+    )
+    layers, _ = find_layers(model)
+    assert [[layer.weight for layer in g] for g in stages(model, layers)] == [
+        ["wq", "wk"],
+        ["wo"],
+        ["wf"],
+    ]
+
+
+def test_refit_target_is_exact_least_squares() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 6))
+    w = rng.standard_normal((3, 6))
+    # No upstream error: the target is the weight itself.
+    np.testing.assert_allclose(refit_target(w, x.T @ x, x.T @ x, 400), w, rtol=1e-12)
+    # Upstream error that is an exact linear map: x_ref = x M^T, so W* = W M (up to ridge).
+    m = rng.standard_normal((6, 6))
+    x_ref = x @ m.T
+    got = refit_target(w, x.T @ x, x.T @ x_ref, 400, damp=1e-12)
+    np.testing.assert_allclose(got, w @ m, rtol=1e-6, atol=1e-8)
+
+
+def test_sequential_update_beats_one_shot_update_and_magnitude() -> None:
+    calib, held = mlp_feeds(16, seed=1), mlp_feeds(16, seed=2)
+    ref = np.concatenate([ort_run(mlp_model(1), f) for f in held])
+    errors = {}
+    for name, config in {
+        "magnitude": SparsifyConfig(sparsity=0.6),
+        "one-shot": SparsifyConfig(sparsity=0.6, method="wanda", update=True, sequential=False),
+        "sequential": SparsifyConfig(sparsity=0.6, method="wanda", update=True),
+    }.items():
+        model = mlp_model(1)
+        layers, _ = find_layers(model)
+        _, steps = apply_sparsity(model, layers, config, lambda: iter(calib))
+        assert steps[0]["stages"] == (4 if name == "sequential" else 1)
+        out = np.concatenate([ort_run(model, f) for f in held])
+        errors[name] = float(np.sum((out - ref) ** 2))
+    # Measured on held-out feeds: one-shot 0.41, sequential 0.24 of magnitude's error
+    # (sequential / one-shot between 0.55 and 0.79 over model seeds 0-5).
+    assert errors["one-shot"] < 0.6 * errors["magnitude"], errors
+    assert errors["sequential"] < 0.75 * errors["one-shot"], errors
 
 
 def ort_run(model: ir.Model, feed: dict[str, np.ndarray], prepack: bool = True) -> np.ndarray:

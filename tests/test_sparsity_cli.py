@@ -78,6 +78,19 @@ def test_refusals_exit_2_and_write_nothing(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where", ["missing/r.json", "."])
+def test_bad_report_path_is_refused_before_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    out = tmp_path / "out.onnx"
+    argv = ["sparsify", MODEL, "-o", str(out), "--sparsity", "0.5"]
+    assert main([*argv, "--report", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert "onnxprune sparsify: error: --report" in err, err
+    assert ("does not exist" if "missing" in where else "is a directory") in err, err
+    assert not out.exists()
+
+
 def test_calibration_mismatch_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

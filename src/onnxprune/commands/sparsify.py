@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from onnxprune.commands.common import write_json
 from onnxprune.errors import UsageError
 from onnxprune.sparsity import SparsifyConfig, sparsify_file
-from onnxprune.sparsity.prune import METHODS, PATTERNS, SCOPES
+from onnxprune.sparsity.prune import COMPARES, METHODS, PATTERNS, SCOPES
 
 __all__ = ["register", "run"]
 
@@ -34,9 +35,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=SCOPES,
         help="one threshold for all layers (global) or the target in every layer (layer)",
     )
+    parser.add_argument(
+        "--compare",
+        default="layer",
+        choices=COMPARES,
+        help="with --scope layer: rank scores within the whole layer, or within each output "
+        "row (the Wanda paper's choice; harsh on layers with few inputs per row)",
+    )
     parser.add_argument("--calib", help="calibration .npz or folder (needed by wanda/--update)")
     parser.add_argument("--method", default="magnitude", choices=METHODS)
     parser.add_argument("--update", action="store_true", help="OBS/SparseGPT weight update")
+    parser.add_argument(
+        "--one-shot",
+        action="store_true",
+        help="collect every layer's input statistics in one pass over the original model "
+        "instead of layer by layer on the partially sparsified one (faster, less accurate)",
+    )
     parser.add_argument(
         "--iterative",
         type=int,
@@ -64,7 +78,19 @@ def _overrides(items: list[str]) -> dict[str, float]:
     return result
 
 
+def _check_report_path(path: str) -> None:
+    """Refuse a report path that cannot be written, before any model is written."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise UsageError(f"--report {path}: is a directory")
+    if not folder.is_dir():
+        raise UsageError(f"--report {path}: folder {str(folder)!r} does not exist")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report:
+        _check_report_path(args.report)
     sparsity = args.sparsity
     if sparsity is None:
         if args.pattern == "unstructured":
@@ -75,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
         sparsity=sparsity,
         pattern=args.pattern,
         scope=args.scope,
+        compare=args.compare,
+        sequential=not args.one_shot,
         method=args.method,
         update=args.update,
         iterative=args.iterative,

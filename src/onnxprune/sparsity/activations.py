@@ -6,10 +6,15 @@ the calibration set gives rows ``X[n, K]``: the tokens of a MatMul/Gemm input re
 weight view), or the pixels of a ConvTranspose input. Accumulated in float64 over samples:
 
 * ``sq[k] = sum_n X[n, k]^2`` (so ``||x_k||_2 = sqrt(sq[k])``, used by Wanda);
-* ``gram = X^T X`` (``K x K``, only when asked for; used by the OBS update).
+* ``gram = X^T X`` (``K x K``, only when asked for; used by the OBS update);
+* ``cross = X^T X_ref`` (``K x K``, only with a ``reference`` model): ``X_ref`` are the
+  same rows taken from the reference (dense) model on the same feeds, so the update can
+  aim at the dense model's layer output ``W x_ref`` instead of ``W x`` (it then corrects
+  the error that layers pruned earlier left in ``x``).
 
-Memory is bounded: the model copy gets the needed intermediate values as extra outputs,
-samples are streamed one feed at a time, and a Conv keeps at most ``max_rows`` patch
+Memory is bounded: the needed intermediate values are read with
+:func:`onnxprune.intermediates.iter_intermediates` (a temporary copy of the model with them
+as extra outputs, streamed one feed at a time), and a Conv keeps at most ``max_rows`` patch
 positions per sample (chosen by a seeded generator, so results are reproducible). Layers
 reading the same value with the same view (Q/K/V projections) share one statistic.
 """
@@ -17,15 +22,15 @@ reading the same value with the same view (Q/K/V projections) share one statisti
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from onnxprune.runtime import make_session
+from onnxprune.intermediates import iter_intermediates
 from onnxprune.sparsity.layers import WeightLayer
 
 __all__ = ["InputStats", "collect_stats", "layer_rows", "stats_support"]
@@ -40,13 +45,16 @@ class InputStats:
     rows: int
     sq: np.ndarray
     gram: np.ndarray | None = None
+    cross: np.ndarray | None = None
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, x_ref: np.ndarray | None = None) -> None:
         x = x.astype(np.float64, copy=False)
         self.rows += x.shape[0]
         self.sq += np.einsum("nk,nk->k", x, x)
         if self.gram is not None:
             self.gram += x.T @ x
+        if self.cross is not None and x_ref is not None:
+            self.cross += x.T @ x_ref.astype(np.float64, copy=False)
 
     @property
     def norms(self) -> np.ndarray:
@@ -84,20 +92,32 @@ def _im2col(x: np.ndarray, layer: WeightLayer) -> np.ndarray:
     return patches.transpose(0, 3, 4, 1, 2).reshape(-1, kh * kw * x.shape[1])
 
 
-def layer_rows(
-    layer: WeightLayer, x: np.ndarray, rng: np.random.Generator, max_rows: int
-) -> np.ndarray:
-    """Rows ``X[n, K]`` of one sample's input ``x`` (Conv patches subsampled to ``max_rows``)."""
+def _rows(layer: WeightLayer, x: np.ndarray) -> np.ndarray:
     k = layer.matrix_shape[1]
     if layer.op == "Conv":
-        rows = _im2col(x, layer)
-    elif layer.op == "ConvTranspose":
-        rows = np.moveaxis(x, 1, -1).reshape(-1, k)
-    else:
-        rows = x.reshape(-1, k)
+        return _im2col(x, layer)
+    if layer.op == "ConvTranspose":
+        return np.moveaxis(x, 1, -1).reshape(-1, k)
+    return x.reshape(-1, k)
+
+
+def layer_rows(
+    layer: WeightLayer,
+    x: np.ndarray,
+    rng: np.random.Generator,
+    max_rows: int,
+    x_ref: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows ``X[n, K]`` of one sample's input ``x`` and the same rows of ``x_ref``.
+
+    Conv patches are subsampled to ``max_rows`` positions (the same ones for both).
+    """
+    rows = _rows(layer, x)
+    ref = _rows(layer, x_ref) if x_ref is not None else None
     if layer.op in ("Conv", "ConvTranspose") and rows.shape[0] > max_rows:
-        rows = rows[np.sort(rng.choice(rows.shape[0], size=max_rows, replace=False))]
-    return rows
+        pick = np.sort(rng.choice(rows.shape[0], size=max_rows, replace=False))
+        rows, ref = rows[pick], (ref[pick] if ref is not None else None)
+    return rows, ref
 
 
 def _signature(layer: WeightLayer) -> tuple[Any, ...]:
@@ -108,15 +128,6 @@ def _signature(layer: WeightLayer) -> tuple[Any, ...]:
     return (layer.activation, view, layer.matrix_shape[1], kernel, conv)
 
 
-def _session_with_outputs(model: ir.Model, names: Sequence[str]) -> Any:
-    proto = ir.serde.serialize_model(model)
-    present = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in present:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    return make_session(proto)
-
-
 def collect_stats(
     model: ir.Model,
     layers: Sequence[WeightLayer],
@@ -125,29 +136,47 @@ def collect_stats(
     gram: bool,
     max_rows: int = 256,
     seed: int = 0,
+    reference: ir.Model | None = None,
 ) -> dict[str, InputStats]:
-    """Input statistics per layer node name (layers without support are left out)."""
+    """Input statistics per layer node name (layers without support are left out).
+
+    With ``reference`` (a model with the same graph, e.g. the dense original) and ``gram``,
+    ``cross`` is accumulated from both models run on the same feeds.
+    """
     wanted = [layer for layer in layers if stats_support(layer) is None]
     if not wanted:
         return {}
     shared: dict[tuple[Any, ...], InputStats] = {}
     by_sig: dict[tuple[Any, ...], WeightLayer] = {}
+    with_cross = gram and reference is not None
     for layer in wanted:
         sig = _signature(layer)
         if sig not in shared:
             k = layer.matrix_shape[1]
-            shared[sig] = InputStats(0, np.zeros(k), np.zeros((k, k)) if gram else None)
+            shared[sig] = InputStats(
+                0,
+                np.zeros(k),
+                np.zeros((k, k)) if gram else None,
+                np.zeros((k, k)) if with_cross else None,
+            )
             by_sig[sig] = layer
-    input_names = {v.name for v in model.graph.inputs}
-    fetch = sorted({layer.activation for layer in wanted} - input_names)
-    session = _session_with_outputs(model, fetch)
+    fetch = sorted({layer.activation for layer in by_sig.values()})
     rng = np.random.default_rng(seed)
     samples = 0
-    for feed in feeds:
-        values = dict(zip(fetch, session.run(fetch, dict(feed)), strict=True)) if fetch else {}
-        values.update({k: v for k, v in feed.items() if k in input_names})
+    if with_cross:
+        assert reference is not None
+        mine, theirs = itertools.tee(feeds)  # consumed in lockstep: one feed buffered
+        pairs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]] = zip(
+            iter_intermediates(model, fetch, mine),
+            iter_intermediates(reference, fetch, theirs),
+            strict=True,
+        )
+    else:
+        pairs = ((values, None) for values in iter_intermediates(model, fetch, feeds))
+    for values, ref_values in pairs:
         for sig, layer in by_sig.items():
-            shared[sig].add(layer_rows(layer, values[layer.activation], rng, max_rows))
+            x_ref = ref_values[layer.activation] if ref_values is not None else None
+            shared[sig].add(*layer_rows(layer, values[layer.activation], rng, max_rows, x_ref))
         samples += 1
     logger.info("collected input statistics of %d layers on %d samples", len(wanted), samples)
     return {layer.node: shared[_signature(layer)] for layer in wanted}

@@ -26,6 +26,7 @@ from onnxprune.metrics import output_metrics
 from onnxprune.runtime import make_session
 from onnxprune.sparsity.layers import WeightLayer, find_layers
 from onnxprune.sparsity.prune import (
+    COMPARES,
     METHODS,
     PATTERNS,
     SCOPES,
@@ -50,7 +51,7 @@ def validate_config(config: SparsifyConfig, node_names: Sequence[str], has_calib
     """Refuse bad settings with a message naming the offending value.
 
     Raises:
-        UsageError: sparsity outside [0, 1), unknown pattern/scope/method, an N:M pattern
+        UsageError: sparsity outside [0, 1), unknown pattern/scope/method/compare, an N:M pattern
             with another sparsity, an unknown --exclude/--layer-sparsity node, a
             data-aware method without calibration data, or iterations < 1.
     """
@@ -58,6 +59,7 @@ def validate_config(config: SparsifyConfig, node_names: Sequence[str], has_calib
         ("pattern", config.pattern, PATTERNS),
         ("scope", config.scope, SCOPES),
         ("method", config.method, METHODS),
+        ("compare", config.compare, COMPARES),
     ):
         if value not in allowed:
             raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")

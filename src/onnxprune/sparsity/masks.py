@@ -8,7 +8,7 @@ Every layer's scores are a matrix ``S[rows, K]`` aligned with its weight view ``
 * **global** scope: the scores of all layers in the scope are ranked together and the
   ``round(s * sum(n))`` lowest are pruned, i.e. one threshold ``t`` for every layer and
   ``W[r, k]`` is pruned iff ``S[r, k] < t`` (up to ties at ``t``);
-* **row** scope (used by Wanda at layer scope, as in the paper): ``round(s * K)`` per row;
+* **row** scope (``compare="row"``, the Wanda paper's choice): ``round(s * K)`` per row;
 * **N:M** (e.g. 2:4): along ``K``, every group of ``M`` consecutive columns keeps the ``N``
   highest scores. Groups must not straddle kernel positions, so ``M`` must divide the
   layer's run of consecutive input channels.

@@ -1,10 +1,23 @@
 """Decide and apply weight sparsity on an in-memory model (the algorithm, no file I/O).
 
 One step: score every layer's weight view ``W[rows, K]`` (magnitude ``|W|`` or Wanda
-``|W| * ||x_k||``), select keep-masks (:mod:`onnxprune.sparsity.masks`: global or
-per-layer threshold, per-row for Wanda at layer scope, or N:M), then either zero the
-pruned weights or, with ``update``, apply the OBS/SparseGPT compensation
+``|W| * ||x_k||``), select keep-masks (:mod:`onnxprune.sparsity.masks`: one global
+threshold, or the target in every layer ranked within the layer (``compare="layer"``) or
+within each output row (``compare="row"``, the Wanda paper's choice), or N:M), then either
+zero the pruned weights or, with ``update``, apply the OBS/SparseGPT compensation
 (:mod:`onnxprune.sparsity.sparsegpt`) with the layer's input Gram matrix.
+
+Sequential update (``update`` with ``sequential``, the default): layers are pruned stage by
+stage in graph order (:func:`stages`); each stage's inputs ``X`` are collected on the model
+whose earlier stages are already pruned, together with the dense model's inputs ``X_ref``
+on the same feeds, and the update aims at the dense layer output ``W x_ref``
+(:func:`onnxprune.sparsity.sparsegpt.refit_target`), so every layer also absorbs error left
+by the layers before it. Without ``sequential`` all statistics come from one pass over the
+unpruned model. Why these defaults (measured on the calibration half the tool does not use,
+digits CNN, 50 % unstructured, logits MSE): per-row ranking puts 5 of 9 weights of every
+3x3 filter of the single-channel first conv to zero and raised the error from 3.9 to 10.4;
+the one-shot update left 3.9, the sequential one 0.22. Wanda scores without the update
+always come from one pass (stage-wise norms gave 9.4 against 8.6).
 
 Iterative mode (``iterations = T``) reaches each layer's target ``s`` in ``T`` steps
 with the cubic schedule of Zhu & Gupta (2017), ``s_t = s * (1 - (1 - t/T)^3)``, and
@@ -27,16 +40,25 @@ from onnxprune.sparsity import masks as masks_mod
 from onnxprune.sparsity.activations import InputStats, collect_stats, stats_support
 from onnxprune.sparsity.layers import WeightLayer
 from onnxprune.sparsity.report import LayerResult
-from onnxprune.sparsity.sparsegpt import obs_update
+from onnxprune.sparsity.sparsegpt import obs_update, refit_target
 from onnxprune.sparsity.wanda import magnitude_scores, wanda_scores
 
-__all__ = ["PATTERNS", "SparsifyConfig", "apply_sparsity", "parse_pattern", "schedule"]
+__all__ = [
+    "COMPARES",
+    "PATTERNS",
+    "SparsifyConfig",
+    "apply_sparsity",
+    "parse_pattern",
+    "schedule",
+    "stages",
+]
 
 logger = logging.getLogger(__name__)
 
 PATTERNS = ("unstructured", "2:4")
 SCOPES = ("global", "layer")
 METHODS = ("magnitude", "wanda")
+COMPARES = ("layer", "row")
 
 FeedSource = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
@@ -56,6 +78,8 @@ class SparsifyConfig:
     seed: int = 0
     damp: float = 0.01
     max_rows: int = 256
+    sequential: bool = True
+    compare: str = "layer"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -99,31 +123,113 @@ def _scores(
     return magnitude_scores(matrix)
 
 
-def _select(
+def _forced(matrix: np.ndarray) -> np.ndarray:
+    """Entries that are exactly +0.0 (pruned in an earlier step; -0.0 is a weight)."""
+    return matrix.reshape(-1).view(f"u{matrix.itemsize}").reshape(matrix.shape) == 0
+
+
+def _global_budgets(
+    model: ir.Model,
+    layers: list[WeightLayer],
     config: SparsifyConfig,
-    scores: Mapping[str, np.ndarray],
+    *,
     targets: Mapping[str, float],
-    forced: Mapping[str, np.ndarray],
-    final: bool,
-) -> dict[str, np.ndarray]:
-    """Keep-masks for this step (``targets`` are this step's sparsities)."""
+    stats: Mapping[str, InputStats],
+    results: Mapping[str, LayerResult],
+) -> dict[str, float]:
+    """Per-layer sparsities from one global threshold (layers with an override keep theirs).
+
+    Scores are ranked as they are. Dividing each layer's Wanda scores by their mean (to
+    undo input scales) was measured and rejected: on the digits CNN it raised the
+    calibration-set output error of wanda + update from 0.025 to 1.1.
+    """
+    pooled = [layer for layer in layers if layer.node not in config.layer_sparsity]
+    budgets = dict(targets)
+    if not pooled:
+        return budgets
+    scores, forced = {}, {}
+    for layer in pooled:
+        matrix = layer.to_matrix(_weight(model, layer))
+        scores[layer.node] = _scores(matrix, layer, stats, results[layer.node])
+        forced[layer.node] = _forced(matrix)
+    step_target = targets[pooled[0].node]
+    keep, threshold = masks_mod.select_global(scores, step_target, forced)
+    logger.info("global threshold %.6g at sparsity %.4f", threshold, step_target)
+    for name, mask in keep.items():
+        budgets[name] = float((~mask).sum()) / mask.size
+    return budgets
+
+
+def _mask(
+    config: SparsifyConfig, scores: np.ndarray, target: float, forced: np.ndarray, final: bool
+) -> np.ndarray:
+    """Keep-mask of one layer at sparsity ``target`` (N:M on the final step)."""
     nm = parse_pattern(config.pattern)
     if nm is not None and final:
-        return {k: masks_mod.nm_mask(s, *nm, forced[k]) for k, s in scores.items()}
-    per_row = config.method == "wanda" and config.scope == "layer"
-    overrides = set(config.layer_sparsity)
-    pooled = {k: s for k, s in scores.items() if k not in overrides}
-    keep: dict[str, np.ndarray] = {}
-    if config.scope == "global" and nm is None and pooled:
-        step_target = next(targets[k] for k in pooled)
-        keep, threshold = masks_mod.select_global(pooled, step_target, forced)
-        logger.info("global threshold %.6g at sparsity %.4f", threshold, step_target)
-    for name, s in scores.items():
-        if name in keep:
-            continue
-        select = masks_mod.select_rows if per_row else masks_mod.select_layer
-        keep[name] = select(s, targets[name], forced[name])
-    return keep
+        return masks_mod.nm_mask(scores, *nm, forced)
+    if config.compare == "row" and config.scope == "layer":
+        return masks_mod.select_rows(scores, target, forced)
+    return masks_mod.select_layer(scores, target, forced)
+
+
+def _prune_layer(  # noqa: PLR0917 - private helper of _step
+    model: ir.Model,
+    layer: WeightLayer,
+    config: SparsifyConfig,
+    target: float,
+    stats: InputStats | None,
+    result: LayerResult,
+    final: bool,
+) -> tuple[int, int]:
+    """Prune (and with ``update`` compensate) one layer; returns (pruned, size)."""
+    matrix = layer.to_matrix(_weight(model, layer))
+    forced = _forced(matrix)
+    aim = matrix
+    if config.update and stats is not None and stats.gram is not None and stats.cross is not None:
+        aim = refit_target(matrix, stats.gram, stats.cross, stats.rows, damp=config.damp)
+    scores = _scores(aim, layer, {layer.node: stats} if stats else {}, result)
+    mask = _mask(config, scores, target, forced, final)
+    if config.update and stats is not None and stats.gram is not None and not mask.all():
+        nm = parse_pattern(config.pattern) if final else None
+        new, mask = obs_update(
+            aim,
+            mask,
+            stats.gram,
+            stats.rows,
+            damp=config.damp,
+            group=nm[1] if nm else None,
+            forced=forced,
+        )
+        result.updated = True
+    else:
+        new = np.where(mask, matrix, 0.0)
+    _set_weight(model, layer, layer.from_matrix(new.astype(matrix.dtype)))
+    return int((~mask).sum()), mask.size
+
+
+def stages(model: ir.Model, layers: list[WeightLayer]) -> list[list[WeightLayer]]:
+    """``layers`` grouped by depth: a layer's stage is one more than the deepest layer upstream.
+
+    Layers of one stage do not feed each other (Q/K/V projections share a stage), so their
+    inputs can be collected in one pass after all earlier stages are pruned.
+    """
+    by_weight = {layer.weight: layer for layer in layers}  # weights are never shared
+    depth: dict[str, int] = {}  # value name -> stage of a layer reading it
+    result: dict[str, int] = {}
+    for node in model.graph:  # ONNX graphs are topologically sorted
+        upstream = max((depth.get(str(v.name), 0) for v in node.inputs if v), default=0)
+        weight = node.inputs[1] if len(node.inputs) > 1 else None  # index 1 for every op
+        layer = by_weight.get(str(weight.name)) if weight is not None else None
+        if layer is not None:
+            result[layer.node] = upstream
+            upstream += 1
+        for value in node.outputs:
+            if value.name:
+                depth[value.name] = upstream
+    grouped: dict[int, list[WeightLayer]] = {}
+    for layer in layers:
+        grouped.setdefault(result.get(layer.node, 0), []).append(layer)
+    return [grouped[k] for k in sorted(grouped)]
 
 
 def _step(  # noqa: PLR0917 - private helper of apply_sparsity
@@ -134,49 +240,62 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
     results: Mapping[str, LayerResult],
     feeds: FeedSource | None,
     final: bool,
+    reference: ir.Model | None = None,
 ) -> dict[str, Any]:
-    """One pruning step on every layer; returns the step's summary."""
-    stats: dict[str, InputStats] = {}
-    if config.data_aware and feeds is not None:
-        stats = collect_stats(
-            model, layers, feeds(), gram=config.update, max_rows=config.max_rows, seed=config.seed
+    """One pruning step on every layer; returns the step's summary.
+
+    With ``update`` and ``sequential``, the layers are pruned stage by stage
+    (:func:`stages`) and every stage's input statistics are collected on the model whose
+    earlier stages are already pruned and updated (with the dense ``reference`` inputs);
+    otherwise all statistics come from one pass over the model as it was at the start of
+    the step (Wanda scores alone: stage-wise norms were measured slightly worse).
+    """
+    aware = config.data_aware and feeds is not None
+
+    def collect(subset: list[WeightLayer]) -> dict[str, InputStats]:
+        if not aware:
+            return {}
+        assert feeds is not None
+        return collect_stats(
+            model,
+            subset,
+            feeds(),
+            gram=config.update,
+            max_rows=config.max_rows,
+            seed=config.seed,
+            reference=reference,
         )
-    matrices = {layer.node: layer.to_matrix(_weight(model, layer)) for layer in layers}
-    scores = {
-        layer.node: _scores(matrices[layer.node], layer, stats, results[layer.node])
-        for layer in layers
-    }
-    forced = {
-        k: m.reshape(-1).view(f"u{m.itemsize}").reshape(m.shape) == 0 for k, m in matrices.items()
-    }
-    keep = _select(config, scores, targets, forced, final)
-    for layer in layers:
-        matrix, mask = matrices[layer.node], keep[layer.node]
-        layer_stats = stats.get(layer.node)
-        if (
-            config.update
-            and layer_stats is not None
-            and layer_stats.gram is not None
-            and not mask.all()
-        ):
-            nm = parse_pattern(config.pattern) if final else None
-            new, mask = obs_update(
-                matrix,
-                mask,
-                layer_stats.gram,
-                layer_stats.rows,
-                damp=config.damp,
-                group=nm[1] if nm else None,
-                forced=forced[layer.node],
+
+    sequential = aware and config.update and config.sequential
+    groups = stages(model, layers) if sequential else [layers]
+    nm_final = final and parse_pattern(config.pattern) is not None
+    needs_global = config.scope == "global" and not nm_final
+    stats = collect(layers if needs_global else groups[0])
+    budgets = dict(targets)
+    if needs_global:
+        budgets = _global_budgets(
+            model, layers, config, targets=targets, stats=stats, results=results
+        )
+    pruned = total = 0
+    for index, group in enumerate(groups):
+        if index > 0:
+            stats.update(collect(group))
+        for layer in group:
+            count, size = _prune_layer(
+                model,
+                layer,
+                config,
+                budgets[layer.node],
+                stats.get(layer.node),
+                results[layer.node],
+                final,
             )
-            keep[layer.node] = mask
-            results[layer.node].updated = True
-        else:
-            new = np.where(mask, matrix, 0.0)
-        _set_weight(model, layer, layer.from_matrix(new.astype(matrix.dtype)))
-    zeros = sum(int((~keep[k]).sum()) for k in keep)
-    total = sum(m.size for m in matrices.values())
-    return {"sparsity": zeros / total if total else 0.0, "data_aware_layers": len(stats)}
+            pruned, total = pruned + count, total + size
+    return {
+        "sparsity": pruned / total if total else 0.0,
+        "data_aware_layers": sum(layer.node in stats for layer in layers),
+        "stages": len(groups),
+    }
 
 
 def apply_sparsity(
@@ -207,10 +326,14 @@ def apply_sparsity(
             reason = stats_support(layer)
             if reason is not None:
                 results[layer.node].notes.append(reason + "; magnitude scores, no update")
+    reference = None
+    if config.update and config.sequential and feeds is not None:
+        reference = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     steps = []
     for step in range(1, config.iterative + 1):
         targets = {k: schedule(r.target, step, config.iterative) for k, r in results.items()}
-        summary = _step(model, layers, config, targets, results, feeds, step == config.iterative)
+        final = step == config.iterative
+        summary = _step(model, layers, config, targets, results, feeds, final, reference)
         steps.append({"step": step, **summary})
         logger.info("step %d/%d: sparsity %.4f", step, config.iterative, summary["sparsity"])
     for layer in layers:

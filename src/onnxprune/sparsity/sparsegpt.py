@@ -35,18 +35,41 @@ import logging
 
 import numpy as np
 
-__all__ = ["layer_output_error", "obs_update"]
+__all__ = ["layer_output_error", "obs_update", "refit_target"]
 
 logger = logging.getLogger(__name__)
 
 
+def _hessian(gram: np.ndarray, rows: int) -> tuple[np.ndarray, float]:
+    """``gram / rows`` with dead inputs' diagonal set to 1, and the mean of its diagonal."""
+    h = gram / max(rows, 1)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    return h, float(np.mean(np.diag(h)))
+
+
+def refit_target(
+    matrix: np.ndarray, gram: np.ndarray, cross: np.ndarray, rows: int, *, damp: float = 0.01
+) -> np.ndarray:
+    """Dense weights ``W*`` that best map this model's inputs to the reference outputs.
+
+    ``W* = (W C^T / n + lambda W) (H)^-1`` minimizes ``||W X_ref^T - W* X^T||^2 / n +
+    lambda ||W* - W||^2`` (``C = X^T X_ref``, ``H = X^T X / n + lambda I``, the same
+    ``lambda`` as :func:`obs_update`); that objective equals ``tr((W' - W*) H (W' - W*)^T)``
+    plus a constant, so pruning ``W*`` with :func:`obs_update` minimizes it. Directions the
+    calibration rows never excite keep ``W`` (the ridge pulls towards it, not towards 0).
+    With ``X == X_ref`` (nothing pruned upstream), ``W* = W``.
+    """
+    w = matrix.astype(np.float64)
+    h, mean = _hessian(gram, rows)
+    lam = damp * mean
+    rhs = w @ cross.T / max(rows, 1) + lam * w
+    return np.linalg.solve(h + lam * np.eye(h.shape[0]), rhs.T).T
+
+
 def _inverse_cholesky(gram: np.ndarray, rows: int, damp: float) -> np.ndarray:
     """Upper Cholesky factor of ``(gram / rows + lambda I)^-1``; raises damping if needed."""
-    h = gram / max(rows, 1)
-    diag = np.diag(h).copy()
-    dead = diag == 0
-    h[dead, dead] = 1.0
-    mean = float(np.mean(np.diag(h)))
+    h, mean = _hessian(gram, rows)
     for attempt in range(6):
         lam = damp * (10.0**attempt) * mean
         try:
