@@ -102,3 +102,25 @@ def test_presets_parse():
     assert parse_recipe({"steps": [{"prune": {"target_macs": 1}}]}).steps[0].options == {
         "target_macs": 1.0
     }
+
+
+def test_variants_write_a_manifest(tmp_path: Path, capsys):
+    out = tmp_path / "d.onnx"
+    args = ["optimize", "-o", str(out), "--preset", "cpu-prune", "--bench-seconds", "1"]
+    code = main([*args, "--variants", "0.6,0.3"])
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "d.variants.json").read_text())
+    assert manifest["schema"] == "onnxprune.variants/1"
+    fractions = [v["macs_fraction"] for v in manifest["variants"]]
+    assert fractions == [0.6, 0.3]
+    written = [v for v in manifest["variants"] if v["written"]]
+    assert code == (0 if written else 1)
+    for v in written:
+        assert Path(v["path"]).is_file()
+    macs = [v["macs"] for v in written]
+    assert macs == sorted(macs, reverse=True)
+
+
+def test_missing_output_folder_fails_before_work(tmp_path: Path, capsys):
+    assert main(["optimize", "-o", str(tmp_path / "no" / "x.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from onnxprune.bundled import default_model
 from onnxprune.commands.common import add_dims_option, parse_dims, write_json
-from onnxprune.errors import BudgetError
-from onnxprune.optimize import DEFAULT_PRESET, PRESETS, optimize
+from onnxprune.errors import UsageError
+from onnxprune.optimize import DEFAULT_PRESET, PRESETS, load_recipe, optimize, preset
+from onnxprune.optimize.variants import optimize_variants
 
 __all__ = ["register", "run"]
 
@@ -35,27 +38,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads for the benchmark")
     parser.add_argument("--bench-seconds", type=float, default=10.0)
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    parser.add_argument(
+        "--variants",
+        metavar="F1,F2,...",
+        help="write one model per MACs fraction plus OUT.variants.json (a manifest)",
+    )
     add_dims_option(parser)
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _fractions(text: str) -> list[float]:
     try:
-        report = optimize(
-            args.model,
-            args.output,
-            recipe=args.recipe,
-            preset_name=args.preset,
-            calib=args.calib,
-            budget=args.budget,
-            provider=args.provider,
-            eval_set=args.eval_set,
-            dims=parse_dims(args.dim),
-            threads=args.threads,
-            bench_seconds=args.bench_seconds,
-        )
-    except BudgetError:
-        raise
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--variants {text!r}: expected fractions like 0.9,0.7,0.5") from None
+
+
+def _run_variants(args: argparse.Namespace, common: dict) -> int:
+    recipe = load_recipe(args.recipe) if args.recipe else preset(args.preset or DEFAULT_PRESET)
+    output = args.output or f"{Path(args.model or default_model()).stem}.onnx"
+    manifest = optimize_variants(
+        _fractions(args.variants), output, recipe, model=args.model, **common
+    )
+    for entry in manifest["variants"]:
+        if entry["written"]:
+            ratio = entry["latency_ratio"]
+            speed = f"{1 / ratio:.2f}x faster" if ratio else "latency n/a"
+            print(f"{entry['macs_fraction']:.2f} of MACs: {entry['path']} ({speed})")
+        else:
+            print(f"{entry['macs_fraction']:.2f} of MACs: not written: {entry['reason']}")
+    return 0 if any(e["written"] for e in manifest["variants"]) else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    common = {
+        "calib": args.calib,
+        "budget": args.budget,
+        "provider": args.provider,
+        "eval_set": args.eval_set,
+        "dims": parse_dims(args.dim),
+        "threads": args.threads,
+        "bench_seconds": args.bench_seconds,
+    }
+    if args.variants:
+        return _run_variants(args, common)
+    report = optimize(
+        args.model, args.output, recipe=args.recipe, preset_name=args.preset, **common
+    )
     print(report.to_table())
     if args.report:
         write_json(args.report, report.to_dict())

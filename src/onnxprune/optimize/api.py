@@ -20,7 +20,7 @@ from typing import Any
 from onnxprune.analysis.macs import count_costs
 from onnxprune.bench import benchmark
 from onnxprune.bundled import default_calibration, default_model, default_test_set
-from onnxprune.errors import BudgetError, UsageError
+from onnxprune.errors import BudgetError, SaveError, UsageError
 from onnxprune.io import load, save, source_files
 from onnxprune.optimize.data import accuracy, split_calibration
 from onnxprune.optimize.recipe import Recipe, load_recipe, preset
@@ -137,6 +137,8 @@ def optimize(
     provider = provider or plan.provider or "cpu"
     bound = dict(dims or {})
     load(src)  # validate the input before any work
+    if not dest.absolute().parent.is_dir():
+        raise SaveError(f"cannot write {dest}: folder {dest.absolute().parent} does not exist")
     report = OptimizeReport(
         str(src),
         None,
