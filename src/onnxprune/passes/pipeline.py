@@ -5,6 +5,9 @@ activations, fold affine ops, remove dead nodes, remove unused initializers, ded
 initializers, topological sort. One round runs every pass once; rounds repeat until a round
 changes nothing (converged) or ``max_iterations`` rounds have run. Each pass is exact: the
 rewritten model computes the same outputs.
+
+Shapes inferred along the way are dropped at the end: intermediate values keep the
+annotations the input had (see :mod:`onnxprune.passes._annotations` for why).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
+from onnxprune.passes import _annotations
 from onnxprune.passes.base import Pass, PassReport, graph_stats
 from onnxprune.passes.cleanup import (
     DeduplicateInitializersPass,
@@ -69,6 +73,8 @@ class CanonicalizeReport:
         skipped: Passes left out on request.
         before: Graph statistics before the first round.
         after: Graph statistics after the last round.
+        annotations_restored: Intermediate values whose inferred shape/type annotation was
+            dropped (or put back to the input's) at the end.
     """
 
     passes: list[str] = dataclasses.field(default_factory=list)
@@ -77,6 +83,7 @@ class CanonicalizeReport:
     skipped: list[str] = dataclasses.field(default_factory=list)
     before: dict[str, int] = dataclasses.field(default_factory=dict)
     after: dict[str, int] = dataclasses.field(default_factory=dict)
+    annotations_restored: int = 0
 
     @property
     def modified(self) -> bool:
@@ -109,6 +116,7 @@ class CanonicalizeReport:
             "skipped": list(self.skipped),
             "before": dict(self.before),
             "after": dict(self.after),
+            "annotations_restored": self.annotations_restored,
             "changes": self.changes_by_pass(),
             "skips": self.final_skips(),
             "summary": self.summary(),
@@ -133,6 +141,7 @@ class CanonicalizeReport:
                 self.after.get("initializer_bytes"),
             )
         )
+        lines.append(f"  inferred shape annotations dropped: {self.annotations_restored}")
         return "\n".join(lines)
 
 
@@ -171,6 +180,7 @@ def canonicalize(
     report = CanonicalizeReport(before=graph_stats(model), passes=names)
     report.skipped = [n for n in (PASS_NAMES if passes is None else passes) if n in skip]
     instances = [_PASSES[name]() for name in names]
+    annotations = _annotations.snapshot(model)
     for i in range(max_iterations):
         round_ = [instance(model) for instance in instances]
         report.rounds.append(round_)
@@ -180,5 +190,7 @@ def canonicalize(
             break
     if not report.converged:
         logger.warning("canonicalize did not converge in %d rounds", max_iterations)
+    # Inferred shapes would reach onnxruntime as value_info and change which fusions it applies.
+    report.annotations_restored = _annotations.restore(model, annotations)
     report.after = graph_stats(model)
     return report
