@@ -1,0 +1,71 @@
+"""``onnxprune quantize``: static int8 QDQ (or dynamic int8, or fp16) quantization."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from onnxprune.commands.common import write_json
+from onnxprune.quant import METHODS, MODES, TARGETS, quantize_file
+from onnxprune.quant.vnni import REMEDIES
+
+__all__ = ["register", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "quantize",
+        help="int8 QDQ quantization (static or dynamic) or float16 conversion",
+        description="Quantize a float model with calibration data, check it against the float "
+        "model on that data (output SQNR/cosine), and write it atomically. Exit 1, nothing "
+        "written, when the output collapses or --budget cannot be met; exit 2 on bad input "
+        "(already quantized model, all-NaN tensor, bad option).",
+    )
+    parser.add_argument("model", help="input float .onnx file (never modified)")
+    parser.add_argument("-o", "--output", required=True, help="output .onnx file")
+    parser.add_argument("--calib", required=True, help="calibration .npz or folder of .npz")
+    # Choices are validated by the API (one list, one message), not by argparse.
+    parser.add_argument("--method", default="minmax", help=f"range method: {', '.join(METHODS)}")
+    parser.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor")
+    parser.add_argument("--mode", default="static", help=f"{' or '.join(MODES)}")
+    parser.add_argument("--target", default="cpu", help=f"{' or '.join(TARGETS)}")
+    parser.add_argument("--dtype", default="int8", help="int8 or fp16")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="keep float")
+    parser.add_argument("--budget", metavar="EXPR", help="e.g. cosine>=0.999 (layers kept float)")
+    parser.add_argument(
+        "--u8s8", default="auto", help=f"AVX2 saturation remedy: {', '.join(REMEDIES)}"
+    )
+    parser.add_argument(
+        "--smoothquant",
+        default="auto",
+        metavar="ALPHA",
+        help="SmoothQuant before static quantization: auto (0.5 for MatMul-heavy models), "
+        "off, or alpha in [0, 1]",
+    )
+    parser.add_argument("--max-samples", type=int, help="use at most N calibration samples")
+    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = quantize_file(
+        args.model,
+        args.output,
+        calib=args.calib,
+        method=args.method,
+        per_channel=not args.per_tensor,
+        mode=args.mode,
+        target=args.target,
+        dtype=args.dtype,
+        exclude=args.exclude,
+        budget=args.budget,
+        u8s8=args.u8s8,
+        max_samples=args.max_samples,
+        smooth=args.smoothquant,
+    )
+    print(result.summary())
+    if args.report:
+        write_json(args.report, result.to_dict())
+    return 0

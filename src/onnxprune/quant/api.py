@@ -1,0 +1,329 @@
+"""File-level quantization API: what ``onnxprune quantize`` calls.
+
+Flow: load -> refuse already-quantized models -> canonicalize (fold BatchNorm/affine first,
+so folded weights are quantized once) -> opset >= 13 -> calibrate -> choose the u8s8 remedy
+-> build -> compare with the float model on the calibration feeds (onnxruntime optimizations
+on, the kernels users get) -> keep layers float for ``--budget`` -> save atomically.
+
+A collapsed result (output SQNR < 0 dB or a constant output) raises BudgetError and nothing
+is written; so does an unreachable budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxprune.analysis import count_costs
+from onnxprune.calib import load_calibration
+from onnxprune.errors import BudgetError, UsageError
+from onnxprune.io import load, save
+from onnxprune.passes import pipeline
+from onnxprune.quant import dynamic, fp16
+from onnxprune.quant.analysis import (
+    compare_outputs,
+    converted_mac_share,
+    int8_mac_share,
+    is_collapsed,
+    reference_outputs,
+)
+from onnxprune.quant.calibrate import METHODS
+from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
+from onnxprune.quant.mixed import rank_harm, search_budget
+from onnxprune.quant.placement import PRIMARY_OPS
+from onnxprune.quant.prepare import ensure_opset, name_nodes, refuse_quantized
+from onnxprune.quant.report import QuantizeResult, file_bytes, worst
+from onnxprune.quant.smooth import smooth_matmuls
+from onnxprune.quant.vnni import REMEDIES, cpu_isa, needs_u8s8_remedy
+from onnxprune.tolerance import Tolerance, parse_tolerance
+
+__all__ = ["MODES", "TARGETS", "QuantizeResult", "quantize_file"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("static", "dynamic")
+TARGETS = ("cpu", "tensorrt")
+DTYPES = ("int8", "fp16")
+_CHOICE_FEEDS = 16
+_RANK_FEEDS = 4
+Reference = Mapping[str, list]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    method: str
+    per_channel: bool
+    mode: str
+    target: str
+    dtype: str
+    exclude: tuple[str, ...]
+    budget: Tolerance | None
+    u8s8: str
+    smooth: float | str | None = None
+
+
+def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UsageError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _validate(request: _Request, model: ir.Model) -> None:
+    _check_choice("--method", request.method, METHODS)
+    _check_choice("--mode", request.mode, MODES)
+    _check_choice("--target", request.target, TARGETS)
+    _check_choice("--dtype", request.dtype, DTYPES)
+    _check_choice("--u8s8", request.u8s8, REMEDIES)
+    names = {n.name for n in model.graph}
+    if request.smooth not in (None, "auto", "off"):
+        try:
+            alpha = float(request.smooth)  # type: ignore[arg-type]
+        except ValueError:
+            alpha = -1.0
+        if not 0.0 <= alpha <= 1.0:
+            raise UsageError(f"--smoothquant {request.smooth}: auto, off or alpha in [0, 1]")
+    unknown = [n for n in request.exclude if n not in names]
+    if unknown:
+        raise UsageError(f"--exclude {unknown[0]!r}: no node of that name in the model")
+
+
+@dataclasses.dataclass
+class _Choice:
+    """The chosen u8s8 remedy, why, and the candidates that were built and measured."""
+
+    remedy: str
+    reason: str
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
+    built: dict[str, tuple[ir.Model, dict[str, dict]]] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"remedy": self.remedy, "reason": self.reason, "candidates_sqnr_db": self.scores}
+
+
+def _choose_remedy(
+    request: _Request, build: Callable[[str], ir.Model], reference: Reference, feeds: list
+) -> _Choice:
+    """The u8s8 saturation remedy: fixed by the target or flag, else best measured SQNR."""
+    if request.target == "tensorrt":
+        return _Choice("none", "int8 symmetric activations (s8s8): no u8s8 pair saturation")
+    if request.u8s8 != "auto":
+        return _Choice(request.u8s8, "chosen with --u8s8")
+    if not needs_u8s8_remedy():
+        return _Choice("none", "CPU has VNNI/AMX (int32 accumulation): no saturation")
+    choice = _Choice("none", "")
+    for remedy in ("none", "coarsen", "reduce-range"):
+        model = build(remedy)
+        metrics = compare_outputs(reference, model, feeds[:_CHOICE_FEEDS])
+        choice.built[remedy] = (model, metrics)
+        choice.scores[remedy] = min(float(m["sqnr_db"] or 0.0) for m in metrics.values())
+    choice.remedy = max(choice.scores, key=lambda r: (choice.scores[r], r == "none"))
+    choice.reason = (
+        "AVX2 without VNNI: u8*s8 pair sums can saturate int16; best measured output SQNR of "
+        + ", ".join(f"{r} {s:.1f} dB" for r, s in choice.scores.items())
+    )
+    return choice
+
+
+def _chosen_model(
+    choice: _Choice, build: Callable[[str], ir.Model], reference: Reference, feeds: list
+) -> tuple[ir.Model, dict[str, dict]]:
+    """The model of the chosen remedy, measured on all feeds (reusing the choice's run)."""
+    if choice.remedy in choice.built:
+        model, metrics = choice.built[choice.remedy]
+        if len(feeds) <= _CHOICE_FEEDS:
+            return model, metrics
+    else:
+        model = build(choice.remedy)
+    return model, compare_outputs(reference, model, feeds)
+
+
+def _smooth_alpha(smooth: float | str | None, model: ir.Model) -> tuple[float | None, str]:
+    """SmoothQuant strength: ``auto`` turns it on (alpha 0.5) when MatMuls with constant
+    weights carry at least half of the Conv/Gemm/MatMul MACs (transformers)."""
+    if smooth is None or smooth == "off":
+        return None, "off"
+    if smooth != "auto":
+        return float(smooth), "chosen with --smoothquant"
+    costs = [c for c in count_costs(model).nodes if c.op_type in PRIMARY_OPS]
+    total = sum(c.macs or 0 for c in costs)
+    matmul = sum(c.macs or 0 for c in costs if c.op_type == "MatMul" and c.params)
+    if total and matmul >= 0.5 * total:
+        return 0.5, f"auto: MatMuls with weights carry {100 * matmul / total:.0f} % of the MACs"
+    return None, "auto: not a MatMul-heavy model"
+
+
+def _static(
+    request: _Request, model: ir.Model, feeds: list, reference: Reference, info: dict[str, Any]
+) -> tuple[ir.Model, dict[str, dict]]:
+    options = QuantOptions(
+        method=request.method,
+        per_channel=request.per_channel,
+        symmetric_activations=request.target == "tensorrt",
+    )
+    source = model
+    alpha, why = _smooth_alpha(request.smooth, model)
+    info["smoothquant"] = {"alpha": alpha, "reason": why}
+    if alpha is not None:
+        source = copy_model(model)
+        info["smoothquant"].update(smooth_matmuls(source, feeds, alpha))
+    quantizer = StaticQuantizer(source, options)
+    quantizer.calibrate(feeds)
+    summaries: dict[str, dict] = {}
+
+    def build(remedy: str) -> ir.Model:
+        built, summaries[remedy] = quantizer.build(request.exclude, remedy)
+        return built
+
+    choice = _choose_remedy(request, build, reference, feeds)
+    info["u8s8"] = choice.to_dict()
+    quantized, metrics = _chosen_model(choice, build, reference, feeds)
+    info["plan"] = summaries[choice.remedy]
+    # Which layers cost the most SQNR (their own quantization, not inherited error).
+    ranking = rank_harm(
+        model, quantized, quantizer.plan(request.exclude).nodes, feeds[:_RANK_FEEDS]
+    )
+    info["worst_layers_harm_db"] = dict(ranking[:10])
+    if request.budget is not None and request.budget.violations(metrics):
+
+        def build_kept(kept: Sequence[str]) -> tuple[ir.Model, dict, dict]:
+            candidate, plan_summary = quantizer.build((*request.exclude, *kept), choice.remedy)
+            return candidate, plan_summary, compare_outputs(reference, candidate, feeds)
+
+        found = search_budget(build_kept, [name for name, _ in ranking], request.budget)
+        quantized, metrics = found.model, found.metrics
+        info["plan"] = found.summary
+        info["kept_float"] = found.kept_float
+        info["budget_trials"] = found.trials
+    return quantized, metrics
+
+
+def _dynamic(
+    request: _Request, model: ir.Model, feeds: list, reference: Reference, info: dict[str, Any]
+) -> tuple[ir.Model, dict[str, dict]]:
+    summaries: dict[str, dict] = {}
+
+    def build(remedy: str) -> ir.Model:
+        built, summaries[remedy] = dynamic.build(model, request.per_channel, remedy)
+        return built
+
+    choice = _choose_remedy(request, build, reference, feeds)
+    info["u8s8"] = choice.to_dict()
+    quantized, metrics = _chosen_model(choice, build, reference, feeds)
+    info["dynamic"] = summaries[choice.remedy]
+    info["int8_mac_share"] = converted_mac_share(model, summaries[choice.remedy]["quantized_nodes"])
+    return quantized, metrics
+
+
+def _convert(
+    request: _Request, model: ir.Model, feeds: list, info: dict[str, Any]
+) -> tuple[ir.Model, dict[str, dict]]:
+    """The quantized (or fp16) model and its output metrics against ``model``."""
+    reference = reference_outputs(model, feeds)
+    if request.dtype == "fp16":
+        converted, info["fp16"] = fp16.convert(model, feeds)
+        return converted, compare_outputs(reference, converted, feeds)
+    if request.mode == "dynamic":
+        return _dynamic(request, model, feeds, reference, info)
+    return _static(request, model, feeds, reference, info)
+
+
+def _check_result(request: _Request, metrics: dict[str, dict]) -> None:
+    """Raise BudgetError for a collapsed output or a violated budget."""
+    collapsed = is_collapsed(metrics)
+    if collapsed:
+        raise BudgetError(
+            "quantized model collapsed: " + "; ".join(collapsed) + "; nothing written"
+        )
+    violations = request.budget.violations(metrics) if request.budget is not None else []
+    if violations:
+        raise BudgetError(
+            "budget not met: " + "; ".join(v.message() for v in violations) + "; nothing written"
+        )
+
+
+def quantize_file(
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    calib: str | os.PathLike[str],
+    method: str = "minmax",
+    per_channel: bool = True,
+    mode: str = "static",
+    target: str = "cpu",
+    dtype: str = "int8",
+    exclude: Sequence[str] = (),
+    budget: str | None = None,
+    u8s8: str = "auto",
+    max_samples: int | None = None,
+    smooth: float | str | None = "auto",
+) -> QuantizeResult:
+    """Quantize ``model_path`` into ``output_path`` (the input file is never modified).
+
+    Args:
+        model_path: Float ONNX model.
+        output_path: Where the quantized model is written (atomically).
+        calib: Calibration ``.npz`` file or folder of ``.npz`` files (shapes may vary).
+        method: Range method: minmax, percentile, entropy or mse.
+        per_channel: Per-output-channel weight scales.
+        mode: ``static`` (QDQ, calibrated activations) or ``dynamic`` (MatMul/Gemm weights
+            int8, activations quantized at run time).
+        target: ``cpu`` (uint8 asymmetric activations) or ``tensorrt`` (int8 symmetric).
+        dtype: ``int8`` or ``fp16``.
+        exclude: Node names to keep in float.
+        budget: Tolerance expression the outputs must meet (e.g. ``"cosine>=0.999"``);
+            layers are kept in float, most harmful first, until it holds.
+        u8s8: Saturation remedy on AVX2 without VNNI: auto, none, coarsen, reduce-range.
+        max_samples: Use at most this many calibration samples.
+        smooth: SmoothQuant for static mode: alpha in [0, 1], ``"auto"`` (0.5 for
+            MatMul-heavy models) or None/``"off"``.
+
+    Raises:
+        UsageError: bad options, an already quantized model (exit 2).
+        CalibrationError: unusable calibration data, an all-NaN tensor (exit 2).
+        BudgetError: collapsed output or unreachable budget; nothing written (exit 1).
+    """
+    request = _Request(
+        method,
+        per_channel,
+        mode,
+        target,
+        dtype,
+        tuple(exclude),
+        parse_tolerance(budget) if budget else None,
+        u8s8,
+        smooth,
+    )
+    model = load(model_path)
+    refuse_quantized(model)
+    input_bytes = file_bytes(Path(model_path))
+    passes = pipeline.canonicalize(model)
+    name_nodes(model)
+    _validate(request, model)
+    model = ensure_opset(model)
+    data = load_calibration(calib, model)
+    count = len(data) if max_samples is None else min(max_samples, len(data))
+    feeds = list(data.feeds(range(count)))
+    info: dict[str, Any] = {"canonicalize": passes.summary(), "cpu": cpu_isa()}
+    quantized, metrics = _convert(request, model, feeds, info)
+    _check_result(request, metrics)
+    if dtype == "int8" and mode == "static":
+        info["int8_mac_share"] = int8_mac_share(quantized)
+    dest = save(quantized, output_path)
+    return QuantizeResult(
+        input=str(model_path),
+        output=str(dest),
+        mode="fp16" if dtype == "fp16" else mode,
+        method=method if dtype == "int8" and mode == "static" else None,
+        target=target,
+        samples=count,
+        metrics=metrics,
+        worst=worst(metrics),
+        details=info,
+        input_bytes=input_bytes,
+        output_bytes=file_bytes(dest),
+    )

@@ -1,0 +1,136 @@
+"""Static int8 QDQ quantization of an in-memory model: calibrate once, build variants.
+
+:class:`StaticQuantizer` holds the canonicalized float model, calibrates the ranges of every
+tensor the placement plan may quantize (one streaming pass over the calibration feeds), and
+builds quantized copies for a given set of excluded nodes and a u8s8 remedy. Variants (the
+saturation remedies, layers kept in float for a budget) reuse the same statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Collection, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxprune.intermediates import iter_intermediates
+from onnxprune.quant.calibrate import Calibrator
+from onnxprune.quant.params import QParams, activation_qparams, weight_qparams
+from onnxprune.quant.placement import QuantPlan, plan_quantization
+from onnxprune.quant.rewrite import apply_plan, quantize_embeddings, values_by_name
+from onnxprune.quant.vnni import remedy_params
+
+__all__ = ["QuantOptions", "StaticQuantizer", "copy_model"]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+    """Options of static quantization.
+
+    Attributes:
+        method: Calibration method (minmax, percentile, entropy, mse).
+        per_channel: Per-output-channel weight scales (else one per tensor).
+        symmetric_activations: int8 symmetric activations (TensorRT) instead of uint8.
+        percentile: Percentile for the ``percentile`` method.
+        embeddings: Store large Gather tables int8 (dequantizing only gathered rows).
+    """
+
+    method: str = "minmax"
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    percentile: float = 99.999
+    embeddings: bool = True
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A deep copy (via the proto; initializers are copied too)."""
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+class StaticQuantizer:
+    """Calibrate ``model`` (already canonicalized, opset >= 13) and build quantized copies."""
+
+    def __init__(self, model: ir.Model, options: QuantOptions) -> None:
+        self.model = model
+        self.options = options
+        self.full_plan = plan_quantization(model)
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self.non_float: list[str] = []
+
+    def calibrate(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Stream ``feeds`` through the model and fix every planned tensor's range."""
+        names = self.full_plan.activations
+        calibrator = Calibrator(names, self.options.method)
+        for start in range(0, len(names), _CHUNK):
+            chunk = names[start : start + _CHUNK]
+            for values in iter_intermediates(self.model, chunk, feeds):
+                floats = {}
+                for name, array in values.items():
+                    if array.dtype == np.float32:
+                        floats[name] = array
+                    elif name not in self.non_float:
+                        self.non_float.append(name)
+                calibrator.update(floats)
+        for name in self.non_float:
+            calibrator.stats.pop(name, None)
+        self.ranges = calibrator.ranges(self.options.percentile)
+
+    def plan(self, exclude: Collection[str] = ()) -> QuantPlan:
+        """The placement plan without the excluded nodes (and non-float tensors)."""
+        plan = plan_quantization(self.model, exclude)
+        plan.activations = [n for n in plan.activations if n in self.ranges]
+        return plan
+
+    def activation_params(self, plan: QuantPlan) -> dict[str, QParams]:
+        """Scale/zero point per activation; a shared-scale group uses its members' union."""
+        params = {}
+        for members in plan.group_members().values():
+            lo = min(self.ranges[m][0] for m in members)
+            hi = max(self.ranges[m][1] for m in members)
+            shared = activation_qparams(lo, hi, symmetric=self.options.symmetric_activations)
+            params.update(dict.fromkeys(members, shared))
+        return params
+
+    def weight_params(self, plan: QuantPlan, remedy: str) -> tuple[dict[str, QParams], int]:
+        """Weight parameters per initializer and the count of channels the remedy changed."""
+        values = values_by_name(self.model.graph)
+        params: dict[str, QParams] = {}
+        changed = 0
+        for use in plan.weights:
+            if use.weight in params:
+                continue
+            const = values[use.weight].const_value
+            assert const is not None
+            array = const.numpy()
+            axis = use.axis if self.options.per_channel else None
+            if remedy == "none" or self.options.symmetric_activations:
+                params[use.weight] = weight_qparams(array, axis)
+                continue
+            params[use.weight], count = remedy_params(array, axis, use.op_type, remedy)
+            changed += count
+        return params, changed
+
+    def build(self, exclude: Collection[str] = (), remedy: str = "none") -> tuple[ir.Model, dict]:
+        """A quantized copy of the model and a summary of what was done."""
+        plan = self.plan(exclude)
+        act = self.activation_params(plan)
+        weights, changed = self.weight_params(plan, remedy)
+        model = copy_model(self.model)
+        notes = apply_plan(model, plan, act, weights)
+        embeddings = quantize_embeddings(model) if self.options.embeddings else []
+        summary = {
+            "quantized_nodes": len(plan.nodes),
+            "quantized_activations": len(plan.activations),
+            "int8_weights": len(weights),
+            "remedy_channels": changed,
+            "int8_embeddings": embeddings,
+            "notes": notes,
+            "skipped": plan.skipped,
+        }
+        return model, summary

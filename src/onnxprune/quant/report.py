@@ -1,0 +1,111 @@
+"""The report of :func:`onnxprune.quant.quantize_file`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["QuantizeResult", "file_bytes", "worst"]
+
+
+def file_bytes(path: Path) -> int:
+    """Size of a model file plus its external data file, if any."""
+    data = path.parent / (path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def worst(metrics: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | None]:
+    """The worst value of each metric over all outputs."""
+
+    def pick(key: str, lowest: bool) -> float | None:
+        values = [float(m[key]) for m in metrics.values() if m.get(key) is not None]
+        if not values:
+            return None
+        return min(values) if lowest else max(values)
+
+    return {
+        "sqnr_db": pick("sqnr_db", True),
+        "cosine": pick("cosine", True),
+        "top1_agreement": pick("top1_agreement", True),
+        "max_abs_error": pick("max_abs_error", False),
+    }
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+    """What was quantized, how, and how close the result is to the float model.
+
+    Attributes:
+        input: Input model path.
+        output: Written model path.
+        mode: ``static``, ``dynamic`` or ``fp16``.
+        method: Calibration method (static int8 only).
+        target: ``cpu`` or ``tensorrt``.
+        samples: Calibration samples used (also the samples the check ran on).
+        metrics: Per output metrics against the float model (onnxruntime optimizations on).
+        worst: Worst value of each metric over outputs.
+        details: Plan, u8s8 remedy and reason, layers kept float, int8 MAC share, ...
+        input_bytes: Size of the input model files.
+        output_bytes: Size of the written model files.
+    """
+
+    input: str
+    output: str
+    mode: str
+    method: str | None
+    target: str
+    samples: int
+    metrics: dict[str, dict[str, float | None]]
+    worst: dict[str, float | None]
+    details: dict[str, Any]
+    input_bytes: int
+    output_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (non-finite floats as strings)."""
+        payload = {"schema": "onnxprune.quantize/1", **dataclasses.asdict(self)}
+        return _finite(payload)
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        w = self.worst
+        lines = [
+            f"mode {self.mode}"
+            + (f", method {self.method}" if self.method else "")
+            + f", target {self.target}, checked on {self.samples} calibration samples",
+            f"worst output: SQNR {w['sqnr_db']:.1f} dB, cosine {w['cosine']:.5f}"
+            + (
+                f", top-1 agreement {w['top1_agreement']:.3f}"
+                if w["top1_agreement"] is not None
+                else ""
+            ),
+        ]
+        u8s8 = self.details.get("u8s8")
+        if u8s8:
+            lines.append(f"u8s8 remedy: {u8s8['remedy']} ({u8s8['reason']})")
+        share = self.details.get("int8_mac_share")
+        if share:
+            lines.append(f"int8 MAC share in onnxruntime: {100 * share['int8_mac_share']:.1f} %")
+        harm = self.details.get("worst_layers_harm_db")
+        if harm:
+            top = ", ".join(f"{name} {value:.1f} dB" for name, value in list(harm.items())[:3])
+            lines.append(f"most harmful layers (added noise / signal): {top}")
+        kept = self.details.get("kept_float")
+        if kept:
+            more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
+            lines.append(f"kept in float for the budget ({len(kept)}): {', '.join(kept[:5])}{more}")
+        lines.append(f"wrote {self.output} ({self.input_bytes} -> {self.output_bytes} bytes)")
+        return "\n".join(lines)

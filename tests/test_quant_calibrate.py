@@ -1,0 +1,92 @@
+"""Streaming calibration statistics: equal to one batch, NaN/Inf handling, refusals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from onnxprune.errors import CalibrationError, UsageError
+from onnxprune.quant.calibrate import HIST_BINS, Calibrator, TensorStats, select_range
+from onnxprune.quant.params import activation_qparams
+
+
+def _batches(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Growing magnitudes force the histogram range to widen several times while streaming.
+    return [rng.standard_normal(500).astype(np.float32) * 2.0**k for k in range(-3, 5)]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_streaming_equals_batch(method):
+    batches = _batches()
+    streamed = TensorStats("t", with_histogram=method != "minmax")
+    for batch in batches:
+        streamed.update(batch)
+    whole = TensorStats("t", with_histogram=method != "minmax")
+    whole.update(np.concatenate(batches))
+    assert (streamed.min, streamed.max) == (whole.min, whole.max)
+    lo_s, hi_s = select_range(streamed, method)
+    lo_w, hi_w = select_range(whole, method)
+    width = whole.bin_width
+    assert abs(lo_s - lo_w) <= width and abs(hi_s - hi_w) <= width
+    if method == "minmax":
+        assert (lo_s, hi_s) == (
+            float(np.concatenate(batches).min()),
+            float(np.concatenate(batches).max()),
+        )
+
+
+def test_histogram_widening_is_exact():
+    batches = _batches(1)
+    streamed = TensorStats("t", with_histogram=True)
+    for batch in batches:
+        streamed.update(batch)
+    whole = TensorStats("t", with_histogram=True)
+    whole.update(np.concatenate(batches))
+    assert streamed.edge == whole.edge
+    np.testing.assert_array_equal(streamed.hist, whole.hist)
+    assert streamed.hist.sum() == sum(b.size for b in batches)
+    assert streamed.hist.size == HIST_BINS
+
+
+def test_percentile_clips_outliers():
+    x = np.concatenate([np.linspace(-1, 1, 100_000), [1000.0]]).astype(np.float32)
+    stats = TensorStats("t", with_histogram=True)
+    stats.update(x)
+    lo, hi = select_range(stats, "percentile", 99.9)
+    assert hi < 2.0 and lo >= -1.0 - stats.bin_width
+    assert select_range(stats, "minmax") == (-1.0, 1000.0)
+
+
+def test_nan_and_inf_are_counted_and_ignored():
+    x = np.array([1.0, -2.0, np.nan, np.inf, -np.inf, 0.5], np.float32)
+    stats = TensorStats("mask", with_histogram=True)
+    stats.update(x)
+    assert (stats.nan, stats.inf, stats.count) == (1, 2, 3)
+    lo, hi = select_range(stats, "entropy")
+    assert math.isfinite(lo) and math.isfinite(hi)
+    assert (stats.min, stats.max) == (-2.0, 1.0)
+
+
+def test_all_nan_tensor_is_refused_by_name():
+    calibrator = Calibrator(["good", "bad"], "percentile")
+    calibrator.update({"good": np.ones(4, np.float32), "bad": np.full(4, np.nan, np.float32)})
+    with pytest.raises(CalibrationError, match=r"tensor 'bad': no finite value .*4 NaN"):
+        calibrator.ranges()
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(UsageError, match=r"unknown calibration method 'kl'.*minmax"):
+        Calibrator(["t"], "kl")
+
+
+def test_minus_inf_mask_gives_finite_scale():
+    calibrator = Calibrator(["mask"], "entropy")
+    mask = np.zeros((4, 16), np.float32)
+    mask[:, 12:] = -np.inf
+    calibrator.update({"mask": mask + np.linspace(-1, 1, 16, dtype=np.float32)})
+    lo, hi = calibrator.ranges()["mask"]
+    params = activation_qparams(lo, hi)
+    assert np.isfinite(params.scale) and params.scale > 0 and math.isfinite(lo)
