@@ -14,7 +14,7 @@
     criteria l2 / bn / activation, without and with ``--reconstruct``, with ``round_to`` 1:
     its groups have 16, 32 and 64 channels, and with ``round_to`` 8 a uniform ratio jumps
     from 0.75 of the MACs straight to 0.26, so the 1.5x target would really be 3.9x. Plus
-    the sensitivity-guided allocation (``onnxprune.prune.sensitivity``) at the same target
+    the sensitivity-guided allocation (``onnxprune.prune.allocate``) at the same target
     with ``round_to`` 8 and 1, against uniform ratios.
 (c) **Coverage**: every reference model from both exporters pruned at ``--ratio 0.3`` must
     pass ``onnx.checker`` (full check) and run in onnxruntime; prunable/blocked groups and
@@ -46,9 +46,10 @@ from onnxprune.bundled import default_calibration, default_model, default_test_s
 from onnxprune.io import load
 from onnxprune.io.atomic import write_text_atomic
 from onnxprune.models_cache import reference_model_path
+from onnxprune.prune.allocate import allocate_ratios
 from onnxprune.prune.api import prune_file
 from onnxprune.prune.core import PruneOptions
-from onnxprune.prune.sensitivity import allocate_ratios, sensitivity_file
+from onnxprune.prune.sensitivity import sensitivity_file
 from onnxprune.runtime import make_session
 from onnxprune.testing import random_feeds
 

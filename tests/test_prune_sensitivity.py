@@ -13,12 +13,8 @@ import pytest
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
 from onnxprune.prune import PruneOptions, prune_model
-from onnxprune.prune.sensitivity import (
-    SCHEMA,
-    SensitivityResult,
-    allocate_ratios,
-    measure_sensitivity,
-)
+from onnxprune.prune.allocate import allocate_ratios
+from onnxprune.prune.sensitivity import SCHEMA, SensitivityResult, measure_sensitivity
 from onnxprune.runtime import run_model
 from onnxprune.testing import model_from_text
 

@@ -4,21 +4,26 @@ The model is saved (atomically, via :func:`onnxprune.io.save`) into a temporary 
 the requested values added as graph outputs, and the in-memory model is restored at once.
 Feeds are processed one at a time, so memory is bounded by one feed's intermediates; callers
 that need many tensors on large models request them in chunks.
+
+:func:`iter_intermediates` is the usual entry point; :func:`session_with_outputs` gives the
+onnxruntime session itself, for callers that run several models in lockstep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from onnxprune.io import save
 from onnxprune.runtime import make_session
 
-__all__ = ["iter_intermediates"]
+__all__ = ["iter_intermediates", "session_with_outputs"]
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
@@ -30,22 +35,25 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
     return values
 
 
-def iter_intermediates(
-    model: ir.Model,
-    names: Sequence[str],
-    feeds: Iterable[Mapping[str, np.ndarray]],
-    *,
-    threads: int = 0,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Yield ``{name: array}`` for ``names`` (node outputs or graph inputs) per feed."""
+@contextlib.contextmanager
+def session_with_outputs(
+    model: ir.Model, names: Sequence[str], *, threads: int = 1
+) -> Iterator[ort.InferenceSession]:
+    """A session for a temporary copy of ``model`` whose graph also outputs ``names``.
+
+    ``names`` are node outputs or graph inputs; graph inputs are not added as outputs (the
+    caller has them in its feeds). The in-memory model is restored before this yields.
+
+    Raises:
+        KeyError: a name is neither a node output nor a graph input.
+    """
     values = _values_by_name(model)
     missing = [n for n in names if n not in values]
     if missing:
         raise KeyError(f"no tensor named {missing[0]!r} in the model")
     present = {v.name for v in model.graph.outputs}
-    added = [values[n] for n in dict.fromkeys(names) if n not in present and n in values]
     inputs = {v.name for v in model.graph.inputs}
-    added = [v for v in added if v.name not in inputs]
+    added = [values[n] for n in dict.fromkeys(names) if n not in present and n not in inputs]
     with tempfile.TemporaryDirectory(prefix="onnxprune-act-") as folder:
         model.graph.outputs.extend(added)
         try:
@@ -54,7 +62,23 @@ def iter_intermediates(
             for value in added:
                 model.graph.outputs.remove(value)
         session = make_session(path, intra_op_threads=threads)
-        run_names = [n for n in names if n not in inputs]
+        try:
+            yield session
+        finally:
+            del session  # release the model file before the folder is removed
+
+
+def iter_intermediates(
+    model: ir.Model,
+    names: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    threads: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{name: array}`` for ``names`` (node outputs or graph inputs) per feed."""
+    inputs = {v.name for v in model.graph.inputs}
+    run_names = [n for n in names if n not in inputs]
+    with session_with_outputs(model, names, threads=threads) as session:
         for feed in feeds:
             outputs = session.run(run_names, dict(feed)) if run_names else []
             result = dict(zip(run_names, outputs, strict=True))

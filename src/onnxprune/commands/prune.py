@@ -7,6 +7,7 @@ import json
 
 from onnxprune.commands.common import add_dims_option, parse_dims, write_json
 from onnxprune.errors import UsageError
+from onnxprune.prune.allocate import RATIOS_SCHEMA
 from onnxprune.prune.api import prune_file
 from onnxprune.prune.core import PruneOptions
 from onnxprune.prune.importance import CRITERIA
@@ -77,7 +78,7 @@ def _saved_ratios(path: str | None, round_to: int | None) -> tuple[dict[str, flo
             data = json.load(handle)
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"cannot read --layer-ratios {path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("schema") != "onnxprune.layer_ratios/1":
+    if not isinstance(data, dict) or data.get("schema") != RATIOS_SCHEMA:
         raise UsageError(
             f"--layer-ratios {path}: not a saved allocation (onnxprune.layer_ratios/1)"
         )

@@ -9,13 +9,9 @@ import numpy as np
 
 from onnxprune.commands.common import add_dims_option, parse_dims, write_json
 from onnxprune.errors import UsageError
+from onnxprune.prune.allocate import allocate_ratios
 from onnxprune.prune.importance import CRITERIA
-from onnxprune.prune.sensitivity import (
-    SensitivityResult,
-    allocate_ratios,
-    load_canonical,
-    sensitivity_file,
-)
+from onnxprune.prune.sensitivity import SensitivityResult, load_canonical, sensitivity_file
 
 __all__ = ["plot_sensitivity", "register", "run"]
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
+from onnxprune.intermediates import iter_intermediates
 from onnxprune.lowrank._linalg import svd
-from onnxprune.runtime import make_session
 
 __all__ = ["ASVD_ALPHA", "Decomposition", "InputStats", "collect_input_stats", "decompose"]
 
@@ -135,22 +134,6 @@ def decompose(w: np.ndarray, method: str = "svd", stats: InputStats | None = Non
     return Decomposition(q, s, vt, errors, total)
 
 
-def _with_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
-    """A serialized copy of ``model`` whose graph also outputs the values ``names``."""
-    proto = ir.serde.serialize_model(model)
-    present = {o.name for o in proto.graph.output}
-    dtypes = {}
-    for node in model.graph:
-        for inp in node.inputs:
-            if inp is not None and inp.name in names and inp.dtype is not None:
-                dtypes[inp.name] = int(inp.dtype)
-    for name in names:
-        if name not in present:
-            elem = dtypes.get(name, onnx.TensorProto.FLOAT)
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    return proto
-
-
 def collect_input_stats(
     model: ir.Model,
     inputs: Mapping[str, int],
@@ -158,18 +141,17 @@ def collect_input_stats(
 ) -> dict[str, InputStats]:
     """Accumulate :class:`InputStats` for the values ``inputs`` (name -> channels K).
 
-    The model is not modified: a serialized copy with the extra outputs is run in
-    onnxruntime (graph optimizations off), one feed at a time.
+    The model is not modified: a temporary copy with the extra outputs is run in
+    onnxruntime (graph optimizations off, one thread), one feed at a time.
     """
     names = sorted(inputs)
     stats = {name: InputStats.empty(inputs[name]) for name in names}
     if not names:
         return stats
-    session = make_session(_with_outputs(model, names))
     count = 0
-    for feed in feeds:
-        for name, value in zip(names, session.run(names, dict(feed)), strict=True):
-            stats[name].update(value)
+    for values in iter_intermediates(model, names, feeds, threads=1):
+        for name in names:
+            stats[name].update(values[name])
         count += 1
     logger.info("collected input statistics of %d values over %d feeds", len(names), count)
     return stats

@@ -84,12 +84,16 @@ def _run_with_backoff(
     return None, StepRecord(step.name, dict(step.options), "skipped", strength, tries, reason)
 
 
-def _measure(report: OptimizeReport, src: Path, final: Path, ctx: dict[str, Any]) -> None:
+def _measure(
+    report: OptimizeReport, src: Path, states: list[tuple[int, Path]], ctx: dict[str, Any]
+) -> tuple[int, Path]:
+    """Benchmark the input and every applied state in one interleaved run; return the
+    fastest state (the last one unless a later step made the model slower)."""
     feeds: dict[str, Any] = (
         {"calib": ctx["holdout"]} if ctx["holdout"] is not None else {"dims": ctx["dims"]}
     )
     result = benchmark(
-        [src, final],
+        [src, *(path for _, path in states)],
         provider=report.provider,
         threads=ctx["threads"],
         seconds=ctx["seconds"],
@@ -97,11 +101,28 @@ def _measure(report: OptimizeReport, src: Path, final: Path, ctx: dict[str, Any]
         show_progress=False,
         **feeds,
     )
-    first, second = result.models
-    ratio = second.paired_ratio_to_first
-    report.latency_ms = (first.latency_ms.median, second.latency_ms.median)
+    first, *rest = result.models
+    best = min(range(len(rest)), key=lambda i: rest[i].latency_ms.median)
+    # Prefer the last state (most steps applied) when it is not measurably slower.
+    last = len(rest) - 1
+    last_ratio = rest[last].paired_ratio_to_first
+    best_ratio = rest[best].paired_ratio_to_first
+    if last_ratio is not None and best_ratio is not None and last_ratio.low <= best_ratio.high:
+        best = last
+    chosen = rest[best]
+    ratio = chosen.paired_ratio_to_first
+    report.latency_ms = (first.latency_ms.median, chosen.latency_ms.median)
     if ratio is not None:
         report.latency_ratio = (ratio.ratio, ratio.low, ratio.high)
+    for index, _ in states[best + 1 :]:
+        record = report.steps[index]
+        record.status = "dropped"
+        later = rest[states.index(next(s for s in states if s[0] == index))]
+        step_ratio = later.paired_ratio_to_first
+        record.reason = f"made the model slower on {report.provider}" + (
+            f" (latency ratio to input {step_ratio.ratio:.2f})" if step_ratio else ""
+        )
+    return states[best]
 
 
 def optimize(
@@ -168,11 +189,15 @@ def optimize(
             "seconds": bench_seconds,
         }
         current = src
+        states: list[tuple[int, Path]] = []  # (step index in report.steps, model after it)
         for index, step in enumerate(plan.steps, 1):
             produced, record = _run_with_backoff(step, current, work, index, ctx)
             report.steps.append(record)
             if produced is not None:
                 current = produced
+                states.append((len(report.steps) - 1, produced))
+        if states:
+            _, current = _measure(report, src, states, ctx)
         if holdout is not None:
             final_check = verify(src, current, holdout, tolerance=tolerance)
             report.fidelity = final_check.outputs
@@ -180,7 +205,6 @@ def optimize(
                 report.message = f"budget {budget!r} not met: {final_check.failure_message()}"
                 raise BudgetError(report.message + "; nothing written")
         report.after = _stats(current, bound)
-        _measure(report, src, current, ctx)
         if report.latency_ratio is not None and report.latency_ratio[1] > 1.0:
             report.message = (
                 f"the optimized model is slower than the input on {provider} "

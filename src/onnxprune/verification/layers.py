@@ -3,9 +3,10 @@
 Float node outputs of the top-level graph are matched by name between the reference and
 the candidate. In chunks of at most ``chunk_size`` tensors, both in-memory models get those
 tensors as extra graph outputs, are saved to a temporary folder (the input files are never
-touched) and run on the same samples with graph optimizations off. Per tensor only running
-sums are kept (signal, noise, dot product, norms, max error), so memory is one sample's
-chunk of tensors however many samples and layers there are.
+touched; :func:`onnxprune.intermediates.session_with_outputs`) and run on the same samples
+with graph optimizations off. Per tensor only running sums are kept (signal, noise, dot
+product, norms, max error), so memory is one sample's chunk of tensors however many samples
+and layers there are.
 
 ``sqnr_db = 10 log10(sum r^2 / sum (c - r)^2)`` and ``cosine = <r, c> / (|r| |c|)`` over all
 compared samples, as in :mod:`onnxprune.metrics`. A tensor *diverges* when its SQNR is below
@@ -19,18 +20,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from onnxprune.io import save
+from onnxprune.intermediates import session_with_outputs
 from onnxprune.progress import Progress
-from onnxprune.runtime import make_session
 
 __all__ = ["LayerMetrics", "LayerReport", "compare_layers", "matched_tensors"]
 
@@ -184,47 +182,31 @@ def matched_tensors(
     return matched, skipped
 
 
-def _expose(model: ir.Model, names: Sequence[str], path: Path) -> Path:
-    """Save ``model`` with ``names`` added as graph outputs; the model is restored after."""
-    produced = _produced(model)
-    present = {v.name for v in model.graph.outputs}
-    added = [produced[n][0] for n in names if n not in present]
-    model.graph.outputs.extend(added)
-    try:
-        return save(model, path)
-    finally:
-        for value in added:
-            model.graph.outputs.remove(value)
-
-
 def _run_chunk(
     models: tuple[ir.Model, ir.Model],
     names: Sequence[str],
     feeds: Sequence[dict[str, np.ndarray]],
-    folder: Path,
     *,
     sums: dict[str, _Sums],
     bar: Progress,
 ) -> None:
-    ref_path = _expose(models[0], names, folder / "reference.onnx")
-    cand_path = _expose(models[1], names, folder / "candidate.onnx")
-    ref_session, cand_session = make_session(ref_path), make_session(cand_path)
-    for feed in feeds:
-        ref_out = ref_session.run(list(names), feed)
-        cand_out = cand_session.run(list(names), feed)
-        for name, r, c in zip(names, ref_out, cand_out, strict=True):
-            acc = sums[name]
-            if acc.shape is None:
-                acc.shape = tuple(r.shape)
-            if r.shape != c.shape:
-                acc.shape = (-1,)
-                continue
-            if acc.shape != (-1,):
-                acc.add(r, c)
-        bar.update()
-    del ref_session, cand_session
-    ref_path.unlink()
-    cand_path.unlink()
+    with (
+        session_with_outputs(models[0], names) as ref_session,
+        session_with_outputs(models[1], names) as cand_session,
+    ):
+        for feed in feeds:
+            ref_out = ref_session.run(list(names), feed)
+            cand_out = cand_session.run(list(names), feed)
+            for name, r, c in zip(names, ref_out, cand_out, strict=True):
+                acc = sums[name]
+                if acc.shape is None:
+                    acc.shape = tuple(r.shape)
+                if r.shape != c.shape:
+                    acc.shape = (-1,)
+                    continue
+                if acc.shape != (-1,):
+                    acc.add(r, c)
+            bar.update()
 
 
 def compare_layers(
@@ -245,12 +227,9 @@ def compare_layers(
     names = [name for name, _ in matched]
     chunks = [names[i : i + chunk_size] for i in range(0, len(names), chunk_size)]
     sums = {name: _Sums() for name in names}
-    with (
-        tempfile.TemporaryDirectory(prefix="onnxprune-layers-") as tmp,
-        Progress(len(chunks) * len(feeds), "layers", enabled=show_progress) as bar,
-    ):
+    with Progress(len(chunks) * len(feeds), "layers", enabled=show_progress) as bar:
         for chunk in chunks:
-            _run_chunk((reference, candidate), chunk, feeds, Path(tmp), sums=sums, bar=bar)
+            _run_chunk((reference, candidate), chunk, feeds, sums=sums, bar=bar)
     layers = []
     for index, (name, node) in enumerate(matched):
         acc = sums[name]
