@@ -124,3 +124,17 @@ def test_variants_write_a_manifest(tmp_path: Path, capsys):
 def test_missing_output_folder_fails_before_work(tmp_path: Path, capsys):
     assert main(["optimize", "-o", str(tmp_path / "no" / "x.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_default_main_job_runs_every_step_or_says_why(tmp_path: Path, capsys):
+    """The README's first command: default preset on the bundled model."""
+    out, report = tmp_path / "d.onnx", tmp_path / "r.json"
+    code = main(["optimize", "-o", str(out), "--bench-seconds", "1", "--report", str(report)])
+    assert code == 0, capsys.readouterr().err
+    steps = json.loads(report.read_text())["steps"]
+    assert [s["name"] for s in steps] == ["canonicalize", "prune", "quantize"]
+    for step in steps:
+        assert step["status"] in ("applied", "dropped"), step
+        if step["status"] == "dropped":
+            assert "made the model slower" in step["reason"]
+    assert "file size" in capsys.readouterr().out
