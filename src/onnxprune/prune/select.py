@@ -2,9 +2,10 @@
 
 For a group of ``n`` units and ratio ``r`` the number kept is ``n - floor(n * r)``, rounded
 up to a multiple of ``round_to`` (never above ``n``, never below 1): channel counts that are
-multiples of 8 keep onnxruntime's convolution and GEMM kernels on their fast paths. Groups
-smaller than ``4 * round_to`` are not rounded: there the rounding step would be a quarter
-of the layer or more, and small layers are not where kernel efficiency is decided. The units
+multiples of 8 keep onnxruntime's convolution and GEMM kernels on their fast paths. In
+groups smaller than ``4 * round_to`` the step is halved until it is at most a quarter of
+the group, so small layers still get even counts (on the digits CNN, 11 or 13 kept
+channels measured 6-14% slower than the unpruned model, 12 or 24 measured 6-11% faster). The units
 kept are those with the highest scores; ties keep the lower position (deterministic).
 """
 
@@ -24,8 +25,11 @@ __all__ = ["keep_count", "make_plan"]
 def keep_count(size: int, ratio: float, round_to: int = 1) -> int:
     """Units kept in a group of ``size`` at ``ratio`` removed."""
     kept = size - math.floor(size * ratio + 1e-9)
-    if round_to > 1 and size >= 4 * round_to:
-        kept = math.ceil(kept / round_to) * round_to
+    step = round_to
+    while step > 1 and size < 4 * step:
+        step //= 2
+    if step > 1:
+        kept = math.ceil(kept / step) * step
     return max(1, min(size, kept))
 
 
