@@ -259,3 +259,32 @@ BUILDERS = {
     "attention_ffn": attention_ffn,
     "group_norm": group_norm,
 }
+
+
+def qdq_conv(seed: int = 0) -> ir.Model:
+    """Conv weights stored int8 with per-channel DequantizeLinear (an already quantized model)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8)
+    w2 = rng.integers(-127, 128, (4, 8, 1, 1)).astype(np.int8)
+    text = f"""{HEADER}
+g (float[1,3,6,6] x, int8[8,3,3,3] q1, float[8] s1, float[8] b1, int8[4,8,1,1] q2, float[4] s2)
+  => (float[1,4,6,6] y) {{
+  w1 = DequantizeLinear <axis=0> (q1, s1)
+  c1 = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r1 = Relu (c1)
+  w2 = DequantizeLinear <axis=0> (q2, s2)
+  y = Conv (r1, w2)
+}}"""
+    return model_from_text(
+        text,
+        {
+            "q1": w1,
+            "s1": np.abs(_w(rng, 8)) / 100 + 1e-3,
+            "b1": _w(rng, 8),
+            "q2": w2,
+            "s2": np.abs(_w(rng, 4)) / 100 + 1e-3,
+        },
+    )
+
+
+BUILDERS["qdq_conv"] = qdq_conv

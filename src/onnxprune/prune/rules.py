@@ -360,3 +360,18 @@ def _slice(node: ir.Node, ctx: RuleContext) -> None:
             for j in range(out.size):
                 ctx.graph._union(src.base + start + j, out.base + j)
             ctx.slice_rewrites.append(SliceRewrite(node, i, (x, a), start, end))
+
+
+@_rule("QuantizeLinear", "DequantizeLinear")
+def _qdq(node: ir.Node, ctx: RuleContext) -> None:
+    """Q/DQ are elementwise; per-axis scales and zero points follow their channel axis."""
+    x, y = node.inputs[0].name, node.outputs[0].name
+    _equal_all(ctx, x, y)
+    if int(_attr(node, "block_size", 0) or 0):
+        ctx.block_all(x, "blocked quantization is not pruned")
+        return
+    rank = ctx.rank(x) or 0
+    axis = int(_attr(node, "axis", 1)) % max(rank, 1)
+    for param in node.inputs[1:]:
+        if param is not None and ctx.rank(param.name) == 1:
+            ctx.unite((param.name, 0), (x, axis))
