@@ -2,8 +2,10 @@
 
 For each chosen channel space ``(value, axis)``: ``activation`` accumulates
 ``mean |a|`` over every other axis and every sample; ``apoz`` accumulates the share of
-positive entries (1 - the average percentage of zeros after a ReLU). Values are streamed
-feed by feed through :func:`onnxprune.intermediates.iter_intermediates`.
+positive entries (1 - the average percentage of zeros after a ReLU). For ``reconstruction``
+:func:`reconstruction_stats` accumulates the input-channel Gram ``X^T X / rows`` of every
+consumer of a prunable group (C x C per consumer input). Values are streamed feed by feed
+through :func:`onnxprune.intermediates.iter_intermediates`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import onnx_ir as ir
 from onnxprune.intermediates import iter_intermediates
 from onnxprune.prune.analysis import Analysis
 from onnxprune.prune.channels import SpaceKey
+from onnxprune.prune.reconstruction import group_consumers
 
-__all__ = ["activation_stats"]
+__all__ = ["activation_stats", "reconstruction_stats"]
 
 _PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _RECTIFIERS = frozenset({"Relu", "Clip"})
@@ -57,3 +60,26 @@ def activation_stats(
             sums[key] += values.sum(1, dtype=np.float64)
             counts[key] += moved.shape[1]
     return {k: sums[k] / max(counts[k], 1) for k in keys}
+
+
+def reconstruction_stats(
+    model: ir.Model, analysis: Analysis, feeds: Iterable[Mapping[str, np.ndarray]]
+) -> dict[SpaceKey, np.ndarray]:
+    """Mean input-channel Gram ``X^T X / rows`` of each consumer of a prunable group."""
+    keys = sorted(
+        {c.input for group in analysis.prunable for c in group_consumers(model, analysis, group)}
+    )
+    if not keys:
+        return {}
+    names = sorted({k[0] for k in keys})
+    grams: dict[SpaceKey, np.ndarray] = {}
+    counts = dict.fromkeys(keys, 0)
+    for outputs in iter_intermediates(model, names, feeds):
+        for key in keys:
+            array = outputs[key[0]]
+            rows = np.moveaxis(array, key[1], 0).reshape(array.shape[key[1]], -1)
+            rows = rows.astype(np.float64)
+            gram = rows @ rows.T
+            grams[key] = grams[key] + gram if key in grams else gram
+            counts[key] += rows.shape[1]
+    return {k: grams[k] / max(counts[k], 1) for k in grams}

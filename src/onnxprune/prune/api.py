@@ -16,7 +16,7 @@ from onnxprune.errors import UsageError
 from onnxprune.io import load, save
 from onnxprune.metrics import output_metrics
 from onnxprune.passes.pipeline import canonicalize
-from onnxprune.prune.activations import activation_stats
+from onnxprune.prune.activations import activation_stats, reconstruction_stats
 from onnxprune.prune.analysis import analyze
 from onnxprune.prune.core import PruneOptions, PruneReport, prune_model
 from onnxprune.prune.recover import refit_consumers
@@ -26,6 +26,9 @@ __all__ = ["PruneFileResult", "prune_file"]
 
 #: Calibration samples used for statistics and refits (the rest are held out).
 FIT_SAMPLES = 128
+
+#: Criteria scored from calibration statistics.
+_DATA_CRITERIA = ("activation", "apoz", "reconstruction")
 
 
 @dataclasses.dataclass
@@ -112,7 +115,7 @@ def prune_file(
         raise UsageError(f"--iterative {iterative}: must be >= 1")
     if iterative > 1 and options.plan is not None:
         raise UsageError("--iterative cannot replay a --plan")
-    needs_data = reconstruct or options.criterion in ("activation", "apoz")
+    needs_data = reconstruct or options.criterion in _DATA_CRITERIA
     if needs_data and calib is None:
         wanted = "--reconstruct" if reconstruct else f"--criterion {options.criterion}"
         raise UsageError(f"--calib is required for {wanted}")
@@ -134,6 +137,8 @@ def prune_file(
         stats = None
         if options.criterion in ("activation", "apoz"):
             stats = activation_stats(model, analyze(model), feeds, options.criterion)
+        elif options.criterion == "reconstruction":
+            stats = reconstruction_stats(model, analyze(model), feeds)
         report = prune_model(model, step_options, stats, dims)
         steps.append(report)
         progress *= (

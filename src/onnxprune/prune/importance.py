@@ -10,6 +10,9 @@ Scores are per unit (a set of coupled channels) and comparable within a group:
 * ``activation``: mean ``|a|`` of the unit's channels in the outputs of the group's
   Conv/Gemm/MatMul producers on calibration data, normalized per tensor; ``apoz`` is the
   share of non-zero activations (1 - average percentage of zeros).
+* ``reconstruction``: ThiNet-style greedy removal order by the change of the next layers'
+  outputs on calibration data (see :mod:`onnxprune.prune.reconstruction`); groups without a
+  measured Conv/Gemm/MatMul consumer fall back to ``l2``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import onnx_ir as ir
 
 from onnxprune.prune.analysis import Analysis, Group
 from onnxprune.prune.channels import SpaceKey
+from onnxprune.prune.reconstruction import reconstruction_scores
 
 __all__ = ["CRITERIA", "group_scores", "slice_norms"]
 
-CRITERIA = ("l1", "l2", "bn", "activation", "apoz")
+CRITERIA = ("l1", "l2", "bn", "activation", "apoz", "reconstruction")
 
 
 def slice_norms(array: np.ndarray, axis: int, order: int) -> np.ndarray:
@@ -97,7 +101,11 @@ def group_scores(
     criterion: str,
     activation_stats: Mapping[SpaceKey, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Scores per prunable group (higher = more important) and notes on fallbacks."""
+    """Scores per prunable group (higher = more important) and notes on fallbacks.
+
+    ``activation_stats`` holds the criterion's calibration statistics: per-channel values
+    for ``activation`` / ``apoz``, consumer input Grams for ``reconstruction``.
+    """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     cache: dict[tuple[SpaceKey, int], np.ndarray] = {}
@@ -110,6 +118,8 @@ def group_scores(
             scores = _bn_group_scores(model, group, scales)
         elif criterion in ("activation", "apoz"):
             scores = _activation_group_scores(group, activation_stats or {})
+        elif criterion == "reconstruction":
+            scores = reconstruction_scores(model, analysis, group, activation_stats or {})
         if scores is None and criterion not in ("l1", "l2"):
             notes.append(f"group {group.id}: no {criterion} statistics, scored by l2")
         if scores is None:

@@ -41,7 +41,7 @@ from onnxprune.errors import UsageError
 from onnxprune.io import load
 from onnxprune.metrics import output_metrics
 from onnxprune.passes.pipeline import canonicalize
-from onnxprune.prune.activations import activation_stats
+from onnxprune.prune.activations import activation_stats, reconstruction_stats
 from onnxprune.prune.analysis import Analysis, Group, analyze
 from onnxprune.prune.apply import kept_indices, zero_units
 from onnxprune.prune.compensate import compensate_removed_inputs, expected_input
@@ -292,6 +292,8 @@ def sensitivity_file(
     stats = None
     if criterion in ("activation", "apoz"):
         stats = activation_stats(model, analyze(model), feeds, criterion)
+    elif criterion == "reconstruction":
+        stats = reconstruction_stats(model, analyze(model), feeds)
     result = measure_sensitivity(
         model,
         feeds,

@@ -1,0 +1,148 @@
+"""Reconstruction criterion: quadratic form, greedy order, dead units, wiring, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxprune.bundled import default_calibration, default_model, default_test_set
+from onnxprune.cli import main
+from onnxprune.prune import PruneOptions, analyze
+from onnxprune.prune.activations import reconstruction_stats
+from onnxprune.prune.api import prune_file
+from onnxprune.prune.core import prune_model
+from onnxprune.prune.importance import group_scores
+from onnxprune.prune.reconstruction import group_consumers
+from onnxprune.runtime import run_model
+from onnxprune.testing import model_from_text
+from prune_models import HEADER, conv_chain
+
+DEAD = (1, 5)
+
+
+def _mlp(hidden: int, seed: int, dead: tuple[int, ...] = ()) -> tuple[ir.Model, dict]:
+    """x -> Gemm -> Relu -> Gemm(transB, alpha=2); ``dead`` units never fire on |x| <= 1."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((4, hidden)).astype(np.float32)
+    b1 = rng.standard_normal(hidden).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((3, hidden)).astype(np.float32)
+    for u in dead:  # large weights, so l2 ranks them highest, but the ReLU is always off
+        w1[:, u] *= 10
+        w2[:, u] *= 10
+        b1[u] = -1000.0
+    text = f"""{HEADER}
+g (float[batch,4] x, float[4,{hidden}] w1, float[{hidden}] b1, float[3,{hidden}] w2,
+   float[3] b2) => (float[batch,3] y) {{
+  h = Gemm (x, w1, b1)
+  rh = Relu (h)
+  y = Gemm <transB=1, alpha=2.0> (rh, w2, b2)
+}}"""
+    weights = {"w1": w1, "b1": b1, "w2": w2, "b2": np.zeros(3, np.float32)}
+    return model_from_text(text, weights), weights
+
+
+def _feeds(seed: int, count: int = 4) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.uniform(-1, 1, (16, 4)).astype(np.float32)} for _ in range(count)]
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _hidden_and_weight(weights: dict, feeds: list) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden activations (rows) and the consumer weight as [hidden, out], in float64."""
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    h = np.maximum(x @ weights["w1"].astype(np.float64) + weights["b1"], 0)
+    return h, 2.0 * weights["w2"].T.astype(np.float64)
+
+
+def _change(h: np.ndarray, w: np.ndarray, removed: tuple[int, ...]) -> float:
+    r = list(removed)
+    return float(np.sum((h[:, r] @ w[r]) ** 2))
+
+
+def test_quadratic_form_is_the_output_change_and_greedy_matches_brute_force():
+    model, weights = _mlp(6, seed=3)
+    feeds = _feeds(0)
+    analysis = analyze(model)
+    (group,) = analysis.prunable
+    grams = reconstruction_stats(model, analysis, feeds)
+    assert set(grams) == {("rh", 1)}
+    (consumer,) = group_consumers(model, analysis, group)
+    h, w = _hidden_and_weight(weights, feeds)
+    m = grams[("rh", 1)] * (consumer.weight @ consumer.weight.T) * len(h)
+    # the quadratic form is the measured output change, for every pair (brute force)
+    for pair in itertools.combinations(range(6), 2):
+        ones = np.zeros(6)
+        ones[list(pair)] = 1
+        assert ones @ m @ ones == pytest.approx(_change(h, w, pair), rel=1e-6)
+    # the greedy order is the brute-force greedy on measured output changes
+    removed: tuple[int, ...] = ()
+    for _ in range(6):
+        rest = [u for u in range(6) if u not in removed]
+        removed = (*removed, min(rest, key=lambda u: _change(h, w, (*removed, u))))
+    scores, notes = group_scores(model, analysis, "reconstruction", grams)
+    assert not notes
+    assert [int(u) for u in np.argsort(scores[group.id])] == list(removed)
+
+
+def test_dead_units_go_first_and_beat_l2_on_held_out_data():
+    model, _ = _mlp(8, seed=0, dead=DEAD)
+    calib, held_out = _feeds(0), _feeds(1)
+    analysis = analyze(model)
+    (group,) = analysis.prunable
+    grams = reconstruction_stats(model, analysis, calib)
+    recon, _ = group_scores(model, analysis, "reconstruction", grams)
+    l2, _ = group_scores(model, analysis, "l2")
+    assert set(np.argsort(recon[group.id])[:2]) == set(DEAD)
+    assert set(np.argsort(l2[group.id])[-2:]) == set(DEAD)  # l2 keeps them longest
+
+    errors = {}
+    for criterion in ("l2", "reconstruction"):
+        pruned = _copy(model)
+        options = PruneOptions(ratio=0.25, criterion=criterion, compensate=False)
+        report = prune_model(pruned, options, grams if criterion == "reconstruction" else None)
+        kept = report.plan.keep[group.id]
+        assert len(kept) == 6
+        assert (not set(kept) & set(DEAD)) == (criterion == "reconstruction")
+        diffs = [run_model(pruned, f)["y"] - run_model(model, f)["y"] for f in held_out]
+        errors[criterion] = float(np.sqrt(sum(np.sum(d**2) for d in diffs)))
+    assert errors["reconstruction"] < 1e-4  # dead units contribute nothing
+    assert errors["l2"] > 0.1
+
+
+def test_digits_cnn_reconstruction_beats_l2(tmp_path: Path):
+    """Bundled digits CNN at 1.5x fewer MACs, no recovery: reconstruction keeps accuracy."""
+    test = np.load(default_test_set())
+    options = PruneOptions(target_macs=0.667, round_to=1, compensate=False)
+    accuracy = {}
+    for criterion in ("l2", "reconstruction"):
+        out = tmp_path / f"{criterion}.onnx"
+        result = prune_file(
+            default_model(),
+            out,
+            dataclasses.replace(options, criterion=criterion),
+            calib=default_calibration(),
+        )
+        assert not any("scored by l2" in n for n in result.steps[0].notes)
+        logits = run_model(str(out), {"input": test["input"]})["logits"]
+        accuracy[criterion] = float((logits.argmax(1) == test["label"]).mean())
+    assert accuracy["reconstruction"] > accuracy["l2"] + 0.02
+
+
+def test_cli_refuses_reconstruction_without_calib(tmp_path: Path, capsys):
+    model = tmp_path / "chain.onnx"
+    ir.save(conv_chain(), model)
+    out = tmp_path / "o.onnx"
+    args = ["prune", str(model), "-o", str(out), "--ratio", "0.5", "--criterion", "reconstruction"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--calib is required for --criterion reconstruction" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
