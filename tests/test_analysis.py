@@ -515,3 +515,33 @@ def test_torch_exported_resnet50() -> None:
     assert report.uncounted == [] and report.assumed_dims == {}
     # BN is folded into conv biases and identical (zero) biases are shared: close to torch's.
     assert report.total_params == pytest.approx(25.56e6, rel=0.005)
+
+
+def test_shapes_flow_through_fused_contrib_activations() -> None:
+    """Our activation fusions write com.microsoft Gelu/QuickGelu; onnx's shape inference
+    does not know them, which once left every later MatMul uncounted (and unprunable)."""
+    import onnx_ir as ir
+
+    from onnxprune.analysis.macs import count_costs
+
+    text = """
+    <ir_version: 10, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g (float[batch, 16, 8] x, float[8, 32] w1, float[32, 8] w2) => (float[batch, 16, 8] y) {
+      h = MatMul (x, w1)
+      a = com.microsoft.Gelu (h)
+      q = com.microsoft.QuickGelu <alpha=1.0> (a)
+      y = MatMul (q, w2)
+    }
+    """
+    rng = np.random.default_rng(0)
+    model = model_from_text(
+        text,
+        {
+            "w1": rng.standard_normal((8, 32)).astype(np.float32),
+            "w2": rng.standard_normal((32, 8)).astype(np.float32),
+        },
+    )
+    costs = count_costs(model, dims={"batch": 1})
+    assert not costs.uncounted
+    assert costs.total_macs == 2 * 16 * 8 * 32
+    assert isinstance(model, ir.Model)

@@ -160,7 +160,33 @@ def _stripped_proto(model: ir.Model) -> tuple[onnx.ModelProto, list[str]]:
     for name, array in read.items():
         proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
     _type_from_tensors(proto.graph, extra_inputs)
+    _stand_in_for_contrib_ops(proto.graph)
     return proto, [v.name for v in stripped if v.name is not None]
+
+
+#: onnxruntime contrib ops that onnx's shape inference does not know, and the standard op
+#: with the same output shape used in their place *for inference only* (input 0 keeps its
+#: shape; BiasGelu adds a broadcast bias, like Add).
+_CONTRIB_STAND_INS = {
+    "Gelu": ("Identity", 1),
+    "QuickGelu": ("Identity", 1),
+    "FastGelu": ("Identity", 1),
+    "BiasGelu": ("Add", 2),
+}
+
+
+def _stand_in_for_contrib_ops(graph: onnx.GraphProto) -> None:
+    """Replace shape-preserving com.microsoft activations (as written by our fusions) by
+    standard ops with the same output shape, so inference continues past them."""
+    for node in graph.node:
+        if node.domain != "com.microsoft" or node.op_type not in _CONTRIB_STAND_INS:
+            continue
+        op_type, arity = _CONTRIB_STAND_INS[node.op_type]
+        inputs = list(node.input)[:arity]
+        node.op_type, node.domain = op_type, ""
+        del node.input[:]
+        node.input.extend(inputs)
+        del node.attribute[:]
 
 
 def _type_from_tensors(graph: onnx.GraphProto, values: Iterable[ir.Value]) -> None:
