@@ -7,6 +7,7 @@ import logging
 
 from onnxprune.commands.common import write_json
 from onnxprune.quant import METHODS, MODES, TARGETS, quantize_file
+from onnxprune.quant.bias import BIAS_MODES
 from onnxprune.quant.vnni import REMEDIES
 
 __all__ = ["register", "run"]
@@ -44,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="SmoothQuant before static quantization: auto (0.5 for MatMul-heavy models), "
         "off, or alpha in [0, 1]",
     )
+    parser.add_argument(
+        "--bias-correction",
+        default="auto",
+        help="subtract each layer's mean int8 error per channel from its bias (static mode): "
+        f"{', '.join(BIAS_MODES)}; auto keeps it only if the output SQNR improves",
+    )
     parser.add_argument("--max-samples", type=int, help="use at most N calibration samples")
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
     parser.set_defaults(run=run)
@@ -64,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         u8s8=args.u8s8,
         max_samples=args.max_samples,
         smooth=args.smoothquant,
+        bias_correction=args.bias_correction,
     )
     print(result.summary())
     if args.report:

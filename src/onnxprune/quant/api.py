@@ -3,7 +3,8 @@
 Flow: load -> refuse already-quantized models -> canonicalize (fold BatchNorm/affine first,
 so folded weights are quantized once) -> opset >= 13 -> calibrate -> choose the u8s8 remedy
 -> build -> compare with the float model on the calibration feeds (onnxruntime optimizations
-on, the kernels users get) -> keep layers float for ``--budget`` -> save atomically.
+on, the kernels users get) -> bias correction (kept in ``auto`` only if the output SQNR
+improves) -> keep layers float for ``--budget`` -> save atomically.
 
 A collapsed result (output SQNR < 0 dB or a constant output) raises BudgetError and nothing
 is written; so does an unreachable budget.
@@ -33,6 +34,7 @@ from onnxprune.quant.analysis import (
     is_collapsed,
     reference_outputs,
 )
+from onnxprune.quant.bias import BIAS_MODES, correct_biases
 from onnxprune.quant.calibrate import METHODS
 from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
 from onnxprune.quant.mixed import rank_harm, search_budget
@@ -66,6 +68,7 @@ class _Request:
     budget: Tolerance | None
     u8s8: str
     smooth: float | str | None = None
+    bias_correction: str = "auto"
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
@@ -79,6 +82,7 @@ def _validate(request: _Request, model: ir.Model) -> None:
     _check_choice("--target", request.target, TARGETS)
     _check_choice("--dtype", request.dtype, DTYPES)
     _check_choice("--u8s8", request.u8s8, REMEDIES)
+    _check_choice("--bias-correction", request.bias_correction, BIAS_MODES)
     names = {n.name for n in model.graph}
     if request.smooth not in (None, "auto", "off"):
         try:
@@ -157,6 +161,38 @@ def _smooth_alpha(smooth: float | str | None, model: ir.Model) -> tuple[float | 
     return None, "auto: not a MatMul-heavy model"
 
 
+def _min_sqnr(metrics: Mapping[str, Mapping[str, float | None]]) -> float:
+    return min(float(m["sqnr_db"] or 0.0) for m in metrics.values())
+
+
+def _bias_correction(
+    request: _Request,
+    model: ir.Model,
+    built: tuple[ir.Model, dict[str, dict]],
+    *,
+    nodes: Sequence[str],
+    feeds: list,
+    reference: Reference,
+) -> tuple[ir.Model, dict[str, dict], dict[str, Any]]:
+    """Bias correction (:mod:`onnxprune.quant.bias`): ``on`` keeps it, ``auto`` only when
+    the worst output SQNR on the calibration feeds improves, ``off`` skips it."""
+    quantized, metrics = built
+    info: dict[str, Any] = {"mode": request.bias_correction}
+    if request.bias_correction == "off":
+        return quantized, metrics, {**info, "applied": False, "reason": "off"}
+    corrected = copy_model(quantized)
+    info.update(correct_biases(model, corrected, nodes, feeds))
+    if not info["corrected"]:
+        return quantized, metrics, {**info, "applied": False, "reason": "no layer to correct"}
+    new_metrics = compare_outputs(reference, corrected, feeds)
+    before, after = _min_sqnr(metrics), _min_sqnr(new_metrics)
+    info["sqnr_db_without"], info["sqnr_db_with"] = before, after
+    if request.bias_correction == "on" or after > before:
+        reason = "on" if request.bias_correction == "on" else "auto: output SQNR improved"
+        return corrected, new_metrics, {**info, "applied": True, "reason": reason}
+    return quantized, metrics, {**info, "applied": False, "reason": "auto: no SQNR gain"}
+
+
 def _static(
     request: _Request, model: ir.Model, feeds: list, reference: Reference, info: dict[str, Any]
 ) -> tuple[ir.Model, dict[str, dict]]:
@@ -183,15 +219,21 @@ def _static(
     info["u8s8"] = choice.to_dict()
     quantized, metrics = _chosen_model(choice, build, reference, feeds)
     info["plan"] = summaries[choice.remedy]
-    # Which layers cost the most SQNR (their own quantization, not inherited error).
-    ranking = rank_harm(
-        model, quantized, quantizer.plan(request.exclude).nodes, feeds[:_RANK_FEEDS]
+    nodes = quantizer.plan(request.exclude).nodes
+    quantized, metrics, info["bias_correction"] = _bias_correction(
+        request, model, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
     )
+    correct = bool(info["bias_correction"]["applied"])
+    # Which layers cost the most SQNR (their own quantization, not inherited error).
+    ranking = rank_harm(model, quantized, nodes, feeds[:_RANK_FEEDS])
     info["worst_layers_harm_db"] = dict(ranking[:10])
     if request.budget is not None and request.budget.violations(metrics):
 
         def build_kept(kept: Sequence[str]) -> tuple[ir.Model, dict, dict]:
-            candidate, plan_summary = quantizer.build((*request.exclude, *kept), choice.remedy)
+            skip = (*request.exclude, *kept)
+            candidate, plan_summary = quantizer.build(skip, choice.remedy)
+            if correct:
+                correct_biases(model, candidate, quantizer.plan(skip).nodes, feeds)
             return candidate, plan_summary, compare_outputs(reference, candidate, feeds)
 
         found = search_budget(build_kept, [name for name, _ in ranking], request.budget)
@@ -261,6 +303,7 @@ def quantize_file(
     u8s8: str = "auto",
     max_samples: int | None = None,
     smooth: float | str | None = "auto",
+    bias_correction: str = "auto",
 ) -> QuantizeResult:
     """Quantize ``model_path`` into ``output_path`` (the input file is never modified).
 
@@ -281,6 +324,9 @@ def quantize_file(
         max_samples: Use at most this many calibration samples.
         smooth: SmoothQuant for static mode: alpha in [0, 1], ``"auto"`` (0.5 for
             MatMul-heavy models) or None/``"off"``.
+        bias_correction: Static mode: subtract each layer's mean quantization error per
+            output channel from its bias: ``on``, ``off`` or ``auto`` (kept only when the
+            worst output SQNR on the calibration data improves).
 
     Raises:
         UsageError: bad options, an already quantized model (exit 2).
@@ -297,6 +343,7 @@ def quantize_file(
         parse_tolerance(budget) if budget else None,
         u8s8,
         smooth,
+        bias_correction,
     )
     model = load(model_path)
     refuse_quantized(model)
