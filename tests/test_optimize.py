@@ -22,7 +22,7 @@ def test_main_job_on_bundled_model(tmp_path: Path, capsys):
             "--preset",
             "cpu-prune",
             "--bench-seconds",
-            "1",
+            "2",
             "--report",
             str(report),
         ]
@@ -46,7 +46,7 @@ def test_impossible_budget_exits_1_and_writes_nothing(tmp_path: Path, capsys):
         "budget: cosine>=1.5\nsteps:\n  - canonicalize: {}\n  - prune: {ratio: 0.5}\n"
     )
     out = tmp_path / "o.onnx"
-    code = main(["optimize", "-o", str(out), "--recipe", str(recipe), "--bench-seconds", "1"])
+    code = main(["optimize", "-o", str(out), "--recipe", str(recipe), "--bench-seconds", "0"])
     err = capsys.readouterr().err
     assert code == 1
     assert "budget 'cosine>=1.5' not met" in err and "nothing written" in err
@@ -59,7 +59,7 @@ def test_step_that_misses_budget_backs_off_then_is_skipped(tmp_path: Path, capsy
         "budget: sqnr_db>=80\nsteps:\n  - canonicalize: {}\n  - prune: {ratio: 0.8}\n"
     )
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    args = ["optimize", "-o", str(out), "--recipe", str(recipe), "--bench-seconds", "1"]
+    args = ["optimize", "-o", str(out), "--recipe", str(recipe), "--bench-seconds", "0"]
     code = main([*args, "--report", str(report)])
     capsys.readouterr()
     steps = json.loads(report.read_text())["steps"] if code == 0 else []
@@ -135,7 +135,7 @@ def test_missing_output_folder_fails_before_work(tmp_path: Path, capsys):
 def test_default_main_job_runs_every_step_or_says_why(tmp_path: Path, capsys):
     """The README's first command: default preset on the bundled model."""
     out, report = tmp_path / "d.onnx", tmp_path / "r.json"
-    code = main(["optimize", "-o", str(out), "--bench-seconds", "1", "--report", str(report)])
+    code = main(["optimize", "-o", str(out), "--bench-seconds", "2", "--report", str(report)])
     assert code == 0, capsys.readouterr().err
     steps = json.loads(report.read_text())["steps"]
     assert [s["name"] for s in steps] == ["canonicalize", "prune", "quantize"]

@@ -36,7 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--provider", help="cpu, cuda or tensorrt (default from the recipe)")
     parser.add_argument("--eval", dest="eval_set", help=".npz with inputs and 'label'")
     parser.add_argument("--threads", type=int, default=2, help="threads for the benchmark")
-    parser.add_argument("--bench-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--bench-seconds",
+        type=float,
+        default=10.0,
+        help="benchmark time (default 10); 0 skips the latency check (the report says so)",
+    )
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
     parser.add_argument(
         "--variants",
