@@ -45,7 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--round-to", type=int, default=8, help="rank multiple (8)")
     parser.add_argument("--margin", type=float, default=0.9, help="max factored/dense cost")
     parser.add_argument(
-        "--latency-check", action="store_true", help="keep layers that are not measured faster"
+        "--latency-check",
+        action="store_true",
+        help="also time MatMul/Gemm factorizations; keep layers that are not measured faster",
+    )
+    parser.add_argument(
+        "--no-conv-latency-check",
+        action="store_true",
+        help="do not time conv decompositions (on by default: a conv is kept unless its "
+        "decomposed chain measures at least 5%% faster at the layer's input shape)",
     )
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
     add_dims_option(parser)
@@ -69,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> LowRankConfig:
         round_to=args.round_to,
         margin=args.margin,
         latency_check=args.latency_check,
+        conv_latency_check=not args.no_conv_latency_check,
         dims=parse_dims(args.dim),
     )
 

@@ -17,7 +17,7 @@ from onnxprune.io import load, save
 from onnxprune.lowrank.config import LowRankConfig
 from onnxprune.lowrank.factorize import FactorizePass, LayerRecord, linear_inputs
 from onnxprune.lowrank.fold import FoldLinearPass
-from onnxprune.lowrank.latency import LatencyProbe
+from onnxprune.lowrank.latency import ConvLatencyProbe, LatencyProbe
 from onnxprune.lowrank.report import LowRankResult, measure_fidelity
 from onnxprune.lowrank.whiten import InputStats, collect_input_stats
 from onnxprune.passes._match import label
@@ -64,6 +64,7 @@ def lowrank_model(
     *,
     calib: CalibrationData | None = None,
     latency_probe: LatencyProbe | None = None,
+    conv_probe: ConvLatencyProbe | None = None,
 ) -> LowRankOutcome:
     """Factorize (and optionally fold) ``model`` in place.
 
@@ -78,7 +79,7 @@ def lowrank_model(
     shared = float("nan")
     if config.factorize:
         stats = _statistics(model, config, calib)
-        factor_pass = FactorizePass(config, stats, latency_probe)
+        factor_pass = FactorizePass(config, stats, latency_probe, conv_probe)
         factorize = factor_pass(model)
         layers, shared = factor_pass.layers, factor_pass.shared_energy
     if config.fold:

@@ -30,6 +30,7 @@ import onnx_ir as ir
 from onnxprune.lowrank._candidate import Candidate, Ranks
 from onnxprune.lowrank._emit import Step, replace_with_chain
 from onnxprune.lowrank._linalg import svd
+from onnxprune.lowrank.latency import conv_probe_models
 from onnxprune.passes._match import (
     attr,
     const_array,
@@ -70,15 +71,32 @@ class ConvCandidate(Candidate):
             return c * r_in + r_out * r_in * kh * kw + r_out * o
         return c * ranks[0] * (kh * kw + o)
 
+    def chain(self, ranks: Ranks) -> list[tuple[np.ndarray, dict]]:
+        """``(weight, attributes)`` of each conv of the factored chain (no ``kernel_shape``)."""
+        assert self.w is not None
+        specs = getattr(self, f"_{self.kind}")(ranks)
+        return [(w.astype(self.w.dtype), a) for w, a in specs]
+
+    def probe_models(self, ranks: Ranks, x_shape: list[int]) -> tuple:
+        """Standalone ``(original, factored)`` onnx models of this layer for input ``x_shape``."""
+        assert self.w is not None
+        dense = (
+            self.w,
+            {
+                "pads": list(self.pads),
+                "strides": list(self.strides),
+                "dilations": list(self.dilations),
+            },
+        )
+        bias_value = self.node.inputs[2] if len(self.node.inputs) > 2 else None
+        bias = const_array(bias_value)
+        return conv_probe_models(dense, self.chain(ranks), bias, x_shape)
+
     def apply(self, graph: ir.Graph, ranks: Ranks) -> str:
         assert self.w is not None and self.weight is not None
-        dtype = self.w.dtype
-        specs = getattr(self, f"_{self.kind}")(ranks)
+        specs = self.chain(ranks)
         bias = list(self.node.inputs[2:3])
-        steps = [
-            Step("Conv", w.astype(dtype), [], {"kernel_shape": list(w.shape[2:]), **a})
-            for w, a in specs
-        ]
+        steps = [Step("Conv", w, [], {"kernel_shape": list(w.shape[2:]), **a}) for w, a in specs]
         steps[-1].extra = bias
         replace_with_chain(graph, self.node, self.node.inputs[0], steps, kind=self.kind)  # type: ignore[arg-type]
         drop_if_unused(graph, self.weight)

@@ -5,7 +5,8 @@ Rewrites MatMul/Gemm layers with a constant 2-D weight into two chained products
 :mod:`onnxprune.lowrank.whiten`) and, when a conv scheme is chosen, 2-D convolutions
 (:mod:`onnxprune.lowrank.conv`). Ranks come from :mod:`onnxprune.lowrank.plan`. Each layer
 ends up either changed (with its ranks) or skipped with the reason: excluded, not
-applicable, saves no work, or (with ``latency_check``) not measurably faster.
+applicable, saves no work, or not measurably faster (linear layers with ``latency_check``;
+conv layers unless ``conv_latency_check`` is off).
 
 A second run changes nothing: the nodes it wrote carry node metadata
 ``onnxprune.lowrank`` and are skipped as factors already.
@@ -20,11 +21,17 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.analysis import count_costs
+from onnxprune.analysis import count_costs, infer_shapes
 from onnxprune.lowrank._candidate import FACTOR_KEY, Candidate, Ranks
 from onnxprune.lowrank.config import LowRankConfig
-from onnxprune.lowrank.conv import conv_candidate
-from onnxprune.lowrank.latency import LatencyProbe, measure_linear
+from onnxprune.lowrank.conv import ConvCandidate, conv_candidate
+from onnxprune.lowrank.latency import (
+    SPEEDUP_MARGIN,
+    ConvLatencyProbe,
+    LatencyProbe,
+    measure_conv,
+    measure_linear,
+)
 from onnxprune.lowrank.plan import plan_ranks
 from onnxprune.lowrank.svd import LinearCandidate, linear_candidate, linear_weight
 from onnxprune.lowrank.whiten import InputStats
@@ -80,10 +87,13 @@ class FactorizePass(Pass):
         config: LowRankConfig,
         stats: Mapping[str, InputStats] | None = None,
         latency_probe: LatencyProbe | None = None,
+        conv_probe: ConvLatencyProbe | None = None,
     ) -> None:
         self.config = config
         self.stats = dict(stats or {})
         self.latency_probe = latency_probe
+        self.conv_probe = conv_probe
+        self.input_shapes: dict[int, list[int]] = {}
         self.layers: list[LayerRecord] = []
         self.shared_energy = float("nan")
 
@@ -120,7 +130,48 @@ class FactorizePass(Pass):
             if macs:
                 cand.positions = max(1, macs // cand.dense_params)
 
+    def _set_input_shapes(self, model: ir.Model, cands: list[Candidate]) -> None:
+        """Static input shape of each conv candidate, symbolic dims bound (``dims``, else 1)."""
+        bound = dict(self.config.dims)
+        for value in model.graph.inputs:
+            for dim in value.shape or ():
+                if not isinstance(dim, int) and dim.value is not None:
+                    bound.setdefault(str(dim.value), 1)
+        inferred = infer_shapes(model, dims=bound)
+        by_index = {id(node): i for i, node in enumerate(model.graph)}
+        nodes = list(inferred.graph)
+        for cand in cands:
+            shape = nodes[by_index[id(cand.node)]].inputs[0].shape  # type: ignore[union-attr]
+            if shape is not None:
+                dims = [d if isinstance(d, int) else bound.get(str(d.value), 1) for d in shape]
+                self.input_shapes[id(cand.node)] = dims
+
+    def _conv_latency_skip(
+        self, cand: ConvCandidate, ranks: Ranks, record: LayerRecord
+    ) -> str | None:
+        if not self.config.check_conv_latency:
+            return None
+        shape = self.input_shapes.get(id(cand.node))
+        if shape is None:
+            return None  # unknown input rank: nothing sensible to time
+        dense, factored = cand.probe_models(ranks, shape)
+        if self.conv_probe is not None:
+            dense_ms, factored_ms = self.conv_probe(dense, factored)
+        else:
+            dense_ms, factored_ms = measure_conv(
+                dense, factored, threads=self.config.latency_threads
+            )
+        record.latency_ms = [dense_ms, factored_ms]
+        if factored_ms <= dense_ms * (1.0 - SPEEDUP_MARGIN):
+            return None
+        return (
+            f"measured {factored_ms:.3g} ms factorized vs {dense_ms:.3g} ms original: no "
+            f"speedup (needs {SPEEDUP_MARGIN:.0%} faster, input {'x'.join(map(str, shape))})"
+        )
+
     def _latency_skip(self, cand: Candidate, ranks: Ranks, record: LayerRecord) -> str | None:
+        if isinstance(cand, ConvCandidate):
+            return self._conv_latency_skip(cand, ranks, record)
         if not (self.config.latency_check and isinstance(cand, LinearCandidate)):
             return None
         m, n = cand.shape
@@ -138,6 +189,8 @@ class FactorizePass(Pass):
         cands = self._candidates(model, report)
         if cands and (self.config.target_macs is not None or self.config.latency_check):
             self._set_positions(model, cands)
+        if self.config.check_conv_latency and any(isinstance(c, ConvCandidate) for c in cands):
+            self._set_input_shapes(model, [c for c in cands if isinstance(c, ConvCandidate)])
         plans, self.shared_energy = plan_ranks(cands, self.config)
         for plan in plans:
             cand, ranks = plan.candidate, plan.ranks
