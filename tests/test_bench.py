@@ -240,3 +240,30 @@ def test_cuda_uses_io_binding(mlp: Path) -> None:
     assert result.settings.execution == "io_binding (device)"
     assert result.models[1].fidelity_to_first is not None
     assert result.models[1].fidelity_to_first["y"]["cosine"] == pytest.approx(1.0)
+
+
+def test_block_mode_records_one_latency_per_round_and_says_so(tmp_path, capsys):
+    """--block N runs each model N times per round; the JSON states the method."""
+    import json as _json
+
+    from onnxprune.testing import model_from_text
+
+    model = model_from_text(
+        """
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[1, 8] x) => (float[1, 8] y) { y = Relu (x) }
+        """
+    )
+    path = tmp_path / "m.onnx"
+    import onnx_ir as ir
+
+    ir.save(model, path)
+    out = tmp_path / "r.json"
+    args = ["bench", str(path), str(path), "--runs", "7", "--warmup", "1", "--block", "3"]
+    assert main([*args, "--json", str(out)]) == 0
+    data = _json.loads(out.read_text())
+    assert data["settings"]["block"] == 3
+    assert "3 consecutive run(s) per model" in data["method"]["interleaving"]
+    assert all(len(m["latencies_ms"]) == 7 for m in data["models"])
+    assert main(["bench", str(path), "--runs", "2", "--block", "0"]) == 2
+    assert "--block 0: must be >= 1" in capsys.readouterr().err

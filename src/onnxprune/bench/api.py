@@ -98,6 +98,7 @@ class BenchSettings:
     input_source: str
     seed: int
     shuffle: bool
+    block: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,9 +117,11 @@ class BenchResult:
             "schema": BENCH_SCHEMA,
             "method": {
                 "timer": "time.perf_counter_ns around one run call",
-                "interleaving": "rounds of one run per model, order shuffled per round (seeded)"
-                if self.settings.shuffle
-                else "rounds of one run per model, fixed order",
+                "interleaving": (
+                    f"rounds of {self.settings.block} consecutive run(s) per model (a block's "
+                    "median is the round's latency), order "
+                    + ("shuffled per round (seeded)" if self.settings.shuffle else "fixed")
+                ),
                 "ratio": "median_i / median_0 (first model is the reference)",
                 "ratio_ci": BOOTSTRAP_METHOD,
                 "paired_ratio": "median over rounds of candidate_k / reference_k",
@@ -187,6 +190,7 @@ def benchmark(
     seed: int = 0,
     shuffle: bool = True,
     show_progress: bool | None = None,
+    block: int = 1,
 ) -> BenchResult:
     """Benchmark ``models`` interleaved; the first is the reference for ratios.
 
@@ -204,6 +208,8 @@ def benchmark(
         seconds: Measure for about this long instead of a fixed number of rounds.
         seed: Seed of the generated inputs, the round order and the bootstrap.
         shuffle: Shuffle the model order within each round.
+        block: Consecutive runs per model per round (median recorded); 1 alternates single
+            runs, larger blocks measure the warm steady state of large models.
         show_progress: Force the progress bar on/off (default: when stderr is a terminal).
 
     Raises:
@@ -214,6 +220,8 @@ def benchmark(
     if not models:
         raise UsageError("no models to benchmark")
     _check_count(runs, seconds, warmup)
+    if block < 1:
+        raise UsageError(f"--block {block}: must be >= 1")
     if runs is None and seconds is None:
         runs = _DEFAULT_RUNS
     resolved = resolve_provider(provider)
@@ -248,6 +256,7 @@ def benchmark(
         seed=seed,
         shuffle=shuffle,
         show_progress=show_progress,
+        block=block,
     )
     settings = BenchSettings(
         provider=resolved,
@@ -266,6 +275,7 @@ def benchmark(
         else f"synthetic (onnxprune.feeds, seed {seed})",
         seed=seed,
         shuffle=shuffle,
+        block=block,
     )
     results = _results(paths, feeds, prepared, latencies, batch=batch, seed=seed)
     return BenchResult(results, settings, system_info())

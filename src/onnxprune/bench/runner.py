@@ -163,11 +163,16 @@ def measure(
     shuffle: bool = True,
     min_rounds: int = 5,
     show_progress: bool | None = None,
+    block: int = 1,
 ) -> list[list[float]]:
     """Warm up, then time interleaved rounds; latencies in ms per model, one per round.
 
     Stops after ``runs`` rounds, or once ``seconds`` of measuring have elapsed (checked after
     each round, never fewer than ``min_rounds``). Updates ``prepared.memory`` peak RSS.
+    With ``block > 1`` each model runs ``block`` times in a row within a round and the
+    round's latency is the median of the block: single runs alternating between large
+    models start each run with the other model's weights in cache, while a deployed model
+    runs warm; blocks keep the pairing and measure the warm steady state.
     """
     runners = prepared.runners
     rng = np.random.default_rng(seed)
@@ -183,10 +188,12 @@ def measure(
             if shuffle:
                 rng.shuffle(order)
             for i in order:
-                start = time.perf_counter_ns()
-                runners[i]()
-                elapsed = time.perf_counter_ns() - start
-                latencies[i].append(elapsed / 1e6)
+                times = []
+                for _ in range(block):
+                    start = time.perf_counter_ns()
+                    runners[i]()
+                    times.append((time.perf_counter_ns() - start) / 1e6)
+                latencies[i].append(float(np.median(times)))
                 if probe:
                     rss = probe()
                     peak = prepared.memory[i].peak_rss_bytes

@@ -57,6 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-shuffle", action="store_true", help="keep the model order fixed in each round"
     )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N consecutive runs per model per round, median recorded (default 1); use 5-10 "
+        "for models whose weights exceed the CPU cache, to time them warm",
+    )
     parser.add_argument("--json", metavar="OUT", help="write the onnxprune.bench/1 JSON report")
     parser.add_argument("--markdown", metavar="OUT", help="write the Markdown report")
     parser.add_argument("--plot", metavar="OUT.png", help="write a PNG plot (needs matplotlib)")
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         seed=args.seed,
         shuffle=not args.no_shuffle,
+        block=args.block,
     )
     markdown = bench_markdown(result)
     if args.json:
