@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from onnxprune.reporting import json_safe
 
 __all__ = ["QuantizeResult", "file_bytes", "worst"]
 
@@ -32,16 +33,6 @@ def worst(metrics: Mapping[str, Mapping[str, float | None]]) -> dict[str, float 
         "top1_agreement": pick("top1_agreement", True),
         "max_abs_error": pick("max_abs_error", False),
     }
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 @dataclasses.dataclass
@@ -77,7 +68,7 @@ class QuantizeResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite floats as strings)."""
         payload = {"schema": "onnxprune.quantize/1", **dataclasses.asdict(self)}
-        return _finite(payload)
+        return json_safe(payload)
 
     def summary(self) -> str:
         """A few human-readable lines."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
+
+from onnxprune.reporting import json_safe
 
 __all__ = ["SCHEMA", "SPEEDUP_NOTE", "LayerResult", "SparsifyResult"]
 
@@ -53,17 +54,6 @@ class LayerResult:
         return data
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no inf/nan: write them as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 @dataclasses.dataclass
 class SparsifyResult:
     """Report of :func:`onnxprune.sparsity.sparsify_file` (``to_dict()`` is the JSON)."""
@@ -87,7 +77,7 @@ class SparsifyResult:
         return sum(layer.zeros for layer in self.layers) / total if total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite(
+        return json_safe(
             {
                 "schema": SCHEMA,
                 "input": self.input,
