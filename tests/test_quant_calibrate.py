@@ -90,3 +90,42 @@ def test_minus_inf_mask_gives_finite_scale():
     lo, hi = calibrator.ranges()["mask"]
     params = activation_qparams(lo, hi)
     assert np.isfinite(params.scale) and params.scale > 0 and math.isfinite(lo)
+
+
+def test_chunking_by_byte_budget_gives_the_same_ranges(tmp_path, monkeypatch):
+    # One chunk (one pass over the feeds) for a small model; with a 1-byte budget every
+    # tensor is its own chunk (one pass each). The statistics must not depend on it.
+    from onnxprune.intermediates import budget_chunks
+    from onnxprune.quant import core
+    from onnxprune.quant.testing import conv_net
+
+    model = conv_net()
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
+    names = core.StaticQuantizer(model, core.QuantOptions()).full_plan.activations
+    assert len(names) > 3
+    assert budget_chunks(model, names, feeds) == [names]
+    assert budget_chunks(model, names, feeds, budget=1) == [[n] for n in names]
+    ranges = {}
+    for budget in (core.CHUNK_BUDGET, 1):
+        monkeypatch.setattr(core, "CHUNK_BUDGET", budget)
+        quantizer = core.StaticQuantizer(model, core.QuantOptions(method="entropy"))
+        quantizer.calibrate(feeds)
+        ranges[budget] = quantizer.ranges
+    assert ranges[1] == ranges[core.CHUNK_BUDGET]
+
+
+def test_budget_probe_uses_the_largest_feed():
+    # Feeds of varying shape: sizes are measured on the largest one, so a budget that fits
+    # the small feed's tensors but not the large one's splits the names.
+    from onnxprune.intermediates import budget_chunks
+    from onnxprune.quant.testing import matmul_net
+
+    model = matmul_net(np.ones((4, 4), np.float32))
+    small = {"x": np.ones((1, 2, 4), np.float32)}
+    large = {"x": np.ones((1, 64, 4), np.float32)}
+    names = ["x", "y"]
+    budget = 64 * 4 * 4 + 8  # room for one large tensor (x or y), for both small ones
+    assert budget_chunks(model, names, [small]) == [names]
+    assert budget_chunks(model, names, [small], budget=budget) == [names]
+    assert budget_chunks(model, names, [small, large], budget=budget) == [["x"], ["y"]]

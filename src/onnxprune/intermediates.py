@@ -3,7 +3,9 @@
 The model is saved (atomically, via :func:`onnxprune.io.save`) into a temporary folder with
 the requested values added as graph outputs, and the in-memory model is restored at once.
 Feeds are processed one at a time, so memory is bounded by one feed's intermediates; callers
-that need many tensors on large models request them in chunks.
+that need many tensors on large models request them in chunks, which :func:`budget_chunks`
+sizes from a probe run so that one chunk of one feed stays under a byte budget (a small model
+then takes one pass over the feeds instead of one per fixed-size chunk).
 
 :func:`iter_intermediates` is the usual entry point; :func:`session_with_outputs` gives the
 onnxruntime session itself, for callers that run several models in lockstep.
@@ -23,7 +25,10 @@ import onnxruntime as ort
 from onnxprune.io import save
 from onnxprune.runtime import make_session
 
-__all__ = ["iter_intermediates", "session_with_outputs"]
+__all__ = ["DEFAULT_BUDGET", "budget_chunks", "iter_intermediates", "session_with_outputs"]
+
+DEFAULT_BUDGET = 512 * 2**20
+_PROBE_CHUNK = 64
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
@@ -86,3 +91,40 @@ def iter_intermediates(
                 if name in inputs:
                     result[name] = np.asarray(feed[name])
             yield result
+
+
+def _elements(feed: Mapping[str, np.ndarray]) -> int:
+    return sum(int(np.asarray(a).size) for a in feed.values())
+
+
+def budget_chunks(
+    model: ir.Model,
+    names: Sequence[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    budget: int = DEFAULT_BUDGET,
+) -> list[list[str]]:
+    """Split ``names`` into consecutive chunks whose tensors for one feed fit ``budget`` bytes.
+
+    Sizes come from running the largest feed (by input elements; with feeds of varying shape,
+    e.g. token lengths, the activations grow with the inputs), in chunks of 64 names, the
+    probe's own memory bound. A tensor larger than the budget gets a chunk of its own.
+    """
+    if not names or not feeds:
+        return [list(names)] if names else []
+    probe = max(feeds, key=_elements)
+    sizes: dict[str, int] = {}
+    for start in range(0, len(names), _PROBE_CHUNK):
+        chunk = names[start : start + _PROBE_CHUNK]
+        for values in iter_intermediates(model, chunk, [probe]):
+            sizes.update({n: int(a.nbytes) for n, a in values.items()})
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        size = sizes.get(name, 0)
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return chunks

@@ -80,19 +80,21 @@ class TensorStats:
         x = np.asarray(array)
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float32)
-        finite_mask = np.isfinite(x)
-        finite = x[finite_mask] if not finite_mask.all() else x.ravel()
-        if finite.size != x.size:
+        finite = x.ravel()
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN propagates through min/max
+            finite = finite[np.isfinite(finite)]
             nan = int(np.isnan(x).sum())
             self.nan += nan
             self.inf += x.size - finite.size - nan
+            if finite.size:
+                lo, hi = float(finite.min()), float(finite.max())
         if finite.size == 0:
             return
         self.count += finite.size
-        lo, hi = float(finite.min()), float(finite.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         if self.with_histogram:
-            self._add_histogram(np.abs(finite.astype(np.float32)), max(-lo, hi))
+            self._add_histogram(np.abs(finite, dtype=np.float32), max(-lo, hi))
 
     def _add_histogram(self, magnitudes: np.ndarray, peak: float) -> None:
         if peak <= 0:
@@ -109,7 +111,8 @@ class TensorStats:
                 [self.hist.reshape(-1, 2).sum(axis=1), np.zeros(HIST_BINS // 2, np.int64)]
             )
             self.edge *= 2.0
-        index = (magnitudes * np.float32(HIST_BINS / self.edge)).astype(np.int64)
+        np.multiply(magnitudes, np.float32(HIST_BINS / self.edge), out=magnitudes)
+        index = magnitudes.astype(np.intp)
         np.minimum(index, HIST_BINS - 1, out=index)
         self.hist += np.bincount(index, minlength=HIST_BINS)
 

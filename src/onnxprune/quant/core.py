@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.intermediates import iter_intermediates
+from onnxprune.intermediates import budget_chunks, iter_intermediates
 from onnxprune.quant.calibrate import Calibrator
 from onnxprune.quant.params import QParams, activation_qparams, weight_qparams
 from onnxprune.quant.placement import QuantPlan, plan_quantization
@@ -26,7 +27,7 @@ __all__ = ["QuantOptions", "StaticQuantizer", "copy_model"]
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 64
+CHUNK_BUDGET = 256 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,22 +65,37 @@ class StaticQuantizer:
         self.non_float: list[str] = []
 
     def calibrate(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
-        """Stream ``feeds`` through the model and fix every planned tensor's range."""
+        """Stream ``feeds`` through the model and fix every planned tensor's range.
+
+        Tensors are fetched in chunks that fit :data:`CHUNK_BUDGET` bytes per feed (one
+        pass over the feeds when the model is small), and the statistics of one feed are
+        accumulated on a worker thread while onnxruntime runs the next (both release the
+        GIL), so at most two feeds' chunks are alive. Updates are applied in feed order:
+        the result is the same as a sequential pass.
+        """
         names = self.full_plan.activations
         calibrator = Calibrator(names, self.options.method)
-        for start in range(0, len(names), _CHUNK):
-            chunk = names[start : start + _CHUNK]
-            for values in iter_intermediates(self.model, chunk, feeds):
-                floats = {}
-                for name, array in values.items():
-                    if array.dtype == np.float32:
-                        floats[name] = array
-                    elif name not in self.non_float:
-                        self.non_float.append(name)
-                calibrator.update(floats)
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            pending: Future[None] | None = None
+            for chunk in budget_chunks(self.model, names, feeds, budget=CHUNK_BUDGET):
+                for values in iter_intermediates(self.model, chunk, feeds):
+                    if pending is not None:
+                        pending.result()
+                    pending = worker.submit(self._update, calibrator, values)
+            if pending is not None:
+                pending.result()
         for name in self.non_float:
             calibrator.stats.pop(name, None)
         self.ranges = calibrator.ranges(self.options.percentile)
+
+    def _update(self, calibrator: Calibrator, values: Mapping[str, np.ndarray]) -> None:
+        floats = {}
+        for name, array in values.items():
+            if array.dtype == np.float32:
+                floats[name] = array
+            elif name not in self.non_float:
+                self.non_float.append(name)
+        calibrator.update(floats)
 
     def plan(self, exclude: Collection[str] = ()) -> QuantPlan:
         """The placement plan without the excluded nodes (and non-float tensors)."""
