@@ -7,6 +7,7 @@ import logging
 
 from onnxprune.commands.common import write_json
 from onnxprune.quant import METHODS, MODES, TARGETS, quantize_file
+from onnxprune.quant.api import EQUALIZE_MODES
 from onnxprune.quant.bias import BIAS_MODES
 from onnxprune.quant.vnni import REMEDIES
 
@@ -51,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="subtract each layer's mean int8 error per channel from its bias (static mode): "
         f"{', '.join(BIAS_MODES)}; auto keeps it only if the output SQNR improves",
     )
+    parser.add_argument(
+        "--equalize",
+        default="auto",
+        help="cross-layer equalization of Conv -> activation -> Conv pairs (static mode): "
+        f"{', '.join(EQUALIZE_MODES)}; auto tries it on depthwise/grouped pairs and keeps it "
+        "only if the output SQNR improves",
+    )
     parser.add_argument("--max-samples", type=int, help="use at most N calibration samples")
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
     parser.set_defaults(run=run)
@@ -72,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         max_samples=args.max_samples,
         smooth=args.smoothquant,
         bias_correction=args.bias_correction,
+        equalize=args.equalize,
     )
     print(result.summary())
     if args.report:

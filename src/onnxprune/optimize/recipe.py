@@ -63,6 +63,8 @@ STEP_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "dtype": str,
         "per_channel": bool,
         "exclude": list,
+        "bias_correction": str,
+        "equalize": str,
     },
 }
 _TOP_KEYS = {"budget", "provider", "steps", "description"}

@@ -118,6 +118,8 @@ def _quantize(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> An
         dtype=opts.get("dtype", "int8"),
         exclude=tuple(opts.get("exclude", ())),
         budget=run.budget,
+        bias_correction=opts.get("bias_correction", "auto"),
+        equalize=opts.get("equalize", "auto"),
     )
 
 

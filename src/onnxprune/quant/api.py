@@ -12,10 +12,12 @@ is written; so does an unreachable budget.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from onnxprune.quant.analysis import (
 from onnxprune.quant.bias import BIAS_MODES, correct_biases
 from onnxprune.quant.calibrate import METHODS
 from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
+from onnxprune.quant.equalize import equalize as cross_layer_equalize
 from onnxprune.quant.mixed import rank_harm, search_budget
 from onnxprune.quant.placement import PRIMARY_OPS
 from onnxprune.quant.prepare import ensure_opset, name_nodes, refuse_quantized
@@ -52,8 +55,10 @@ logger = logging.getLogger(__name__)
 MODES = ("static", "dynamic")
 TARGETS = ("cpu", "tensorrt")
 DTYPES = ("int8", "fp16")
+EQUALIZE_MODES = ("auto", "on", "off")
 _CHOICE_FEEDS = 16
 _RANK_FEEDS = 4
+_EQUALIZE_MIN_GAIN_DB = 0.1
 Reference = Mapping[str, list]
 
 
@@ -69,6 +74,7 @@ class _Request:
     u8s8: str
     smooth: float | str | None = None
     bias_correction: str = "auto"
+    equalize: str = "auto"
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
@@ -83,6 +89,7 @@ def _validate(request: _Request, model: ir.Model) -> None:
     _check_choice("--dtype", request.dtype, DTYPES)
     _check_choice("--u8s8", request.u8s8, REMEDIES)
     _check_choice("--bias-correction", request.bias_correction, BIAS_MODES)
+    _check_choice("--equalize", request.equalize, EQUALIZE_MODES)
     names = {n.name for n in model.graph}
     if request.smooth not in (None, "auto", "off"):
         try:
@@ -161,6 +168,16 @@ def _smooth_alpha(smooth: float | str | None, model: ir.Model) -> tuple[float | 
     return None, "auto: not a MatMul-heavy model"
 
 
+@contextlib.contextmanager
+def _timed(info: dict[str, Any], phase: str) -> Iterator[None]:
+    """Record the wall seconds of ``phase`` under ``info["seconds"]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        info.setdefault("seconds", {})[phase] = round(time.perf_counter() - start, 3)
+
+
 def _min_sqnr(metrics: Mapping[str, Mapping[str, float | None]]) -> float:
     return min(float(m["sqnr_db"] or 0.0) for m in metrics.values())
 
@@ -193,39 +210,136 @@ def _bias_correction(
     return quantized, metrics, {**info, "applied": False, "reason": "auto: no SQNR gain"}
 
 
-def _static(
-    request: _Request, model: ir.Model, feeds: list, reference: Reference, info: dict[str, Any]
-) -> tuple[ir.Model, dict[str, dict]]:
+@dataclasses.dataclass
+class _Candidate:
+    """A calibrated quantizer of one float source and its chosen, measured quantized model."""
+
+    source: ir.Model
+    quantizer: StaticQuantizer
+    choice: _Choice
+    model: ir.Model
+    metrics: dict[str, dict]
+    summary: dict
+
+
+def _candidate(
+    request: _Request,
+    source: ir.Model,
+    data: tuple[list, Reference],
+    info: dict[str, Any],
+    *,
+    label: str = "",
+    remedy: _Choice | None = None,
+) -> _Candidate:
+    """Calibrate ``source``, choose the u8s8 remedy (or take ``remedy``) and measure the
+    chosen model."""
+    feeds, reference = data
     options = QuantOptions(
         method=request.method,
         per_channel=request.per_channel,
         symmetric_activations=request.target == "tensorrt",
     )
-    source = model
-    alpha, why = _smooth_alpha(request.smooth, model)
-    info["smoothquant"] = {"alpha": alpha, "reason": why}
-    if alpha is not None:
-        source = copy_model(model)
-        info["smoothquant"].update(smooth_matmuls(source, feeds, alpha))
     quantizer = StaticQuantizer(source, options)
-    quantizer.calibrate(feeds)
+    with _timed(info, f"calibrate{label}"):
+        quantizer.calibrate(feeds)
     summaries: dict[str, dict] = {}
 
     def build(remedy: str) -> ir.Model:
         built, summaries[remedy] = quantizer.build(request.exclude, remedy)
         return built
 
-    choice = _choose_remedy(request, build, reference, feeds)
-    info["u8s8"] = choice.to_dict()
-    quantized, metrics = _chosen_model(choice, build, reference, feeds)
-    info["plan"] = summaries[choice.remedy]
-    nodes = quantizer.plan(request.exclude).nodes
-    quantized, metrics, info["bias_correction"] = _bias_correction(
-        request, model, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
+    with _timed(info, f"build_and_choose_remedy{label}"):
+        choice = remedy or _choose_remedy(request, build, reference, feeds)
+        quantized, metrics = _chosen_model(choice, build, reference, feeds)
+    return _Candidate(source, quantizer, choice, quantized, metrics, summaries[choice.remedy])
+
+
+def _has_depthwise_pair(report: Mapping[str, Any], model: ir.Model) -> bool:
+    groups = {n.name: n.attributes.get_int("group", 1) for n in model.graph}
+    return any(
+        groups.get(p["producer"], 1) > 1 or groups.get(p["consumer"], 1) > 1
+        for p in report["pairs"]
     )
+
+
+def _equalized(
+    request: _Request,
+    source: ir.Model,
+    plain: _Candidate | None,
+    data: tuple[list, Reference],
+    info: dict[str, Any],
+) -> _Candidate | None:
+    """The cross-layer-equalized candidate (:mod:`onnxprune.quant.equalize`), or None.
+
+    ``auto`` tries it on models with grouped/depthwise convolution pairs and keeps it only
+    when the worst output SQNR improves by at least 0.1 dB (it changes the float function
+    where a ReLU6 bound had to be relaxed, so a gain within noise is not worth it); ``on``
+    keeps it whenever a pair was found.
+    """
+    entry: dict[str, Any] = {"mode": request.equalize, "applied": False}
+    info["equalize"] = entry
+    if request.equalize == "off":
+        entry["reason"] = "off"
+        return None
+    copy = copy_model(source)
+    report = cross_layer_equalize(copy)
+    entry.update(
+        pairs=len(report["pairs"]),
+        sweeps=report["iterations"],
+        relaxed_clips=report["relaxed_clips"],
+        skipped=report["skipped"],
+    )
+    if not report["pairs"]:
+        entry["reason"] = "no Conv -> activation -> Conv pair to equalize"
+        return None
+    if request.equalize == "auto" and not _has_depthwise_pair(report, copy):
+        entry["reason"] = "auto: no grouped or depthwise convolution pair"
+        return None
+    # The u8s8 remedy measured best on the plain model is reused (one build, not three).
+    remedy = None if plain is None else _Choice(plain.choice.remedy, plain.choice.reason)
+    candidate = _candidate(request, copy, data, info, label="_equalized", remedy=remedy)
+    with_eq = _min_sqnr(candidate.metrics)
+    entry["sqnr_db_with"] = with_eq
+    if plain is not None:
+        entry["sqnr_db_without"] = _min_sqnr(plain.metrics)
+        if with_eq < entry["sqnr_db_without"] + _EQUALIZE_MIN_GAIN_DB:
+            entry["reason"] = f"auto: SQNR gain below {_EQUALIZE_MIN_GAIN_DB} dB"
+            return None
+    entry["applied"] = True
+    entry["reason"] = "on" if plain is None else "auto: output SQNR improved"
+    return candidate
+
+
+def _static(
+    request: _Request, model: ir.Model, feeds: list, reference: Reference, info: dict[str, Any]
+) -> tuple[ir.Model, dict[str, dict]]:
+    source = model
+    alpha, why = _smooth_alpha(request.smooth, model)
+    info["smoothquant"] = {"alpha": alpha, "reason": why}
+    if alpha is not None:
+        source = copy_model(model)
+        with _timed(info, "smoothquant"):
+            info["smoothquant"].update(smooth_matmuls(source, feeds, alpha))
+    data = (feeds, reference)
+    plain = None if request.equalize == "on" else _candidate(request, source, data, info)
+    best = _equalized(request, source, plain, data, info) or plain
+    if best is None:  # equalize "on" found nothing to equalize
+        best = _candidate(request, source, data, info)
+    # The float model the quantized one was built from: per-layer references (bias
+    # correction, harm ranking) come from it (equalization rescales channels).
+    source, quantizer, choice = best.source, best.quantizer, best.choice
+    quantized, metrics = best.model, best.metrics
+    info["u8s8"] = choice.to_dict()
+    info["plan"] = best.summary
+    nodes = quantizer.plan(request.exclude).nodes
+    with _timed(info, "bias_correction"):
+        quantized, metrics, info["bias_correction"] = _bias_correction(
+            request, source, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
+        )
     correct = bool(info["bias_correction"]["applied"])
     # Which layers cost the most SQNR (their own quantization, not inherited error).
-    ranking = rank_harm(model, quantized, nodes, feeds[:_RANK_FEEDS])
+    with _timed(info, "rank_layers"):
+        ranking = rank_harm(source, quantized, nodes, feeds[:_RANK_FEEDS])
     info["worst_layers_harm_db"] = dict(ranking[:10])
     if request.budget is not None and request.budget.violations(metrics):
 
@@ -233,10 +347,11 @@ def _static(
             skip = (*request.exclude, *kept)
             candidate, plan_summary = quantizer.build(skip, choice.remedy)
             if correct:
-                correct_biases(model, candidate, quantizer.plan(skip).nodes, feeds)
+                correct_biases(source, candidate, quantizer.plan(skip).nodes, feeds)
             return candidate, plan_summary, compare_outputs(reference, candidate, feeds)
 
-        found = search_budget(build_kept, [name for name, _ in ranking], request.budget)
+        with _timed(info, "budget_search"):
+            found = search_budget(build_kept, [name for name, _ in ranking], request.budget)
         quantized, metrics = found.model, found.metrics
         info["plan"] = found.summary
         info["kept_float"] = found.kept_float
@@ -265,7 +380,8 @@ def _convert(
     request: _Request, model: ir.Model, feeds: list, info: dict[str, Any]
 ) -> tuple[ir.Model, dict[str, dict]]:
     """The quantized (or fp16) model and its output metrics against ``model``."""
-    reference = reference_outputs(model, feeds)
+    with _timed(info, "reference_run"):
+        reference = reference_outputs(model, feeds)
     if request.dtype == "fp16":
         converted, info["fp16"] = fp16.convert(model, feeds)
         return converted, compare_outputs(reference, converted, feeds)
@@ -304,6 +420,7 @@ def quantize_file(
     max_samples: int | None = None,
     smooth: float | str | None = "auto",
     bias_correction: str = "auto",
+    equalize: str = "auto",
 ) -> QuantizeResult:
     """Quantize ``model_path`` into ``output_path`` (the input file is never modified).
 
@@ -327,6 +444,10 @@ def quantize_file(
         bias_correction: Static mode: subtract each layer's mean quantization error per
             output channel from its bias: ``on``, ``off`` or ``auto`` (kept only when the
             worst output SQNR on the calibration data improves).
+        equalize: Static mode: cross-layer equalization of Conv -> activation -> Conv
+            pairs before calibration: ``on``, ``off`` or ``auto`` (tried on models with
+            grouped/depthwise convolution pairs, kept only when the worst output SQNR on the
+            calibration data improves).
 
     Raises:
         UsageError: bad options, an already quantized model (exit 2).
@@ -344,6 +465,7 @@ def quantize_file(
         u8s8,
         smooth,
         bias_correction,
+        equalize,
     )
     model = load(model_path)
     refuse_quantized(model)
@@ -360,7 +482,8 @@ def quantize_file(
     _check_result(request, metrics)
     if dtype == "int8" and mode == "static":
         info["int8_mac_share"] = int8_mac_share(quantized)
-    dest = save(quantized, output_path)
+    with _timed(info, "save"):
+        dest = save(quantized, output_path)
     return QuantizeResult(
         input=str(model_path),
         output=str(dest),
