@@ -8,8 +8,8 @@ import pytest
 from onnxprune.cli import main
 from onnxprune.io import load
 from onnxprune.passes import pipeline
-from onnxprune.quant import quantize_file
-from onnxprune.quant.core import QuantOptions, StaticQuantizer
+from onnxprune.quant import bias, quantize_file
+from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
 from onnxprune.quant.prepare import ensure_opset, name_nodes
 from onnxprune.quant.testing import write, write_calib
 from onnxprune.runtime import run_model
@@ -117,3 +117,104 @@ def test_bad_mode_is_refused(files, tmp_path, capsys):
     args = ["quantize", str(files[0]), "-o", str(out), "--calib", str(files[1])]
     assert main([*args, "--bias-correction", "maybe"]) == 2
     assert "--bias-correction 'maybe'" in capsys.readouterr().err and not out.exists()
+
+
+def _residual_net(seed: int = 0):
+    """Conv 3x3 + Relu -> Conv 1x1 + Relu -> Conv 1x1 -> Add (residual) -> Conv 1x1 + Relu
+    -> GlobalAveragePool -> Flatten -> Gemm: cut tensors and a skip connection."""
+    rng = np.random.default_rng(seed)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,4,6,6] x, float[4,4,3,3] w1, float[4] b1, float[4,4,1,1] w2, float[4] b2,
+       float[4,4,1,1] w3, float[4] b3, float[4,4,1,1] w4, float[4] b4, float[3,4] wg,
+       float[3] bg) => (float[1,3] y) {
+        c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r1 = Relu (c1)
+        c2 = Conv (r1, w2, b2)
+        r2 = Relu (c2)
+        c3 = Conv (r2, w3, b3)
+        s = Add (r1, c3)
+        c4 = Conv (s, w4, b4)
+        r4 = Relu (c4)
+        p = GlobalAveragePool (r4)
+        f = Flatten (p)
+        y = Gemm <transB = 1> (f, wg, bg)
+    }
+    """
+    weights = {
+        "w1": _biased(4, 36, rng).reshape(4, 4, 3, 3) / 4,
+        "b1": np.full(4, 0.1, np.float32),
+        "wg": _biased(3, 4, rng),
+        "bg": np.zeros(3, np.float32),
+    }
+    for i in (2, 3, 4):
+        weights[f"w{i}"] = _biased(4, 4, rng).reshape(4, 4, 1, 1)
+        weights[f"b{i}"] = np.full(4, 0.05 * i, np.float32)
+    return model_from_text(text, weights)
+
+
+def _built(model, feeds):
+    pipeline.canonicalize(model)
+    name_nodes(model)
+    model = ensure_opset(model)
+    quantizer = StaticQuantizer(model, QuantOptions())
+    quantizer.calibrate(feeds)
+    built, _ = quantizer.build((), "none")
+    return model, built, quantizer.plan(()).nodes
+
+
+def _biases(model) -> dict[str, np.ndarray]:
+    return {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if "b" in n}
+
+
+@pytest.mark.parametrize("budget", [bias.REFERENCE_CACHE_BYTES, 1])
+@pytest.mark.parametrize("make", [_net, _residual_net])
+def test_truncated_measurement_equals_the_full_model_path(make, budget, monkeypatch):
+    """Cut models (prefix, cached cut tensors, windows of cached references) measure the same
+    offsets as the full quantized and float models run per layer."""
+    monkeypatch.setattr(bias, "REFERENCE_CACHE_BYTES", budget)
+    rng = np.random.default_rng(3)
+    shape = (1, 8, 4, 4) if make is _net else (1, 4, 6, 6)
+    feeds = [{"x": rng.uniform(0.5, 1.5, shape).astype(np.float32)} for _ in range(6)]
+    model, built, nodes = _built(make(), feeds)
+    full, cut = copy_model(built), copy_model(built)
+    expected = bias.correct_biases(model, full, nodes, feeds, truncate=False)
+    got = bias.correct_biases(model, cut, nodes, feeds)
+    assert got["corrected"] == expected["corrected"] and len(got["corrected"]) >= 2
+    assert got["skipped"] == expected["skipped"]
+    assert got["largest_offsets"].keys() == expected["largest_offsets"].keys()
+    for node, offset in expected["largest_offsets"].items():
+        np.testing.assert_allclose(got["largest_offsets"][node], offset, rtol=1e-6, atol=1e-9)
+    want = _biases(full)
+    for name, value in _biases(cut).items():  # int32 biases: equal, or 1 step off on a tie
+        np.testing.assert_allclose(
+            value, want[name], rtol=0, atol=1 if value.dtype.kind == "i" else 1e-6
+        )
+
+
+def test_truncated_measurement_is_deterministic():
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.uniform(0.5, 1.5, (1, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    model, built, nodes = _built(_residual_net(), feeds)
+    first, second = copy_model(built), copy_model(built)
+    a = bias.correct_biases(model, first, nodes, feeds)
+    b = bias.correct_biases(model, second, nodes, feeds)
+    assert a == b
+    for name, value in _biases(first).items():
+        np.testing.assert_array_equal(value, _biases(second)[name])
+
+
+def test_cut_models_reuse_cached_tensors():
+    """Later layers start from the cached int8 output of an earlier corrected layer."""
+    rng = np.random.default_rng(5)
+    feeds = [{"x": rng.uniform(0.5, 1.5, (1, 4, 6, 6)).astype(np.float32)} for _ in range(2)]
+    model, built, nodes = _built(_residual_net(), feeds)
+    layers, _ = bias.find_layers(model, built, nodes)
+    prefixes = bias._Prefixes.build(built, layers)
+    assert prefixes is not None
+    used = []
+    for layer in layers:
+        _, cuts = prefixes.model(layer.measured, sorted(prefixes.cuttable))
+        used.append(cuts)
+        prefixes.run(layer.measured, feeds)
+    assert used[0] == [] and any(used[2:])
