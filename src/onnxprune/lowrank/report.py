@@ -19,6 +19,7 @@ import numpy as np
 from onnxprune.lowrank.factorize import LayerRecord
 from onnxprune.metrics import output_metrics
 from onnxprune.passes.base import PassReport
+from onnxprune.reporting import json_safe
 from onnxprune.runtime import make_session
 
 __all__ = ["SCHEMA", "LowRankResult", "measure_fidelity"]
@@ -49,10 +50,6 @@ def measure_fidelity(
     return worst
 
 
-def _json_float(value: float) -> float | str:
-    return value if math.isfinite(value) else str(value)
-
-
 @dataclasses.dataclass
 class LowRankResult:
     """Report of :func:`onnxprune.lowrank.lowrank_file`."""
@@ -76,15 +73,13 @@ class LowRankResult:
             "input": self.input,
             "output": self.output,
             "config": self.config,
-            "shared_energy": _json_float(self.shared_energy),
+            "shared_energy": json_safe(self.shared_energy),
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
             "factorize": self.factorize.to_dict() if self.factorize else None,
             "fold": self.fold.to_dict() if self.fold else None,
             "params": {"before": self.params[0], "after": self.params[1]},
             "macs": {"before": self.macs[0], "after": self.macs[1]},
-            "fidelity": {
-                name: {k: _json_float(v) for k, v in m.items()} for name, m in self.fidelity.items()
-            },
+            "fidelity": json_safe(self.fidelity),
             "fidelity_samples": self.samples,
         }
 
