@@ -35,7 +35,7 @@ import onnx_ir as ir
 
 from onnxprune.prune.analysis import Analysis, Group
 from onnxprune.prune.channels import SpaceKey
-from onnxprune.prune.recover import _in_axis, _supported
+from onnxprune.prune.recover import refittable, weight_input_axis
 
 __all__ = ["Consumer", "greedy_removal_order", "group_consumers", "reconstruction_scores"]
 
@@ -76,8 +76,8 @@ def group_consumers(model: ir.Model, analysis: Analysis, group: Group) -> list[C
     first = {s.key for s, _ in group.units[0].members}
     weights = set(group.initializers)
     for node in model.graph:
-        axis = _in_axis(node)
-        if axis is None or node.inputs[0] is None or not _supported(node):
+        axis = weight_input_axis(node)
+        if axis is None or node.inputs[0] is None or not refittable(node):
             continue
         channel_axis = _channel_axis(node, analysis)
         key = (node.inputs[0].name, channel_axis)

@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnxprune.intermediates import iter_intermediates
 from onnxprune.prune.channels import SpaceKey
 
-__all__ = ["RefitResult", "consumers", "refit_consumers"]
+__all__ = ["RefitResult", "consumers", "refit_consumers", "refittable", "weight_input_axis"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def _attr(node: ir.Node, name: str, default: object) -> object:
     return default if attr is None else attr.value
 
 
-def _in_axis(node: ir.Node) -> int | None:
+def weight_input_axis(node: ir.Node) -> int | None:
+    """The axis of a Conv/Gemm/MatMul weight that indexes the layer's input channels."""
     if node.op_type == "Conv":
         return 1
     if node.op_type == "Gemm":
@@ -66,7 +67,8 @@ def _in_axis(node: ir.Node) -> int | None:
     return None
 
 
-def _supported(node: ir.Node) -> bool:
+def refittable(node: ir.Node) -> bool:
+    """Whether the layer's weight can be refit by least squares (constant, plain layout)."""
     if node.op_type == "Conv":
         w = node.inputs[1].const_value
         return (
@@ -89,8 +91,8 @@ def consumers(
     """Layers of the pruned model whose weight lost input channels, in graph order."""
     found = []
     for node in model.graph:
-        axis = _in_axis(node)
-        if axis is None or not _supported(node) or (node.inputs[1].name, axis) not in kept:
+        axis = weight_input_axis(node)
+        if axis is None or not refittable(node) or (node.inputs[1].name, axis) not in kept:
             continue
         kind = {"Conv": "conv", "Gemm": "gemm", "MatMul": "matmul"}[node.op_type]
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
