@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from onnxprune.errors import CalibrationError, UsageError
-from onnxprune.quant.calibrate import HIST_BINS, Calibrator, TensorStats, select_range
+from onnxprune.quant.calibrate import HIST_BINS, METHODS, Calibrator, TensorStats, select_range
 from onnxprune.quant.params import activation_qparams
 
 
@@ -129,3 +129,17 @@ def test_budget_probe_uses_the_largest_feed():
     assert budget_chunks(model, names, [small]) == [names]
     assert budget_chunks(model, names, [small], budget=budget) == [names]
     assert budget_chunks(model, names, [small, large], budget=budget) == [["x"], ["y"]]
+
+
+def test_auto_calibration_gives_every_method_from_one_pass():
+    rng = np.random.default_rng(4)
+    batches = [rng.standard_normal(500).astype(np.float32) * (1 + i) for i in range(4)]
+    batches[2][7] = 60.0  # an outlier that the clipping methods treat differently
+    auto = Calibrator(["t"], "auto")
+    for batch in batches:
+        auto.update({"t": batch})
+    for method in METHODS:
+        single = Calibrator(["t"], method)
+        for batch in batches:
+            single.update({"t": batch})
+        assert auto.ranges(method=method) == single.ranges(), method

@@ -6,9 +6,10 @@ import argparse
 import logging
 
 from onnxprune.commands.common import write_json
-from onnxprune.quant import METHODS, MODES, TARGETS, quantize_file
+from onnxprune.quant import MODES, TARGETS, quantize_file
 from onnxprune.quant.api import EQUALIZE_MODES
 from onnxprune.quant.bias import BIAS_MODES
+from onnxprune.quant.calibrate import CALIBRATION_METHODS
 from onnxprune.quant.vnni import REMEDIES
 
 __all__ = ["register", "run"]
@@ -29,7 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, help="output .onnx file")
     parser.add_argument("--calib", required=True, help="calibration .npz or folder of .npz")
     # Choices are validated by the API (one list, one message), not by argparse.
-    parser.add_argument("--method", default="minmax", help=f"range method: {', '.join(METHODS)}")
+    parser.add_argument(
+        "--method",
+        default="minmax",
+        help=f"range method: {', '.join(CALIBRATION_METHODS)} (auto: each measured "
+        "against fp32 on the calibration data, the best kept)",
+    )
     parser.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor")
     parser.add_argument("--mode", default="static", help=f"{' or '.join(MODES)}")
     parser.add_argument("--target", default="cpu", help=f"{' or '.join(TARGETS)}")

@@ -37,7 +37,7 @@ from onnxprune.quant.analysis import (
     reference_outputs,
 )
 from onnxprune.quant.bias import BIAS_MODES, correct_biases
-from onnxprune.quant.calibrate import METHODS
+from onnxprune.quant.calibrate import CALIBRATION_METHODS, METHODS
 from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
 from onnxprune.quant.equalize import equalize as cross_layer_equalize
 from onnxprune.quant.mixed import rank_harm, search_budget
@@ -83,7 +83,7 @@ def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
 
 
 def _validate(request: _Request, model: ir.Model) -> None:
-    _check_choice("--method", request.method, METHODS)
+    _check_choice("--method", request.method, CALIBRATION_METHODS)
     _check_choice("--mode", request.mode, MODES)
     _check_choice("--target", request.target, TARGETS)
     _check_choice("--dtype", request.dtype, DTYPES)
@@ -251,7 +251,40 @@ def _candidate(
     with _timed(info, f"build_and_choose_remedy{label}"):
         choice = remedy or _choose_remedy(request, build, reference, feeds)
         quantized, metrics = _chosen_model(choice, build, reference, feeds)
+    if request.method == "auto":
+        with _timed(info, f"choose_method{label}"):
+            quantized, metrics, info[f"method{label}"] = _choose_method(
+                quantizer, lambda: build(choice.remedy), (quantized, metrics), data
+            )
     return _Candidate(source, quantizer, choice, quantized, metrics, summaries[choice.remedy])
+
+
+def _choose_method(
+    quantizer: StaticQuantizer,
+    build: Callable[[], ir.Model],
+    start: tuple[ir.Model, dict[str, dict]],
+    data: tuple[list, Reference],
+) -> tuple[ir.Model, dict[str, dict], dict[str, Any]]:
+    """``--method auto``: the range method whose model has the best worst-output SQNR.
+
+    One calibration pass collected histograms, so every method's ranges come from the same
+    statistics; each method's model is built (with the chosen u8s8 remedy) and run against
+    fp32 on the calibration feeds. Clipping is model-specific (MSE can help a recognizer
+    and break a detector), hence measured, not assumed. Ties go to the earlier method in
+    ``minmax, percentile, entropy, mse``.
+    """
+    feeds, reference = data
+    results = {quantizer.method: start}
+    for method in METHODS:
+        if method not in results:
+            quantizer.use_method(method)
+            model = build()
+            results[method] = (model, compare_outputs(reference, model, feeds))
+    scores = {m: _min_sqnr(results[m][1]) for m in METHODS}
+    best = max(METHODS, key=lambda m: (scores[m], -METHODS.index(m)))
+    quantizer.use_method(best)
+    model, metrics = results[best]
+    return model, metrics, {"chosen": best, "candidates_sqnr_db": scores}
 
 
 def _has_depthwise_pair(report: Mapping[str, Any], model: ir.Model) -> bool:
@@ -330,6 +363,7 @@ def _static(
     source, quantizer, choice = best.source, best.quantizer, best.choice
     quantized, metrics = best.model, best.metrics
     info["u8s8"] = choice.to_dict()
+    info["range_method"] = quantizer.method
     info["plan"] = best.summary
     nodes = quantizer.plan(request.exclude).nodes
     with _timed(info, "bias_correction"):
@@ -428,7 +462,8 @@ def quantize_file(
         model_path: Float ONNX model.
         output_path: Where the quantized model is written (atomically).
         calib: Calibration ``.npz`` file or folder of ``.npz`` files (shapes may vary).
-        method: Range method: minmax, percentile, entropy or mse.
+        method: Range method: minmax, percentile, entropy, mse, or auto (each one's model
+            measured against fp32 on the calibration data, the best kept).
         per_channel: Per-output-channel weight scales.
         mode: ``static`` (QDQ, calibrated activations) or ``dynamic`` (MatMul/Gemm weights
             int8, activations quantized at run time).
@@ -488,7 +523,7 @@ def quantize_file(
         input=str(model_path),
         output=str(dest),
         mode="fp16" if dtype == "fp16" else mode,
-        method=method if dtype == "int8" and mode == "static" else None,
+        method=info.get("range_method", method) if dtype == "int8" and mode == "static" else None,
         target=target,
         samples=count,
         metrics=metrics,

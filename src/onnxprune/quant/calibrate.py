@@ -39,11 +39,20 @@ import numpy as np
 
 from onnxprune.errors import CalibrationError, UsageError
 
-__all__ = ["HIST_BINS", "METHODS", "Calibrator", "TensorStats", "select_range"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "HIST_BINS",
+    "METHODS",
+    "Calibrator",
+    "TensorStats",
+    "select_range",
+]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
+# ``auto`` collects histograms once and lets the caller pick a method by measurement.
+CALIBRATION_METHODS = (*METHODS, "auto")
 HIST_BINS = 2048
 DEFAULT_PERCENTILE = 99.999
 SATURATION_SHARE = 0.01
@@ -126,9 +135,9 @@ class Calibrator:
     """Accumulates :class:`TensorStats` for a set of tensors, one feed at a time."""
 
     def __init__(self, names: Iterable[str], method: str) -> None:
-        if method not in METHODS:
+        if method not in CALIBRATION_METHODS:
             raise UsageError(
-                f"unknown calibration method {method!r}; methods: {', '.join(METHODS)}"
+                f"unknown calibration method {method!r}; methods: {', '.join(CALIBRATION_METHODS)}"
             )
         self.method = method
         histogram = method != "minmax"
@@ -141,8 +150,11 @@ class Calibrator:
             if stats is not None:
                 stats.update(array)
 
-    def ranges(self, percentile: float = DEFAULT_PERCENTILE) -> dict[str, tuple[float, float]]:
-        """``{name: (lo, hi)}`` by the calibrator's method.
+    def ranges(
+        self, percentile: float = DEFAULT_PERCENTILE, method: str | None = None
+    ) -> dict[str, tuple[float, float]]:
+        """``{name: (lo, hi)}`` by ``method`` (default: the calibrator's; any method when
+        histograms were collected, i.e. for every method but minmax).
 
         Raises:
             CalibrationError: a tensor had no finite value at all (all NaN/Inf), naming it.
@@ -158,7 +170,7 @@ class Calibrator:
                 logger.warning(
                     "tensor %s: ignored %d NaN and %d Inf values", name, stats.nan, stats.inf
                 )
-            result[name] = select_range(stats, self.method, percentile)
+            result[name] = select_range(stats, method or self.method, percentile)
         return result
 
 

@@ -28,6 +28,8 @@ __all__ = ["QuantOptions", "StaticQuantizer", "copy_model"]
 logger = logging.getLogger(__name__)
 
 CHUNK_BUDGET = 256 * 2**20
+# Ranges used by an ``auto`` calibration until a method is chosen.
+AUTO_START = "percentile"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +37,8 @@ class QuantOptions:
     """Options of static quantization.
 
     Attributes:
-        method: Calibration method (minmax, percentile, entropy, mse).
+        method: Calibration method (minmax, percentile, entropy, mse, or auto: histograms
+            are collected and the caller picks a method with :meth:`StaticQuantizer.use_method`).
         per_channel: Per-output-channel weight scales (else one per tensor).
         symmetric_activations: int8 symmetric activations (TensorRT) instead of uint8.
         percentile: Percentile for the ``percentile`` method.
@@ -62,6 +65,8 @@ class StaticQuantizer:
         self.options = options
         self.full_plan = plan_quantization(model)
         self.ranges: dict[str, tuple[float, float]] = {}
+        self.calibrator: Calibrator | None = None
+        self.method = options.method
         self.non_float: list[str] = []
 
     def calibrate(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
@@ -86,7 +91,15 @@ class StaticQuantizer:
                 pending.result()
         for name in self.non_float:
             calibrator.stats.pop(name, None)
-        self.ranges = calibrator.ranges(self.options.percentile)
+        self.calibrator = calibrator
+        self.use_method(AUTO_START if self.options.method == "auto" else self.options.method)
+
+    def use_method(self, method: str) -> None:
+        """Take the ranges of ``method`` from the collected statistics (any method after an
+        ``auto`` calibration, which collects histograms)."""
+        assert self.calibrator is not None, "calibrate first"
+        self.ranges = self.calibrator.ranges(self.options.percentile, method)
+        self.method = method
 
     def _update(self, calibrator: Calibrator, values: Mapping[str, np.ndarray]) -> None:
         floats = {}
