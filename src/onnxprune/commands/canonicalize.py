@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from onnxprune.api import canonicalize_file
-from onnxprune.commands.common import add_dims_option, parse_dims, write_json
+from onnxprune.commands.common import add_dims_option, add_report_option, parse_dims, write_json
 
 __all__ = ["register", "run"]
 
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, help="output .onnx file")
     parser.add_argument("--calib", help="calibration .npz or folder, for the equivalence check")
     parser.add_argument("--skip", action="append", default=[], metavar="PASS", help="skip a pass")
-    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    add_report_option(parser)
     add_dims_option(parser)
     parser.set_defaults(run=run)
 

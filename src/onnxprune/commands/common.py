@@ -9,7 +9,7 @@ from typing import Any
 from onnxprune.errors import UsageError
 from onnxprune.io.atomic import write_text_atomic
 
-__all__ = ["add_dims_option", "parse_dims", "write_json"]
+__all__ = ["add_dims_option", "add_report_option", "parse_dims", "write_json"]
 
 
 def add_dims_option(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,10 @@ def add_dims_option(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="bind a symbolic dimension (e.g. --dim batch=1 --dim seq=128); repeatable",
     )
+
+
+def add_report_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
 
 
 def parse_dims(items: list[str]) -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from onnxprune.commands.common import add_dims_option, parse_dims, write_json
+from onnxprune.commands.common import add_dims_option, add_report_option, parse_dims, write_json
 from onnxprune.lowrank import CONV_MODES, LowRankConfig, lowrank_file
 
 __all__ = ["register", "run"]
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="do not time conv decompositions (on by default: a conv is kept unless its "
         "decomposed chain measures at least 5%% faster at the layer's input shape)",
     )
-    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    add_report_option(parser)
     add_dims_option(parser)
     parser.set_defaults(run=run)
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from onnxprune.bundled import default_model
-from onnxprune.commands.common import add_dims_option, parse_dims, write_json
+from onnxprune.commands.common import add_dims_option, add_report_option, parse_dims, write_json
 from onnxprune.errors import UsageError
 from onnxprune.optimize import DEFAULT_PRESET, PRESETS, load_recipe, optimize, preset
 from onnxprune.optimize.variants import optimize_variants
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=10.0,
         help="benchmark time (default 10); 0 skips the latency check (the report says so)",
     )
-    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    add_report_option(parser)
     parser.add_argument(
         "--variants",
         metavar="F1,F2,...",

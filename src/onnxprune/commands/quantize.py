@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from onnxprune.commands.common import write_json
+from onnxprune.commands.common import add_report_option, write_json
 from onnxprune.quant import MODES, TARGETS, quantize_file
 from onnxprune.quant.api import EQUALIZE_MODES
 from onnxprune.quant.bias import BIAS_MODES
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "only if the output SQNR improves",
     )
     parser.add_argument("--max-samples", type=int, help="use at most N calibration samples")
-    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    add_report_option(parser)
     parser.set_defaults(run=run)
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from onnxprune.commands.common import write_json
+from onnxprune.commands.common import add_report_option, write_json
 from onnxprune.errors import UsageError
 from onnxprune.sparsity import SparsifyConfig, sparsify_file
 from onnxprune.sparsity.prune import COMPARES, METHODS, PATTERNS, SCOPES
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE")
     parser.add_argument("--layer-sparsity", nargs="+", default=[], metavar="NODE=S")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Conv patch sampling")
-    parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
+    add_report_option(parser)
     parser.set_defaults(run=run)
 
 
