@@ -8,7 +8,7 @@ import pytest
 from onnxprune.cli import main
 from onnxprune.io import load
 from onnxprune.passes import pipeline
-from onnxprune.quant import bias, quantize_file
+from onnxprune.quant import bias, quantize_file, segments
 from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
 from onnxprune.quant.prepare import ensure_opset, name_nodes
 from onnxprune.quant.testing import write, write_calib
@@ -167,15 +167,21 @@ def _biases(model) -> dict[str, np.ndarray]:
     return {n: v.const_value.numpy() for n, v in model.graph.initializers.items() if "b" in n}
 
 
-@pytest.mark.parametrize("budget", [bias.REFERENCE_CACHE_BYTES, 1])
+def _feeds(make, count: int, seed: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    shape = (1, 8, 4, 4) if make is _net else (1, 4, 6, 6)
+    return [{"x": rng.uniform(0.5, 1.5, shape).astype(np.float32)} for _ in range(count)]
+
+
+# 1 keeps nothing (every cut model starts at the graph input); 3000 bytes keeps int8 tensors
+# of 6 feeds (864 bytes each) but no float one (3456 bytes): those are recomputed.
+@pytest.mark.parametrize("budget", [bias.CACHE_BYTES, 3000, 1])
 @pytest.mark.parametrize("make", [_net, _residual_net])
 def test_truncated_measurement_equals_the_full_model_path(make, budget, monkeypatch):
-    """Cut models (prefix, cached cut tensors, windows of cached references) measure the same
-    offsets as the full quantized and float models run per layer."""
-    monkeypatch.setattr(bias, "REFERENCE_CACHE_BYTES", budget)
-    rng = np.random.default_rng(3)
-    shape = (1, 8, 4, 4) if make is _net else (1, 4, 6, 6)
-    feeds = [{"x": rng.uniform(0.5, 1.5, shape).astype(np.float32)} for _ in range(6)]
+    """Cut models (float and quantized, cached cut tensors within one budget, evictions)
+    measure the same offsets as the full quantized and float models run per layer."""
+    monkeypatch.setattr(bias, "CACHE_BYTES", budget)
+    feeds = _feeds(make, 6)
     model, built, nodes = _built(make(), feeds)
     full, cut = copy_model(built), copy_model(built)
     expected = bias.correct_biases(model, full, nodes, feeds, truncate=False)
@@ -193,8 +199,7 @@ def test_truncated_measurement_equals_the_full_model_path(make, budget, monkeypa
 
 
 def test_truncated_measurement_is_deterministic():
-    rng = np.random.default_rng(4)
-    feeds = [{"x": rng.uniform(0.5, 1.5, (1, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    feeds = _feeds(_residual_net, 4, seed=4)
     model, built, nodes = _built(_residual_net(), feeds)
     first, second = copy_model(built), copy_model(built)
     a = bias.correct_biases(model, first, nodes, feeds)
@@ -204,17 +209,85 @@ def test_truncated_measurement_is_deterministic():
         np.testing.assert_array_equal(value, _biases(second)[name])
 
 
-def test_cut_models_reuse_cached_tensors():
-    """Later layers start from the cached int8 output of an earlier corrected layer."""
-    rng = np.random.default_rng(5)
-    feeds = [{"x": rng.uniform(0.5, 1.5, (1, 4, 6, 6)).astype(np.float32)} for _ in range(2)]
+class _Recorder:
+    """Records, per step and model, the cut tensors read and the nodes run; the cache's
+    bytes after every feed."""
+
+    def __init__(self, monkeypatch):
+        self.cuts: list[tuple[int, list[str], int]] = []
+        self.held: list[int] = []
+        step_run, store = segments.step_run, segments.Cache.store
+
+        def recording_step_run(side, step, cache):
+            stop = cache.names(side.key)
+            missing = [t for t in dict.fromkeys(side.targets[step]) if t not in stop]
+            nodes, cuts = side.ancestors(missing, stop) if missing else ([], [])
+            self.cuts.append((side.key, cuts, len(nodes)))
+            return step_run(side, step, cache)
+
+        def recording_store(cache, feed, produced):
+            store(cache, feed, produced)
+            self.held.append(cache.held())
+
+        monkeypatch.setattr(bias, "step_run", recording_step_run)
+        monkeypatch.setattr(segments.Cache, "store", recording_store)
+
+
+def test_cut_models_reuse_cached_tensors(monkeypatch):
+    """Both models start, per layer, from cached tensors computed for earlier layers: the
+    int8 outputs of fused kernels (quantized) and float tensors (reference)."""
+    feeds = _feeds(_residual_net, 2, seed=5)
     model, built, nodes = _built(_residual_net(), feeds)
-    layers, _ = bias.find_layers(model, built, nodes)
-    prefixes = bias._Prefixes.build(built, layers)
-    assert prefixes is not None
-    used = []
-    for layer in layers:
-        _, cuts = prefixes.model(layer.measured, sorted(prefixes.cuttable))
-        used.append(cuts)
-        prefixes.run(layer.measured, feeds)
-    assert used[0] == [] and any(used[2:])
+    recorder = _Recorder(monkeypatch)
+    bias.correct_biases(model, copy_model(built), nodes, feeds)
+    ref = [r for r in recorder.cuts if r[0] == segments.FLOAT]
+    quant = [r for r in recorder.cuts if r[0] == segments.QUANT]
+    assert len(ref) == len(quant) == 5  # 4 Conv + Gemm
+    assert ref[0][1] == [] and quant[0][1] == []
+    # Each float layer after the first runs only its own nodes from cached tensors (the
+    # Gemm also the Relu, GlobalAveragePool and Flatten before it).
+    assert all(cuts for _, cuts, _ in ref[1:])
+    assert [n for _, _, n in ref] == [2, 2, 1, 3, 5]
+    assert all(q[1] and q[1][0].endswith("_quantized") for q in quant[1:])
+
+
+def test_cache_stays_within_its_budget(monkeypatch):
+    """One budget for the float and the int8 tensors of all feeds; evicted tensors are
+    recomputed (the cut models start further back)."""
+    monkeypatch.setattr(bias, "CACHE_BYTES", 3000)
+    feeds = _feeds(_residual_net, 6)
+    model, built, nodes = _built(_residual_net(), feeds)
+    recorder = _Recorder(monkeypatch)
+    bias.correct_biases(model, copy_model(built), nodes, feeds)
+    assert recorder.held and max(recorder.held) <= 3000
+    assert any(cuts for _, cuts, _ in recorder.cuts)
+
+
+def test_float_cuts_keep_onnxruntime_kernels():
+    """No float cut in front of a layout-sensitive op (GlobalAveragePool, reached through
+    Relu), nor at an Add input a hidden Conv could be fused with."""
+    feeds = _feeds(_residual_net, 1)
+    model, _, _ = _built(_residual_net(), feeds)
+    cuts = segments.float_cuts(model, {"c1", "r1", "c2", "r2", "c3", "c4", "r4", "y"})
+    assert {"r1", "r2", "c3", "s"} <= cuts
+    assert "r4" not in cuts and "c4" not in cuts  # -> Relu -> GlobalAveragePool
+    assert "r1" not in segments.float_cuts(model, {"r1"})  # Add(r1, c3), c3 not exposed
+
+
+def test_feeds_of_other_shapes_and_saved_cut_models(monkeypatch):
+    """Feeds of different batch sizes (cut inputs take the declared, symbolic shapes) and
+    cut models saved with external data (as those over the in-memory limit) measure the
+    same offsets as the full-model path."""
+    monkeypatch.setattr(segments, "_IN_MEMORY_BYTES", -1)
+    rng = np.random.default_rng(6)
+    feeds = [{"x": rng.uniform(0.5, 1.5, (n, 8, 4, 4)).astype(np.float32)} for n in (1, 3, 2, 1)]
+    model, built, nodes = _built(_net(), feeds)
+    full, cut = copy_model(built), copy_model(built)
+    expected = bias.correct_biases(model, full, nodes, feeds, truncate=False)
+    got = bias.correct_biases(model, cut, nodes, feeds)
+    assert got["corrected"] == expected["corrected"] == ["Conv_0", "Gemm_4"]
+    for node, offset in expected["largest_offsets"].items():
+        np.testing.assert_allclose(got["largest_offsets"][node], offset, rtol=1e-6, atol=1e-9)
+    want = _biases(full)
+    for name, value in _biases(cut).items():
+        np.testing.assert_allclose(value, want[name], rtol=0, atol=1)

@@ -45,27 +45,53 @@ sequential; MobileNetV2 (random weights and inputs) 8.9 / 9.0, -3.3 / -3.3, 10.4
 
 Cost of the sequential pass. Running the full quantized and float models for every layer
 (``truncate=False``) costs, per layer, a serialize + save + session of the whole model and
-2 full runs per feed. Instead (the default):
+2 full runs per feed. Instead (the default), both models are cut per layer, step ``k``
+measuring layer ``k`` (the machinery is :mod:`onnxprune.quant.segments`):
 
-* The float reference tensors are computed once per *window* of consecutive layers (one run
-  of the float session, exposing all layers' tensors as before, per feed and window). A
-  window holds as many layers as fit ``REFERENCE_CACHE_BYTES`` (256 MB) for all feeds; one
-  tensor per layer is kept, ``y`` with NaN where ``a(y) != y``.
-* The quantized model is serialized once (corrected biases are patched into the stored
-  initializers) and, per layer, cut to the nodes its measured tensor depends on, handed to
-  onnxruntime in memory. The cut also stops at a cached ``*_quantized`` tensor measured
-  for an earlier layer and still valid (no bias it depends on changed since it was
-  computed; at most 256 MB kept): in a chain, a layer's run covers just it and the layer
-  before. The graph from the cut to the measured tensor is unchanged, and both ends are
-  int8 outputs of fused kernels, so onnxruntime fuses it the same way: same kernels, same
-  values. Checked against the full-model path: MobileNetV2 gives bit-identical corrected
-  biases; tests compare both paths.
+* Each model runs, per step, only the nodes its targets depend on (float: the layer's
+  ``y`` and ``a(y)``; quantized: its measured tensor) back to tensors cached at earlier
+  steps, as a small model handed to onnxruntime in memory (nodes and initializers are
+  serialized when a cut model needs them; corrected biases are read from the model). The
+  two cut models run side by side (a thread each, one onnxruntime thread each), feed by
+  feed, and the error is accumulated per feed: no reference tensor is held for all feeds.
+* Cached: the tensors a cut model computes that a later step reads (planned from the
+  graph: each is dropped after its last reader). Quantized side: only int8 outputs of
+  QuantizeLinear nodes read only by DequantizeLinear nodes (fused kernels' own outputs),
+  so the graph between the cut and the measured tensor fuses the same way: same kernels,
+  same values; a cached tensor downstream of a bias just corrected is dropped (the next
+  step runs that layer again, with the new bias). Float side: any tensor except where a
+  cut would change onnxruntime's kernels: the float session keeps its optimizations on,
+  and a cut tensor enters in the plain layout, so tensors from which an averaging op
+  (GlobalAveragePool, AveragePool, Resize, ...) is reached through layout-keeping ops
+  (Relu, Add, ...) are not cut (onnxruntime runs it in its blocked NCHWc layout in the full
+  model, summing in another order), nor inputs of an Add/Sum fusable with a hidden Conv;
+  and every layer's ``y``/``a(y)`` is a graph output wherever computed, as in the full
+  model (exposing a Conv's output blocks its fusion with a following op).
+* One budget, ``CACHE_BYTES`` (256 MB), for the cached float and int8 tensors of all feeds
+  together; when they do not fit, those read soonest are kept and the others recomputed
+  from further back (a tiny budget degenerates to cut models starting at the graph
+  inputs: still exact). Cached arrays are copied out of onnxruntime's buffers (its outputs
+  point into the session's arena, which they would keep alive).
 
-MobileNetV2 (52 layers + classifier, 32 feeds 1x3x224x224, minmax, 2 shared cores):
-``correct_biases`` 57 s -> 7.4 s, ``quantize_file`` 58 s -> 19 s (5-7.5 s without bias
-correction); SQNR 12.73 dB without, 12.95 dB with correction, unchanged. Digits CNN: 42.33
-/ 44.53 dB, unchanged. All feeds are still used. Limitation: a quantized model over 1 GB of
-initializers uses the full-model path (protobuf's 2 GB limit for in-memory models).
+So each layer costs about its own segment on the float side and its own plus the previous
+layer's on the quantized side. Checked against the previous implementation (one float run
+per window of layers, quantized cuts at measured tensors only): identical corrected
+biases (every int32 value) and per-channel offsets (relative difference < 1e-9) on
+MobileNetV2 and ResNet-50, identical output bytes on the digits CNN; tests compare with
+the full-model path, a budget forcing evictions too.
+
+Measured (``quantize_file``, 32 feeds, minmax, 2 cores shared with other work, so
+ranges over repeated runs; the ``bias_correction`` phase includes the SQNR check of the
+corrected model), previous implementation -> now: ResNet-50 41.5 s -> 9.5-10.9 s
+(``correct_biases`` alone 38 s -> 7.7-9 s), process peak RSS 2265 -> 1170-1188 MB (1133 MB
+without bias correction); MobileNetV2 8.1 s -> 3.0-4.7 s (``correct_biases`` 2.4-3.3 s),
+1254 -> 585-609 MB (571 without); BERT-style encoder (32 feeds of 16-128 tokens) 19.0 s ->
+5.0-5.7 s, 1351 -> 1126-1129 MB. ``correct_biases`` alone adds ~250 MB of peak RSS over
+the loaded models (the cache peaks at 227 MB on ResNet-50), less than the quantizer's
+earlier phases. SQNR with / without correction unchanged: ResNet-50 15.19 / 14.76 dB,
+MobileNetV2 12.95 / 12.73, encoder 29.43 / 28.92, digits CNN 44.56 / 42.33. All feeds are
+still used. A cut model over 1 GB of initializers is saved with external data first
+(protobuf's 2 GB limit for in-memory models).
 
 A Gemm followed by Relu and a QuantizeLinear is fused by onnxruntime into one QGemm with an
 int8 output, so, as for Conv, that int8 output is read (reading the Gemm's float output
@@ -74,6 +100,7 @@ would block the fusion and measure a float Gemm instead of the deployed kernel).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -84,13 +111,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxprune.io import save
 from onnxprune.quant.placement import _after_activation
 from onnxprune.quant.rewrite import values_by_name
+from onnxprune.quant.segments import (
+    FLOAT,
+    QUANT,
+    Cache,
+    Side,
+    downstream,
+    float_cuts,
+    int8_outputs,
+    step_run,
+)
 from onnxprune.runtime import make_session
 
 __all__ = ["BIAS_MODES", "BiasLayer", "correct_biases", "find_layers", "measure_offsets"]
@@ -100,11 +136,9 @@ logger = logging.getLogger(__name__)
 BIAS_MODES = ("auto", "on", "off")
 _INT32_MAX = 2**31 - 1
 _CHANNEL_AXIS = {"Conv": 1, "ConvTranspose": 1, "Gemm": -1, "MatMul": -1}
-# Float reference tensors cached per window of layers (all feeds), see the module docstring.
-REFERENCE_CACHE_BYTES = 256 << 20
-# Truncated quantized models are handed to onnxruntime in memory below this size (protobuf's
-# 2 GB limit); larger ones fall back to the full-model measurement.
-_IN_MEMORY_BYTES = 1 << 30
+# Tensors (float and int8, all feeds) kept between the steps of the sequential pass on cut
+# models, see the module docstring.
+CACHE_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,10 +381,10 @@ def correct_biases(
         sequential: Measure and correct one layer at a time in graph order (one run of
             the quantized model per layer), so each layer only absorbs its own error;
             False measures all layers on one run (faster, but see the module docstring).
-        truncate: Sequential only: run, per layer, the quantized model cut to the ancestors
-            of the measured tensor, with the float reference tensors computed once per
-            window of layers (see the module docstring). False runs the full models per
-            layer (the original path, same results; kept for checks).
+        truncate: Sequential only: run, per layer, the float and the quantized model cut
+            to the ancestors of the layer's tensors back to tensors cached at earlier
+            layers (within ``CACHE_BYTES``, see the module docstring). False runs the full
+            models per layer (the original path, same results; kept for checks).
 
     Returns:
         ``{"corrected": [node], "skipped": [{node, reason}],
@@ -362,15 +396,11 @@ def correct_biases(
     if not layers:
         return {"corrected": corrected, "skipped": skipped, "largest_offsets": {}}
     record = (corrected, skipped, largest)
-    with _exposed(reference, _reference_names(layers)) as session:
-        prefixes = _Prefixes.build(quantized, layers) if sequential and truncate else None
-        if prefixes is not None:
-            for window in _windows(session, layers, feeds, REFERENCE_CACHE_BYTES):
-                cache = _reference_cache(session, window, feeds)
-                for layer in window:
-                    offsets = _measure_prefix(prefixes, quantized, layer, cache, feeds)
-                    _record(quantized, layer, offsets, record, prefixes)
-        else:
+    if sequential and truncate:
+        stats = _correct_on_cuts(reference, quantized, layers, feeds, record)
+        logger.debug("bias correction: cache peak %d bytes", stats["cache_peak_bytes"])
+    else:
+        with _exposed(reference, _reference_names(layers)) as session:
             for batch in [[layer] for layer in layers] if sequential else [layers]:
                 _apply(session, quantized, batch, feeds, record)
     logger.info("bias correction: %d layer(s) corrected, %d skipped", len(corrected), len(skipped))
@@ -396,236 +426,137 @@ def _record(
     layer: BiasLayer,
     offset: np.ndarray,
     record: tuple[list[str], list[dict[str, str]], dict[str, float]],
-    prefixes: _Prefixes | None = None,
+    changed: list[ir.Value] | None = None,
 ) -> None:
-    """Shift the layer's bias by ``offset`` and note the outcome (and the new initializer)."""
+    """Shift the layer's bias by ``offset`` and note the outcome (the new initializer is
+    appended to ``changed``)."""
     corrected, skipped, largest = record
-    changed: list[ir.Value] = []
     why = _shift_bias(quantized, layer, offset, changed)
     if why is not None:
         skipped.append({"node": layer.node, "reason": why})
         return
     corrected.append(layer.node)
     largest[layer.node] = float(np.max(np.abs(offset), initial=0.0))
-    if prefixes is not None:
-        for value in changed:
-            prefixes.update(value)
 
 
-# --- Sequential measurement on truncated models ------------------------------------------
-
-
-def _windows(
-    session: ort.InferenceSession,
+def _correct_on_cuts(
+    reference: ir.Model,
+    quantized: ir.Model,
     layers: Sequence[BiasLayer],
     feeds: Sequence[Mapping[str, np.ndarray]],
-    budget: int,
-) -> Iterator[list[BiasLayer]]:
-    """Consecutive layers whose cached reference tensors (all feeds) fit ``budget`` bytes.
-
-    Sizes come from one run on the first feed; a layer larger than the budget alone is a
-    window of its own.
-    """
-    names = [layer.reference for layer in layers]
-    sizes = [a.nbytes for a in session.run(names, dict(feeds[0]))] if feeds else [0] * len(names)
-    window: list[BiasLayer] = []
-    used = 0
-    for layer, size in zip(layers, sizes, strict=True):
-        cost = size * len(feeds)
-        if window and used + cost > budget:
-            yield window
-            window, used = [], 0
-        window.append(layer)
-        used += cost
-    if window:
-        yield window
-
-
-def _reference_cache(
-    session: ort.InferenceSession,
-    window: Sequence[BiasLayer],
-    feeds: Sequence[Mapping[str, np.ndarray]],
-) -> list[dict[str, np.ndarray]]:
-    """Per feed, ``{node: y}`` with NaN where the float activation is not the identity.
-
-    ``mask = linear & inside & isfinite(y)`` then reads ``inside & isfinite(y)``: one tensor
-    per layer is cached instead of ``y`` and ``a(y)``.
-    """
-    names = _reference_names(window)
-    cache = []
-    for feed in feeds:
-        ref = dict(zip(names, session.run(names, dict(feed)), strict=True))
-        cache.append(
-            {
-                layer.node: np.where(
-                    ref[layer.activated] == ref[layer.reference], ref[layer.reference], np.nan
-                ).astype(ref[layer.reference].dtype, copy=False)
-                for layer in window
-            }
-        )
-    return cache
+    record: tuple[list[str], list[dict[str, str]], dict[str, float]],
+) -> dict[str, int]:
+    """The sequential pass on cut models (see the module docstring); returns cache stats."""
+    # The float side exposes every layer's tensors wherever computed, as the full-model
+    # path does: exposing a tensor blocks onnxruntime's fusions of its producer (a Conv into
+    # a following Add, say), which would change the float rounding.
+    ref_targets = [(x.reference, x.activated) for x in layers]
+    exposed = {n for t in ref_targets for n in t}
+    sides = (
+        Side.build(FLOAT, reference, ref_targets, float_cuts(reference, exposed), exposed),
+        Side.build(
+            QUANT, quantized, [(x.measured,) for x in layers], int8_outputs(quantized), set()
+        ),
+    )
+    invalidated = [downstream(_bias_value(quantized, layer)) for layer in layers]
+    uses = {(FLOAT, n): s for n, s in sides[FLOAT].plan_uses().items()}
+    uses.update(((QUANT, n), s) for n, s in sides[QUANT].plan_uses(invalidated).items())
+    cache = Cache(CACHE_BYTES, uses, len(feeds))
+    fixed = all(
+        {n: a.shape for n, a in feed.items()} == {n: a.shape for n, a in feeds[0].items()}
+        for feed in feeds
+    )
+    for side in sides:
+        side.fixed_shapes = fixed
+    for step, layer in enumerate(layers):
+        offset = _measure_step(sides, cache, step, layer, feeds)
+        changed: list[ir.Value] = []
+        _record(quantized, layer, offset, record, changed)
+        for value in changed:
+            cache.invalidate(QUANT, downstream(value))
+    return {"cache_peak_bytes": cache.peak}
 
 
-def _measure_prefix(
-    prefixes: _Prefixes,
-    quantized: ir.Model,
+def _bias_value(quantized: ir.Model, layer: BiasLayer) -> ir.Value:
+    """The stored bias of ``layer`` (the int32 initializer, or the float bias)."""
+    node = next(n for n in quantized.graph if n.name == layer.bias_node)
+    value = node.inputs[layer.bias_index]
+    assert value is not None
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0]:
+        return producer.inputs[0]
+    return value
+
+
+def _measure_step(
+    sides: tuple[Side, Side],
+    cache: Cache,
+    step: int,
     layer: BiasLayer,
-    cache: Sequence[Mapping[str, np.ndarray]],
     feeds: Sequence[Mapping[str, np.ndarray]],
 ) -> np.ndarray:
-    """``mu_c`` of ``layer`` measured on the quantized model cut to its measured tensor."""
-    readout = _readout(quantized, layer)
+    """``mu_c`` of ``layer``: both cut models run feed by feed, the error accumulated."""
+    readout = _readout(sides[QUANT].model, layer)
     axis = _CHANNEL_AXIS[layer.op_type]
-    total: Any = 0.0
-    count: Any = 0
-    for measured, ref in zip(prefixes.run(layer.measured, feeds), cache, strict=True):
-        y = _channels(ref[layer.node], axis).astype(np.float64)
-        t_q, inside = readout.dequantize(_channels(measured, axis))
-        mask = inside & np.isfinite(y)
-        total = total + np.where(mask, t_q - y, 0.0).sum(axis=0)
-        count = count + mask.sum(axis=0)
-    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
-
-
-@dataclasses.dataclass
-class _Prefixes:
-    """The quantized model serialized once, cut per measured tensor to its ancestors.
-
-    Only nodes downstream of the measured tensor are removed, and nodes upstream of a cut
-    tensor: a ``*_quantized`` tensor measured for an earlier layer (a fused kernel's own int8
-    output), cached per feed when it was computed and still valid (no bias it depends on
-    changed since). The nodes between the cut and the measured tensor are the same, so
-    onnxruntime fuses them the same way. Corrected biases are written into the stored
-    initializers, and cut tensors downstream of them are dropped.
-    """
-
-    template: onnx.ModelProto
-    nodes: list[onnx.NodeProto]
-    initializers: dict[str, onnx.TensorProto]
-    value_info: dict[str, onnx.ValueInfoProto]
-    inputs: list[onnx.ValueInfoProto]
-    outputs: dict[str, onnx.ValueInfoProto]
-    graph: ir.Graph
-    index: dict[int, int]
-    cuttable: set[str]
-    budget: int = REFERENCE_CACHE_BYTES
-    cut: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def build(cls, model: ir.Model, layers: Sequence[BiasLayer]) -> _Prefixes | None:
-        """None when the model is too large to hand to onnxruntime in memory."""
-        total = sum(
-            v.const_value.nbytes
-            for v in model.graph.initializers.values()
-            if v.const_value is not None
-        )
-        if total > _IN_MEMORY_BYTES:
-            return None
-        proto = ir.serde.serialize_model(model)
-        g = proto.graph
-        nodes, inits = list(g.node), {t.name: t for t in g.initializer}
-        value_info = {v.name: v for v in g.value_info}
-        inputs, outputs = list(g.input), {v.name: v for v in g.output}
-        for field in ("node", "initializer", "value_info", "input", "output"):
-            g.ClearField(field)  # type: ignore[arg-type]
-        index = {id(node): i for i, node in enumerate(model.graph)}
-        cuttable = {layer.measured for layer in layers if _readout(model, layer).qmax != math.inf}
-        return cls(proto, nodes, inits, value_info, inputs, outputs, model.graph, index, cuttable)
-
-    def update(self, value: ir.Value) -> None:
-        """Store the new constant of initializer ``value`` (a corrected bias)."""
-        assert value.const_value is not None and value.name in self.initializers
-        self.initializers[value.name] = ir.serde.serialize_tensor(value.const_value)
-        stack, seen = [value], set()
-        while stack:  # drop the cut tensors that depend on it
-            for use in stack.pop().uses():
-                if id(use.node) not in seen:
-                    seen.add(id(use.node))
-                    for out in use.node.outputs:
-                        self.cut.pop(out.name or "", None)
-                        stack.append(out)
-
-    def _ancestors(self, name: str) -> tuple[list[int], set[str], list[str]]:
-        """Indices of the nodes ``name`` depends on back to the cut (graph order), the values
-        they read, and the cut tensors used."""
-        values = values_by_name(self.graph)
-        stack, seen, needed, cuts = [values[name]], set(), {name}, []
-        keep: set[int] = set()
-        while stack:
-            value = stack.pop()
-            node = value.producer()
-            if value.name != name and value.name in self.cut:
-                cuts.append(value.name or "")
-                continue
-            if node is None or id(node) not in self.index or id(node) in seen:
-                continue
-            seen.add(id(node))
-            keep.add(self.index[id(node)])
-            reads = list(node.inputs)
-            for attr in node.attributes.values():
-                if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                    graphs = attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]
-                    for sub in graphs:
-                        reads.extend(
-                            v for n in ir.traversal.RecursiveGraphIterator(sub) for v in n.inputs
-                        )
-            for read in reads:
-                if read is not None and read.name not in needed:
-                    needed.add(read.name or "")
-                    stack.append(read)
-        return sorted(keep), needed, sorted(cuts)
-
-    def model(self, name: str, extra: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[str]]:
-        """A model of the nodes ``name`` depends on back to the cut (its inputs), with
-        outputs ``name`` then the cuttable tensors it computes; and the cut tensors used."""
-        keep, needed, cuts = self._ancestors(name)
-        proto = onnx.ModelProto()
-        proto.CopyFrom(self.template)
-        g = proto.graph
-        g.node.extend(self.nodes[i] for i in keep)
-        g.initializer.extend(t for n, t in self.initializers.items() if n in needed)
-        g.input.extend(
-            v for v in self.inputs if v.name not in self.initializers or v.name in needed
-        )
-        for cut in cuts:
-            first = self.cut[cut][0]
-            elem = onnx.helper.np_dtype_to_tensor_dtype(first.dtype)
-            g.input.append(onnx.helper.make_tensor_value_info(cut, elem, first.shape))
-        outputs = [name, *(n for n in extra if n in needed and n != name and n not in cuts)]
-        g.value_info.extend(
-            v for n, v in self.value_info.items() if n in needed and n not in outputs
-        )
-        for out in outputs:
-            info = self.outputs.get(out) or self.value_info.get(out)
-            if info is None:
-                info = ir.serde.serialize_value(values_by_name(self.graph)[out])
-            g.output.append(info)
-        return proto, cuts
-
-    def run(self, name: str, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
-        """Tensor ``name`` per feed (optimizations on); caches the cuttable tensors computed."""
-        proto, cuts = self.model(name, sorted(self.cuttable))
-        outputs = [o.name for o in proto.graph.output]
-        session = make_session(proto, optimize=True)
-        results: list[list[np.ndarray]] = [[] for _ in outputs]
+    sums: Any = 0.0
+    counts: Any = 0
+    with contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(step_run(side, step, cache)) for side in sides]
+        cache.begin(step, {(r.side.key, c) for r in runs for c in [*r.cuts, *r.cached]})
+        # The float and the quantized cut models run side by side (one thread each).
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
         for i, feed in enumerate(feeds):
-            inputs = {**feed, **{c: self.cut[c][i] for c in cuts}}
-            for got, value in zip(results, session.run(outputs, inputs), strict=True):
-                got.append(value)
-        del session
-        for out, values in zip(outputs, results, strict=True):
-            if out in self.cuttable:
-                self.cut.pop(out, None)
-                self.cut[out] = values
-        self._evict()
-        return results[0]
+            pending = pool.submit(runs[FLOAT], cache, i, feed)
+            cand = runs[QUANT](cache, i, feed)
+            ref = pending.result()
+            produced = {(FLOAT, n): v for n, v in ref.items()}
+            produced.update(((QUANT, n), v) for n, v in cand.items())
+            if i == 0:
+                cache.admit(produced)
+            cache.store(i, produced)
+            y = ref[layer.reference]
+            linear = None if layer.activated == layer.reference else ref[layer.activated]
+            total, count = _masked_error(y, linear, cand[layer.measured], readout, axis)
+            sums, counts = sums + total, counts + count
+            del ref, cand, produced
+        cache.end()
+    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
 
-    def _evict(self) -> None:
-        """Drop the oldest cut tensors beyond the byte budget."""
-        size = {n: sum(a.nbytes for a in v) for n, v in self.cut.items()}
-        total = sum(size.values())
-        for name in list(self.cut):
-            if total <= self.budget:
-                break
-            total -= size[name]
-            del self.cut[name]
+
+def _masked_error(
+    y: np.ndarray, activated: np.ndarray | None, measured: np.ndarray, readout: _Readout, axis: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the sum of ``t_q - y`` over the masked positions and their count.
+
+    The same sums as :func:`_accumulate` (which reads them per element in float64): the
+    masked float32 and integer values are summed in float64 / int64 per channel, and
+    ``t_q`` is dequantized on the sums (``sum t_q = s * (sum q - zp * count)``).
+    ``activated`` None: no activation (every position is linear).
+    """
+    mask = np.ones(y.shape, bool) if activated is None else activated == y
+    y = _finite(y, mask)
+    if readout.qmax != math.inf:
+        mask &= measured > readout.qmin
+        mask &= measured < readout.qmax
+    else:
+        measured = _finite(measured, mask)
+    axis = axis % y.ndim
+    shape = (math.prod(y.shape[:axis]), y.shape[axis], -1)
+    count = mask.view(np.uint8).reshape(shape).sum(axis=2, dtype=np.int64).sum(axis=0)
+    exact = np.int64 if measured.dtype.kind in "iu" else np.float64  # integers: exact sums
+    t_sum = (measured * mask).reshape(shape).sum(axis=2, dtype=exact).sum(axis=0)
+    t_sum = (t_sum.astype(np.float64) - readout.zero * count) * readout.scale
+    y_sum = (y * mask).reshape(shape).sum(axis=2, dtype=np.float64).sum(axis=0)
+    return t_sum - y_sum, count
+
+
+def _finite(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``a`` with its non-finite values, removed from ``mask``, set to 0 (``x * 0`` is NaN
+    for them)."""
+    if a.dtype.kind != "f":
+        return a
+    finite = np.isfinite(a)
+    if finite.all():
+        return a
+    mask &= finite
+    return np.where(finite, a, 0).astype(a.dtype)
