@@ -87,8 +87,28 @@ def test_auto_keeps_it_when_sqnr_improves_and_report_records_it(files, tmp_path)
     result, _ = _quantize(files, tmp_path, "auto")
     info = result.details["bias_correction"]
     assert info["mode"] == "auto" and info["applied"]
-    assert info["reason"] == "auto: output SQNR improved"
-    assert result.worst["sqnr_db"] == pytest.approx(info["sqnr_db_with"])
+    # Fitted on three quarters of the 24 feeds, judged on the other quarter.
+    assert info["reason"] == "auto: held-out SQNR improved"
+    assert (info["fit_feeds"], info["judged_on_feeds"]) == (18, 6)
+    assert info["sqnr_db_with"] > info["sqnr_db_without"]
+
+
+def test_offsets_within_their_noise_are_shrunk():
+    # Per channel and feed, the (sum, count) of the masked error. Channel 0: a clear offset
+    # (0.5 in every feed, tiny spread); channel 1: zero-mean noise whose sample mean is a
+    # small 0.05 (standard error ~0.3); channel 2 seen in one feed only (noise unknown).
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(12)
+    noise = noise - noise.mean() + 0.05
+    sums = bias._FeedSums()
+    for i in range(12):
+        means = np.array([0.5 + 1e-3 * noise[i], noise[i], 0.7])
+        counts = np.array([10, 10, 10 if i == 0 else 0])
+        sums.add(means * counts, counts)
+    offset = sums.offset()
+    assert offset[0] == pytest.approx(0.5, rel=1e-4)
+    assert offset[1] == 0.0
+    assert offset[2] == pytest.approx(0.7)
 
 
 def test_off_is_the_uncorrected_model_byte_for_byte(files, tmp_path):

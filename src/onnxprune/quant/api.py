@@ -59,6 +59,7 @@ EQUALIZE_MODES = ("auto", "on", "off")
 _CHOICE_FEEDS = 16
 _RANK_FEEDS = 4
 _EQUALIZE_MIN_GAIN_DB = 0.1
+_MIN_HOLDOUT_FEEDS = 8
 Reference = Mapping[str, list]
 
 
@@ -182,6 +183,16 @@ def _min_sqnr(metrics: Mapping[str, Mapping[str, float | None]]) -> float:
     return min(float(m["sqnr_db"] or 0.0) for m in metrics.values())
 
 
+def _holdout(feeds: list, reference: Reference) -> tuple[list, list, Reference]:
+    """Split the calibration feeds into a fitting part and a held-out quarter (none when
+    fewer than 8 feeds: the fit is then judged on the data it was fitted on)."""
+    held = len(feeds) // 4 if len(feeds) >= _MIN_HOLDOUT_FEEDS else 0
+    if not held:
+        return feeds, feeds, reference
+    cut = len(feeds) - held
+    return feeds[:cut], feeds[cut:], {k: v[cut:] for k, v in reference.items()}
+
+
 def _bias_correction(
     request: _Request,
     model: ir.Model,
@@ -191,23 +202,33 @@ def _bias_correction(
     feeds: list,
     reference: Reference,
 ) -> tuple[ir.Model, dict[str, dict], dict[str, Any]]:
-    """Bias correction (:mod:`onnxprune.quant.bias`): ``on`` keeps it, ``auto`` only when
-    the worst output SQNR on the calibration feeds improves, ``off`` skips it."""
+    """Bias correction (:mod:`onnxprune.quant.bias`): ``on`` fits it on all calibration
+    feeds and keeps it; ``auto`` fits it on three quarters of them and keeps it only when
+    the worst output SQNR on the held-out quarter improves (it fits one offset per channel:
+    judged on the fitting data it would always look better); ``off`` skips it."""
     quantized, metrics = built
     info: dict[str, Any] = {"mode": request.bias_correction}
     if request.bias_correction == "off":
         return quantized, metrics, {**info, "applied": False, "reason": "off"}
+    fit, check, check_reference = feeds, feeds, reference
+    if request.bias_correction == "auto":
+        fit, check, check_reference = _holdout(feeds, reference)
+    info["fit_feeds"], info["judged_on_feeds"] = len(fit), len(check)
     corrected = copy_model(quantized)
-    info.update(correct_biases(model, corrected, nodes, feeds))
+    info.update(correct_biases(model, corrected, nodes, fit))
     if not info["corrected"]:
         return quantized, metrics, {**info, "applied": False, "reason": "no layer to correct"}
-    new_metrics = compare_outputs(reference, corrected, feeds)
-    before, after = _min_sqnr(metrics), _min_sqnr(new_metrics)
+    if check is feeds:
+        before = _min_sqnr(metrics)
+    else:
+        before = _min_sqnr(compare_outputs(check_reference, quantized, check))
+    after = _min_sqnr(compare_outputs(check_reference, corrected, check))
     info["sqnr_db_without"], info["sqnr_db_with"] = before, after
     if request.bias_correction == "on" or after > before:
-        reason = "on" if request.bias_correction == "on" else "auto: output SQNR improved"
+        reason = "on" if request.bias_correction == "on" else "auto: held-out SQNR improved"
+        new_metrics = compare_outputs(reference, corrected, feeds)
         return corrected, new_metrics, {**info, "applied": True, "reason": reason}
-    return quantized, metrics, {**info, "applied": False, "reason": "auto: no SQNR gain"}
+    return quantized, metrics, {**info, "applied": False, "reason": "auto: no held-out SQNR gain"}
 
 
 @dataclasses.dataclass
