@@ -87,6 +87,18 @@ class QuantizeResult:
         u8s8 = self.details.get("u8s8")
         if u8s8:
             lines.append(f"u8s8 remedy: {u8s8['remedy']} ({u8s8['reason']})")
+        method = self.details.get("method")
+        if method:
+            scores = ", ".join(f"{m} {v:.1f} dB" for m, v in method["candidates_sqnr_db"].items())
+            lines.append(f"range method chosen by measurement ({scores})")
+        for key, what in (
+            ("equalize", "cross-layer equalization"),
+            ("bias_correction", "bias correction"),
+        ):
+            step = self.details.get(key)
+            if step and step.get("mode") != "off":
+                done = "applied" if step.get("applied") else "not applied"
+                lines.append(f"{what}: {done} ({step.get('reason')})")
         share = self.details.get("int8_mac_share")
         if share:
             lines.append(f"int8 MAC share in onnxruntime: {100 * share['int8_mac_share']:.1f} %")
