@@ -8,7 +8,7 @@ from onnxprune.quant import quantize_file
 from onnxprune.quant.core import copy_model
 from onnxprune.quant.smooth import smooth_matmuls
 from onnxprune.quant.testing import matmul_net, write, write_calib
-from onnxprune.testing import assert_same_outputs
+from onnxprune.testing import assert_same_outputs, model_from_text
 
 
 def _outlier_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -38,3 +38,57 @@ def test_smoothquant_improves_sqnr_with_an_outlier_channel(tmp_path):
     smooth = quantize_file(model_path, tmp_path / "b.onnx", calib=calib, smooth=0.5)
     assert smooth.details["smoothquant"]["alpha"] == 0.5
     assert smooth.worst["sqnr_db"] > plain.worst["sqnr_db"] + 6
+
+
+def _layernorm_net(residual: bool):
+    """LayerNorm -> two MatMuls (Q/K-like, sharing the input); with ``residual`` the LN
+    output is also added to the first MatMul's output (another reader: no fold)."""
+    rng = np.random.default_rng(3)
+    extra = "y1r = Add (y1, h)" if residual else "y1r = Identity (y1)"
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,S,16] x, float[16] g, float[16] b, float[16,16] w1, float[16,16] w2)
+      => (float[1,S,16] y1r, float[1,S,16] y2) {{
+        h = LayerNormalization <axis = -1> (x, g, b)
+        y1 = MatMul (h, w1)
+        y2 = MatMul (h, w2)
+        {extra}
+    }}
+    """
+    gamma = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    gamma[5] = 40.0  # an outlier channel after the norm, as in trained transformers
+    weights = {
+        "g": gamma,
+        "b": rng.standard_normal(16).astype(np.float32) * 0.1,
+        "w1": rng.standard_normal((16, 16)).astype(np.float32),
+        "w2": rng.standard_normal((16, 16)).astype(np.float32),
+    }
+    return model_from_text(text, weights)
+
+
+def test_smoothing_folds_into_a_layernorm_read_only_by_the_matmuls():
+    model = _layernorm_net(residual=False)
+    smoothed = copy_model(model)
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((1, 7, 16)).astype(np.float32)} for _ in range(4)]
+    report = smooth_matmuls(smoothed, feeds, alpha=0.5)
+    assert report["smoothed"] == ["h"] and report["folded_into_layernorm"] == ["h"]  # unnamed LN
+    assert [n.op_type for n in smoothed.graph].count("Mul") == 0
+    gamma = smoothed.graph.initializers["g"].const_value.numpy()
+    assert gamma[5] < 40.0 / 2  # the outlier channel was flattened
+    assert_same_outputs(model, smoothed, feeds[0], rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_inserts_a_mul_when_the_layernorm_output_has_other_readers():
+    model = _layernorm_net(residual=True)
+    smoothed = copy_model(model)
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((1, 7, 16)).astype(np.float32)} for _ in range(4)]
+    report = smooth_matmuls(smoothed, feeds, alpha=0.5)
+    assert report["smoothed"] == ["h"] and report["folded_into_layernorm"] == []
+    assert [n.op_type for n in smoothed.graph].count("Mul") == 1
+    np.testing.assert_array_equal(
+        smoothed.graph.initializers["g"].const_value.numpy(),
+        model.graph.initializers["g"].const_value.numpy(),
+    )
+    assert_same_outputs(model, smoothed, feeds[0], rtol=1e-4, atol=1e-4)

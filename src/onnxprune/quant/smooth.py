@@ -11,6 +11,12 @@ weights ``W_j [K, N_j]``, with per-channel calibration maxima ``a_k = max |X[...
 ``X' W_j' = X W_j`` exactly in real arithmetic, so the float model is unchanged, while ``X'``
 has flatter channels and quantizes per tensor with less error. Weights shared with other
 nodes are left alone (the tensor is skipped, with the reason recorded).
+
+When ``X`` is the output of a LayerNormalization over its last axis read only by these
+MatMuls (the Q/K/V and first FFN inputs of a transformer), ``1 / s`` is folded into its
+constant scale and bias instead (``LN(x) * g / s + b / s``): no Mul is added, the graph keeps
+the op count onnxruntime fuses around. The other inputs (after GELU, the attention context)
+get the Mul.
 """
 
 from __future__ import annotations
@@ -75,7 +81,8 @@ def smooth_matmuls(
     peaks = _channel_max(model, list(candidates), feeds)
     values = {v.name: v for node in model.graph for v in node.outputs}
     values.update({v.name: v for v in model.graph.inputs})
-    smoothed = []
+    smoothed: list[str] = []
+    folded_into: list[str] = []
     for name, nodes in candidates.items():
         weights = [_weight(n) for n in nodes]
         arrays = [w.const_value.numpy() for w in weights if w is not None and w.const_value]
@@ -86,6 +93,12 @@ def smooth_matmuls(
         with np.errstate(divide="ignore", invalid="ignore"):
             s = np.power(a, alpha) / np.power(w_max, 1.0 - alpha)
         s = np.where((a > 0) & (w_max > 0), np.clip(s, *_CLIP), 1.0)
+        folded = _fold_into_layernorm(values[name], nodes, 1.0 / s)
+        if folded is not None:
+            _scale_weights(weights, arrays, s)
+            smoothed.append(name)
+            folded_into.append(folded)
+            continue
         inv = ir.val(
             f"{name}_smooth_inv",
             ir.DataType.FLOAT,
@@ -96,11 +109,56 @@ def smooth_matmuls(
         out = ir.val(f"{name}_smoothed", ir.DataType.FLOAT, values[name].shape)
         mul = ir.node("Mul", [values[name], inv], outputs=[out], name=f"{name}_Smooth")
         model.graph.insert_before(nodes[0], mul)
-        for node, weight, array in zip(nodes, weights, arrays, strict=True):
-            assert weight is not None
+        for node in nodes:
             node.replace_input_with(0, out)
-            scaled = (array.astype(np.float64) * s[:, None]).astype(np.float32)
-            weight.const_value = ir.tensor(scaled, name=weight.name)
+        _scale_weights(weights, arrays, s)
         smoothed.append(name)
     logger.info("SmoothQuant (alpha %.2f): %d activation(s) smoothed", alpha, len(smoothed))
-    return {"smoothed": smoothed, "alpha": alpha}
+    return {"smoothed": smoothed, "folded_into_layernorm": folded_into, "alpha": alpha}
+
+
+def _scale_weights(
+    weights: Sequence[ir.Value | None], arrays: Sequence[np.ndarray], s: np.ndarray
+) -> None:
+    """``W_j' = diag(s) W_j`` in place."""
+    for weight, array in zip(weights, arrays, strict=True):
+        assert weight is not None
+        scaled = (array.astype(np.float64) * s[:, None]).astype(np.float32)
+        weight.const_value = ir.tensor(scaled, name=weight.name)
+
+
+def _private_constant(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and value.const_value is not None
+        and value.producer() is None
+        and not value.is_graph_input()
+        and len(value.uses()) == 1
+    )
+
+
+def _fold_into_layernorm(x: ir.Value, readers: Sequence[ir.Node], inv: np.ndarray) -> str | None:
+    """Scale the LayerNormalization producing ``x`` by ``inv`` per channel; its name, or
+    None when ``x`` is not such an output read by ``readers`` only (then a Mul is needed)."""
+    ln = x.producer()
+    if ln is None or ln.op_type != "LayerNormalization" or ln.domain not in ("", "ai.onnx"):
+        return None
+    if ln.outputs[0] is not x or x.is_graph_output() or len(x.uses()) != len(readers):
+        return None
+    if {id(u.node) for u in x.uses()} != {id(n) for n in readers}:
+        return None
+    rank = len(x.shape) if x.shape is not None else None
+    axis = ln.attributes.get_int("axis", -1)
+    if not (axis == -1 or (rank is not None and axis == rank - 1)):
+        return None
+    scale = ln.inputs[1] if len(ln.inputs) > 1 else None
+    bias = ln.inputs[2] if len(ln.inputs) > 2 else None
+    params = [v for v in (scale, bias) if v is not None]
+    if not _private_constant(scale) or not all(_private_constant(v) for v in params):
+        return None
+    if any(v.const_value.shape != (inv.size,) for v in params):  # type: ignore[union-attr]
+        return None
+    for value in params:
+        array = value.const_value.numpy().astype(np.float64) * inv  # type: ignore[union-attr]
+        value.const_value = ir.tensor(array.astype(np.float32), name=value.name)
+    return ln.name or x.name or ""
