@@ -14,9 +14,10 @@ nodes are left alone (the tensor is skipped, with the reason recorded).
 
 When ``X`` is the output of a LayerNormalization over its last axis read only by these
 MatMuls (the Q/K/V and first FFN inputs of a transformer), ``1 / s`` is folded into its
-constant scale and bias instead (``LN(x) * g / s + b / s``): no Mul is added, the graph keeps
-the op count onnxruntime fuses around. The other inputs (after GELU, the attention context)
-get the Mul.
+constant scale and bias instead (``LN(x) * g / s + b / s``): no Mul is added (pre-LN
+transformers). In a post-LN encoder (BERT, our reference encoder) the LayerNorm output is
+also the residual input of the next block, so it keeps the Mul, as do the inputs after GELU
+and the attention context.
 """
 
 from __future__ import annotations
