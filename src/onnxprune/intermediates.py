@@ -42,12 +42,14 @@ def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
 
 @contextlib.contextmanager
 def session_with_outputs(
-    model: ir.Model, names: Sequence[str], *, threads: int = 1
+    model: ir.Model, names: Sequence[str], *, threads: int = 1, optimize: bool = False
 ) -> Iterator[ort.InferenceSession]:
     """A session for a temporary copy of ``model`` whose graph also outputs ``names``.
 
     ``names`` are node outputs or graph inputs; graph inputs are not added as outputs (the
     caller has them in its feeds). The in-memory model is restored before this yields.
+    ``optimize`` turns onnxruntime's graph optimizations on (the kernels users get; an
+    exposed tensor is never fused away).
 
     Raises:
         KeyError: a name is neither a node output nor a graph input.
@@ -66,7 +68,7 @@ def session_with_outputs(
         finally:
             for value in added:
                 model.graph.outputs.remove(value)
-        session = make_session(path, intra_op_threads=threads)
+        session = make_session(path, intra_op_threads=threads, optimize=optimize)
         try:
             yield session
         finally:

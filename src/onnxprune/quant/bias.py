@@ -117,16 +117,14 @@ import contextlib
 import dataclasses
 import logging
 import math
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxprune.io import save
+from onnxprune.intermediates import session_with_outputs
 from onnxprune.quant.placement import _after_activation
 from onnxprune.quant.rewrite import values_by_name
 from onnxprune.quant.segments import (
@@ -139,7 +137,6 @@ from onnxprune.quant.segments import (
     int8_outputs,
     step_run,
 )
-from onnxprune.runtime import make_session
 
 __all__ = ["BIAS_MODES", "BiasLayer", "correct_biases", "find_layers", "measure_offsets"]
 
@@ -264,21 +261,6 @@ def _readout(quantized: ir.Model, layer: BiasLayer) -> _Readout:
     return _Readout(float(scale), int(zero), info.min, info.max)
 
 
-@contextlib.contextmanager
-def _exposed(model: ir.Model, names: Sequence[str]) -> Iterator[ort.InferenceSession]:
-    """A session of a copy of ``model`` (optimizations on) that also outputs ``names``."""
-    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    values = values_by_name(copy.graph)
-    present = {v.name for v in copy.graph.outputs}
-    copy.graph.outputs.extend(values[n] for n in dict.fromkeys(names) if n not in present)
-    with tempfile.TemporaryDirectory(prefix="onnxprune-bias-") as folder:
-        session = make_session(save(copy, Path(folder) / "model.onnx"), optimize=True)
-        try:
-            yield session
-        finally:
-            del session  # release the file before the folder is removed
-
-
 def _channels(array: np.ndarray, axis: int) -> np.ndarray:
     a = np.asarray(array)
     return np.moveaxis(a, axis, -1).reshape(-1, a.shape[axis]) if a.ndim > 1 else a[None]
@@ -302,7 +284,7 @@ def measure_offsets(
     q_names = sorted({layer.measured for layer in layers})
     readouts = {layer.node: _readout(quantized, layer) for layer in layers}
     per_feed: dict[str, _FeedSums] = {layer.node: _FeedSums() for layer in layers}
-    with _exposed(quantized, q_names) as session:
+    with session_with_outputs(quantized, q_names, optimize=True) as session:
         for feed in feeds:
             ref = dict(zip(ref_names, reference.run(ref_names, dict(feed)), strict=True))
             cand = dict(zip(q_names, session.run(q_names, dict(feed)), strict=True))
@@ -450,7 +432,7 @@ def correct_biases(
         stats = _correct_on_cuts(reference, quantized, layers, feeds, record)
         logger.debug("bias correction: cache peak %d bytes", stats["cache_peak_bytes"])
     else:
-        with _exposed(reference, _reference_names(layers)) as session:
+        with session_with_outputs(reference, _reference_names(layers), optimize=True) as session:
             for batch in [[layer] for layer in layers] if sequential else [layers]:
                 _apply(session, quantized, batch, feeds, record)
     logger.info("bias correction: %d layer(s) corrected, %d skipped", len(corrected), len(skipped))
