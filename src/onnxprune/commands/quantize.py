@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--bias-correction",
         default="auto",
         help="subtract each layer's mean int8 error per channel from its bias (static mode): "
-        f"{', '.join(BIAS_MODES)}; auto keeps it only if the output SQNR improves",
+        f"{', '.join(BIAS_MODES)}; auto fits it on 3/4 of the calibration samples and keeps it "
+        "only if the output SQNR on the other 1/4 improves",
     )
     parser.add_argument(
         "--equalize",

@@ -498,8 +498,9 @@ def quantize_file(
         smooth: SmoothQuant for static mode: alpha in [0, 1], ``"auto"`` (0.5 for
             MatMul-heavy models) or None/``"off"``.
         bias_correction: Static mode: subtract each layer's mean quantization error per
-            output channel from its bias: ``on``, ``off`` or ``auto`` (kept only when the
-            worst output SQNR on the calibration data improves).
+            output channel from its bias: ``on``, ``off`` or ``auto`` (fitted on three
+            quarters of the calibration feeds, kept only when the worst output SQNR on the
+            other quarter improves).
         equalize: Static mode: cross-layer equalization of Conv -> activation -> Conv
             pairs before calibration: ``on``, ``off`` or ``auto`` (tried on models with
             grouped/depthwise convolution pairs, kept only when the worst output SQNR on the
