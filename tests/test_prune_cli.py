@@ -49,7 +49,7 @@ def test_recovery_beats_no_recovery_on_real_data(tmp_path: Path):
         ),
     }
     acc = {k: _accuracy(p) for k, p in paths.items()}
-    cosine = {k: r.fidelity["logits"]["cosine"] for k, r in runs.items()}
+    cosine = {k: r.fidelity.held_out.outputs["logits"]["cosine"] for k, r in runs.items()}
     assert runs["refit"].macs[1] <= runs["refit"].macs[0] / 1.5
     assert acc["compensated"] > acc["none"] + 0.02
     assert acc["refit"] > acc["none"] + 0.02

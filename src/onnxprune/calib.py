@@ -132,9 +132,16 @@ class CalibrationData:
         for i in range(len(self)) if indices is None else indices:
             yield self.feed(i)
 
+    def subset(self, start: int, stop: int) -> CalibrationData:
+        """Samples ``start:stop`` as their own data (whole files of a folder)."""
+        if self._arrays is not None:
+            arrays = {name: a[start:stop] for name, a in self._arrays.items()}
+            return dataclasses.replace(self, _arrays=arrays)
+        return dataclasses.replace(self, _files=self._files[start:stop])
 
-def _from_npz(path: Path, specs: list[InputSpec]) -> CalibrationData:
-    arrays = _read_npz(path)
+
+def _from_npz(path: Path, specs: list[InputSpec], ignore: Sequence[str] = ()) -> CalibrationData:
+    arrays = {k: v for k, v in _read_npz(path).items() if k not in ignore}
     _check_names(specs, list(arrays), str(path))
     counts = {name: a.shape[0] if a.ndim else 0 for name, a in arrays.items()}
     if any(n == 0 for n in counts.values()):
@@ -164,8 +171,13 @@ def _from_dir(path: Path, specs: list[InputSpec]) -> CalibrationData:
     return CalibrationData(path, specs, _files=files)
 
 
-def load_calibration(path: str | os.PathLike[str], model: ir.Model) -> CalibrationData:
+def load_calibration(
+    path: str | os.PathLike[str], model: ir.Model, *, ignore: Sequence[str] = ()
+) -> CalibrationData:
     """Load and validate calibration data for ``model``.
+
+    ``ignore`` names arrays of an ``.npz`` that are not model inputs and are skipped (an
+    evaluation set's ``label``), unless the model has an input of that name.
 
     Raises:
         CalibrationError: missing path, unreadable file, empty data, or a name, dtype or
@@ -179,4 +191,5 @@ def load_calibration(path: str | os.PathLike[str], model: ir.Model) -> Calibrati
         return _from_dir(path, specs)
     if not path.is_file():
         raise CalibrationError(f"calibration data {path}: no such file or folder")
-    return _from_npz(path, specs)
+    names = {s.name for s in specs}
+    return _from_npz(path, specs, [k for k in ignore if k not in names])

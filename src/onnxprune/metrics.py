@@ -8,7 +8,8 @@ All metrics are computed in float64 over the flattened tensors:
 * ``cosine`` = <r, c> / (|r| |c|) (1.0 when both are all zero);
 * ``sqnr_db`` = 10 log10(sum r^2 / sum (c - r)^2) (inf when identical);
 * ``top1_agreement``: share of rows (last axis = classes) whose argmax agrees, for
-  classifier-like outputs (rank >= 2, float, last axis > 1); None otherwise.
+  classifier-like outputs (rank >= 2, float, last axis > 1); None otherwise. A candidate
+  row with NaN or infinity never agrees.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ METRIC_NAMES = (
     "max_abs_error",
     "mean_abs_error",
     "max_rel_error",
+    "nn_agreement",
 )
-HIGHER_IS_BETTER = frozenset({"top1_agreement", "cosine", "sqnr_db"})
+HIGHER_IS_BETTER = frozenset({"top1_agreement", "cosine", "sqnr_db", "nn_agreement"})
 
 
 def _is_classifier_like(array: np.ndarray) -> bool:
@@ -62,9 +64,13 @@ def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
         sqnr = 10 * math.log10(signal / noise)
     top1 = None
     if _is_classifier_like(reference):
-        ref_cls = reference.reshape(-1, reference.shape[-1]).argmax(-1)
-        cand_cls = candidate.reshape(-1, candidate.shape[-1]).argmax(-1)
-        top1 = float(np.mean(ref_cls == cand_cls))
+        ref_rows = reference.reshape(-1, reference.shape[-1])
+        cand_rows = candidate.reshape(-1, candidate.shape[-1])
+        agree = ref_rows.argmax(-1) == cand_rows.argmax(-1)
+        # argmax of a row with NaN picks the NaN: a non-finite candidate row never agrees
+        # (unless the reference row is non-finite too).
+        agree &= np.all(np.isfinite(cand_rows), -1) | ~np.all(np.isfinite(ref_rows), -1)
+        top1 = float(np.mean(agree))
     return {
         "top1_agreement": top1,
         "cosine": cosine,

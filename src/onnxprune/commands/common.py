@@ -8,8 +8,15 @@ from typing import Any
 
 from onnxprune.errors import UsageError
 from onnxprune.io.atomic import write_text_atomic
+from onnxprune.reporting import json_safe
 
-__all__ = ["add_dims_option", "add_report_option", "parse_dims", "write_json"]
+__all__ = [
+    "add_dims_option",
+    "add_eval_option",
+    "add_report_option",
+    "parse_dims",
+    "write_json",
+]
 
 
 def add_dims_option(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +33,17 @@ def add_report_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="R.json", help="write the JSON report here")
 
 
+def add_eval_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--eval",
+        dest="eval_data",
+        metavar="PATH",
+        help="held-out data (.npz or folder, the --calib format; a 'label' array is ignored) "
+        "that the report's fidelity is measured on; without it the last quarter of --calib "
+        "is held out and not used for fitting",
+    )
+
+
 def parse_dims(items: list[str]) -> dict[str, int]:
     """Parse ``NAME=VALUE`` pairs into a dict; bad items are usage errors."""
     dims = {}
@@ -38,5 +56,9 @@ def parse_dims(items: list[str]) -> dict[str, int]:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write a JSON report atomically (sorted keys, so reruns give identical bytes)."""
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Write a JSON report atomically (sorted keys, so reruns give identical bytes).
+
+    Infinity and NaN, which JSON does not have, are written as the strings "inf"/"nan".
+    """
+    text = json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False)
+    write_text_atomic(path, text + "\n")

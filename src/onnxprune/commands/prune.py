@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from onnxprune.commands.common import add_dims_option, add_report_option, parse_dims, write_json
+from onnxprune.commands.common import (
+    add_dims_option,
+    add_eval_option,
+    add_report_option,
+    parse_dims,
+    write_json,
+)
 from onnxprune.errors import UsageError
 from onnxprune.prune.allocate import RATIOS_SCHEMA
 from onnxprune.prune.api import prune_file
@@ -63,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--round-to", type=int, default=None, metavar="N", help="kept channels multiple (8)"
     )
     parser.add_argument("--exclude", action="append", default=[], metavar="NODE")
+    add_eval_option(parser)
     add_report_option(parser)
     parser.add_argument("--save-plan", metavar="P.json", help="write the plan of the last step")
     add_dims_option(parser)
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         reconstruct=args.reconstruct,
         iterative=args.iterative,
         dims=parse_dims(args.dim),
+        eval_data=args.eval_data,
     )
     print(result.summary())
     if args.report:

@@ -8,23 +8,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from onnxprune.calib import load_calibration, model_input_specs
-from onnxprune.check import check_feeds
 from onnxprune.errors import UsageError
+from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save
-from onnxprune.metrics import output_metrics
 from onnxprune.passes.pipeline import canonicalize
 from onnxprune.prune.activations import activation_stats, reconstruction_stats
 from onnxprune.prune.analysis import analyze
 from onnxprune.prune.core import PruneOptions, PruneReport, prune_model
 from onnxprune.prune.recover import refit_consumers
-from onnxprune.runtime import make_session
 
 __all__ = ["PruneFileResult", "prune_file"]
 
-#: Calibration samples used for statistics and refits (the rest are held out).
+#: At most this many fit samples feed statistics and refits.
 FIT_SAMPLES = 128
 
 #: Criteria scored from calibration statistics.
@@ -38,7 +33,7 @@ class PruneFileResult:
     output: str
     steps: list[PruneReport]
     refits: list[list[dict[str, Any]]]
-    fidelity: dict[str, dict[str, float | None]]
+    fidelity: FidelityReport
     macs: tuple[int, int]
     params: tuple[int, int]
 
@@ -48,7 +43,7 @@ class PruneFileResult:
             "output": self.output,
             "macs": {"before": self.macs[0], "after": self.macs[1]},
             "params": {"before": self.params[0], "after": self.params[1]},
-            "fidelity": self.fidelity,
+            "fidelity": self.fidelity.to_dict(),
             "steps": [s.to_dict() for s in self.steps],
             "refits": self.refits,
         }
@@ -59,27 +54,13 @@ class PruneFileResult:
             f"MACs   {self.macs[0]:,} -> {self.macs[1]:,} ({macs_ratio:.2f}x fewer)",
             f"params {self.params[0]:,} -> {self.params[1]:,}",
         ]
-        for name, metrics in self.fidelity.items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
-            lines.append(f"output {name}: {shown}")
+        lines += self.fidelity.summary()
         blocked = [g for g in self.steps[0].groups if g.get("blocked")]
         lines.append(
             f"groups: {len(self.steps[0].groups) - len(blocked)} prunable, {len(blocked)} blocked"
         )
         lines.append(f"wrote {self.output}")
         return "\n".join(lines)
-
-
-def _fidelity(reference: str, candidate: Path, feeds: list) -> dict[str, dict[str, float | None]]:
-    ref, cand = make_session(reference), make_session(candidate)
-    names = [o.name for o in ref.get_outputs()]
-    refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    cands: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        for n, r, c in zip(names, ref.run(names, feed), cand.run(names, feed), strict=True):
-            refs[n].append(r.reshape(-1, r.shape[-1]) if r.ndim > 1 else r.reshape(1, -1))
-            cands[n].append(c.reshape(-1, c.shape[-1]) if c.ndim > 1 else c.reshape(1, -1))
-    return {n: output_metrics(np.concatenate(refs[n]), np.concatenate(cands[n])) for n in names}
 
 
 def _step_options(options: PruneOptions, step: int, steps: int, progress: float) -> PruneOptions:
@@ -108,8 +89,13 @@ def prune_file(
     reconstruct: bool = False,
     iterative: int = 1,
     dims: Mapping[str, int] | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
 ) -> PruneFileResult:
-    """Prune ``model_path`` into ``output_path``; the input file is never modified."""
+    """Prune ``model_path`` into ``output_path``; the input file is never modified.
+
+    Statistics and refits use the fit part of ``calib``; fidelity is reported on
+    ``eval_data``, else on the held-out part of ``calib`` (:mod:`onnxprune.heldout`).
+    """
     options.validate()
     if iterative < 1:
         raise UsageError(f"--iterative {iterative}: must be >= 1")
@@ -121,13 +107,8 @@ def prune_file(
         raise UsageError(f"--calib is required for {wanted}")
     teacher = load(model_path)
     model = load(model_path)
-    calibration = load_calibration(calib, model) if calib is not None else None
-    feeds = (
-        list(calibration.feeds(range(min(FIT_SAMPLES, len(calibration))))) if calibration else []
-    )
-    check = check_feeds(
-        model_input_specs(model), calibration, dims, count=len(calibration) if calibration else 4
-    )
+    split = split_data(model, calib, eval_data, dims=dims)
+    feeds = split.fit_feeds(FIT_SAMPLES)
     skip = ("fold-batchnorm",) if options.criterion == "bn" else ()
     canonicalize(model, skip=skip)
     steps, refits = [], []
@@ -150,17 +131,17 @@ def prune_file(
             results = refit_consumers(teacher, model, report.kept, feeds, report.ranks)
             refits.append([dataclasses.asdict(r) for r in results])
     canonicalize(model)
-    fidelity: dict[str, dict[str, float | None]] = {}
+    fidelity: list[FidelityReport] = []
 
-    def measure(tmp: Path) -> None:
-        fidelity.update(_fidelity(str(model_path), tmp, check))
+    def check(tmp: Path) -> None:
+        fidelity.append(measure(str(model_path), tmp, split))
 
-    dest = save(model, output_path, before_commit=measure)
+    dest = save(model, output_path, before_commit=check)
     return PruneFileResult(
         output=str(dest),
         steps=steps,
         refits=refits,
-        fidelity=fidelity,
+        fidelity=fidelity[0],
         macs=(steps[0].macs[0], steps[-1].macs[1]),
         params=(steps[0].params[0], steps[-1].params[1]),
     )
