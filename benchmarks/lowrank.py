@@ -37,10 +37,10 @@ import onnxruntime as ort
 
 from onnxprune.bench import benchmark
 from onnxprune.calib import load_calibration
+from onnxprune.fidelity import compare
 from onnxprune.io import load, save
 from onnxprune.io.atomic import write_text_atomic
 from onnxprune.lowrank import LowRankConfig, decompose, lowrank_file
-from onnxprune.lowrank.report import measure_fidelity
 from onnxprune.lowrank.whiten import InputStats
 from onnxprune.passes import pipeline
 
@@ -95,7 +95,7 @@ def _speed(paths: list[Path], dims: dict[str, int], runs: int, threads: int) -> 
 
 def _variant(src: Path, out: Path, config: LowRankConfig, calib: Path | None) -> dict:
     start = time.perf_counter_ns()
-    res = lowrank_file(src, out, config, calib=calib, fidelity_samples=4)
+    res = lowrank_file(src, out, config, calib=calib)
     data = res.to_dict()
     return {
         "path": str(out),
@@ -125,7 +125,7 @@ def run_encoder(model_dir: Path, work: Path, runs: int, threads: int) -> dict:
     aware = _variant(src, work / "enc_svdllm.onnx", aware_cfg, calib)
     feeds = list(load_calibration(held_out, load(src)).feeds())
     for variant in (plain, aware):
-        variant["fidelity_held_out"] = measure_fidelity(src, variant["path"], feeds)
+        variant["fidelity_held_out"] = compare(src, variant["path"], feeds).worst_feed
     speed = _speed([src, Path(plain["path"]), Path(aware["path"])], dims, runs, threads)
     return {"plain_svd": plain, "svd_llm_equal_ranks": aware, "speed": speed, "dims": dims}
 

@@ -42,10 +42,11 @@ def test_lowrank_writes_deterministic_output_and_report(model_path, tmp_path, ca
     assert model_path.read_bytes() == before
     text = capsys.readouterr().out
     assert "factorized 1 layers" in text and "output y: cosine 1.000000" in text
+    assert "fidelity on 4 synthetic random samples" in text
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["schema"] == "onnxprune.lowrank/1"
     assert report["layers"][0]["ranks"] == [4]
-    assert float(report["fidelity"]["y"]["sqnr_db"]) > 80
+    assert float(report["fidelity"]["outputs"]["y"]["sqnr_db"]) > 80
 
 
 def test_lowrank_output_is_not_factorized_again(model_path, tmp_path, capsys):

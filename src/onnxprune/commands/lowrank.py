@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from onnxprune.commands.common import add_dims_option, add_report_option, parse_dims, write_json
+from onnxprune.commands.common import (
+    add_dims_option,
+    add_eval_option,
+    add_report_option,
+    parse_dims,
+    write_json,
+)
 from onnxprune.lowrank import CONV_MODES, LowRankConfig, lowrank_file
 
 __all__ = ["register", "run"]
@@ -55,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="do not time conv decompositions (on by default: a conv is kept unless its "
         "decomposed chain measures at least 5%% faster at the layer's input shape)",
     )
+    add_eval_option(parser)
     add_report_option(parser)
     add_dims_option(parser)
     parser.set_defaults(run=run)
@@ -83,7 +90,9 @@ def config_from_args(args: argparse.Namespace) -> LowRankConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = lowrank_file(args.model, args.output, config_from_args(args), calib=args.calib)
+    result = lowrank_file(
+        args.model, args.output, config_from_args(args), calib=args.calib, eval_data=args.eval_data
+    )
     print(result.summary())
     if args.report:
         write_json(args.report, result.to_dict())

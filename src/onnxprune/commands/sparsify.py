@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from onnxprune.commands.common import add_report_option, write_json
+from onnxprune.commands.common import add_eval_option, add_report_option, write_json
 from onnxprune.errors import UsageError
 from onnxprune.sparsity import SparsifyConfig, sparsify_file
 from onnxprune.sparsity.prune import COMPARES, METHODS, PATTERNS, SCOPES
@@ -61,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE")
     parser.add_argument("--layer-sparsity", nargs="+", default=[], metavar="NODE=S")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Conv patch sampling")
+    add_eval_option(parser)
     add_report_option(parser)
     parser.set_defaults(run=run)
 
@@ -110,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         layer_sparsity=_overrides(args.layer_sparsity),
         seed=args.seed,
     )
-    result = sparsify_file(args.model, args.output, config, calib=args.calib)
+    result = sparsify_file(
+        args.model, args.output, config, calib=args.calib, eval_data=args.eval_data
+    )
     print(result.summary())
     if args.report:
         write_json(args.report, result.to_dict())

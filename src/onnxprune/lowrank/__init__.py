@@ -11,7 +11,7 @@ from onnxprune.lowrank.api import LowRankOutcome, lowrank_file, lowrank_model
 from onnxprune.lowrank.config import CONV_MODES, METHODS, LowRankConfig
 from onnxprune.lowrank.factorize import FactorizePass, LayerRecord
 from onnxprune.lowrank.fold import FoldLinearPass
-from onnxprune.lowrank.report import SCHEMA, LowRankResult, measure_fidelity
+from onnxprune.lowrank.report import SCHEMA, LowRankResult
 from onnxprune.lowrank.whiten import Decomposition, InputStats, collect_input_stats, decompose
 
 __all__ = [
@@ -30,5 +30,4 @@ __all__ = [
     "decompose",
     "lowrank_file",
     "lowrank_model",
-    "measure_fidelity",
 ]

@@ -10,15 +10,15 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxprune.analysis import count_costs, total_params
-from onnxprune.calib import CalibrationData, load_calibration, model_input_specs
-from onnxprune.check import check_feeds
+from onnxprune.calib import CalibrationData
 from onnxprune.errors import UsageError
+from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save
 from onnxprune.lowrank.config import LowRankConfig
 from onnxprune.lowrank.factorize import FactorizePass, LayerRecord, linear_inputs
 from onnxprune.lowrank.fold import FoldLinearPass
 from onnxprune.lowrank.latency import ConvLatencyProbe, LatencyProbe
-from onnxprune.lowrank.report import LowRankResult, measure_fidelity
+from onnxprune.lowrank.report import LowRankResult
 from onnxprune.lowrank.whiten import InputStats, collect_input_stats
 from onnxprune.passes._match import label
 from onnxprune.passes.base import PassReport
@@ -93,29 +93,29 @@ def lowrank_file(
     config: LowRankConfig,
     *,
     calib: str | os.PathLike[str] | None = None,
-    fidelity_samples: int = 4,
+    eval_data: str | os.PathLike[str] | None = None,
 ) -> LowRankResult:
     """Rewrite ``model_path`` into ``output_path`` (atomically; the input is never modified).
 
-    The options are validated before anything is read or written. After the rewrite the
-    written file is run against the original on calibration (else synthetic) feeds and the
-    per-output cosine / SQNR go into the result; this is a lossy rewrite, so no tolerance
-    is enforced here.
+    The options are validated before anything is read or written. Whitening statistics use
+    the fit part of ``calib``; after the rewrite the written file is compared with the
+    original on ``eval_data``, else on the held-out part of ``calib``
+    (:mod:`onnxprune.heldout`); this is a lossy rewrite, so no tolerance is enforced here.
     """
     config.validate(has_calib=calib is not None)
     model = load(model_path)
     _check_exclude(model, config.exclude)
-    calibration = load_calibration(calib, model) if calib is not None else None
-    feeds = check_feeds(model_input_specs(model), calibration, config.dims, fidelity_samples)
+    split = split_data(model, calib, eval_data, dims=config.dims)
+    calibration = split.fit
     params_before = total_params(model)
     macs_before = count_costs(model, dims=config.dims).total_macs
     outcome = lowrank_model(model, config, calib=calibration)
-    fidelity: list[dict] = []
+    fidelity: list[FidelityReport] = []
 
-    def measure(tmp_path: Path) -> None:
-        fidelity.append(measure_fidelity(model_path, tmp_path, feeds))
+    def check(tmp_path: Path) -> None:
+        fidelity.append(measure(model_path, tmp_path, split))
 
-    dest = save(model, output_path, before_commit=measure)
+    dest = save(model, output_path, before_commit=check)
     return LowRankResult(
         input=str(model_path),
         output=str(dest),
@@ -127,5 +127,4 @@ def lowrank_file(
         params=(params_before, total_params(model)),
         macs=(macs_before, count_costs(model, dims=config.dims).total_macs),
         fidelity=fidelity[0],
-        samples=len(feeds),
     )

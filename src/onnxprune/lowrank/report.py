@@ -9,45 +9,16 @@ max abs error (:mod:`onnxprune.metrics`).
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
+from onnxprune.heldout import FidelityReport
 from onnxprune.lowrank.factorize import LayerRecord
-from onnxprune.metrics import output_metrics
 from onnxprune.passes.base import PassReport
 from onnxprune.reporting import json_safe
-from onnxprune.runtime import make_session
 
-__all__ = ["SCHEMA", "LowRankResult", "measure_fidelity"]
+__all__ = ["SCHEMA", "LowRankResult"]
 
 SCHEMA = "onnxprune.lowrank/1"
-
-
-def measure_fidelity(
-    reference: str | os.PathLike[str],
-    candidate: str | os.PathLike[str],
-    feeds: Sequence[Mapping[str, np.ndarray]],
-) -> dict[str, dict[str, float]]:
-    """Worst cosine / SQNR / max abs error per output of ``candidate`` against ``reference``."""
-    ref_sess, cand_sess = make_session(reference), make_session(candidate)
-    names = [o.name for o in ref_sess.get_outputs()]
-    worst: dict[str, dict[str, float]] = {}
-    for feed in feeds:
-        refs = ref_sess.run(names, dict(feed))
-        cands = cand_sess.run(names, dict(feed))
-        for name, r, c in zip(names, refs, cands, strict=True):
-            m = output_metrics(r, c)
-            prev = worst.setdefault(
-                name, {"cosine": math.inf, "sqnr_db": math.inf, "max_abs_error": 0.0}
-            )
-            prev["cosine"] = min(prev["cosine"], float(m["cosine"]))  # type: ignore[arg-type]
-            prev["sqnr_db"] = min(prev["sqnr_db"], float(m["sqnr_db"]))  # type: ignore[arg-type]
-            prev["max_abs_error"] = max(prev["max_abs_error"], float(m["max_abs_error"]))  # type: ignore[arg-type]
-    return worst
 
 
 @dataclasses.dataclass
@@ -63,8 +34,7 @@ class LowRankResult:
     shared_energy: float
     params: tuple[int, int]
     macs: tuple[int, int]
-    fidelity: dict[str, dict[str, float]]
-    samples: int
+    fidelity: FidelityReport
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (schema ``onnxprune.lowrank/1``; inf/nan as strings)."""
@@ -79,8 +49,7 @@ class LowRankResult:
             "fold": self.fold.to_dict() if self.fold else None,
             "params": {"before": self.params[0], "after": self.params[1]},
             "macs": {"before": self.macs[0], "after": self.macs[1]},
-            "fidelity": json_safe(self.fidelity),
-            "fidelity_samples": self.samples,
+            "fidelity": json_safe(self.fidelity.to_dict()),
         }
 
     def summary(self) -> str:
@@ -92,11 +61,7 @@ class LowRankResult:
         p0, p1 = self.params
         m0, m1 = self.macs
         lines.append(f"params {p0} -> {p1} ({p1 / max(p0, 1):.1%}), MACs {m0} -> {m1}")
-        for name, m in self.fidelity.items():
-            lines.append(
-                f"output {name}: cosine {m['cosine']:.6f}, SQNR {m['sqnr_db']:.2f} dB "
-                f"(worst of {self.samples} feeds)"
-            )
+        lines += self.fidelity.summary()
         lines.append(f"wrote {self.output}")
         return "\n".join(lines)
 

@@ -1,29 +1,27 @@
 """File-level API of ``onnxprune sparsify``: validate, sparsify, store compactly, check, save.
 
-The input file is never modified. The masked model is compared with the original on the
-calibration data (or synthetic feeds) for the fidelity report; the compact (bitmask) model
-must equal the masked model exactly or nothing is written. The output is written
+The input file is never modified. Statistics and OBS updates use the fit part of the
+calibration data; the written model is compared with the original on ``--eval`` data, else on
+the held-out part of the calibration data (:mod:`onnxprune.heldout`), for the fidelity
+report. The compact (bitmask) model must equal the masked model exactly or nothing is
+written. The output is written
 atomically; the same input, settings and seed give byte-identical files.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.calib import CalibrationData, load_calibration, model_input_specs
-from onnxprune.check import check_feeds
 from onnxprune.errors import UsageError
+from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save, source_files
-from onnxprune.metrics import output_metrics
-from onnxprune.runtime import make_session
 from onnxprune.sparsity.layers import WeightLayer, find_layers
 from onnxprune.sparsity.prune import (
     COMPARES,
@@ -110,33 +108,6 @@ def _eligible(
     return kept
 
 
-def _stack(parts: list[np.ndarray]) -> np.ndarray:
-    if all(p.shape == parts[0].shape for p in parts):
-        return np.concatenate(parts, axis=0)
-    return np.concatenate([p.reshape(-1, p.shape[-1]) if p.ndim >= 2 else p.ravel() for p in parts])
-
-
-def _fidelity(
-    reference: str | os.PathLike[str], model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]
-) -> dict[str, dict[str, float | None]]:
-    """Output metrics of ``model`` against the reference file over all feeds."""
-    ref_session = make_session(reference)
-    cand_session = make_session(model)
-    names = [o.name for o in ref_session.get_outputs()]
-    ref_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    cand_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for feed in feeds:
-        for n, r, c in zip(
-            names,
-            ref_session.run(names, dict(feed)),
-            cand_session.run(names, dict(feed)),
-            strict=True,
-        ):
-            ref_parts[n].append(r)
-            cand_parts[n].append(c)
-    return {n: output_metrics(_stack(ref_parts[n]), _stack(cand_parts[n])) for n in names}
-
-
 def _copy(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
@@ -148,7 +119,7 @@ def sparsify_file(
     *,
     calib: str | os.PathLike[str] | None = None,
     calib_samples: int = 128,
-    fidelity_samples: int = 64,
+    eval_data: str | os.PathLike[str] | None = None,
 ) -> SparsifyResult:
     """Sparsify ``model_path`` into ``output_path`` (see the module docstring).
 
@@ -157,8 +128,9 @@ def sparsify_file(
         output_path: Output model, written atomically.
         config: What to prune and how.
         calib: Calibration data (required for Wanda and ``update``).
-        calib_samples: Calibration samples used for activation statistics.
-        fidelity_samples: Samples used for the fidelity report.
+        calib_samples: At most this many fit samples feed activation statistics.
+        eval_data: Held-out data the fidelity is reported on (default: the held-out part
+            of ``calib``).
 
     Raises:
         UsageError, CalibrationError: bad settings or data (nothing written).
@@ -168,7 +140,8 @@ def sparsify_file(
     input_bytes = sum(os.path.getsize(f) for f in source_files(model))
     layers, skipped = find_layers(model)
     validate_config(config, [layer.node for layer in layers] + list(skipped), calib is not None)
-    data: CalibrationData | None = load_calibration(calib, model) if calib is not None else None
+    split = split_data(model, calib, eval_data)
+    data = split.fit
     layers = _eligible(layers, skipped, config)
 
     def feeds() -> Iterator[dict[str, np.ndarray]]:
@@ -176,9 +149,7 @@ def sparsify_file(
         return data.feeds(range(min(len(data), calib_samples)))
 
     results, steps = apply_sparsity(model, layers, config, feeds if data is not None else None)
-    check = list(itertools.islice(data.feeds(), fidelity_samples)) if data else None
-    check = check or check_feeds(model_input_specs(model), None, count=4)
-    fidelity = _fidelity(model_path, model, check)
+    check = split.held_feeds(4) if split.held is not None else split.synthetic
     masked = _copy(model)
     stored = {s.weight: s for s in store_bitmask(model, [layer.weight for layer in layers])}
     error = check_exact(
@@ -193,7 +164,12 @@ def sparsify_file(
         )
         if record.reason:
             result.notes.append(f"stored dense: {record.reason}")
-    dest = save(model, output_path, before_commit=lambda p: make_session(p) and None)
+    fidelity: list[FidelityReport] = []
+
+    def measure_written(path: Path) -> None:
+        fidelity.append(measure(model_path, path, split))
+
+    dest = save(model, output_path, before_commit=measure_written)
     return SparsifyResult(
         input=str(model_path),
         output=str(dest),
@@ -202,9 +178,7 @@ def sparsify_file(
         skipped=dict(sorted(skipped.items())),
         input_bytes=input_bytes,
         output_bytes=_output_bytes(dest),
-        fidelity=fidelity,
-        fidelity_samples=len(check),
-        fidelity_source="calibration" if data else "synthetic",
+        fidelity=fidelity[0],
         steps=steps,
         stored_vs_masked_max_abs_error=error,
     )

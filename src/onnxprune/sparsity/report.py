@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from onnxprune.heldout import FidelityReport
 from onnxprune.reporting import json_safe
 
 __all__ = ["SCHEMA", "SPEEDUP_NOTE", "LayerResult", "SparsifyResult"]
@@ -65,9 +66,7 @@ class SparsifyResult:
     skipped: dict[str, str]
     input_bytes: int
     output_bytes: int
-    fidelity: dict[str, dict[str, float | None]]
-    fidelity_samples: int
-    fidelity_source: str
+    fidelity: FidelityReport
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stored_vs_masked_max_abs_error: float = 0.0
 
@@ -91,12 +90,7 @@ class SparsifyResult:
                     "output_bytes": self.output_bytes,
                     "ratio": self.output_bytes / self.input_bytes if self.input_bytes else None,
                 },
-                "fidelity": {
-                    "reference": "original model",
-                    "source": self.fidelity_source,
-                    "samples": self.fidelity_samples,
-                    "outputs": self.fidelity,
-                },
+                "fidelity": {"reference": "original model", **self.fidelity.to_dict()},
                 "stored_vs_masked_max_abs_error": self.stored_vs_masked_max_abs_error,
                 "steps": self.steps,
                 "speedup": SPEEDUP_NOTE,
@@ -108,13 +102,7 @@ class SparsifyResult:
             f"pruned {len(self.layers)} layers to {self.overall_sparsity:.1%} overall "
             f"({len(self.skipped)} skipped)"
         ]
-        for name, metrics in self.fidelity.items():
-            top1 = metrics.get("top1_agreement")
-            extra = f", top-1 agreement {top1:.2%}" if top1 is not None else ""
-            lines.append(
-                f"  {name}: cosine {metrics['cosine']:.6f}, SQNR {metrics['sqnr_db']:.1f} dB{extra}"
-                f" ({self.fidelity_samples} {self.fidelity_source} samples)"
-            )
+        lines += self.fidelity.summary()
         ratio = self.output_bytes / self.input_bytes if self.input_bytes else 0.0
         lines.append(
             f"wrote {self.output} ({self.input_bytes} -> {self.output_bytes} bytes, {ratio:.2f}x); "
