@@ -41,7 +41,7 @@ def test_lowrank_writes_deterministic_output_and_report(model_path, tmp_path, ca
     assert outs[0].read_bytes() == outs[1].read_bytes()
     assert model_path.read_bytes() == before
     text = capsys.readouterr().out
-    assert "factorized 1 layers" in text and "output y: cosine 1.000000" in text
+    assert "factorized 1 layers" in text and "cosine 1.000000" in text
     assert "fidelity on 4 synthetic random samples" in text
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["schema"] == "onnxprune.lowrank/1"
