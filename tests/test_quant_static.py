@@ -112,7 +112,9 @@ def test_varying_token_lengths(tmp_path):
         np.savez(folder / f"s{i}.npz", x=rng.standard_normal((1, length, 4)).astype(np.float32))
     out = tmp_path / "q.onnx"
     result = quantize_file(write(matmul_net(w), tmp_path), out, calib=folder, smooth="off")
-    assert result.samples == 3 and np.isfinite(_initializers(out)["x_scale"]).all()
+    # two files fitted on, the third held out for the report
+    assert result.samples == 2 and result.fidelity.held_out.samples == 1
+    assert np.isfinite(_initializers(out)["x_scale"]).all()
     assert result.worst["cosine"] > 0.99
 
 

@@ -79,10 +79,15 @@ def check_equivalent(
                     raise BudgetError(f"output {name!r}: non-float values differ")
                 continue
             metrics = output_metrics(r, c)
-            bound = rtol * max(1.0, float(np.max(np.abs(r))) if r.size else 1.0)
-            if metrics["max_abs_error"] > bound:  # type: ignore[operator]
+            # NaN compares False with everything, so compare the finite part by value and
+            # the non-finite part of the original (NaN, inf) by identity.
+            finite = np.isfinite(r)
+            same_nonfinite = np.array_equal(r[~finite], c[~finite], equal_nan=True)
+            error = float(np.max(np.abs(c[finite] - r[finite]), initial=0.0))
+            bound = rtol * max(1.0, float(np.max(np.abs(r[finite]), initial=0.0)))
+            if not same_nonfinite or not error <= bound:
                 raise BudgetError(
-                    f"output {name!r} changed: max abs error {metrics['max_abs_error']:.3g} "
+                    f"output {name!r} changed: max abs error {error:.3g} "
                     f"> {bound:.3g}; the rewrite is not exact, nothing written"
                 )
             prev = worst.get(name)

@@ -30,8 +30,8 @@ from onnxprune.bench.stats import (
 from onnxprune.bench.system import SystemInfo, system_info, usable_cpus
 from onnxprune.calib import load_calibration, model_input_specs
 from onnxprune.errors import UsageError
+from onnxprune.fidelity import metrics_of
 from onnxprune.io import load
-from onnxprune.metrics import output_metrics
 from onnxprune.runtime import resolve_provider
 
 __all__ = ["BENCH_SCHEMA", "BenchResult", "BenchSettings", "ModelResult", "benchmark"]
@@ -160,7 +160,7 @@ def _fidelity(
     shapes = [n for n in ref_out if ref_out[n].shape != cand_out[n].shape]
     if shapes:
         return None, f"not compared: output {shapes[0]!r} has a different shape"
-    return {n: output_metrics(ref_out[n], cand_out[n]) for n in ref_out}, None
+    return {n: metrics_of(ref_out[n], cand_out[n], pooled=False) for n in ref_out}, None
 
 
 def _check_count(runs: int | None, seconds: float | None, warmup: int) -> None:

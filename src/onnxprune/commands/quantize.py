@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from onnxprune.commands.common import add_report_option, write_json
+from onnxprune.commands.common import add_eval_option, add_report_option, write_json
 from onnxprune.quant import MODES, TARGETS, quantize_file
 from onnxprune.quant.api import EQUALIZE_MODES
 from onnxprune.quant.bias import BIAS_MODES
@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "only if the output SQNR improves",
     )
     parser.add_argument("--max-samples", type=int, help="use at most N calibration samples")
+    add_eval_option(parser)
     add_report_option(parser)
     parser.set_defaults(run=run)
 
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         args.output,
         calib=args.calib,
+        eval_data=args.eval_data,
         method=args.method,
         per_channel=not args.per_tensor,
         mode=args.mode,

@@ -203,9 +203,17 @@ def optimize(
                 states.append((len(report.steps) - 1, produced))
         if states and bench_seconds > 0:
             _, current = _measure(report, src, states, ctx)
-        if holdout is not None:
-            final_check = verify(src, current, holdout, tolerance=tolerance)
+        final_data = eval_set if eval_set is not None else holdout
+        if final_data is not None:
+            # The final judgement is on --eval data when given (never used by any step),
+            # else on the held-out part of --calib.
+            final_check = verify(src, current, final_data, tolerance=tolerance)
             report.fidelity = final_check.outputs
+            report.fidelity_data = (
+                f"--eval {eval_set} ({final_check.samples} samples)"
+                if eval_set is not None
+                else f"held-out calibration samples ({final_check.samples}; not used by any step)"
+            )
             if not final_check.passed:
                 report.message = f"budget {budget!r} not met: {final_check.failure_message()}"
                 raise BudgetError(report.message + "; nothing written")

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from onnxprune.errors import UsageError
+from onnxprune.tolerance import DEFAULT_TOLERANCE
 
 __all__ = ["PRESETS", "STEP_OPTIONS", "Recipe", "Step", "load_recipe", "preset"]
 
@@ -162,17 +163,19 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     return parse_recipe(data, str(path))
 
 
+#: Budgets of the CPU presets: the default tolerance (cosine and, for class scores and labels,
+#: top-1 agreement), judged on held-out samples.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-int8": {
         "description": "canonicalize, then static int8 QDQ for the onnxruntime CPU provider",
         "provider": "cpu",
-        "budget": "cosine>=0.99",
+        "budget": DEFAULT_TOLERANCE,
         "steps": [{"canonicalize": {}}, {"quantize": {"method": "percentile"}}],
     },
     "cpu-fast": {
         "description": "canonicalize, prune to 70% of the MACs with recovery, then int8",
         "provider": "cpu",
-        "budget": "cosine>=0.99",
+        "budget": DEFAULT_TOLERANCE,
         "steps": [
             {"canonicalize": {}},
             {"prune": {"target_macs": 0.7, "reconstruct": True}},
@@ -182,7 +185,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-prune": {
         "description": "canonicalize, then prune to 70% of the MACs with recovery (float)",
         "provider": "cpu",
-        "budget": "cosine>=0.99",
+        "budget": DEFAULT_TOLERANCE,
         "steps": [
             {"canonicalize": {}},
             {"prune": {"target_macs": 0.7, "reconstruct": True}},

@@ -46,6 +46,7 @@ class OptimizeReport:
     latency_ratio: tuple[float, float, float] | None = None  # ratio, low, high
     accuracy: tuple[float, float] | None = None
     fidelity: dict[str, dict[str, float | None]] | None = None
+    fidelity_data: str | None = None  # which samples ``fidelity`` was measured on
     written: bool = False
     message: str = ""
 
@@ -89,6 +90,8 @@ class OptimizeReport:
                 if k in ("cosine", "top1_agreement", "sqnr_db") and v is not None
             ]
             rows.append((f"fidelity {name}", "-", ", ".join(shown)))
+        if self.fidelity_data:
+            rows.append(("fidelity measured on", "-", self.fidelity_data))
         width = max(len(r[0]) for r in rows)
         left = max(len(r[1]) for r in rows)
         lines = [f"{'':<{width}}  {'before':>{left}}  after", "-" * (width + left + 30)]

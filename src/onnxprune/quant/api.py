@@ -24,8 +24,8 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxprune.analysis import count_costs
-from onnxprune.calib import load_calibration
 from onnxprune.errors import BudgetError, UsageError
+from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save
 from onnxprune.passes import pipeline
 from onnxprune.quant import dynamic, fp16
@@ -459,6 +459,19 @@ def _check_result(request: _Request, metrics: dict[str, dict]) -> None:
         )
 
 
+def _check_held_out(request: _Request, report: FidelityReport) -> None:
+    """The budget must hold on held-out data too, not only on the data it was fitted on."""
+    if request.budget is None:
+        return
+    violations = request.budget.violations(report.held_out.outputs)
+    if violations:
+        raise BudgetError(
+            f"budget met on the calibration samples but not on {report.held_out.data}: "
+            + "; ".join(v.message() for v in violations)
+            + "; nothing written"
+        )
+
+
 def quantize_file(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -476,6 +489,7 @@ def quantize_file(
     smooth: float | str | None = "auto",
     bias_correction: str = "auto",
     equalize: str = "auto",
+    eval_data: str | os.PathLike[str] | None = None,
 ) -> QuantizeResult:
     """Quantize ``model_path`` into ``output_path`` (the input file is never modified).
 
@@ -494,7 +508,9 @@ def quantize_file(
         budget: Tolerance expression the outputs must meet (e.g. ``"cosine>=0.999"``);
             layers are kept in float, most harmful first, until it holds.
         u8s8: Saturation remedy on AVX2 without VNNI: auto, none, coarsen, reduce-range.
-        max_samples: Use at most this many calibration samples.
+        max_samples: Fit on at most this many calibration samples.
+        eval_data: Held-out data the report's fidelity (and the budget) is measured on;
+            default: the last quarter of ``calib``, which is then not fitted on.
         smooth: SmoothQuant for static mode: alpha in [0, 1], ``"auto"`` (0.5 for
             MatMul-heavy models) or None/``"off"``.
         bias_correction: Static mode: subtract each layer's mean quantization error per
@@ -531,7 +547,9 @@ def quantize_file(
     name_nodes(model)
     _validate(request, model)
     model = ensure_opset(model)
-    data = load_calibration(calib, model)
+    split = split_data(model, calib, eval_data)
+    data = split.fit
+    assert data is not None
     count = len(data) if max_samples is None else min(max_samples, len(data))
     feeds = list(data.feeds(range(count)))
     info: dict[str, Any] = {"canonicalize": passes.summary(), "cpu": cpu_isa()}
@@ -539,8 +557,15 @@ def quantize_file(
     _check_result(request, metrics)
     if dtype == "int8" and mode == "static":
         info["int8_mac_share"] = int8_mac_share(quantized)
+    fidelity: list[FidelityReport] = []
+
+    def check_held_out(path: Path) -> None:
+        with _timed(info, "held-out check"):
+            fidelity.append(measure(model_path, path, split))
+        _check_held_out(request, fidelity[0])
+
     with _timed(info, "save"):
-        dest = save(quantized, output_path)
+        dest = save(quantized, output_path, before_commit=check_held_out)
     return QuantizeResult(
         input=str(model_path),
         output=str(dest),
@@ -549,7 +574,8 @@ def quantize_file(
         target=target,
         samples=count,
         metrics=metrics,
-        worst=worst(metrics),
+        fidelity=fidelity[0],
+        worst=worst(fidelity[0].held_out.outputs),
         details=info,
         input_bytes=input_bytes,
         output_bytes=file_bytes(dest),

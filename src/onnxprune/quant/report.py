@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from onnxprune.heldout import FidelityReport
 from onnxprune.reporting import json_safe
 
 __all__ = ["QuantizeResult", "file_bytes", "worst"]
@@ -45,9 +46,12 @@ class QuantizeResult:
         mode: ``static``, ``dynamic`` or ``fp16``.
         method: Calibration method (static int8 only).
         target: ``cpu`` or ``tensorrt``.
-        samples: Calibration samples used (also the samples the check ran on).
-        metrics: Per output metrics against the float model (onnxruntime optimizations on).
-        worst: Worst value of each metric over outputs.
+        samples: Calibration samples fitted on (ranges, remedies, bias correction).
+        metrics: Per output metrics against the float model on those fit samples
+            (onnxruntime optimizations on); the decisions were made on these.
+        fidelity: The report's fidelity: on ``--eval`` data, else on held-out calibration
+            samples never used for fitting (:mod:`onnxprune.heldout`).
+        worst: Worst value of each held-out metric over outputs.
         details: Plan, u8s8 remedy and reason, layers kept float, int8 MAC share, ...
         input_bytes: Size of the input model files.
         output_bytes: Size of the written model files.
@@ -60,6 +64,7 @@ class QuantizeResult:
     target: str
     samples: int
     metrics: dict[str, dict[str, float | None]]
+    fidelity: FidelityReport
     worst: dict[str, float | None]
     details: dict[str, Any]
     input_bytes: int
@@ -68,21 +73,18 @@ class QuantizeResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite floats as strings)."""
         payload = {"schema": "onnxprune.quantize/1", **dataclasses.asdict(self)}
+        payload["fidelity"] = self.fidelity.to_dict()
         return json_safe(payload)
 
     def summary(self) -> str:
         """A few human-readable lines."""
-        w = self.worst
+        fit = worst(self.metrics)
         lines = [
             f"mode {self.mode}"
             + (f", method {self.method}" if self.method else "")
-            + f", target {self.target}, checked on {self.samples} calibration samples",
-            f"worst output: SQNR {w['sqnr_db']:.1f} dB, cosine {w['cosine']:.5f}"
-            + (
-                f", top-1 agreement {w['top1_agreement']:.3f}"
-                if w["top1_agreement"] is not None
-                else ""
-            ),
+            + f", target {self.target}, fitted on {self.samples} calibration samples "
+            f"(worst output there: SQNR {fit['sqnr_db']:.1f} dB)",
+            *self.fidelity.summary(),
         ]
         u8s8 = self.details.get("u8s8")
         if u8s8:

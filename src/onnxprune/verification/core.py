@@ -1,15 +1,14 @@
 """``onnxprune.verify``: compare a candidate model's outputs with a reference's.
 
-Both models run in onnxruntime (CPU by default, graph optimizations off so the numbers are
-the models' own) on every calibration sample. Aggregation: per output, the metrics of
-:mod:`onnxprune.metrics` are computed once over the concatenation of that output across all
-samples; outputs of rank >= 2 are first reshaped to rows of their last axis, so
-``top1_agreement`` is the share of agreeing rows over all rows of all samples, and
-``max_*`` are maxima over every sample. When the last axis varies between samples (token
-lengths), the samples are flattened and concatenated instead (no top-1).
+Both models run in onnxruntime (CPU by default, graph optimizations on, as deployed) on
+every sample, and are compared by the one comparator every command uses
+(:mod:`onnxprune.fidelity`): per output, metrics pooled over all samples (rows of the last
+axis, so ``top1_agreement`` is the share of agreeing rows over all rows of all samples;
+integer outputs compared exactly) and each metric's worst sample.
 
-The tolerance (:mod:`onnxprune.tolerance`, default ``cosine>=0.99``) must hold for every
-output; with ``layers=True`` the first diverging intermediate tensor is located too
+The tolerance (:mod:`onnxprune.tolerance`, default ``cosine>=0.99,top1_agreement>=0.98``;
+top-1 applies only to class-score and label outputs) must hold for every output's pooled
+metrics; with ``layers=True`` the first diverging intermediate tensor is located too
 (:mod:`onnxprune.verification.layers`).
 """
 
@@ -20,14 +19,12 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
-from onnxprune.calib import CalibrationData, load_calibration
+from onnxprune.calib import load_calibration
 from onnxprune.errors import UsageError
+from onnxprune.fidelity import compare
 from onnxprune.io import load
-from onnxprune.metrics import output_metrics
-from onnxprune.runtime import make_session
 from onnxprune.tolerance import DEFAULT_TOLERANCE, Tolerance, Violation, parse_tolerance
 from onnxprune.verification.layers import LayerReport, compare_layers
 
@@ -35,8 +32,9 @@ __all__ = ["AGGREGATION", "VERIFY_SCHEMA", "VerifyResult", "verify"]
 
 VERIFY_SCHEMA = "onnxprune.verify/1"
 AGGREGATION = (
-    "per output: metrics over the concatenation of all calibration samples (rank>=2 outputs "
-    "as rows of the last axis; top-1 agreement over all rows of all samples)"
+    "per output: metrics over the concatenation of all samples (outputs as rows of the last "
+    "axis; top-1 agreement over all rows of all samples; integer outputs compared exactly); "
+    "worst_feed: each metric's worst single sample"
 )
 
 
@@ -50,6 +48,7 @@ class VerifyResult:
     samples: int
     tolerance: Tolerance
     outputs: dict[str, dict[str, float | None]]
+    worst_feed: dict[str, dict[str, float | None]]
     violations: list[Violation]
     not_applicable: list[tuple[str, str]]
     layers: LayerReport | None = None
@@ -79,6 +78,8 @@ class VerifyResult:
             "violations": [v.to_dict() for v in self.violations],
             "not_applicable": [{"output": o, "metric": m} for o, m in self.not_applicable],
             "outputs": self.outputs,
+            "worst_feed": self.worst_feed,
+            "graph_optimizations": True,
             "layers": None if self.layers is None else self.layers.to_dict(),
         }
 
@@ -115,51 +116,6 @@ def _check_interfaces(reference: ir.Model, candidate: ir.Model) -> None:
             raise UsageError(message)
 
 
-def _rows(array: np.ndarray) -> np.ndarray:
-    return array.reshape(-1, array.shape[-1]) if array.ndim >= 2 else array.reshape(-1)
-
-
-def _output_metrics(
-    reference: str | os.PathLike[str],
-    candidate: str | os.PathLike[str],
-    data: CalibrationData,
-    provider: str,
-) -> dict[str, dict[str, float | None]]:
-    ref_session = make_session(reference, provider=provider)
-    cand_session = make_session(candidate, provider=provider)
-    names = [o.name for o in ref_session.get_outputs()]
-    ref_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    cand_parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for index, feed in enumerate(data.feeds()):
-        ref_out = ref_session.run(names, feed)
-        cand_out = cand_session.run(names, feed)
-        for name, r, c in zip(names, ref_out, cand_out, strict=True):
-            if r.shape != c.shape:
-                raise UsageError(
-                    f"output {name!r} has shape {list(r.shape)} in the reference but "
-                    f"{list(c.shape)} in the candidate (sample {index})"
-                )
-            ref_parts[name].append(r)
-            cand_parts[name].append(c)
-    return {name: _concat_metrics(ref_parts[name], cand_parts[name]) for name in names}
-
-
-def _concat_metrics(
-    reference: list[np.ndarray], candidate: list[np.ndarray]
-) -> dict[str, float | None]:
-    # Rows of the last axis keep top-1 meaningful; when that axis varies between samples
-    # (e.g. a [1, seq] output over token lengths) the samples are flattened instead.
-    if len({a.shape[-1] if a.ndim else 0 for a in reference}) == 1:
-        return output_metrics(
-            np.concatenate([_rows(a) for a in reference]),
-            np.concatenate([_rows(a) for a in candidate]),
-        )
-    return output_metrics(
-        np.concatenate([a.ravel() for a in reference]),
-        np.concatenate([a.ravel() for a in candidate]),
-    )
-
-
 def verify(
     reference: str | os.PathLike[str],
     candidate: str | os.PathLike[str],
@@ -180,7 +136,8 @@ def verify(
         reference: The reference model path.
         candidate: The model to check (same input and output names).
         calib: Calibration data (see :mod:`onnxprune.calib`).
-        tolerance: Expression that must hold for every output (default ``cosine>=0.99``).
+        tolerance: Expression that must hold for every output (default
+            ``cosine>=0.99,top1_agreement>=0.98``).
         layers: Also compare intermediate tensors and locate the first diverging one.
         layer_samples: Samples used for the layer comparison (first N; None = all).
         chunk_size: At most this many intermediate tensors are exposed per run.
@@ -203,9 +160,10 @@ def verify(
         raise UsageError(f"--layer-samples {layer_samples}: must be at least 1")
     ref_model, cand_model = load(reference), load(candidate)
     _check_interfaces(ref_model, cand_model)
-    data = load_calibration(calib, ref_model)
-    load_calibration(calib, cand_model)  # the candidate must accept the same data
-    outputs = _output_metrics(reference, candidate, data, provider)
+    data = load_calibration(calib, ref_model, ignore=("label",))
+    load_calibration(calib, cand_model, ignore=("label",))  # the candidate accepts it too
+    measured = compare(reference, candidate, list(data.feeds()), data=str(calib), provider=provider)
+    outputs = measured.outputs
     report = None
     if layers:
         count = len(data) if layer_samples is None else min(layer_samples, len(data))
@@ -225,6 +183,7 @@ def verify(
         samples=len(data),
         tolerance=parsed,
         outputs=outputs,
+        worst_feed=measured.worst_feed,
         violations=parsed.violations(outputs),
         not_applicable=parsed.not_applicable(outputs),
         layers=report,
