@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache:
         os.environ["ONNXPRUNE_ZOO"] = str(args.cache.resolve())
     cache = cache_dir()
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
+    # Silence "torchvision is not installed. Skipping torchvision::nms" from the dynamo exporter.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     modules = _previous(cache / "manifest.json") if args.only else {}
     modules = {name: record for name, record in modules.items() if name in available}
     start = time.perf_counter()
