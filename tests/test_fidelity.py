@@ -15,6 +15,7 @@ from onnxprune.fidelity import FidelityResult, compare, metrics_of, overfit_note
 from onnxprune.heldout import split_data
 from onnxprune.io import load
 from onnxprune.io.atomic import write_bytes_atomic
+from onnxprune.reporting import json_safe
 from onnxprune.testing import model_from_text
 from onnxprune.tolerance import DEFAULT_TOLERANCE, parse_tolerance
 from onnxprune.verification import verify
@@ -172,9 +173,7 @@ def test_overfit_note_names_the_gap():
     assert overfit_note(result(0.92), result(0.90)) is None
 
 
-def test_prune_report_equals_verify_on_the_same_eval_data(tmp_path: Path, data: Path):
-    """Two commands, one comparator: the prune report's numbers are verify's numbers."""
-    text = """
+MLP_TEXT = """
     <ir_version: 10, opset_import: ["" : 17]>
     mlp (float[N, 8] x, float[8, 32] w1, float[32, 10] w2) => (float[N, 10] logits) {
         [mm1] h1 = MatMul (x, w1)
@@ -182,24 +181,57 @@ def test_prune_report_equals_verify_on_the_same_eval_data(tmp_path: Path, data: 
         [mm2] logits = MatMul (h2, w2)
     }
     """
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["prune", "--ratio", "0.5", "--reconstruct"],
+        ["sparsify", "--sparsity", "0.5", "--update"],
+        ["lowrank", "--rank", "4", "--activation-aware"],
+        ["quantize"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_command_report_equals_verify_on_the_same_eval_data(
+    tmp_path: Path, data: Path, command: list[str]
+):
+    """Every lossy command and verify report the same numbers (one comparator)."""
     rng = np.random.default_rng(3)
     weights = {
         "w1": rng.standard_normal((8, 32)).astype(np.float32),
         "w2": rng.standard_normal((32, 10)).astype(np.float32),
     }
-    src = _write(model_from_text(text, weights), tmp_path / "mlp.onnx")
+    src = _write(model_from_text(MLP_TEXT, weights), tmp_path / "mlp.onnx")
     out, report = tmp_path / "pruned.onnx", tmp_path / "r.json"
     eval_path = tmp_path / "eval.npz"
     np.savez(eval_path, x=rng.standard_normal((16, 1, 8)).astype(np.float32))
-    code = main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--calib", str(data),
-                 "--reconstruct", "--eval", str(eval_path), "--report", str(report)])  # fmt: skip
+    code = main([command[0], str(src), "-o", str(out), *command[1:], "--calib", str(data),
+                 "--eval", str(eval_path), "--report", str(report)])  # fmt: skip
     assert code == 0
     fidelity = json.loads(report.read_text())["fidelity"]
     assert fidelity["data"].startswith(f"--eval {eval_path}") and fidelity["samples"] == 16
     checked = verify(src, out, eval_path, tolerance="cosine>=-1")
     for metric in ("cosine", "sqnr_db", "top1_agreement", "max_abs_error"):
-        assert fidelity["outputs"]["logits"][metric] == checked.outputs["logits"][metric]
+        assert fidelity["outputs"]["logits"][metric] == json_safe(checked.outputs["logits"][metric])
     assert fidelity["fit_samples"]["samples"] == 16
+    assert fidelity["outputs"]["logits"]["cosine"] < 1.0  # lossy: the numbers are not trivial
+
+
+def test_without_eval_the_report_names_the_held_out_samples(tmp_path: Path, data: Path):
+    rng = np.random.default_rng(3)
+    weights = {
+        "w1": rng.standard_normal((8, 32)).astype(np.float32),
+        "w2": rng.standard_normal((32, 10)).astype(np.float32),
+    }
+    src = _write(model_from_text(MLP_TEXT, weights), tmp_path / "mlp.onnx")
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    assert main(["quantize", str(src), "-o", str(out), "--calib", str(data),
+                 "--report", str(report)]) == 0  # fmt: skip
+    result = json.loads(report.read_text())
+    assert result["samples"] == 30  # fitted on the first three quarters
+    assert result["fidelity"]["samples"] == 10
+    assert "held-out samples 30-39" in result["fidelity"]["data"]
 
 
 def test_exactness_check_refuses_a_nan_where_the_original_is_finite(tmp_path: Path):
