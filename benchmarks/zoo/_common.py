@@ -176,3 +176,21 @@ def sentences(split: Literal["calib", "eval"], limit: int | None = None,
 
 def write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def finished(folder: Path, key: str) -> dict | None:
+    """The record ``mark_finished(folder, key, ...)`` left, or None when ``folder`` must be built.
+
+    ``key`` names what was built (e.g. the pinned wheel and the data sizes): a record written
+    for another key does not count, so changing a pin or a size rebuilds the folder.
+    """
+    stamp = folder / "finished.json"
+    if not stamp.is_file():
+        return None
+    record = json.loads(stamp.read_text())
+    return record.get("record") if record.get("key") == key else None
+
+
+def mark_finished(folder: Path, key: str, record: dict) -> None:
+    """Write ``folder/finished.json`` last, once everything in ``folder`` is complete."""
+    write_json(folder / "finished.json", {"key": key, "record": record})
