@@ -132,3 +132,26 @@ def test_refuses_unreadable_and_missing(model, tmp_path: Path):
     bad.write_text("not a zip")
     _refused(model, bad, "not a readable .npz")
     _refused(model, tmp_path / "missing.npz", "no such file or folder")
+
+
+def test_scalar_input_from_a_stacked_npz_is_a_rank0_array(tmp_path: Path):
+    """A scalar input stacked on axis 0 (``sr`` of a VAD model) feeds rank-0 arrays."""
+    from onnxprune.testing import model_from_text
+
+    model = model_from_text(
+        """
+        <ir_version: 10, opset_import: ["" : 17]>
+        m (float[1, 4] x, int64 sr) => (float[1, 4] y) {
+            [c] s = Cast <to = 1> (sr)
+            [mul] y = Mul (x, s)
+        }
+        """
+    )
+    path = tmp_path / "c.npz"
+    np.savez(path, x=np.ones((3, 1, 4), np.float32), sr=np.full(3, 16000, np.int64))
+    data = load_calibration(path, model)
+    feed = data.feed(1)
+    assert isinstance(feed["sr"], np.ndarray) and feed["sr"].shape == ()
+    from onnxprune.runtime import run_model
+
+    np.testing.assert_array_equal(run_model(model, feed)["y"], np.full((1, 4), 16000.0))

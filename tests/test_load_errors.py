@@ -63,3 +63,35 @@ def test_opset_onnxruntime_cannot_run(tmp_path: Path, weight, capsys):
     with pytest.raises(ModelLoadError, match=r"cannot run IR version 10 with opsets \{'': 99\}"):
         onnxprune.load(path)
     _cli_fails(path, tmp_path, capsys, "cannot run")
+
+
+def test_map_typed_output_is_refused_naming_it(tmp_path: Path, capsys):
+    """scikit-learn's ZipMap output (a sequence of maps) cannot be represented: say so."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    zipmap = helper.make_node(
+        "ZipMap", ["p"], ["probabilities"], domain="ai.onnx.ml", classlabels_int64s=[0, 1]
+    )
+    seq_map = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(1, []))
+    )
+    graph = helper.make_graph(
+        [zipmap],
+        "g",
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 2])],
+        [helper.make_value_info("probabilities", seq_map)],
+    )
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)],
+        ir_version=8,
+    )
+    path = tmp_path / "zipmap.onnx"
+    onnx.save(proto, path)
+    _cli_fails(
+        path,
+        tmp_path,
+        capsys,
+        "output 'probabilities' has a map type (seq(map(int64, tensor(float32))))",
+    )

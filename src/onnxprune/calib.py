@@ -121,8 +121,10 @@ class CalibrationData:
     def feed(self, index: int) -> dict[str, np.ndarray]:
         """The feed of sample ``index``."""
         if self._arrays is not None:
+            # np.asarray: indexing a stacked scalar input gives a numpy scalar, which
+            # onnxruntime refuses; it must stay a rank-0 array.
             return {
-                name: (a[index] if self._add_axis[name] else a[index : index + 1])
+                name: np.asarray(a[index] if self._add_axis[name] else a[index : index + 1])
                 for name, a in self._arrays.items()
             }
         return _read_npz(self._files[index])

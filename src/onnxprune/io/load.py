@@ -83,6 +83,7 @@ def load(path: str | os.PathLike[str], *, check_runtime: bool = True) -> ir.Mode
     refs = validate_external_data(proto, base_dir)
     if check_runtime:
         check_runtime_support(proto, str(path))
+    _refuse_map_types(proto, path)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # the IR raises a variety of errors on malformed graphs
@@ -93,6 +94,49 @@ def load(path: str | os.PathLike[str], *, check_runtime: bool = True) -> ir.Mode
     model.meta[SOURCE_FILES_KEY] = sorted(sources)
     logger.debug("loaded %s (%d external tensors)", path, len(refs))
     return model
+
+
+def _has_map(type_proto: onnx.TypeProto) -> bool:
+    kind = type_proto.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind == "sequence_type":
+        return _has_map(type_proto.sequence_type.elem_type)
+    if kind == "optional_type":
+        return _has_map(type_proto.optional_type.elem_type)
+    return False
+
+
+def _type_text(type_proto: onnx.TypeProto) -> str:
+    kind = type_proto.WhichOneof("value")
+    if kind == "tensor_type":
+        return f"tensor({onnx.helper.tensor_dtype_to_np_dtype(type_proto.tensor_type.elem_type)})"
+    if kind == "sequence_type":
+        return f"seq({_type_text(type_proto.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({_type_text(type_proto.optional_type.elem_type)})"
+    if kind == "map_type":
+        key = onnx.helper.tensor_dtype_to_np_dtype(type_proto.map_type.key_type)
+        return f"map({key}, {_type_text(type_proto.map_type.value_type)})"
+    return str(kind)
+
+
+def _refuse_map_types(proto: onnx.ModelProto, path: Path) -> None:
+    """Map-typed values (scikit-learn's ZipMap output) cannot be represented in onnx-ir 1.1."""
+    graph = proto.graph
+    for where, values in (
+        ("input", graph.input),
+        ("output", graph.output),
+        ("value", graph.value_info),
+    ):
+        for value in values:
+            if _has_map(value.type):
+                raise ModelLoadError(
+                    f"{path}: {where} {value.name!r} has a map type "
+                    f"({_type_text(value.type)}), which onnxprune cannot "
+                    "represent yet; convert a scikit-learn model with skl2onnx's option "
+                    "zipmap=False to get a tensor output instead"
+                )
 
 
 def source_files(model: ir.Model) -> list[str]:
