@@ -89,8 +89,17 @@ def pip_wheel(requirement: str, cache: Path) -> Path:
     found = [p for p in folder.iterdir() if p.name.lower().startswith(name + "-")]
     if not found:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder),
-             requirement],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "-d",
+                str(folder),
+                requirement,
+            ],
             check=True,
         )
         found = [p for p in folder.iterdir() if p.name.lower().startswith(name + "-")]
@@ -132,26 +141,56 @@ def save_feeds(path: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
 # Standard-library modules whose docstrings give real English sentences. The split is by
 # module: calibration text never comes from an evaluation module.
 CALIB_MODULES = (
-    "argparse", "collections", "csv", "datetime", "email", "functools", "heapq", "http",
-    "inspect", "json", "logging", "pathlib", "pickle", "random",
+    "argparse",
+    "collections",
+    "csv",
+    "datetime",
+    "email",
+    "functools",
+    "heapq",
+    "http",
+    "inspect",
+    "json",
+    "logging",
+    "pathlib",
+    "pickle",
+    "random",
 )
 EVAL_MODULES = (
-    "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading",
-    "typing", "unittest", "urllib", "uuid", "zipfile", "decimal", "fractions",
+    "shutil",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib",
+    "uuid",
+    "zipfile",
+    "decimal",
+    "fractions",
 )
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
-def sentences(split: Literal["calib", "eval"], limit: int | None = None,
-              min_words: int = 5, max_words: int = 40) -> list[str]:
+def sentences(
+    split: Literal["calib", "eval"],
+    limit: int | None = None,
+    min_words: int = 5,
+    max_words: int = 40,
+) -> list[str]:
     """Sentences from the docstrings of the split's standard-library modules, in a fixed order."""
     import importlib
 
     modules = CALIB_MODULES if split == "calib" else EVAL_MODULES
     found: list[str] = []
     # A sentence shared by both splits (an inherited docstring) belongs to calibration only.
-    seen: set[str] = set(sentences("calib", None, min_words, max_words)) if split == "eval" else set()
+    seen: set[str] = (
+        set(sentences("calib", None, min_words, max_words)) if split == "eval" else set()
+    )
     for module_name in modules:
         module = importlib.import_module(module_name)
         docs = [inspect.getdoc(module) or ""]
