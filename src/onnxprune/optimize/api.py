@@ -20,14 +20,16 @@ from typing import Any
 from onnxprune.analysis.macs import count_costs
 from onnxprune.bench import benchmark
 from onnxprune.bundled import default_calibration, default_model, default_test_set
+from onnxprune.calib import load_calibration
 from onnxprune.errors import BudgetError, SaveError, UsageError
+from onnxprune.fidelity import FidelityResult, compare, overfit_note
 from onnxprune.io import load, save, source_files
 from onnxprune.optimize.data import accuracy, split_calibration
 from onnxprune.optimize.recipe import Recipe, load_recipe, preset
 from onnxprune.optimize.report import ModelStats, OptimizeReport, StepRecord
 from onnxprune.optimize.steps import BACKOFF_STEPS, StepRun, StepSkippedError, run_step
 from onnxprune.tolerance import parse_tolerance
-from onnxprune.verification import verify
+from onnxprune.verification import VerifyResult, verify
 
 __all__ = ["DEFAULT_PRESET", "optimize"]
 
@@ -130,6 +132,15 @@ def _measure(
     return states[best]
 
 
+def _overfit(src: Path, current: Path, fit: Path, final: VerifyResult) -> str | None:
+    """The overfitting line: the result on (up to as many) fit samples vs on held-out ones."""
+    data = load_calibration(fit, load(src))
+    feeds = list(data.feeds(range(min(len(data), final.samples))))
+    on_fit = compare(src, current, feeds, data=f"fit samples of {fit}")
+    held = FidelityResult(final.calibration, final.samples, True, final.outputs, final.worst_feed)
+    return overfit_note(on_fit, held)
+
+
 def optimize(
     model: str | os.PathLike[str] | None = None,
     output: str | os.PathLike[str] | None = None,
@@ -214,6 +225,8 @@ def optimize(
                 if eval_set is not None
                 else f"held-out calibration samples ({final_check.samples}; not used by any step)"
             )
+            if fit is not None:
+                report.overfit = _overfit(src, current, fit, final_check)
             if not final_check.passed:
                 report.message = f"budget {budget!r} not met: {final_check.failure_message()}"
                 raise BudgetError(report.message + "; nothing written")

@@ -47,6 +47,7 @@ class OptimizeReport:
     accuracy: tuple[float, float] | None = None
     fidelity: dict[str, dict[str, float | None]] | None = None
     fidelity_data: str | None = None  # which samples ``fidelity`` was measured on
+    overfit: str | None = None  # fit samples much better than held-out ones (one line)
     written: bool = False
     message: str = ""
 
@@ -102,5 +103,7 @@ class OptimizeReport:
             reason = f": {step.reason}" if step.reason else ""
             lines.append(f"step {step.name:<12} {step.status}{detail}{reason}")
         lines.append("")
+        if self.overfit:
+            lines.append(f"warning: {self.overfit}")
         lines.append(self.message)
         return "\n".join(lines)
