@@ -17,6 +17,8 @@ Models:
     mlp: 3-layer perceptron on [N,64].
     fusion: image CNN branch + token-embedding branch, concatenated into an MLP head.
     digits_cnn: the small CNN trained on scikit-learn digits (see ``train_digits.py``).
+    digits_resnet: the residual CNN trained on digits upsampled to 32x32, onnxprune's
+        default model (see ``train_default.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 __all__ = [
     "BertEncoder",
     "DigitsCNN",
+    "DigitsResNet",
     "FusionNet",
     "MobileNetV2",
     "ResNet",
@@ -373,6 +376,32 @@ class DigitsCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits [N, 10]."""
         return self.classifier(self.features(x))
+
+
+class DigitsResNet(nn.Module):
+    """Residual CNN for digits upsampled to 32x32 (onnxprune's default model).
+
+    Stem conv 1->``widths[0]`` (3x3, BN, ReLU), one :class:`BasicBlock` per entry of
+    ``widths`` (the first at 32x32, each later one halves the resolution with a 3x3 stride-2
+    conv and a 1x1 projection shortcut), global average pool, FC ``widths[-1]``->10.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(1, widths[0], 3), nn.ReLU(inplace=True))
+        cins = (widths[0], *widths[:-1])
+        self.stages = nn.Sequential(
+            *(
+                BasicBlock(cin, width, 1 if i == 0 else 2)
+                for i, (cin, width) in enumerate(zip(cins, widths, strict=True))
+            )
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits [N, 10]."""
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
 
 
 # ------------------------------------------------------------------ Initialization
