@@ -27,7 +27,7 @@ import numpy as np
 import onnxprune
 from onnxprune.analysis.macs import count_costs
 from onnxprune.api import canonicalize_file
-from onnxprune.bundled import default_calibration, default_model, default_test_set
+from onnxprune.bundled import digits_calibration, digits_model, digits_test_set
 from onnxprune.io import source_files
 from onnxprune.optimize.data import accuracy, split_calibration
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE.parent / "models"))
 def _calib_for(name: str, folder: Path) -> Path:
     """Calibration inputs: the real digits data, else deterministic random inputs."""
     if name == "digits":
-        return default_calibration()
+        return digits_calibration()
     rng = np.random.default_rng(0)
     path = folder / f"{name}_calib.npz"
     if name == "encoder":
@@ -51,7 +51,7 @@ def _calib_for(name: str, folder: Path) -> Path:
 
 def _source(name: str, folder: Path) -> Path:
     if name == "digits":
-        return default_model()
+        return digits_model()
     from export import export_model  # type: ignore[import-not-found]
 
     return Path(export_model(name, "torchscript", folder))
@@ -143,7 +143,7 @@ def run_model(name: str, folder: Path, seconds: float) -> dict:
                 "speedup_ci95": None if ratio is None else [1 / ratio.high, 1 / ratio.low],
                 "cosine": metrics.get("cosine"),
                 "top1_agreement": metrics.get("top1_agreement"),
-                "accuracy": accuracy(path, default_test_set()) if name == "digits" else None,
+                "accuracy": accuracy(path, digits_test_set()) if name == "digits" else None,
             }
         )
     return {

@@ -42,7 +42,7 @@ import onnx
 
 from onnxprune.analysis.macs import count_costs
 from onnxprune.bench import benchmark, system_info
-from onnxprune.bundled import default_calibration, default_model, default_test_set
+from onnxprune.bundled import digits_calibration, digits_model, digits_test_set
 from onnxprune.io import load
 from onnxprune.io.atomic import write_text_atomic
 from onnxprune.models_cache import reference_model_path
@@ -156,14 +156,14 @@ def _latency_family(
 
 
 def _accuracy(path: Path) -> float:
-    with np.load(default_test_set()) as data:
+    with np.load(digits_test_set()) as data:
         x, labels = data["input"], data["label"]
     logits = make_session(path).run(None, {"input": x})[0]
     return float(np.mean(logits.argmax(-1) == labels) * 100)
 
 
 def _digits(tmp: Path) -> dict[str, Any]:
-    src, calib = default_model(), default_calibration()
+    src, calib = digits_model(), digits_calibration()
     rows = [{"config": "original", "accuracy": _accuracy(src), "macs": _macs(src, {"batch": 1})}]
     for criterion in ("l2", "bn", "activation"):
         for reconstruct in (False, True):

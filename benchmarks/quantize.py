@@ -42,7 +42,7 @@ import numpy as np
 
 import onnxprune
 from onnxprune.bench import benchmark
-from onnxprune.bundled import default_calibration, default_model, default_test_set
+from onnxprune.bundled import digits_calibration, digits_model, digits_test_set
 from onnxprune.models_cache import reference_model_path
 from onnxprune.runtime import make_session
 
@@ -196,13 +196,13 @@ def _fidelity(fp32: Path, candidate: Path, feeds: list[dict[str, np.ndarray]]) -
 
 
 def _digits(folder: Path) -> dict[str, Any]:
-    test = np.load(default_test_set())
+    test = np.load(digits_test_set())
     result: dict[str, Any] = {}
-    paths = {"fp32": default_model()}
+    paths = {"fp32": digits_model()}
     for tool in ("onnxprune", "onnxruntime"):
         paths[tool] = folder / f"digits_{tool}.onnx"
         result[f"quantize_{tool}"] = _quantize(
-            tool, default_model(), paths[tool], default_calibration(), "minmax"
+            tool, digits_model(), paths[tool], digits_calibration(), "minmax"
         )
     for name, path in paths.items():
         session = make_session(path, optimize=True)

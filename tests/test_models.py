@@ -1,4 +1,5 @@
-"""Reference models: the bundled digits fixtures, and exports with both torch exporters.
+"""Reference models: the bundled digits fixtures (the digits CNN and the default digits
+ResNet), and exports with both torch exporters.
 
 The export tests need torch and are skipped cleanly without it. ResNet-18/50 and
 MobileNetV2 exports take ~40 s together on 2 CPU cores, so they run only when
@@ -17,6 +18,7 @@ import onnx
 import pytest
 
 import onnxprune
+from onnxprune.bundled import default_calibration, default_model, default_test_set
 from onnxprune.errors import UsageError
 from onnxprune.runtime import make_session
 
@@ -68,6 +70,36 @@ def test_digits_fixture_contract() -> None:
     assert out.shape == (1, 10)
     total = sum(p.stat().st_size for p in DATA.glob("digits_*"))
     assert total < 512 * 1024
+
+
+def test_default_model_fixture_accuracy() -> None:
+    """The default model (digits ResNet, 32x32) on its held-out split."""
+    session = make_session(default_model())
+    test = np.load(default_test_set())
+    x, labels = test["input"], test["label"]
+    assert x.dtype == np.float32 and x.shape[1:] == (1, 32, 32)
+    assert labels.dtype == np.int64 and labels.shape == (x.shape[0],) == (360,)
+    (logits,) = session.run(["logits"], {"input": x})
+    accuracy = float(np.mean(logits.argmax(axis=1) == labels))
+    assert accuracy >= 0.98, accuracy
+
+
+def test_default_model_fixture_contract() -> None:
+    model = onnx.load(str(default_model()))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version == 17
+    assert _dims(model.graph.input[0]) == ["batch", 1, 32, 32]
+    assert _dims(model.graph.output[0]) == ["batch", 10]
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    # stem + 3 blocks x 2 convs + 2 projection shortcuts, each with its BatchNorm; residual Adds
+    assert ops["Conv"] == ops["BatchNormalization"] == 9 and ops["Add"] == 3
+    calib = np.load(default_calibration())
+    assert sorted(calib.files) == ["input"]
+    assert calib["input"].dtype == np.float32 and calib["input"].shape == (256, 1, 32, 32)
+    (out,) = make_session(model).run(None, {"input": calib["input"][3:4]})
+    assert out.shape == (1, 10)
+    paths = (default_model(), default_calibration(), default_test_set())
+    assert sum(p.stat().st_size for p in paths) < 5 * 1024 * 1024
 
 
 def test_cache_rejects_unknown_exporter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxprune.bundled import default_calibration, default_model, default_test_set
+from onnxprune.bundled import digits_calibration, digits_model, digits_test_set
 from onnxprune.cli import main
 from onnxprune.prune.api import prune_file
 from onnxprune.prune.core import PruneOptions
@@ -19,7 +19,7 @@ from prune_models import conv_chain
 
 
 def _accuracy(path: Path) -> float:
-    test = np.load(default_test_set())
+    test = np.load(digits_test_set())
     logits = run_model(str(path), {"input": test["input"]})["logits"]
     return float((logits.argmax(1) == test["label"]).mean())
 
@@ -35,18 +35,16 @@ def test_recovery_beats_no_recovery_on_real_data(tmp_path: Path):
     """Digits CNN at 1.5x fewer MACs: no recovery < bias compensation < least-squares refit."""
     paths = {k: tmp_path / f"{k}.onnx" for k in ("none", "compensated", "refit")}
     options = PruneOptions(target_macs=1 / 1.5, round_to=1)
-    calib = default_calibration()
+    calib = digits_calibration()
     runs = {
         "none": prune_file(
-            default_model(),
+            digits_model(),
             paths["none"],
             dataclasses.replace(options, compensate=False),
             calib=calib,
         ),
-        "compensated": prune_file(default_model(), paths["compensated"], options, calib=calib),
-        "refit": prune_file(
-            default_model(), paths["refit"], options, calib=calib, reconstruct=True
-        ),
+        "compensated": prune_file(digits_model(), paths["compensated"], options, calib=calib),
+        "refit": prune_file(digits_model(), paths["refit"], options, calib=calib, reconstruct=True),
     }
     acc = {k: _accuracy(p) for k, p in paths.items()}
     cosine = {k: r.fidelity.held_out.outputs["logits"]["cosine"] for k, r in runs.items()}
@@ -54,7 +52,7 @@ def test_recovery_beats_no_recovery_on_real_data(tmp_path: Path):
     assert acc["compensated"] > acc["none"] + 0.02
     assert acc["refit"] > acc["none"] + 0.02
     assert cosine["none"] < cosine["compensated"] < cosine["refit"]
-    assert _accuracy(default_model()) - acc["refit"] <= 0.01  # at most one point lost
+    assert _accuracy(digits_model()) - acc["refit"] <= 0.01  # at most one point lost
     refits = runs["refit"].refits[0]
     assert refits and all(r["error_after"] <= r["error_before"] for r in refits)
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxprune.bundled import default_calibration, default_model, default_test_set
+from onnxprune.bundled import digits_calibration, digits_model, digits_test_set
 from onnxprune.cli import main
 from onnxprune.prune import PruneOptions, analyze
 from onnxprune.prune.activations import reconstruction_stats
@@ -119,16 +119,16 @@ def test_dead_units_go_first_and_beat_l2_on_held_out_data():
 
 def test_digits_cnn_reconstruction_beats_l2(tmp_path: Path):
     """Bundled digits CNN at 1.5x fewer MACs, no recovery: reconstruction keeps accuracy."""
-    test = np.load(default_test_set())
+    test = np.load(digits_test_set())
     options = PruneOptions(target_macs=0.667, round_to=1, compensate=False)
     accuracy = {}
     for criterion in ("l2", "reconstruction"):
         out = tmp_path / f"{criterion}.onnx"
         result = prune_file(
-            default_model(),
+            digits_model(),
             out,
             dataclasses.replace(options, criterion=criterion),
-            calib=default_calibration(),
+            calib=digits_calibration(),
         )
         assert not any("scored by l2" in n for n in result.steps[0].notes)
         logits = run_model(str(out), {"input": test["input"]})["logits"]
