@@ -154,6 +154,9 @@ def independent(entry: dict[str, Any], original: Path, candidate: Path) -> dict[
         result["agreement"] = float(np.mean(r.argmax(1) == c.argmax(1)))
     elif metric == "embedding":
         result["agreement"] = float(np.mean(_nearest(r) == _nearest(c)))
+    elif metric == "sqnr" and "decision_threshold" in entry.get("extra", {}):
+        threshold = float(entry["extra"]["decision_threshold"])
+        result["agreement"] = float(np.mean((r > threshold) == (c > threshold)))
     elif metric == "sequence":
         seq_r = _sequences(ref[name], entry.get("extra", {}))
         seq_c = _sequences(got[name], entry.get("extra", {}))
@@ -353,7 +356,7 @@ def _cell(row: dict[str, Any], metric: str) -> str:
     if row["status"] != "ok":
         return f"{row['status']}"
     ind = row["independent"]
-    main = ind.get("agreement") if metric != "sqnr" else None
+    main = ind.get("agreement")
     parts = []
     if main is not None:
         parts.append(f"**{main:.2f}**")
@@ -379,7 +382,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "threads). Each cell: the metric on the **evaluation split** (never used for fitting), "
         "measured independently in plain onnxruntime: top-1 agreement with fp32 "
         "(classifiers), nearest-neighbour agreement (embeddings), decoded-sequence agreement "
-        "(OCR), exact label agreement (labels); then SQNR, speed-up over the original (median "
+        "(OCR), exact label agreement (labels), speech/non-speech decision agreement at 0.5 "
+        "(voice activity); then SQNR, speed-up over the original (median "
         "of one interleaved run), and the MACs ratio. `refused` = the command declined with "
         "a one-line error and wrote nothing; `⚠report` = the command's own report differs from "
         "the independent measurement by more than 0.01 / 0.5 dB.",
