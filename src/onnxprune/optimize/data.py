@@ -16,7 +16,7 @@ import numpy as np
 from onnxprune.errors import CalibrationError
 from onnxprune.runtime import make_session
 
-__all__ = ["accuracy", "split_calibration"]
+__all__ = ["accuracy", "has_labels", "split_calibration"]
 
 
 def split_calibration(path: Path, folder: Path) -> tuple[Path, Path]:
@@ -41,6 +41,18 @@ def split_calibration(path: Path, folder: Path) -> tuple[Path, Path]:
     np.savez(fit, **{k: v[:cut] for k, v in arrays.items()})
     np.savez(hold, **{k: v[cut:] if n > 1 else v for k, v in arrays.items()})
     return fit, hold
+
+
+def has_labels(eval_set: str | os.PathLike[str]) -> bool:
+    """Whether ``eval_set`` is an ``.npz`` with a ``label`` array (accuracy is then reported)."""
+    path = Path(eval_set)
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return "label" in data.files
+    except (OSError, ValueError):
+        return False
 
 
 def accuracy(model: str | os.PathLike[str], eval_set: str | os.PathLike[str]) -> float:
