@@ -95,7 +95,7 @@ def test_default_model_fixture_contract() -> None:
     assert ops["Conv"] == ops["BatchNormalization"] == 9 and ops["Add"] == 3
     calib = np.load(default_calibration())
     assert sorted(calib.files) == ["input"]
-    assert calib["input"].dtype == np.float32 and calib["input"].shape == (256, 1, 32, 32)
+    assert calib["input"].dtype == np.float32 and calib["input"].shape == (384, 1, 32, 32)
     (out,) = make_session(model).run(None, {"input": calib["input"][3:4]})
     assert out.shape == (1, 10)
     paths = (default_model(), default_calibration(), default_test_set())

@@ -39,7 +39,7 @@ def default_model() -> Path:
 
 
 def default_calibration() -> Path:
-    """Calibration samples for the default model: 256 upsampled training digits."""
+    """Calibration samples for the default model: 384 upsampled training digits."""
     return _path("resnet_digits_calib.npz")
 
 
