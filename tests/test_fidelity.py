@@ -183,6 +183,15 @@ MLP_TEXT = """
     """
 
 
+def _mlp(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(3)
+    weights = {
+        "w1": rng.standard_normal((8, 32)).astype(np.float32),
+        "w2": rng.standard_normal((32, 10)).astype(np.float32),
+    }
+    return _write(model_from_text(MLP_TEXT, weights), tmp_path / "mlp.onnx")
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -197,12 +206,8 @@ def test_command_report_equals_verify_on_the_same_eval_data(
     tmp_path: Path, data: Path, command: list[str]
 ):
     """Every lossy command and verify report the same numbers (one comparator)."""
-    rng = np.random.default_rng(3)
-    weights = {
-        "w1": rng.standard_normal((8, 32)).astype(np.float32),
-        "w2": rng.standard_normal((32, 10)).astype(np.float32),
-    }
-    src = _write(model_from_text(MLP_TEXT, weights), tmp_path / "mlp.onnx")
+    src = _mlp(tmp_path)
+    rng = np.random.default_rng(4)
     out, report = tmp_path / "pruned.onnx", tmp_path / "r.json"
     eval_path = tmp_path / "eval.npz"
     np.savez(eval_path, x=rng.standard_normal((16, 1, 8)).astype(np.float32))
@@ -219,12 +224,7 @@ def test_command_report_equals_verify_on_the_same_eval_data(
 
 
 def test_without_eval_the_report_names_the_held_out_samples(tmp_path: Path, data: Path):
-    rng = np.random.default_rng(3)
-    weights = {
-        "w1": rng.standard_normal((8, 32)).astype(np.float32),
-        "w2": rng.standard_normal((32, 10)).astype(np.float32),
-    }
-    src = _write(model_from_text(MLP_TEXT, weights), tmp_path / "mlp.onnx")
+    src = _mlp(tmp_path)
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     assert main(["quantize", str(src), "-o", str(out), "--calib", str(data),
                  "--report", str(report)]) == 0  # fmt: skip
