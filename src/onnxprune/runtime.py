@@ -7,8 +7,11 @@ explicitly so measurements are reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +20,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxprune.errors import UsageError
+from onnxprune.io.pinned import inline_proto, refuse_external
 
 __all__ = ["PROVIDER_ALIASES", "make_session", "resolve_provider", "run_model"]
 
@@ -54,8 +58,10 @@ def make_session(
     """Create an InferenceSession.
 
     Args:
-        model: An IR model, a ModelProto, or a path. In-memory models with external data
-            must be given as a path (saved first).
+        model: An IR model, a ModelProto, or a path. An IR model's external tensors are
+            read through their validated files (inlined, or saved to a temporary folder
+            when too large for one proto); a ModelProto must hold all its data inline,
+            since onnxruntime would resolve external data against the current folder.
         provider: Execution provider short name or full name.
         provider_options: Options for that provider.
         optimize: Enable onnxruntime's graph optimizations. Tests compare numerics with them
@@ -79,10 +85,34 @@ def make_session(
     providers: list[Any] = [(resolved, dict(provider_options or {}))]
     if resolved != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
-    if isinstance(model, ir.Model):
-        model = ir.serde.serialize_model(model)
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, sess_options=opts, providers=providers)
+    with _runtime_source(model) as source:
+        return ort.InferenceSession(source, sess_options=opts, providers=providers)
+
+
+#: In-memory models with more tensor data than this are handed over as a saved file.
+_INLINE_LIMIT = 1 << 30
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    values = (v for g in model.graphs() for v in g.initializers.values())
+    return sum(v.const_value.nbytes for v in values if v.const_value is not None)
+
+
+@contextlib.contextmanager
+def _runtime_source(model: ir.Model | onnx.ModelProto | str | os.PathLike[str]) -> Iterator[Any]:
+    """What onnxruntime is given: bytes with every tensor inline, or a path."""
+    if isinstance(model, onnx.ModelProto):
+        refuse_external(model)
+        yield model.SerializeToString()
+    elif not isinstance(model, ir.Model):
+        yield str(model)
+    elif _initializer_bytes(model) <= _INLINE_LIMIT:
+        yield inline_proto(model).SerializeToString()
+    else:
+        from onnxprune.io.save import save
+
+        with tempfile.TemporaryDirectory(prefix="onnxprune-session-") as folder:
+            yield str(save(model, Path(folder) / "model.onnx", external_data=True))
 
 
 def run_model(

@@ -2,13 +2,16 @@
 
 The protobuf is parsed without external data, every external reference is validated
 (:mod:`onnxprune.io.external`), and only then is the IR built; external tensors stay lazy
-(memory-mapped on first use), so a multi-GB model loads in a few MB.
+(memory-mapped on first use), so a multi-GB model loads in a few MB. They are read through
+the descriptors opened during validation (:mod:`onnxprune.io.pinned`), never through a
+path again, so the current folder and later changes to the model folder cannot matter.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import google.protobuf.message
@@ -18,6 +21,7 @@ import onnx_ir as ir
 from onnxprune.errors import ModelLoadError
 from onnxprune.io.compat import check_runtime_support
 from onnxprune.io.external import validate_external_data
+from onnxprune.io.pinned import bind_external
 
 __all__ = ["SOURCE_FILES_KEY", "load", "source_files"]
 
@@ -27,6 +31,9 @@ logger = logging.getLogger(__name__)
 SOURCE_FILES_KEY = "onnxprune.source_files"
 
 _MAX_PROTO_BYTES = 2**31 - 1
+#: protobuf stops at 100 nested messages; each If/Loop/Scan level takes three.
+_MAX_SUBGRAPH_NESTING = 31
+_NESTING_ERROR = re.compile(r"MaxDepth|recursion|nest(ing|ed) too deep", re.IGNORECASE)
 
 
 def _parse(path: Path) -> onnx.ModelProto:
@@ -47,6 +54,12 @@ def _parse(path: Path) -> onnx.ModelProto:
         proto = onnx.load(str(path), load_external_data=False)
     except (google.protobuf.message.DecodeError, ValueError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if _NESTING_ERROR.search(reason):
+            raise ModelLoadError(
+                f"{path}: subgraphs (If/Loop/Scan bodies) are nested deeper than the protobuf "
+                f"parser allows (about {_MAX_SUBGRAPH_NESTING} levels); onnxprune cannot read "
+                "this model"
+            ) from None
         raise ModelLoadError(
             f"{path}: not a valid ONNX model (truncated or corrupt protobuf: {reason})"
         ) from None
@@ -84,12 +97,13 @@ def load(path: str | os.PathLike[str], *, check_runtime: bool = True) -> ir.Mode
     if check_runtime:
         check_runtime_support(proto, str(path))
     _refuse_map_types(proto, path)
+    _refuse_sparse_tensors(proto, path)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # the IR raises a variety of errors on malformed graphs
         raise ModelLoadError(f"{path}: malformed ONNX graph: {exc}") from None
     del proto
-    ir.external_data.set_base_dir(model.graph, str(base_dir))
+    bind_external(model, {r.location: r.file for r in refs}, str(base_dir))
     sources = {os.path.realpath(path)} | {os.path.realpath(r.path) for r in refs}
     model.meta[SOURCE_FILES_KEY] = sorted(sources)
     logger.debug("loaded %s (%d external tensors)", path, len(refs))
@@ -137,6 +151,39 @@ def _refuse_map_types(proto: onnx.ModelProto, path: Path) -> None:
                     "represent yet; convert a scikit-learn model with skl2onnx's option "
                     "zipmap=False to get a tensor output instead"
                 )
+
+
+def _sparse_in_graph(graph: onnx.GraphProto) -> str | None:
+    """What in ``graph`` (or its subgraphs) holds a sparse tensor, or None."""
+    for sparse in graph.sparse_initializer:
+        return f"sparse initializer {sparse.values.name!r}"
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("sparse_tensor") or attr.sparse_tensors:
+                tensor = (
+                    attr.sparse_tensor if attr.HasField("sparse_tensor") else attr.sparse_tensors[0]
+                )
+                label = f" (tensor {tensor.values.name!r})" if tensor.values.name else ""
+                return f"node {node.name or node.op_type!r}: attribute {attr.name!r}{label}"
+            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            for sub in subgraphs:
+                found = _sparse_in_graph(sub)
+                if found is not None:
+                    return found
+    return None
+
+
+def _refuse_sparse_tensors(proto: onnx.ModelProto, path: Path) -> None:
+    """Sparse tensors (sparse initializers, ``Constant(sparse_value)``) are not represented
+    by onnx-ir 1.1; refuse naming the first one instead of a generic graph error."""
+    graphs = [proto.graph, *(onnx.GraphProto(node=f.node) for f in proto.functions)]
+    for graph in graphs:
+        found = _sparse_in_graph(graph)
+        if found is not None:
+            raise ModelLoadError(
+                f"{path}: {found} is a sparse tensor, which onnxprune cannot represent yet; "
+                "store it dense (e.g. onnx.helper.make_tensor with the expanded values)"
+            )
 
 
 def source_files(model: ir.Model) -> list[str]:

@@ -39,6 +39,7 @@ import onnx_ir as ir
 from onnxprune.calib import load_calibration
 from onnxprune.errors import UsageError
 from onnxprune.io import load
+from onnxprune.io.pinned import copy_model
 from onnxprune.metrics import output_metrics
 from onnxprune.passes.pipeline import canonicalize
 from onnxprune.prune.activations import activation_stats, reconstruction_stats
@@ -158,7 +159,7 @@ class _Probe:
         if not removed:
             return _compare(self.reference, self.reference)
         if self.compensate:  # adds bias inputs: work on a copy
-            model = ir.serde.deserialize_model(ir.serde.serialize_model(self.model))
+            model = copy_model(self.model)
             expected = {}
             for node in model.graph:
                 value = node.inputs[0] if node.inputs else None

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.intermediates import budget_chunks, iter_intermediates
+from onnxprune.io import pinned
 from onnxprune.quant.calibrate import Calibrator
 from onnxprune.quant.params import QParams, activation_qparams, weight_qparams
 from onnxprune.quant.placement import QuantPlan, plan_quantization
@@ -53,8 +54,8 @@ class QuantOptions:
 
 
 def copy_model(model: ir.Model) -> ir.Model:
-    """A deep copy (via the proto; initializers are copied too)."""
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    """A deep copy (via the proto; external tensors stay bound to their validated files)."""
+    return pinned.copy_model(model)
 
 
 class StaticQuantizer:

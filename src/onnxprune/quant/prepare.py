@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
+from onnxprune.io.pinned import rebind_external
 
 __all__ = [
     "INT8_OPS",
@@ -104,4 +105,4 @@ def ensure_opset(model: ir.Model, minimum: int = MIN_OPSET) -> ir.Model:
             f"and the conversion failed: {exc}"
         ) from None
     logger.info("converted the model from opset %d to %d", version, minimum)
-    return ir.serde.deserialize_model(converted)
+    return rebind_external(ir.serde.deserialize_model(converted), model)

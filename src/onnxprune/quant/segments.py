@@ -32,6 +32,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxprune.io.pinned import in_memory
 from onnxprune.quant.rewrite import values_by_name
 from onnxprune.runtime import make_session
 
@@ -270,7 +271,7 @@ class Side:
             value = initializers.get(name or "")
             if value is not None and value.const_value is not None and name not in cuts:
                 size += value.const_value.nbytes
-                g.initializer.append(ir.serde.serialize_tensor(value.const_value))
+                g.initializer.append(ir.serde.serialize_tensor(in_memory(value.const_value)))
             elif name in graph_inputs and name not in cuts:
                 g.input.append(ir.serde.serialize_value(self.values[name or ""]))
         for cut, array in cuts.items():

@@ -22,6 +22,7 @@ import onnx_ir as ir
 from onnxprune.errors import UsageError
 from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save, source_files
+from onnxprune.io.pinned import copy_model
 from onnxprune.sparsity.layers import WeightLayer, find_layers
 from onnxprune.sparsity.prune import (
     COMPARES,
@@ -109,7 +110,7 @@ def _eligible(
 
 
 def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    return copy_model(model)
 
 
 def sparsify_file(

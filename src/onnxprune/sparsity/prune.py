@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.io.pinned import copy_model
 from onnxprune.sparsity import masks as masks_mod
 from onnxprune.sparsity.activations import InputStats, collect_stats, stats_support
 from onnxprune.sparsity.layers import WeightLayer
@@ -328,7 +329,7 @@ def apply_sparsity(
                 results[layer.node].notes.append(reason + "; magnitude scores, no update")
     reference = None
     if config.update and config.sequential and feeds is not None:
-        reference = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        reference = copy_model(model)
     steps = []
     for step in range(1, config.iterative + 1):
         targets = {k: schedule(r.target, step, config.iterative) for k, r in results.items()}

@@ -41,6 +41,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxprune.errors import BudgetError
+from onnxprune.io.pinned import copy_model, inline_proto
 from onnxprune.runtime import make_session
 
 __all__ = [
@@ -152,7 +153,7 @@ def _run_all(
     model: Any, feeds: Sequence[Mapping[str, np.ndarray]], optimize: bool, extra: Sequence[str] = ()
 ) -> list[list[np.ndarray]]:
     if extra:
-        proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+        proto = inline_proto(model) if isinstance(model, ir.Model) else model
         proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
         model = proto
     session = make_session(model, optimize=optimize)
@@ -191,7 +192,7 @@ def check_exact(
 
 def _sparse_initializer_proto(model: ir.Model, weights: Sequence[str]) -> onnx.ModelProto:
     """The masked model with ``weights`` as standard ``sparse_initializer`` (int64 indices)."""
-    proto = ir.serde.serialize_model(model)
+    proto = inline_proto(model)
     proto.ir_version = min(proto.ir_version, 10)
     dense = {t.name: t for t in proto.graph.initializer}
     for name in weights:
@@ -224,12 +225,12 @@ def compare_formats(
     for ``dense``, ``sparse_initializer`` and ``bitmask``; ``loads`` is False with an
     ``error`` when onnxruntime refuses the file.
     """
-    stored = ir.serde.deserialize_model(ir.serde.serialize_model(masked))
+    stored = copy_model(masked)
     store_bitmask(stored, weights)
     forms = {
-        "dense": ir.serde.serialize_model(masked).SerializeToString(),
+        "dense": inline_proto(masked).SerializeToString(),
         "sparse_initializer": _sparse_initializer_proto(masked, weights).SerializeToString(),
-        "bitmask": ir.serde.serialize_model(stored).SerializeToString(),
+        "bitmask": inline_proto(stored).SerializeToString(),
     }
     result: dict[str, dict[str, Any]] = {}
     for form, data in forms.items():
