@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Iterator
 
 import onnx_ir as ir
 
@@ -139,10 +140,51 @@ def _shapes(model: ir.Model) -> dict[str, tuple[int | str | None, ...]]:
     return shapes
 
 
+def _subgraphs(node: ir.Node) -> Iterator[tuple[str, ir.Graph]]:
+    """``(attribute name, body)`` of each If/Loop/Scan body of ``node``."""
+    for name, attr in node.attributes.items():
+        if attr.is_ref() or attr.value is None:
+            continue
+        if attr.type == ir.AttributeType.GRAPH:
+            yield name, attr.value
+        elif attr.type == ir.AttributeType.GRAPHS:
+            yield from ((name, g) for g in attr.value)
+
+
+def _captures(body: ir.Graph) -> Iterator[tuple[str, str]]:
+    """``(value, reading node)`` for every outer-scope value read inside ``body``, nested
+    bodies included (a capture is read by name, not listed among the node's inputs)."""
+    defined = {v.name for v in body.inputs} | set(body.initializers)
+    for node in body:
+        defined.update(v.name for v in node.outputs if v is not None)
+    for node in body:
+        for value in node.inputs:
+            if value is not None and value.name and value.name not in defined:
+                yield value.name, f"node {_label(node)!r}"
+        for _, inner in _subgraphs(node):
+            yield from ((name, reader) for name, reader in _captures(inner) if name not in defined)
+    for value in body.outputs:  # a body may output an outer value directly
+        if value.name not in defined:
+            yield value.name, "a body output"
+
+
+def _block_captures(node: ir.Node, ctx: RuleContext) -> None:
+    """Channels read across a subgraph boundary must not change: block them."""
+    for attr_name, body in _subgraphs(node):
+        for name, reader in _captures(body):
+            ctx.graph.block_all(
+                name,
+                ctx.node_name,
+                f"{name!r} is read inside its subgraph {attr_name!r} (by {reader}), "
+                "which pruning does not rewrite",
+            )
+
+
 def _run_rules(model: ir.Model, ctx: RuleContext) -> None:
     graph = ctx.graph
     for node in model.graph:
         ctx.node_name = _label(node)
+        _block_captures(node, ctx)
         ctx.touched = set()
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx", "com.microsoft") else None
         values = [v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name]
