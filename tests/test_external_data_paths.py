@@ -184,6 +184,16 @@ def test_in_memory_model_session_ignores_current_folder(layout, monkeypatch):
     )
 
 
+def test_large_in_memory_model_goes_through_a_private_file(layout, monkeypatch):
+    import onnxprune.runtime
+
+    monkeypatch.setattr(onnxprune.runtime, "_INLINE_LIMIT", 0)
+    monkeypatch.chdir(layout["decoy"])
+    feeds = _feeds(layout)
+    got = run_model(onnxprune.load(layout["external"]), feeds)["y"]
+    np.testing.assert_array_equal(got, run_model(layout["inline"], feeds)["y"])
+
+
 def test_proto_with_external_data_never_reaches_onnxruntime(layout, monkeypatch):
     monkeypatch.chdir(layout["decoy"])
     proto = onnx.load(str(layout["external"]), load_external_data=False)

@@ -67,16 +67,14 @@ class DataFile:
         return mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
 
     def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` (short files raise OSError)."""
-        parts = []
-        while length > 0:
-            chunk = os.pread(self.fd, min(length, _CHUNK), offset)
-            if not chunk:
-                raise OSError(f"external data file {self.location!r} ended early")
-            parts.append(chunk)
-            offset += len(chunk)
-            length -= len(chunk)
-        return b"".join(parts)
+        """``length`` bytes at ``offset``, through the descriptor (short files raise OSError)."""
+        if length <= 0:
+            return b""
+        with self.map() as view:
+            data = view[offset : offset + length]
+        if len(data) != length:
+            raise OSError(f"external data file {self.location!r} ended early")
+        return data
 
     def sha1(self) -> str:
         """Hex SHA-1 digest of the whole file (computed once)."""
