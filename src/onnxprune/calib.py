@@ -16,6 +16,7 @@ expected versus given shape or dtype. Empty data is refused.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -95,12 +96,36 @@ def _check_names(specs: Sequence[InputSpec], keys: Sequence[str], where: str) ->
         )
 
 
+def _check_declared_sizes(data: np.lib.npyio.NpzFile, path: Path) -> None:
+    """Refuse an array whose header claims more bytes than its member holds, before any
+    allocation (a crafted header can claim terabytes)."""
+    for info in data.zip.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        with data.zip.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        claimed = math.prod(shape) * dtype.itemsize
+        if claimed > info.file_size:
+            raise CalibrationError(
+                f"calibration file {path}: array {info.filename[:-4]!r} claims shape "
+                f"{list(shape)} ({claimed} bytes) but holds {info.file_size} bytes"
+            )
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a zip archive of named .npy arrays")
         with np.load(path, allow_pickle=False) as data:
+            _check_declared_sizes(data, path)
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise CalibrationError(f"calibration file {path}: not a readable .npz ({exc})") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise CalibrationError(f"calibration file {path}: not a readable .npz ({reason})") from None
 
 
 @dataclasses.dataclass

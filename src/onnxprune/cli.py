@@ -1,21 +1,29 @@
 """Command-line interface: ``onnxprune <command> ...``.
 
 Each command lives in ``onnxprune.commands.<name>`` with ``register(subparsers)`` and
-``run(args) -> int``; every command is a thin layer over the public Python API. Errors from
-the library are printed as one line on stderr and turned into the documented exit codes:
-0 ok, 1 budget or verification failed, 2 usage error or bad input.
+``run(args) -> int``; every command is a thin layer over the public Python API. A command
+may also set ``files(args) -> RunFiles``: the paths it reads and writes, checked before it
+runs (no output may be an input or another output) and published as one unit
+(:func:`onnxprune.io.outputs.output_transaction`). Errors from the library are printed as
+one line on stderr and turned into the documented exit codes: 0 ok, 1 budget or
+verification failed, 2 usage error or bad input, 130 interrupted, 143 terminated (SIGTERM);
+an interrupted or failed run leaves no output and no temporary file behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 from onnxprune import __version__
-from onnxprune.errors import OnnxPruneError
+from onnxprune.errors import BudgetError, OnnxPruneError
+from onnxprune.io.outputs import RunFiles, output_transaction
 
 __all__ = ["build_parser", "main"]
 
@@ -47,6 +55,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C so temporary files and partial outputs go."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread only)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signal handling alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    files = args.files(args) if hasattr(args, "files") else RunFiles()
+    # A failed budget or verification (exit 1) keeps the report it wrote.
+    with output_transaction(files, keep_on=(BudgetError,)):
+        return int(args.run(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,13 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.run(args))
+        with _sigterm_unwinds():
+            return _run(args)
     except OnnxPruneError as exc:
         print(f"onnxprune {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxprune: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("onnxprune: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

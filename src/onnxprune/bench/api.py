@@ -9,6 +9,7 @@ that feed, so speed and accuracy of variants can be plotted together.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -168,8 +169,8 @@ def _check_count(runs: int | None, seconds: float | None, warmup: int) -> None:
         raise UsageError("give either runs or seconds, not both")
     if runs is not None and runs < 1:
         raise UsageError(f"--runs {runs}: must be at least 1")
-    if seconds is not None and seconds <= 0:
-        raise UsageError(f"--seconds {seconds}: must be positive")
+    if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f"--seconds {seconds}: must be a positive number of seconds")
     if warmup < 0:
         raise UsageError(f"--warmup {warmup}: must be >= 0")
 

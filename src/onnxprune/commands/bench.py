@@ -9,8 +9,9 @@ from onnxprune.bench.inputs import parse_shape
 from onnxprune.commands.common import add_dims_option, parse_dims
 from onnxprune.errors import UsageError
 from onnxprune.io.atomic import write_text_atomic
+from onnxprune.io.outputs import RunFiles
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "run_files"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +69,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the onnxprune.bench/1 JSON report")
     parser.add_argument("--markdown", metavar="OUT", help="write the Markdown report")
     parser.add_argument("--plot", metavar="OUT.png", help="write a PNG plot (needs matplotlib)")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, files=run_files)
+
+
+def run_files(args: argparse.Namespace) -> RunFiles:
+    """Inputs (the models, --calib) and outputs (--json, --markdown, --plot)."""
+    files = RunFiles()
+    for model in args.models:
+        files.read("a benchmarked model", model, model=True)
+    files.read("the --calib data", args.calib)
+    files.write("--json", args.json).write("--markdown", args.markdown)
+    return files.write("--plot", args.plot)
 
 
 def _provider_options(items: list[str]) -> dict[str, str]:

@@ -6,7 +6,13 @@ import argparse
 import logging
 
 from onnxprune.api import canonicalize_file
-from onnxprune.commands.common import add_dims_option, add_report_option, parse_dims, write_json
+from onnxprune.commands.common import (
+    add_dims_option,
+    add_report_option,
+    model_run_files,
+    parse_dims,
+    write_json,
+)
 
 __all__ = ["register", "run"]
 
@@ -27,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--skip", action="append", default=[], metavar="PASS", help="skip a pass")
     add_report_option(parser)
     add_dims_option(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, files=model_run_files)
 
 
 def run(args: argparse.Namespace) -> int:

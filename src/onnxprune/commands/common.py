@@ -8,15 +8,21 @@ from typing import Any
 
 from onnxprune.errors import UsageError
 from onnxprune.io.atomic import write_text_atomic
+from onnxprune.io.outputs import RunFiles
 from onnxprune.reporting import json_safe
 
 __all__ = [
+    "INPUT_MODEL",
     "add_dims_option",
     "add_eval_option",
     "add_report_option",
+    "model_run_files",
     "parse_dims",
     "write_json",
 ]
+
+#: How messages name the model a command reads.
+INPUT_MODEL = "the input model"
 
 
 def add_dims_option(parser: argparse.ArgumentParser) -> None:
@@ -62,3 +68,13 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     """
     text = json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False)
     write_text_atomic(path, text + "\n")
+
+
+def model_run_files(args: argparse.Namespace) -> RunFiles:
+    """The files of a command that reads MODEL (with --calib/--eval when it has them) and
+    writes ``-o`` (a model) and ``--report``; commands add their own options to it."""
+    files = RunFiles().read(INPUT_MODEL, args.model, model=True)
+    files.read("the --calib data", getattr(args, "calib", None))
+    files.read("the --eval data", getattr(args, "eval_data", None))
+    files.write("-o", getattr(args, "output", None), model=True)
+    return files.write("--report", getattr(args, "report", None))

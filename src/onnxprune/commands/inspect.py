@@ -8,6 +8,7 @@ import json
 from onnxprune.analysis.inspect import inspect_model
 from onnxprune.bundled import default_model
 from onnxprune.commands.common import add_dims_option, parse_dims
+from onnxprune.errors import UsageError
 from onnxprune.io import load
 
 __all__ = ["register", "run"]
@@ -28,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.top < 0:
+        raise UsageError(f"--top {args.top}: must be >= 0")
     path = args.model or str(default_model())
     model = load(path)
     report = inspect_model(model, path=path, dims=parse_dims(args.dim), top=args.top)

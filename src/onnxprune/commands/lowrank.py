@@ -9,6 +9,7 @@ from onnxprune.commands.common import (
     add_dims_option,
     add_eval_option,
     add_report_option,
+    model_run_files,
     parse_dims,
     write_json,
 )
@@ -64,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_eval_option(parser)
     add_report_option(parser)
     add_dims_option(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, files=model_run_files)
 
 
 def config_from_args(args: argparse.Namespace) -> LowRankConfig:

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from onnxprune.bundled import default_model
-from onnxprune.commands.common import add_dims_option, add_report_option, parse_dims, write_json
-from onnxprune.errors import UsageError
-from onnxprune.optimize import DEFAULT_PRESET, PRESETS, load_recipe, optimize, preset
-from onnxprune.optimize.variants import optimize_variants
+import numpy as np
+import onnx_ir as ir
 
-__all__ = ["register", "run"]
+from onnxprune.bundled import default_model
+from onnxprune.calib import load_calibration
+from onnxprune.commands.common import (
+    INPUT_MODEL,
+    add_dims_option,
+    add_report_option,
+    parse_dims,
+    write_json,
+)
+from onnxprune.errors import CalibrationError, UsageError
+from onnxprune.io import load
+from onnxprune.io.outputs import RunFiles
+from onnxprune.optimize import DEFAULT_PRESET, PRESETS, load_recipe, optimize, preset
+from onnxprune.optimize.variants import manifest_path, optimize_variants, variant_path
+
+__all__ = ["register", "run", "run_files"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write one model per MACs fraction plus OUT.variants.json (a manifest)",
     )
     add_dims_option(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, files=run_files)
 
 
 def _fractions(text: str) -> list[float]:
@@ -59,9 +72,62 @@ def _fractions(text: str) -> list[float]:
         raise UsageError(f"--variants {text!r}: expected fractions like 0.9,0.7,0.5") from None
 
 
+def _model(args: argparse.Namespace) -> str:
+    return args.model or str(default_model())
+
+
+def _variants_output(args: argparse.Namespace) -> str:
+    return args.output or f"{Path(_model(args)).stem}.onnx"
+
+
+def run_files(args: argparse.Namespace) -> RunFiles:
+    """Inputs (model, --calib, --eval, --recipe) and outputs (the model or the variants and
+    their manifest, --report), with the defaults ``optimize`` writes to."""
+    model = _model(args)
+    files = RunFiles().read(INPUT_MODEL, model, model=True)
+    files.read("the --calib data", args.calib).read("the --eval data", args.eval_set)
+    files.read("the --recipe file", args.recipe)
+    if args.variants:
+        output = _variants_output(args)
+        for fraction in _fractions(args.variants):
+            files.write(f"variant {fraction:g}", variant_path(output, fraction), model=True)
+        files.write("the variants manifest", manifest_path(output))
+    else:
+        files.write("-o", args.output or f"{Path(model).stem}.optimized.onnx", model=True)
+    return files.write("--report", args.report)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Option values argparse lets through, and --calib/--eval through the shared
+    calibration validator, before any work."""
+    if not math.isfinite(args.bench_seconds) or args.bench_seconds < 0:
+        raise UsageError(f"--bench-seconds {args.bench_seconds}: must be a number >= 0")
+    if not (args.calib or args.eval_set):
+        return
+    model = load(_model(args))
+    if args.calib:
+        load_calibration(args.calib, model)
+    if args.eval_set:
+        _check_eval_set(args.eval_set, model)
+
+
+def _check_eval_set(path: str, model: ir.Model) -> None:
+    """``--eval``: the model's inputs and, optionally, a 'label' per sample (accuracy)."""
+    data = load_calibration(path, model, ignore=("label",))
+    if not Path(path).is_file():
+        return
+    with np.load(path, allow_pickle=False) as arrays:
+        labels = arrays["label"] if "label" in arrays.files else None
+    if labels is not None and (labels.ndim != 1 or len(labels) != len(data)):
+        raise CalibrationError(
+            f"--eval {path}: 'label' must hold one class index per sample ({len(data)} "
+            f"samples, labels of shape {list(labels.shape)})"
+        )
+
+
 def _run_variants(args: argparse.Namespace, common: dict) -> int:
     recipe = load_recipe(args.recipe) if args.recipe else preset(args.preset or DEFAULT_PRESET)
-    output = args.output or f"{Path(args.model or default_model()).stem}.onnx"
+    output = _variants_output(args)
     manifest = optimize_variants(
         _fractions(args.variants), output, recipe, model=args.model, **common
     )
@@ -76,6 +142,7 @@ def _run_variants(args: argparse.Namespace, common: dict) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_options(args)
     common = {
         "calib": args.calib,
         "budget": args.budget,

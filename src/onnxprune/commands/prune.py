@@ -9,10 +9,12 @@ from onnxprune.commands.common import (
     add_dims_option,
     add_eval_option,
     add_report_option,
+    model_run_files,
     parse_dims,
     write_json,
 )
 from onnxprune.errors import UsageError
+from onnxprune.io.outputs import RunFiles
 from onnxprune.prune.allocate import RATIOS_SCHEMA
 from onnxprune.prune.api import prune_file
 from onnxprune.prune.core import PruneOptions
@@ -73,7 +75,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_report_option(parser)
     parser.add_argument("--save-plan", metavar="P.json", help="write the plan of the last step")
     add_dims_option(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, files=run_files)
+
+
+def run_files(args: argparse.Namespace) -> RunFiles:
+    """Inputs (model, data, --plan, --layer-ratios) and outputs (-o, --report, --save-plan)."""
+    files = model_run_files(args)
+    files.read("the --plan file", args.plan).read("the --layer-ratios file", args.layer_ratios)
+    return files.write("--save-plan", args.save_plan)
+
+
+def _ratio_table(data: object, path: str) -> dict[str, float]:
+    """The ``layer_ratios`` mapping of a saved allocation, each a finite ratio."""
+    table = data.get("layer_ratios") if isinstance(data, dict) else None
+    if not isinstance(table, dict):
+        raise UsageError(f"--layer-ratios {path}: no 'layer_ratios' mapping of group to ratio")
+    ratios = {}
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise UsageError(
+                f"--layer-ratios {path}: ratio of {key!r} is {value!r}, expected a number in [0, 1)"
+            )
+        ratios[str(key)] = float(value)
+    return ratios
 
 
 def _saved_ratios(path: str | None, round_to: int | None) -> tuple[dict[str, float], int]:
@@ -89,12 +113,14 @@ def _saved_ratios(path: str | None, round_to: int | None) -> tuple[dict[str, flo
         raise UsageError(
             f"--layer-ratios {path}: not a saved allocation (onnxprune.layer_ratios/1)"
         )
-    saved = int(data.get("round_to", 8))
+    saved = data.get("round_to", 8)
+    if isinstance(saved, bool) or not isinstance(saved, int) or saved < 1:
+        raise UsageError(f"--layer-ratios {path}: round_to {saved!r} is not a positive integer")
     if round_to is not None and round_to != saved:
         raise UsageError(
             f"--round-to {round_to} differs from the allocation's round_to {saved} in {path}"
         )
-    return {str(k): float(v) for k, v in data["layer_ratios"].items()}, saved
+    return _ratio_table(data, path), saved
 
 
 def run(args: argparse.Namespace) -> int:

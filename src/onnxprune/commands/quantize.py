@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from onnxprune.commands.common import add_eval_option, add_report_option, write_json
+from onnxprune.commands.common import (
+    add_eval_option,
+    add_report_option,
+    model_run_files,
+    write_json,
+)
 from onnxprune.quant import MODES, TARGETS, quantize_file
 from onnxprune.quant.api import EQUALIZE_MODES
 from onnxprune.quant.bias import BIAS_MODES
@@ -69,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-samples", type=int, help="use at most N calibration samples")
     add_eval_option(parser)
     add_report_option(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, files=model_run_files)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 
 import numpy as np
 
-from onnxprune.commands.common import add_dims_option, parse_dims, write_json
+from onnxprune.commands.common import INPUT_MODEL, add_dims_option, parse_dims, write_json
 from onnxprune.errors import UsageError
+from onnxprune.io.atomic import write_bytes_atomic
+from onnxprune.io.outputs import RunFiles
 from onnxprune.prune.allocate import allocate_ratios
 from onnxprune.prune.importance import CRITERIA
 from onnxprune.prune.sensitivity import SensitivityResult, load_canonical, sensitivity_file
 
-__all__ = ["plot_sensitivity", "register", "run"]
+__all__ = ["plot_sensitivity", "register", "run", "run_files"]
 
 
 def _ratios(text: str) -> list[float]:
@@ -53,7 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-ratio", type=float, default=0.9, help="cap per group (0.9)")
     parser.add_argument("--save-ratios", metavar="R.json", help="write the allocated ratios")
     add_dims_option(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, files=run_files)
+
+
+def run_files(args: argparse.Namespace) -> RunFiles:
+    """Inputs (model, --calib, --from) and outputs (-o, --plot, --save-ratios)."""
+    files = RunFiles().read(INPUT_MODEL, args.model, model=True)
+    files.read("the --calib data", args.calib).read("the --from file", args.source)
+    files.write("-o", args.output).write("--plot", args.plot)
+    return files.write("--save-ratios", args.save_ratios)
 
 
 def _measure_or_load(args: argparse.Namespace):
@@ -141,5 +152,7 @@ def plot_sensitivity(result: SensitivityResult, path: str | os.PathLike[str]) ->
         fig.colorbar(image, ax=ax, label="log10 output noise / signal")
     ax.set_title(f"pruning sensitivity per group ({result.criterion}, round to {result.round_to})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())

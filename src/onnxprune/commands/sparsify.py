@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from onnxprune.commands.common import add_eval_option, add_report_option, write_json
+from onnxprune.commands.common import (
+    add_eval_option,
+    add_report_option,
+    model_run_files,
+    write_json,
+)
 from onnxprune.errors import UsageError
 from onnxprune.sparsity import SparsifyConfig, sparsify_file
 from onnxprune.sparsity.prune import COMPARES, METHODS, PATTERNS, SCOPES
@@ -63,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the Conv patch sampling")
     add_eval_option(parser)
     add_report_option(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, files=model_run_files)
 
 
 def _overrides(items: list[str]) -> dict[str, float]:
@@ -79,19 +83,7 @@ def _overrides(items: list[str]) -> dict[str, float]:
     return result
 
 
-def _check_report_path(path: str) -> None:
-    """Refuse a report path that cannot be written, before any model is written."""
-    target = Path(path)
-    folder = target.parent
-    if target.is_dir():
-        raise UsageError(f"--report {path}: is a directory")
-    if not folder.is_dir():
-        raise UsageError(f"--report {path}: folder {str(folder)!r} does not exist")
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.report:
-        _check_report_path(args.report)
     sparsity = args.sparsity
     if sparsity is None:
         if args.pattern == "unstructured":

@@ -7,10 +7,11 @@ import argparse
 from onnxprune.bench.report import write_json_report
 from onnxprune.errors import BudgetError
 from onnxprune.io.atomic import write_text_atomic
+from onnxprune.io.outputs import RunFiles
 from onnxprune.tolerance import DEFAULT_TOLERANCE
 from onnxprune.verification import verify, verify_markdown
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "run_files"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,7 +67,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--provider", default="cpu", help="execution provider for the outputs")
     parser.add_argument("--json", metavar="OUT", help="write the onnxprune.verify/1 JSON report")
     parser.add_argument("--markdown", metavar="OUT", help="write the Markdown report")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, files=run_files)
+
+
+def run_files(args: argparse.Namespace) -> RunFiles:
+    """Inputs (both models, --calib) and outputs (--json, --markdown)."""
+    files = RunFiles().read("the reference model", args.reference, model=True)
+    files.read("the candidate model", args.candidate, model=True)
+    files.read("the --calib data", args.calib)
+    return files.write("--json", args.json).write("--markdown", args.markdown)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,13 +15,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import onnx_ir as ir
 
 from onnxprune.errors import SaveError
 from onnxprune.io.load import source_files
+from onnxprune.io.outputs import data_file_name, publish, show_path
 
 __all__ = ["EXTERNAL_DATA_THRESHOLD", "TENSOR_EXTERNAL_MIN_BYTES", "data_file_name", "save"]
 
@@ -31,11 +32,6 @@ logger = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 #: With external data, tensors smaller than this stay inside the model file.
 TENSOR_EXTERNAL_MIN_BYTES = 1024
-
-
-def data_file_name(path: str | os.PathLike[str]) -> str:
-    """The external data file name generated for an output model path."""
-    return Path(path).name + ".data"
 
 
 def _initializers(model: ir.Model) -> list[ir.Value]:
@@ -49,8 +45,8 @@ def _same_file(a: Path, b: str) -> bool:
         return False
 
 
-def _protected_files(model: ir.Model) -> list[str]:
-    files = set(source_files(model))
+def _protected_files(model: ir.Model, extra: Iterable[str | os.PathLike[str]]) -> list[str]:
+    files = set(source_files(model)) | {os.path.realpath(p) for p in extra}
     for value in _initializers(model):
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
@@ -58,15 +54,18 @@ def _protected_files(model: ir.Model) -> list[str]:
     return sorted(files)
 
 
-def _refuse_overwrite(model: ir.Model, targets: list[Path]) -> None:
+def _refuse_overwrite(
+    model: ir.Model, targets: list[Path], protect: Iterable[str | os.PathLike[str]]
+) -> None:
+    protected = _protected_files(model, protect)
     for target in targets:
         if not target.exists():
             continue
-        for source in _protected_files(model):
+        for source in protected:
             if _same_file(target, source):
                 raise SaveError(
-                    f"refusing to write {target}: it is the input model or one of its data "
-                    f"files ({source}); choose another output path"
+                    f"refusing to write {show_path(target)}: it is the input model or one of "
+                    f"its data files ({show_path(source)}); choose another output path"
                 )
 
 
@@ -99,6 +98,7 @@ def save(
     external_data: bool | None = None,
     threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
     before_commit: Callable[[Path], None] | None = None,
+    protect: Iterable[str | os.PathLike[str]] = (),
 ) -> Path:
     """Write ``model`` to ``path`` atomically.
 
@@ -111,6 +111,9 @@ def save(
         before_commit: Called with the path of the fully written temporary model before it
             is moved into place; an exception it raises aborts the save and nothing is
             written (used to verify a rewritten model before publishing it).
+        protect: Further files never to overwrite, besides the files ``model`` was loaded
+            from (the input of a run whose model was rebuilt or reloaded from a temporary
+            file).
 
     Returns:
         The destination path.
@@ -124,10 +127,13 @@ def save(
         raise SaveError(f"cannot write {dest}: folder {dest.parent} does not exist")
     data_name = data_file_name(dest)
     data_dest = dest.parent / data_name
-    _refuse_overwrite(model, [dest, data_dest])
+    _refuse_overwrite(model, [dest, data_dest], protect)
     total = sum(v.const_value.nbytes for v in _initializers(model) if v.const_value is not None)
     use_external = external_data if external_data is not None else total > threshold_bytes
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except OSError as exc:
+        raise SaveError(f"cannot write {show_path(dest)}: {exc.strerror or exc}") from None
     try:
         tmp_model = tmp_dir / dest.name
         if use_external:
@@ -145,10 +151,10 @@ def save(
             before_commit(tmp_model)
         tmp_data = tmp_dir / data_name
         if tmp_data.exists() and tmp_data.stat().st_size > 0:
-            os.replace(tmp_data, data_dest)
-        os.replace(tmp_model, dest)
+            publish(tmp_data, data_dest)
+        publish(tmp_model, dest)
     except (OSError, ValueError) as exc:
-        raise SaveError(f"cannot write {dest}: {exc}") from exc
+        raise SaveError(f"cannot write {show_path(dest)}: {exc}") from exc
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.debug("saved %s (%d bytes of tensors, external=%s)", dest, total, use_external)

@@ -173,7 +173,7 @@ def optimize(
     tolerance = parse_tolerance(budget) if budget else parse_tolerance(_NO_BUDGET)
     provider = provider or plan.provider or "cpu"
     bound = dict(dims or {})
-    load(src)  # validate the input before any work
+    inputs = source_files(load(src))  # validate the input before any work
     if not dest.absolute().parent.is_dir():
         raise SaveError(f"cannot write {dest}: folder {dest.absolute().parent} does not exist")
     report = OptimizeReport(
@@ -240,7 +240,8 @@ def optimize(
             raise BudgetError(report.message)
         if eval_set is not None:
             report.accuracy = (accuracy(src, eval_set), accuracy(current, eval_set))
-        written = save(load(current), dest)
+        # ``current`` is a temporary file: protect the user's input, not it.
+        written = save(load(current), dest, protect=inputs)
         report.output = str(written)
         report.written = True
         applied = [s.name for s in report.steps if s.status == "applied"]

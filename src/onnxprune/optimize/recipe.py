@@ -157,9 +157,13 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as exc:  # e.g. a !!python/object tag: refused, never run
+                raise ValueError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
     except (ValueError, ImportError) as exc:
-        raise UsageError(f"recipe {path}: cannot parse: {exc}") from None
+        reason = " ".join(str(exc).split())
+        raise UsageError(f"recipe {path}: cannot parse: {reason}") from None
     return parse_recipe(data, str(path))
 
 

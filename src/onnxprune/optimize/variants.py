@@ -21,7 +21,7 @@ from onnxprune.io.atomic import write_text_atomic
 from onnxprune.optimize.api import optimize
 from onnxprune.optimize.recipe import Recipe, Step
 
-__all__ = ["optimize_variants", "with_macs_target"]
+__all__ = ["manifest_path", "optimize_variants", "variant_path", "with_macs_target"]
 
 
 def with_macs_target(recipe: Recipe, fraction: float) -> Recipe:
@@ -41,14 +41,25 @@ def with_macs_target(recipe: Recipe, fraction: float) -> Recipe:
     return dataclasses.replace(recipe, steps=tuple(steps))
 
 
+def variant_path(output: str | os.PathLike[str], fraction: float) -> Path:
+    """Where the variant at ``fraction`` of the MACs is written (``OUT.macs0.70.onnx``)."""
+    out = Path(output)
+    return out.with_name(f"{out.stem}.macs{fraction:.2f}{out.suffix or '.onnx'}")
+
+
+def manifest_path(output: str | os.PathLike[str]) -> Path:
+    """Where the variants manifest is written (``OUT.variants.json``)."""
+    out = Path(output)
+    return out.with_name(f"{out.stem}.variants.json")
+
+
 def optimize_variants(
     fractions: Sequence[float], output: str | os.PathLike[str], recipe: Recipe, **kwargs: Any
 ) -> dict[str, Any]:
     """Run ``optimize`` once per fraction; returns the manifest (also written as JSON)."""
-    out = Path(output)
     entries = []
     for fraction in fractions:
-        target = out.with_name(f"{out.stem}.macs{fraction:.2f}{out.suffix or '.onnx'}")
+        target = variant_path(output, fraction)
         entry: dict[str, Any] = {"macs_fraction": fraction, "path": str(target)}
         try:
             report = optimize(output=target, recipe=with_macs_target(recipe, fraction), **kwargs)
@@ -73,7 +84,5 @@ def optimize_variants(
     }
     import json
 
-    write_text_atomic(
-        out.with_name(f"{out.stem}.variants.json"), json.dumps(manifest, indent=2) + "\n"
-    )
+    write_text_atomic(manifest_path(output), json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -21,6 +21,10 @@ __all__ = ["PruningPlan"]
 SCHEMA = "onnxprune.plan/1"
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclasses.dataclass
 class PruningPlan:
     """Kept unit positions per group id (groups not listed are left alone)."""
@@ -38,13 +42,28 @@ class PruningPlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "plan") -> PruningPlan:
-        if data.get("schema") != SCHEMA:
-            raise UsageError(f"{source}: not a pruning plan (schema {data.get('schema')!r})")
+    def from_dict(cls, data: Any, source: str = "plan") -> PruningPlan:
+        """Validate a plan's JSON: every group a ``{"size": int, "keep": [int, ...]}``."""
+        schema = data.get("schema") if isinstance(data, dict) else None
+        if schema != SCHEMA:
+            raise UsageError(f"{source}: not a pruning plan (schema {schema!r})")
+        groups = data.get("groups", {})
+        if not isinstance(groups, dict):
+            raise UsageError(f"{source}: 'groups' must map group ids to {{size, keep}}")
         keep, sizes = {}, {}
-        for gid, entry in data.get("groups", {}).items():
-            keep[gid] = [int(p) for p in entry["keep"]]
-            sizes[gid] = int(entry["size"])
+        for gid, entry in groups.items():
+            if not (
+                isinstance(entry, dict)
+                and _is_count(entry.get("size"))
+                and isinstance(entry.get("keep"), list)
+                and all(_is_count(p) for p in entry["keep"])
+            ):
+                raise UsageError(
+                    f'{source}: group {gid!r} must be {{"size": N, "keep": [positions]}} '
+                    "with non-negative integers"
+                )
+            keep[gid] = list(entry["keep"])
+            sizes[gid] = entry["size"]
         return cls(keep, sizes)
 
     @classmethod

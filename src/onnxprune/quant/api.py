@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxprune.analysis import count_costs
 from onnxprune.errors import BudgetError, UsageError
 from onnxprune.heldout import FidelityReport, measure, split_data
-from onnxprune.io import load, save
+from onnxprune.io import load, save, source_files
 from onnxprune.passes import pipeline
 from onnxprune.quant import dynamic, fp16
 from onnxprune.quant.analysis import (
@@ -541,6 +541,7 @@ def quantize_file(
         equalize,
     )
     model = load(model_path)
+    inputs = source_files(model)  # the rebuilt model no longer records them
     refuse_quantized(model)
     input_bytes = file_bytes(Path(model_path))
     passes = pipeline.canonicalize(model)
@@ -565,7 +566,7 @@ def quantize_file(
         _check_held_out(request, fidelity[0])
 
     with _timed(info, "save"):
-        dest = save(quantized, output_path, before_commit=check_held_out)
+        dest = save(quantized, output_path, before_commit=check_held_out, protect=inputs)
     return QuantizeResult(
         input=str(model_path),
         output=str(dest),
