@@ -12,6 +12,7 @@ from onnxprune.calib import load_calibration, model_input_specs
 from onnxprune.check import EquivalenceResult, check_equivalent, check_feeds
 from onnxprune.errors import UsageError
 from onnxprune.io import load, save, source_files
+from onnxprune.io.validate import refuse_unrewritable
 from onnxprune.passes import pipeline
 
 __all__ = ["CanonicalizeResult", "canonicalize_file"]
@@ -74,9 +75,10 @@ def canonicalize_file(
     if unknown:
         raise UsageError(f"unknown pass {unknown[0]!r}; passes: {', '.join(pipeline.PASS_NAMES)}")
     model = load(model_path)
+    refuse_unrewritable(model, str(model_path))
     input_bytes = _source_bytes(source_files(model))
     calibration = load_calibration(calib, model) if calib is not None else None
-    feeds = check_feeds(model_input_specs(model), calibration, dims)
+    feeds = check_feeds(model_input_specs(model), calibration, dims, model=model_path)
     report = pipeline.canonicalize(model, skip=skip)
     checked: list[EquivalenceResult] = []
 

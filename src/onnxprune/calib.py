@@ -10,7 +10,8 @@
 
 Everything is validated against the model's inputs before use: names, dtypes and static
 dims. A mismatch is refused with a message naming the input, the sample (or file) and the
-expected versus given shape or dtype. Empty data is refused.
+expected versus given shape or dtype. Empty data is refused, and so are NaN values in a
+float input (naming the input, the sample and the count).
 """
 
 from __future__ import annotations
@@ -78,6 +79,23 @@ def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
             f"calibration input {spec.name!r} ({where}): expected shape {spec.shape_text()}, "
             f"given {_shape_text(array.shape)}"
         )
+
+
+def _refuse_nan(name: str, array: np.ndarray, where: str, per_sample: bool) -> None:
+    """Refuse NaN in a float array; ``per_sample``: axis 0 indexes samples (named)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    nan = np.isnan(array)
+    count = int(np.count_nonzero(nan))
+    if not count:
+        return
+    if per_sample and array.ndim:
+        first = int(np.argmax(nan.reshape(len(array), -1).any(axis=1)))
+        where = f"first in sample {first} of {where}"
+    raise CalibrationError(
+        f"calibration input {name!r} holds {count} NaN value(s) ({where}); every feed must "
+        "be finite"
+    )
 
 
 def _check_names(specs: Sequence[InputSpec], keys: Sequence[str], where: str) -> None:
@@ -183,6 +201,7 @@ def _from_npz(path: Path, specs: list[InputSpec], ignore: Sequence[str] = ()) ->
         add_axis[spec.name] = array.ndim == len(spec.dims) + 1
         sample = array[0] if add_axis[spec.name] else array[0:1]
         _check_array(spec, sample, f"sample 0 of {path.name}; axis 0 indexes samples")
+        _refuse_nan(spec.name, array, path.name, per_sample=True)
     return CalibrationData(path, specs, _arrays=arrays, _add_axis=add_axis)
 
 
@@ -195,6 +214,7 @@ def _from_dir(path: Path, specs: list[InputSpec]) -> CalibrationData:
         _check_names(specs, list(arrays), str(file))
         for spec in specs:
             _check_array(spec, arrays[spec.name], f"sample {index}, file {file.name}")
+            _refuse_nan(spec.name, arrays[spec.name], f"sample {index}, file {file.name}", False)
     return CalibrationData(path, specs, _files=files)
 
 

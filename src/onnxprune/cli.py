@@ -23,6 +23,7 @@ from types import FrameType
 
 from onnxprune import __version__
 from onnxprune.errors import BudgetError, OnnxPruneError
+from onnxprune.failures import RUNTIME_ERRORS, EscapingFormatter, one_line, runtime_failure
 from onnxprune.io.outputs import RunFiles, output_transaction
 
 __all__ = ["build_parser", "main"]
@@ -87,16 +88,18 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), handlers=[handler])
     try:
         with _sigterm_unwinds():
             return _run(args)
     except OnnxPruneError as exc:
-        print(f"onnxprune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"onnxprune {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except RUNTIME_ERRORS as exc:  # the last resort: validation names most culprits first
+        print(f"onnxprune {args.command}: error: {runtime_failure(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("onnxprune: interrupted", file=sys.stderr)
         return 130

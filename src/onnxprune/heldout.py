@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.calib import CalibrationData, load_calibration, model_input_specs
+from onnxprune.check import default_dims, probe_default_dims
 from onnxprune.feeds import synthetic_feeds
 from onnxprune.fidelity import FidelityResult, ModelLike, compare, overfit_note
 
@@ -84,9 +85,10 @@ def split_data(
         )
     if data is None:
         specs = model_input_specs(model)
-        bound = {str(d): 1 for s in specs for d in s.dims if not isinstance(d, int)}
-        bound.update(dims or {})
+        bound, guessed = default_dims(specs, dims)
         feeds = synthetic_feeds(specs, bound, count=synthetic_count, seed=0)
+        if feeds:
+            probe_default_dims(model, feeds[0], guessed)
         return DataSplit(
             None,
             None,

@@ -22,6 +22,7 @@ from onnxprune.errors import ModelLoadError
 from onnxprune.io.compat import check_runtime_support
 from onnxprune.io.external import validate_external_data
 from onnxprune.io.pinned import bind_external
+from onnxprune.io.validate import validate_proto
 
 __all__ = ["SOURCE_FILES_KEY", "load", "source_files"]
 
@@ -93,6 +94,7 @@ def load(path: str | os.PathLike[str], *, check_runtime: bool = True) -> ir.Mode
     path = Path(path)
     proto = _parse(path)
     base_dir = path.parent.absolute()
+    validate_proto(proto, str(path), runtime=check_runtime)
     refs = validate_external_data(proto, base_dir)
     if check_runtime:
         check_runtime_support(proto, str(path))

@@ -14,6 +14,7 @@ from onnxprune.calib import CalibrationData
 from onnxprune.errors import UsageError
 from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save
+from onnxprune.io.validate import refuse_unrewritable
 from onnxprune.lowrank.config import LowRankConfig
 from onnxprune.lowrank.factorize import FactorizePass, LayerRecord, linear_inputs
 from onnxprune.lowrank.fold import FoldLinearPass
@@ -104,6 +105,7 @@ def lowrank_file(
     """
     config.validate(has_calib=calib is not None)
     model = load(model_path)
+    refuse_unrewritable(model, str(model_path))
     _check_exclude(model, config.exclude)
     split = split_data(model, calib, eval_data, dims=config.dims)
     calibration = split.fit

@@ -11,6 +11,7 @@ from typing import Any
 from onnxprune.errors import UsageError
 from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save
+from onnxprune.io.validate import refuse_unrewritable
 from onnxprune.passes.pipeline import canonicalize
 from onnxprune.prune.activations import activation_stats, reconstruction_stats
 from onnxprune.prune.analysis import analyze
@@ -107,6 +108,7 @@ def prune_file(
         raise UsageError(f"--calib is required for {wanted}")
     teacher = load(model_path)
     model = load(model_path)
+    refuse_unrewritable(model, str(model_path))
     split = split_data(model, calib, eval_data, dims=dims)
     feeds = split.fit_feeds(FIT_SAMPLES)
     skip = ("fold-batchnorm",) if options.criterion == "bn" else ()

@@ -23,6 +23,7 @@ from onnxprune.errors import UsageError
 from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save, source_files
 from onnxprune.io.pinned import copy_model
+from onnxprune.io.validate import refuse_unrewritable
 from onnxprune.sparsity.layers import WeightLayer, find_layers
 from onnxprune.sparsity.prune import (
     COMPARES,
@@ -138,6 +139,7 @@ def sparsify_file(
         BudgetError: the compact model does not equal the masked one (nothing written).
     """
     model = load(model_path)
+    refuse_unrewritable(model, str(model_path))
     input_bytes = sum(os.path.getsize(f) for f in source_files(model))
     layers, skipped = find_layers(model)
     validate_config(config, [layer.node for layer in layers] + list(skipped), calib is not None)
