@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
-from onnxprune.metrics import HIGHER_IS_BETTER, output_metrics
+from onnxprune.metrics import HIGHER_IS_BETTER, output_metrics, rows
 from onnxprune.runtime import make_session
 
 __all__ = ["FidelityResult", "compare", "overfit_note", "run_outputs"]
@@ -116,7 +116,7 @@ def run_outputs(
 
 
 def _rows(array: np.ndarray) -> np.ndarray:
-    return array.reshape(-1, array.shape[-1]) if array.ndim >= 1 else array.reshape(1, 1)
+    return rows(array) if array.ndim >= 1 else array.reshape(1, 1)
 
 
 def _pool(parts: Sequence[np.ndarray]) -> np.ndarray:

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-__all__ = ["HIGHER_IS_BETTER", "METRIC_NAMES", "output_metrics"]
+__all__ = ["HIGHER_IS_BETTER", "METRIC_NAMES", "output_metrics", "rows"]
 
 METRIC_NAMES = (
     "top1_agreement",
@@ -32,8 +32,18 @@ METRIC_NAMES = (
 HIGHER_IS_BETTER = frozenset({"top1_agreement", "cosine", "sqnr_db", "nn_agreement"})
 
 
+def rows(array: np.ndarray) -> np.ndarray:
+    """``array`` as a matrix of its last axis (``[prod(leading dims), last]``), zero-size too."""
+    return array.reshape(math.prod(array.shape[:-1]), array.shape[-1])
+
+
 def _is_classifier_like(array: np.ndarray) -> bool:
-    return array.ndim >= 2 and np.issubdtype(array.dtype, np.floating) and array.shape[-1] > 1
+    return (
+        array.ndim >= 2
+        and np.issubdtype(array.dtype, np.floating)
+        and array.shape[-1] > 1
+        and array.size > 0
+    )
 
 
 def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float | None]:
@@ -64,8 +74,7 @@ def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
         sqnr = 10 * math.log10(signal / noise)
     top1 = None
     if _is_classifier_like(reference):
-        ref_rows = reference.reshape(-1, reference.shape[-1])
-        cand_rows = candidate.reshape(-1, candidate.shape[-1])
+        ref_rows, cand_rows = rows(reference), rows(candidate)
         agree = ref_rows.argmax(-1) == cand_rows.argmax(-1)
         # argmax of a row with NaN picks the NaN: a non-finite candidate row never agrees
         # (unless the reference row is non-finite too).

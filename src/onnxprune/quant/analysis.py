@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from onnxprune.analysis import count_costs
 from onnxprune.intermediates import iter_intermediates
-from onnxprune.metrics import output_metrics
+from onnxprune.metrics import output_metrics, rows
 from onnxprune.quant.placement import PRIMARY_OPS
 from onnxprune.quant.prepare import INT8_OPS
 from onnxprune.runtime import make_session
@@ -44,7 +44,7 @@ __all__ = [
 
 def _rows(array: np.ndarray) -> np.ndarray:
     a = np.asarray(array)
-    return a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a.reshape(-1, 1)
+    return rows(a) if a.ndim >= 2 else a.reshape(-1, 1)
 
 
 def reference_outputs(

@@ -27,6 +27,7 @@ from onnxprune.analysis import count_costs
 from onnxprune.errors import BudgetError, UsageError
 from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save, source_files
+from onnxprune.io.validate import refuse_unrewritable
 from onnxprune.passes import pipeline
 from onnxprune.quant import dynamic, fp16
 from onnxprune.quant.analysis import (
@@ -42,7 +43,12 @@ from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
 from onnxprune.quant.equalize import equalize as cross_layer_equalize
 from onnxprune.quant.mixed import rank_harm, search_budget
 from onnxprune.quant.placement import PRIMARY_OPS
-from onnxprune.quant.prepare import ensure_opset, name_nodes, refuse_quantized
+from onnxprune.quant.prepare import (
+    ensure_opset,
+    name_nodes,
+    refuse_non_float32,
+    refuse_quantized,
+)
 from onnxprune.quant.report import QuantizeResult, file_bytes, worst
 from onnxprune.quant.smooth import smooth_matmuls
 from onnxprune.quant.vnni import REMEDIES, cpu_isa, needs_u8s8_remedy
@@ -542,7 +548,9 @@ def quantize_file(
     )
     model = load(model_path)
     inputs = source_files(model)  # the rebuilt model no longer records them
+    refuse_unrewritable(model, str(model_path))
     refuse_quantized(model)
+    refuse_non_float32(model)
     input_bytes = file_bytes(Path(model_path))
     passes = pipeline.canonicalize(model)
     name_nodes(model)

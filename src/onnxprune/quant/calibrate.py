@@ -161,6 +161,9 @@ class Calibrator:
         """
         result = {}
         for name, stats in self.stats.items():
+            if stats.count == stats.nan == stats.inf == 0:  # empty tensor: any range will do
+                result[name] = (0.0, 0.0)
+                continue
             if stats.count == 0:
                 raise CalibrationError(
                     f"tensor {name!r}: no finite value in the calibration data "

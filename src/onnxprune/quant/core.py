@@ -16,9 +16,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.errors import UsageError
 from onnxprune.intermediates import budget_chunks, iter_intermediates
 from onnxprune.io import pinned
 from onnxprune.quant.calibrate import Calibrator
+from onnxprune.quant.hazards import hazard_node
 from onnxprune.quant.params import QParams, activation_qparams, weight_qparams
 from onnxprune.quant.placement import QuantPlan, plan_quantization
 from onnxprune.quant.rewrite import apply_plan, quantize_embeddings, values_by_name
@@ -147,7 +149,29 @@ class StaticQuantizer:
         return params, changed
 
     def build(self, exclude: Collection[str] = (), remedy: str = "none") -> tuple[ir.Model, dict]:
-        """A quantized copy of the model and a summary of what was done."""
+        """A quantized copy of the model and a summary of what was done.
+
+        A layer whose int8 output would make onnxruntime abort (:mod:`.hazards`) is kept
+        float, with the reason in the summary's ``skipped``.
+        """
+        keep = list(exclude)
+        reasons: dict[str, str] = {}
+        while True:
+            model, summary, plan = self._build(keep, remedy)
+            found = hazard_node(model, plan.nodes)
+            if found is None:
+                break
+            node, reason = found
+            if node is None or node in keep:
+                raise UsageError(f"onnxruntime would abort on the int8 model: {reason}")
+            logger.warning("keeping %r float: %s", node, reason)
+            keep.append(node)
+            reasons[node] = f"kept float: {reason}"
+        for entry in summary["skipped"]:
+            entry["reason"] = reasons.get(entry["node"], entry["reason"])
+        return model, summary
+
+    def _build(self, exclude: Collection[str], remedy: str) -> tuple[ir.Model, dict, QuantPlan]:
         plan = self.plan(exclude)
         act = self.activation_params(plan)
         weights, changed = self.weight_params(plan, remedy)
@@ -163,4 +187,4 @@ class StaticQuantizer:
             "notes": notes,
             "skipped": plan.skipped,
         }
-        return model, summary
+        return model, summary, plan

@@ -84,14 +84,17 @@ def _rewrite(graph: ir.Graph, node: ir.Node, weight: np.ndarray, params: QParams
     final_name = result.name or f"{name}_output"
     result.name = f"{final_name}_float"
     has_bias = node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None
-    mul_out = ir.val(f"{name}_scaled" if has_bias else final_name, ir.DataType.FLOAT)
+    # The original output's type and shape (a type without a shape fails onnx's checker).
+    mul_out = ir.Value(
+        name=f"{name}_scaled" if has_bias else final_name, type=result.type, shape=result.shape
+    )
     new_nodes.append(
         ir.node(
             "Mul", [cast.outputs[0], scale.outputs[0]], name=f"{name}_Rescale", outputs=[mul_out]
         )
     )
     if has_bias:
-        out = ir.val(final_name, ir.DataType.FLOAT)
+        out = ir.Value(name=final_name, type=result.type, shape=result.shape)
         new_nodes.append(
             ir.node("Add", [mul_out, node.inputs[2]], name=f"{name}_Bias", outputs=[out])
         )

@@ -90,6 +90,11 @@ def _is_const(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and value.producer() is None
 
 
+def _empty_weight(node: ir.Node) -> bool:
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    return _is_const(weight) and weight.const_value.size == 0  # type: ignore[union-attr]
+
+
 def _is_float(value: ir.Value) -> bool:
     return value.dtype in (None, ir.DataType.FLOAT)
 
@@ -194,6 +199,8 @@ def plan_quantization(model: ir.Model, exclude: Collection[str] = ()) -> QuantPl
             continue
         if node.name in planner.exclude:
             planner.skip(node, "excluded by the user")
+        elif node.op_type in PRIMARY_OPS and _empty_weight(node):
+            planner.skip(node, "its weight has no elements")
         elif node.op_type in PRIMARY_OPS:
             planner.primary(node)
         elif node.op_type in SECONDARY_OPS:

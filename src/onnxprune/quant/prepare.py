@@ -1,6 +1,8 @@
 """Preconditions and model preparation before quantizing.
 
-* Refuse models that are already quantized (QDQ or QOperator ops present).
+* Refuse models that are already quantized (QDQ or QOperator ops present), and models
+  whose inputs, outputs or weights are float16/float64/bfloat16 (only float32 models are
+  quantized).
 * Give unnamed nodes deterministic names (``<op_type>_<index>``): plans, reports and
   ``--exclude`` refer to nodes by name.
 * Per-channel QuantizeLinear/DequantizeLinear (``axis``) need opset >= 13: older models are
@@ -10,12 +12,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import onnx
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
 from onnxprune.io.pinned import rebind_external
+from onnxprune.io.validate import WEIGHT_OPERANDS
 
 __all__ = [
     "INT8_OPS",
@@ -23,6 +27,7 @@ __all__ = [
     "QUANTIZED_OPS",
     "ensure_opset",
     "name_nodes",
+    "refuse_non_float32",
     "refuse_quantized",
 ]
 
@@ -67,6 +72,37 @@ def refuse_quantized(model: ir.Model) -> None:
             f"the model is already quantized ({', '.join(found)} present); "
             "quantize the float model instead"
         )
+
+
+def _non_float32(values: Iterable[ir.Value | None]) -> ir.Value | None:
+    for value in values:
+        dtype = None if value is None else value.dtype
+        if dtype is not None and dtype.is_floating_point() and dtype != ir.DataType.FLOAT:
+            return value
+    return None
+
+
+def refuse_non_float32(model: ir.Model) -> None:
+    """Raise UsageError naming the first float input, output or weight that is not float32."""
+    graph = model.graph
+    weights = [
+        node.inputs[i]
+        for node in graph
+        if node.domain == ""
+        for i in WEIGHT_OPERANDS.get(node.op_type, ())
+        if i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].is_initializer()
+    ]
+    for where, values in (
+        ("graph input", graph.inputs),
+        ("graph output", graph.outputs),
+        ("weight", weights),
+    ):
+        found = _non_float32(values)
+        if found is not None and found.dtype is not None:
+            raise UsageError(
+                f"quantize needs a float32 model, but {where} {found.name!r} is "
+                f"{found.dtype.name.lower()}; convert the model to float32 first"
+            )
 
 
 def name_nodes(model: ir.Model) -> int:

@@ -274,9 +274,13 @@ class Side:
                 g.initializer.append(ir.serde.serialize_tensor(in_memory(value.const_value)))
             elif name in graph_inputs and name not in cuts:
                 g.input.append(ir.serde.serialize_value(self.values[name or ""]))
+        # With control flow, concrete cut shapes let onnxruntime fold If conditions that the
+        # full model only knows at run time and inline a branch (a different graph; on
+        # silero-vad its QDQ propagation then aborts the process): keep the declared shapes.
+        fixed = self.fixed_shapes and not any(_has_subgraph(n) for n in nodes)
         for cut, array in cuts.items():
             elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-            shape = array.shape if self.fixed_shapes else _declared(self.values[cut], array)
+            shape = array.shape if fixed else _declared(self.values[cut], array)
             g.input.append(onnx.helper.make_tensor_value_info(cut, elem, shape))
         for out in outputs:
             g.output.append(ir.serde.serialize_value(self.values[out]))
@@ -286,6 +290,13 @@ class Side:
             if name and name not in outputs and self.values[name].type is not None
         )
         return proto, size
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(
+        attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for attr in node.attributes.values()
+    )
 
 
 def _declared(value: ir.Value, array: np.ndarray) -> list[int | str | None]:

@@ -88,6 +88,8 @@ def smooth_matmuls(
         weights = [_weight(n) for n in nodes]
         arrays = [w.const_value.numpy() for w in weights if w is not None and w.const_value]
         a = peaks[name].astype(np.float64)
+        if any(x.size == 0 for x in arrays):  # a zero-size weight has nothing to balance
+            continue
         w_max = np.max(np.stack([np.abs(x).max(axis=1) for x in arrays]), axis=0)
         if a.shape != w_max.shape:
             continue
