@@ -193,7 +193,12 @@ def conv_candidate(node: ir.Node, kind: str) -> ConvCandidate | str:
     geometry = _geometry(node, w)
     if reason or isinstance(geometry, str):
         return reason or str(geometry)
-    found = _decompose(kind, w)
+    if w.size == 0:
+        return f"weight {value.name!r} has no elements"
+    try:
+        found = _decompose(kind, w)
+    except np.linalg.LinAlgError as exc:
+        return f"the decomposition of weight {value.name!r} failed ({exc})"
     if isinstance(found, str):
         return found
     factors, spectra, full = found

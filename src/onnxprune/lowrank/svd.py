@@ -120,7 +120,12 @@ def linear_candidate(node: ir.Node, method: str, stats: InputStats | None) -> Li
         return reason
     if method != "svd" and stats is None:
         return f"no input statistics for {method} (input {node.inputs[0].name!r})"  # type: ignore[union-attr]
-    dec = decompose(w, method, stats)
+    if w.size == 0:
+        return f"weight {value.name!r} has no elements"
+    try:
+        dec = decompose(w, method, stats)
+    except np.linalg.LinAlgError as exc:
+        return f"the {method} decomposition of weight {value.name!r} failed ({exc})"
     m, n = w.shape
     return LinearCandidate(
         node=node,

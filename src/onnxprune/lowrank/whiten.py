@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.errors import CalibrationError
 from onnxprune.intermediates import iter_intermediates
 from onnxprune.lowrank._linalg import svd
 
@@ -58,7 +60,8 @@ class InputStats:
 
     def update(self, x: np.ndarray) -> None:
         """Accumulate a batch of inputs (last axis = channels)."""
-        rows = np.asarray(x, dtype=np.float64).reshape(-1, self.gram.shape[0])
+        array = np.asarray(x, dtype=np.float64)
+        rows = array.reshape(math.prod(array.shape[:-1]), self.gram.shape[0])
         self.gram += rows.T @ rows
         self.abs_sum += np.abs(rows).sum(axis=0)
         self.rows += rows.shape[0]
@@ -134,6 +137,15 @@ def decompose(w: np.ndarray, method: str = "svd", stats: InputStats | None = Non
     return Decomposition(q, s, vt, errors, total)
 
 
+def _refuse_nonfinite(name: str, x: np.ndarray, sample: int) -> None:
+    bad = np.size(x) - int(np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise CalibrationError(
+            f"layer input {name!r} has {bad} non-finite values (NaN or Inf) on calibration "
+            f"sample {sample}; activation-aware factorization needs finite activations"
+        )
+
+
 def collect_input_stats(
     model: ir.Model,
     inputs: Mapping[str, int],
@@ -151,6 +163,7 @@ def collect_input_stats(
     count = 0
     for values in iter_intermediates(model, names, feeds, threads=1):
         for name in names:
+            _refuse_nonfinite(name, values[name], count)
             stats[name].update(values[name])
         count += 1
     logger.info("collected input statistics of %d values over %d feeds", len(names), count)
