@@ -76,7 +76,9 @@ def _feeds(path: Path, model_path: Path) -> list[dict[str, np.ndarray]]:
 
 
 def _run(path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, list[Any]]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()  # default optimizations; errors only (no shape warnings)
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     out: dict[str, list[Any]] = {n: [] for n in names}
     for feed in feeds:

@@ -13,8 +13,10 @@ Per output, two aggregations of :func:`onnxprune.metrics.output_metrics`:
   feeds (token lengths) the feeds are flattened and concatenated instead (no top-1);
 * **worst feed**: each metric's worst value over the feeds taken one at a time.
 
-Integer outputs (labels) are compared exactly: ``top1_agreement`` is the share of equal
-elements and the float metrics do not apply. Non-tensor outputs (a sequence of maps, as
+``top1_agreement`` is reported for class scores only (logits, probabilities; decided from the
+graph by :mod:`onnxprune.output_kinds`), not for embeddings or hidden states. Integer outputs
+(labels) are compared exactly: ``top1_agreement`` is the share of equal elements and the
+float metrics do not apply. Non-tensor outputs (a sequence of maps, as
 scikit-learn's ZipMap writes) become a matrix, one row per map, columns in key order.
 
 ``nn_agreement`` (pooled only, float outputs with 3 to 4096 rows): the share of rows whose
@@ -27,14 +29,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
+from onnxprune.io import load
 from onnxprune.metrics import HIGHER_IS_BETTER, output_metrics, rows
+from onnxprune.output_kinds import class_score_outputs
 from onnxprune.runtime import make_session
 
 __all__ = ["FidelityResult", "compare", "overfit_note", "run_outputs"]
@@ -152,14 +156,21 @@ def _nn_agreement(r: np.ndarray, c: np.ndarray) -> float | None:
     return float(np.mean(nearest(r) == nearest(c)))
 
 
-def metrics_of(r: np.ndarray, c: np.ndarray, *, pooled: bool) -> dict[str, float | None]:
-    """The comparator's metrics of one (reference, candidate) pair of arrays."""
+def metrics_of(
+    r: np.ndarray, c: np.ndarray, *, pooled: bool, top1: bool = True
+) -> dict[str, float | None]:
+    """The comparator's metrics of one (reference, candidate) pair of arrays.
+
+    ``top1=False`` (a float output that is not class scores) leaves top-1 agreement out.
+    """
     if r.shape != c.shape:
         raise UsageError(f"shape mismatch: reference {list(r.shape)}, candidate {list(c.shape)}")
     if np.issubdtype(r.dtype, np.integer) or r.dtype == np.bool_:
         metrics = _integer_metrics(r, c)
     else:
         metrics = dict(output_metrics(r, c))
+        if not top1:
+            metrics["top1_agreement"] = None
     metrics["nn_agreement"] = (
         _nn_agreement(r, c) if pooled and metrics.get("cosine") is not None else None
     )
@@ -189,6 +200,7 @@ def compare(
     data: str = "",
     optimize: bool = True,
     provider: str = "cpu",
+    class_scores: Collection[str] | None = None,
 ) -> FidelityResult:
     """Fidelity of ``candidate`` against ``reference`` on ``feeds``.
 
@@ -200,6 +212,8 @@ def compare(
         data: Which samples these are, in words (goes into the result).
         optimize: onnxruntime graph optimizations on (as deployed) or off.
         provider: Execution provider for both models.
+        class_scores: Outputs whose top-1 agreement is reported (default: decided from the
+            reference graph, else the candidate's, by :mod:`onnxprune.output_kinds`).
 
     Raises:
         UsageError: no feeds, an output missing from the candidate, or a shape mismatch
@@ -207,6 +221,8 @@ def compare(
     """
     if not feeds:
         raise UsageError("no samples to measure fidelity on")
+    if class_scores is None:
+        class_scores = _class_scores(candidate if isinstance(reference, Mapping) else reference)
     if not isinstance(reference, Mapping):
         reference = run_outputs(reference, feeds, optimize=optimize, provider=provider)
     names = list(reference)
@@ -221,11 +237,18 @@ def compare(
                     f"output {name!r} has shape {list(r.shape)} in the reference but "
                     f"{list(c.shape)} in the candidate (sample {index})"
                 )
-        pooled[name] = metrics_of(_pool(refs), _pool(cands), pooled=True)
+        top1 = name in class_scores
+        pooled[name] = metrics_of(_pool(refs), _pool(cands), pooled=True, top1=top1)
         worst[name] = _worst(
-            [metrics_of(r, c, pooled=False) for r, c in zip(refs, cands, strict=True)]
+            [metrics_of(r, c, pooled=False, top1=top1) for r, c in zip(refs, cands, strict=True)]
         )
     return FidelityResult(data, len(feeds), optimize, pooled, worst)
+
+
+def _class_scores(model: ModelLike) -> frozenset[str]:
+    if not isinstance(model, ir.Model):
+        model = load(model)
+    return class_score_outputs(model)
 
 
 #: A fitted step overfits when the fit samples beat the held-out ones by more than this.
