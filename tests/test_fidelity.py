@@ -253,3 +253,19 @@ def test_exactness_check_refuses_a_nan_where_the_original_is_finite(tmp_path: Pa
         check_equivalent(ref, bad, feeds)
     # NaN where the original has NaN too is no change.
     assert check_equivalent(bad, bad, feeds).samples == 1
+
+
+def test_optimize_reports_on_unlabelled_eval_data(tmp_path: Path, data: Path):
+    """optimize --eval takes held-out inputs without labels: fidelity on them, no accuracy."""
+    src = _mlp(tmp_path)
+    eval_path, report = tmp_path / "eval.npz", tmp_path / "r.json"
+    np.savez(eval_path, x=np.random.default_rng(5).standard_normal((12, 1, 8)).astype(np.float32))
+    code = main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "--preset", "cpu-int8",
+                 "--calib", str(data), "--eval", str(eval_path), "--bench-seconds", "0",
+                 "--budget", "cosine>=0.9", "--report", str(report)])  # fmt: skip
+    assert code == 0
+    result = json.loads(report.read_text())
+    assert result["accuracy"] is None
+    assert result["fidelity_data"] == f"--eval {eval_path} (12 samples)"
+    checked = verify(src, tmp_path / "o.onnx", eval_path, tolerance="cosine>=-1")
+    assert result["fidelity"]["logits"]["cosine"] == checked.outputs["logits"]["cosine"]

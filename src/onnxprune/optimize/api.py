@@ -24,7 +24,7 @@ from onnxprune.calib import load_calibration
 from onnxprune.errors import BudgetError, SaveError, UsageError
 from onnxprune.fidelity import FidelityResult, compare, overfit_note
 from onnxprune.io import load, save, source_files
-from onnxprune.optimize.data import accuracy, split_calibration
+from onnxprune.optimize.data import accuracy, has_labels, split_calibration
 from onnxprune.optimize.recipe import Recipe, load_recipe, preset
 from onnxprune.optimize.report import ModelStats, OptimizeReport, StepRecord
 from onnxprune.optimize.steps import BACKOFF_STEPS, StepRun, StepSkippedError, run_step
@@ -238,7 +238,7 @@ def optimize(
                 f"(latency ratio {report.latency_ratio[0]:.2f}); nothing written"
             )
             raise BudgetError(report.message)
-        if eval_set is not None:
+        if eval_set is not None and has_labels(eval_set):
             report.accuracy = (accuracy(src, eval_set), accuracy(current, eval_set))
         # ``current`` is a temporary file: protect the user's input, not it.
         written = save(load(current), dest, protect=inputs)
