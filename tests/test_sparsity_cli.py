@@ -150,3 +150,52 @@ def test_exclude_and_override_and_two_four_skip(tmp_path: Path) -> None:
     assert main(argv) == 0
     layers = {layer["node"]: layer for layer in json.loads(report.read_text())["layers"]}
     assert layers["/features/features.0/Conv"]["zeros"] == 36  # round(0.25 * 144)
+
+
+def _dynamic_int8_model(folder: Path) -> tuple[Path, Path]:
+    """A Conv + MatMul model quantized by onnxruntime's ``quantize_dynamic`` (ConvInteger,
+    MatMulInteger: no float weight left), and calibration data for it."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "cw"),
+        numpy_helper.from_array(np.array([1, 4 * 6 * 6], np.int64), "shape"),
+        numpy_helper.from_array(rng.standard_normal((144, 10)).astype(np.float32), "mw"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "cw"], ["c"], name="conv"),
+        helper.make_node("Reshape", ["c", "shape"], ["r"], name="flat"),
+        helper.make_node("MatMul", ["r", "mw"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    float_path, path = folder / "float.onnx", folder / "dynamic.onnx"
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    float_path.write_bytes(proto.SerializeToString())
+    quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QUInt8)
+    calib = folder / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((8, 1, 1, 8, 8)).astype(np.float32))
+    return path, calib
+
+
+@pytest.mark.parametrize("extra", [[], ["--update"], ["--method", "wanda"]])
+def test_already_quantized_model_is_refused_naming_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    """ddddocr's dynamically quantized recognizer ended in IndexError with --update: no
+    float weight is left to sparsify. Refused in one line (exit 2), nothing written."""
+    model, calib = _dynamic_int8_model(tmp_path)
+    out = tmp_path / "out.onnx"
+    argv = ["sparsify", str(model), "-o", str(out), "--sparsity", "0.5", "--calib", str(calib)]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "onnxprune sparsify: error: nothing to sparsify" in err, err
+    assert "already quantized" in err and "ConvInteger" in err and "MatMulInteger" in err, err
+    assert not out.exists()

@@ -110,6 +110,42 @@ def _eligible(
     return kept
 
 
+#: Ops that compute with integer weights: a model holding them is already quantized.
+_QUANTIZED_OPS = (
+    "ConvInteger",
+    "MatMulInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "DynamicQuantizeLSTM",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+)
+
+
+def _refuse_nothing_to_prune(
+    model: ir.Model, found: list[WeightLayer], skipped: dict[str, str]
+) -> None:
+    """Refuse in one line when no layer is left to sparsify, naming why."""
+    if found:
+        return
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        if node.op_type in _QUANTIZED_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if counts:
+        ops = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
+        reason = (
+            f"the model is already quantized ({ops} compute with integer weights); "
+            "sparsify the float model before quantizing it"
+        )
+    elif skipped:
+        name, why = next(iter(sorted(skipped.items())))
+        reason = f"every candidate layer is skipped ({len(skipped)}; e.g. {name!r}: {why})"
+    else:
+        reason = "the model has no Conv/ConvTranspose/Gemm/MatMul with a float weight"
+    raise UsageError(f"nothing to sparsify: {reason}")
+
+
 def _copy(model: ir.Model) -> ir.Model:
     return copy_model(model)
 
@@ -146,6 +182,7 @@ def sparsify_file(
     split = split_data(model, calib, eval_data)
     data = split.fit
     layers = _eligible(layers, skipped, config)
+    _refuse_nothing_to_prune(model, layers, skipped)
 
     def feeds() -> Iterator[dict[str, np.ndarray]]:
         assert data is not None
