@@ -23,7 +23,10 @@ CALIB = 256  # the first CALIB training samples calibrate
 HIDDEN = (128, 64)
 SEED = 0
 TARGET_OPSET = {"": 18, "ai.onnx.ml": 3}
-KEY = f"train={TRAIN_END} calib={CALIB} hidden={HIDDEN} seed={SEED} opset={TARGET_OPSET}"
+KEY = (
+    f"train={TRAIN_END} calib={CALIB} hidden={HIDDEN} seed={SEED} opset={TARGET_OPSET} "
+    "variants=zipmap,tensor"
+)
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -45,15 +48,17 @@ def train(x: np.ndarray, y: np.ndarray):
     return make_pipeline(StandardScaler(), mlp).fit(x, y)
 
 
-def export(pipeline, path: Path) -> None:
-    """skl2onnx with its default options (ZipMap on)."""
+def export(pipeline, path: Path, zipmap: bool = True) -> None:
+    """skl2onnx with its default options (ZipMap on), or with ``zipmap=False``."""
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.neural_network import MLPClassifier
 
     model = to_onnx(
         pipeline,
         initial_types=[("input", FloatTensorType([None, 64]))],
         target_opset=TARGET_OPSET,
+        options=None if zipmap else {MLPClassifier: {"zipmap": False}},
     )
     path.write_bytes(model.SerializeToString())
 
@@ -83,6 +88,7 @@ def build_folder(folder: Path) -> dict:
     pipeline = train(x_train, y_train)
     model = folder / "mlp.onnx"
     export(pipeline, model)
+    export(pipeline, folder / "mlp_tensor.onnx", zipmap=False)
     save_feeds(folder / "calib", [{"input": x_train[i : i + 1]} for i in range(CALIB)])
     save_feeds(folder / "eval", [{"input": x_eval[i : i + 1]} for i in range(len(x_eval))])
     import skl2onnx
@@ -119,5 +125,17 @@ def build(cache: Path) -> list[ZooEntry]:
             "Input 'input' float32 (N, 64), raw pixels 0..16 (the Scaler is in the graph). "
             f"Opsets {record['opsets']}.",
             extra={"input": "input", "zipmap_output": "output_probability", **record},
-        )
+        ),
+        ZooEntry(
+            name="sklearn_mlp.tensor",
+            model="sklearn_mlp/mlp_tensor.onnx",
+            calib="sklearn_mlp/calib.npz",
+            eval="sklearn_mlp/eval.npz",
+            metric="label",
+            output="label",
+            source="the same pipeline converted with skl2onnx option zipmap=False",
+            split=f"as sklearn_mlp: calib = samples 0..{CALIB - 1}; eval = {TRAIN_END}..1796",
+            notes="outputs 'label' int64 (N,) and 'probabilities' float (N, 10).",
+            extra={"input": "input", **record},
+        ),
     ]
