@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx_ir as ir
 
@@ -288,3 +290,22 @@ g (float[1,3,6,6] x, int8[8,3,3,3] q1, float[8] s1, float[8] b1, int8[4,8,1,1] q
 
 
 BUILDERS["qdq_conv"] = qdq_conv
+
+
+def deep_chain(layers: int = 20, width: int = 16, seed: int = 0) -> ir.Model:
+    """``layers`` 1x1 convs (ReLU between them) from 3 to ``width`` channels and back to 4:
+    every inner conv is a consumer of the channels its predecessor loses."""
+    rng = np.random.default_rng(seed)
+    widths = [3] + [width] * (layers - 1) + [4]
+    pairs = list(enumerate(itertools.pairwise(widths)))
+    params = ", ".join(f"float[{o},{i},1,1] w{k}" for k, (i, o) in pairs)
+    body = ["a0 = Identity (x)"]
+    for k in range(layers):
+        body.append(f"c{k} = Conv (a{k}, w{k})")
+        body.append(f"a{k + 1} = Relu (c{k})" if k < layers - 1 else f"y = Identity (c{k})")
+    text = f"""{HEADER}
+g (float[1,3,6,6] x, {params}) => (float[1,4,6,6] y) {{
+  {chr(10).join(body)}
+}}"""
+    weights = {f"w{k}": _w(rng, o, i, 1, 1) for k, (i, o) in pairs}
+    return model_from_text(text, weights)

@@ -11,8 +11,16 @@ original is the teacher; layer-wise distillation):
 token rows for Gemm/MatMul), ``Y_o`` the original model's consumer output on the same
 rows, restricted to the consumer's kept output channels, and
 ``lam = ridge * trace(A^T A) / K`` a small relative ridge. The normal equations are
-accumulated feed by feed (memory ~K^2), rows are sampled with a seeded generator, and the
-consumers are refit in topological order so each refit sees the effect of earlier ones.
+accumulated feed by feed (memory ~K^2 per consumer), rows are sampled with a seeded
+generator, and the consumers are refit in topological order.
+
+Cost: the teacher's rows come from one pass over the feeds. The consumers' input rows come
+from passes over the pruned model, each serving a *chunk* of consecutive consumers (at most
+:data:`MAX_PASSES` chunks, fewer consumers per chunk when their normal equations would
+exceed :data:`GRAM_BUDGET` bytes). A refit sees the refits of earlier chunks; within a chunk
+the inputs are those before its refits. With up to ``MAX_PASSES`` consumers (small models)
+every consumer gets its own pass, so each refit sees every earlier one. Passes were one per
+consumer before: a DenseNet-121 (120 consumers) then ran the whole model 120 times per feed.
 """
 
 from __future__ import annotations
@@ -25,11 +33,26 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.intermediates import iter_intermediates
+from onnxprune.progress import Progress
 from onnxprune.prune.channels import SpaceKey
 
-__all__ = ["RefitResult", "consumers", "refit_consumers", "refittable", "weight_input_axis"]
+__all__ = [
+    "GRAM_BUDGET",
+    "MAX_PASSES",
+    "RefitResult",
+    "consumers",
+    "refit_chunks",
+    "refit_consumers",
+    "refittable",
+    "weight_input_axis",
+]
 
 logger = logging.getLogger(__name__)
+
+#: At most this many passes over the pruned model collect the consumers' input rows.
+MAX_PASSES = 8
+#: The normal equations of one chunk of consumers stay under this many bytes.
+GRAM_BUDGET = 512 * 2**20
 
 
 @dataclasses.dataclass
@@ -176,6 +199,58 @@ def _store(c: _Consumer, solution: np.ndarray, fit_bias: bool) -> None:
         c.bias.const_value = ir.tensor((solution[-1] / scale).astype(b_old.dtype), name=c.bias.name)
 
 
+def _columns(c: _Consumer) -> int:
+    """Columns of the consumer's design matrix (input features, plus one for a bias)."""
+    shape = [int(d) for d in c.weight.const_value.shape]
+    k = int(np.prod(shape[1:])) if c.kind == "conv" else shape[0]
+    if c.kind == "gemm" and _attr(c.node, "transB", 0):
+        k = shape[1]
+    return k + (1 if c.bias is not None else 0)
+
+
+def refit_chunks(sizes: Sequence[int], *, passes: int = MAX_PASSES, budget: int = GRAM_BUDGET):
+    """Split consumers (their normal-equation bytes, in order) into consecutive chunks.
+
+    At most ``ceil(len / passes)`` consumers per chunk, fewer where the chunk's bytes would
+    exceed ``budget`` (a consumer larger than the budget gets a chunk of its own).
+    """
+    per_chunk = max(1, -(-len(sizes) // passes))
+    chunks: list[list[int]] = []
+    used = 0
+    for index, size in enumerate(sizes):
+        if not chunks or len(chunks[-1]) >= per_chunk or used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(index)
+        used += size
+    return chunks
+
+
+@dataclasses.dataclass
+class _Normal:
+    """Normal equations of one consumer, accumulated feed by feed."""
+
+    gram: np.ndarray
+    cross: np.ndarray
+    target_sq: float = 0.0
+    error_before_sq: float = 0.0
+    rows: int = 0
+
+
+def _accumulate(c: _Consumer, acc: _Normal, a: np.ndarray, t: np.ndarray) -> None:
+    """Add the rows ``a`` (inputs) and ``t`` (teacher outputs) of one feed."""
+    pred = a @ _weight_matrix(c)
+    if c.bias is not None:
+        scale = float(_attr(c.node, "beta", 1.0)) if c.kind == "gemm" else 1.0
+        pred = pred + scale * c.bias.const_value.numpy().astype(np.float64)
+    design = np.hstack([a, np.ones((len(a), 1))]) if c.bias is not None else a
+    acc.gram += design.T @ design
+    acc.cross += design.T @ t
+    acc.target_sq += float(np.sum(t * t))
+    acc.error_before_sq += float(np.sum((pred - t) ** 2))
+    acc.rows += len(a)
+
+
 def refit_consumers(
     original: ir.Model,
     pruned: ir.Model,
@@ -203,41 +278,63 @@ def refit_consumers(
             pos = _positions(y.shape, c.kind, per_feed, rng)
             positions[name].append(pos)
             teacher[name].append(_targets(c, y, pos).astype(np.float64))
+    sizes = [8 * _columns(c) ** 2 for c in layers]
+    chunks = refit_chunks(sizes)
+    logger.info(
+        "refit %d consumers in %d passes over %d feeds", len(layers), len(chunks), len(feeds)
+    )
     results = []
-    for c in layers:
-        name = c.node.outputs[0].name
-        x_name = c.node.inputs[0].name
-        rows = [
-            _rows(c, out[x_name].astype(np.float64), pos)
-            for out, pos in zip(
-                iter_intermediates(pruned, [x_name], feeds), positions[name], strict=True
+    with Progress(len(layers), "refit") as bar:
+        for chunk in chunks:
+            results += _refit_chunk(
+                pruned, [layers[i] for i in chunk], feeds, teacher, positions, ridge
             )
-        ]
-        results.append(_solve(c, np.concatenate(rows), np.concatenate(teacher[name]), ridge))
+            bar.update(len(chunk))
     return results
 
 
-def _solve(c: _Consumer, a: np.ndarray, t: np.ndarray, ridge: float) -> RefitResult:
+def _refit_chunk(  # noqa: PLR0917 - private helper of refit_consumers
+    pruned: ir.Model,
+    layers: Sequence[_Consumer],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    teacher: Mapping[str, list[np.ndarray]],
+    positions: Mapping[str, list[np.ndarray]],
+    ridge: float,
+) -> list[RefitResult]:
+    """One pass over ``pruned`` for the inputs of ``layers``, then their refits in order."""
+    normals = []
+    for c in layers:
+        k = _columns(c)
+        n = teacher[c.node.outputs[0].name][0].shape[1]
+        normals.append(_Normal(np.zeros((k, k)), np.zeros((k, n))))
+    x_names = list(dict.fromkeys(c.node.inputs[0].name for c in layers))
+    for index, out in enumerate(iter_intermediates(pruned, x_names, feeds)):
+        for c, acc in zip(layers, normals, strict=True):
+            name = c.node.outputs[0].name
+            x = out[c.node.inputs[0].name].astype(np.float64)
+            a = _rows(c, x, positions[name][index])
+            _accumulate(c, acc, a, teacher[name][index])
+    return [_solve(c, acc, ridge) for c, acc in zip(layers, normals, strict=True)]
+
+
+def _solve(c: _Consumer, acc: _Normal, ridge: float) -> RefitResult:
+    """Solve the ridge-regularized normal equations; keep the old weights unless it helps."""
     fit_bias = c.bias is not None
-    w = _weight_matrix(c)
-    pred = a @ w
-    if fit_bias:
-        scale = float(_attr(c.node, "beta", 1.0)) if c.kind == "gemm" else 1.0
-        pred = pred + scale * c.bias.const_value.numpy().astype(np.float64)
-    norm = float(np.linalg.norm(t)) or 1.0
-    before = float(np.linalg.norm(pred - t)) / norm
-    design = np.hstack([a, np.ones((len(a), 1))]) if fit_bias else a
-    gram = design.T @ design
+    gram = acc.gram
+    norm = float(np.sqrt(acc.target_sq)) or 1.0
+    before = float(np.sqrt(max(acc.error_before_sq, 0.0))) / norm
     lam = ridge * float(np.trace(gram)) / max(gram.shape[0], 1)
     reg = lam * np.eye(gram.shape[0])
     if fit_bias:
         reg[-1, -1] = 0.0  # the bias is not shrunk
-    solution = np.linalg.solve(gram + reg, design.T @ t)
-    after = float(np.linalg.norm(design @ solution - t)) / norm
+    solution = np.linalg.solve(gram + reg, acc.cross)
+    # ||D s - t||^2 = s'Gs - 2 s'D't + t't, from the accumulated normal equations
+    residual = float(np.sum(solution * (gram @ solution)) - 2 * np.sum(solution * acc.cross))
+    after = float(np.sqrt(max(residual + acc.target_sq, 0.0))) / norm
     if after < before:
         _store(c, solution, fit_bias)
     else:
         after = before  # keep the original weights when the fit does not help
     label = c.node.name or c.node.outputs[0].name
-    logger.info("refit %s: relative error %.4f -> %.4f (%d rows)", label, before, after, len(a))
-    return RefitResult(label, len(a), before, after)
+    logger.info("refit %s: relative error %.4f -> %.4f (%d rows)", label, before, after, acc.rows)
+    return RefitResult(label, acc.rows, before, after)

@@ -1,0 +1,53 @@
+"""Least-squares recovery (prune --reconstruct): the number of passes over the model is
+bounded, whatever the number of consumers (issue 14 item 27: DenseNet-121)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxprune.prune import recover
+from onnxprune.prune.api import prune_file
+from onnxprune.prune.core import PruneOptions
+from prune_models import deep_chain
+
+
+def test_refit_chunks_bound_passes_and_memory() -> None:
+    assert recover.refit_chunks([1] * 5, passes=8) == [[0], [1], [2], [3], [4]]
+    chunks = recover.refit_chunks([1] * 20, passes=8)
+    assert len(chunks) == 7 and [i for c in chunks for i in c] == list(range(20))
+    assert recover.refit_chunks([6, 6, 6, 20, 1], passes=1, budget=12) == [
+        [0, 1],
+        [2],
+        [3],
+        [4],
+    ]
+
+
+def test_refit_passes_do_not_grow_with_the_number_of_layers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """19 consumers: once one pass over every feed per consumer (20 passes), now at most
+    ``MAX_PASSES`` + the teacher's pass; every refit still helps."""
+    model_path, calib = tmp_path / "deep.onnx", tmp_path / "calib.npz"
+    ir.save(deep_chain(20), model_path)
+    x = np.random.default_rng(1).standard_normal((12, 1, 3, 6, 6)).astype(np.float32)
+    np.savez(calib, x=x)
+    passes = []
+    original = recover.iter_intermediates
+
+    def counting(model, names, feeds, **kwargs):
+        passes.append(len(names))
+        return original(model, names, feeds, **kwargs)
+
+    monkeypatch.setattr(recover, "iter_intermediates", counting)
+    options = PruneOptions(ratio=0.5, round_to=1)
+    result = prune_file(model_path, tmp_path / "out.onnx", options, calib=calib, reconstruct=True)
+    refits = result.refits[0]
+    assert len(refits) == 19
+    assert len(passes) <= recover.MAX_PASSES + 1, passes
+    assert all(r["error_after"] <= r["error_before"] for r in refits)
+    assert sum(r["error_after"] < r["error_before"] for r in refits) >= 10
