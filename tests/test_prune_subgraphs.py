@@ -153,3 +153,42 @@ def test_pruned_model_still_runs_every_branch(model_path: Path, tmp_path: Path, 
         got = run_model(out, _feeds(cond))
         # The captured channels are untouched, so the control-flow output is exact.
         np.testing.assert_allclose(got["z"], want["z"], rtol=1e-5, atol=1e-6)
+
+
+def test_reduce_of_a_value_of_unknown_rank_does_not_crash(tmp_path: Path, capsys):
+    """silero-vad: a ReduceMean reads an If output whose rank nothing declares."""
+    w = _weights()
+
+    def branch(node: onnx.NodeProto) -> onnx.GraphProto:
+        out = helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)
+        return helper.make_graph([node], f"branch_{node.name}", [], [out])
+
+    # The branches' ranks differ (4 and 5), so shape inference leaves z's rank unknown.
+    then = branch(helper.make_node("Identity", ["b"], ["z_then"], name="pass"))
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axes0")
+    unsq = helper.make_node("Unsqueeze", ["b", "axes0"], ["z_else"], name="unsq")
+    other = branch(unsq)
+    other.initializer.append(axes)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a"], name="relu1"),
+        helper.make_node("Conv", ["a", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["b"], name="relu2"),
+        helper.make_node("If", ["cond"], ["z"], name="if", then_branch=then, else_branch=other),
+        helper.make_node("ReduceMean", ["z"], ["y"], name="mean", axes=[2, 3], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w["w1"], "w1"), numpy_helper.from_array(w["w2"], "w2")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code = main(["prune", str(path), "-o", str(tmp_path / "o.onnx"), "--ratio", "0.5"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and code in (0, 2), err

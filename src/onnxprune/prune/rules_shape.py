@@ -139,8 +139,8 @@ def _reduce(node: ir.Node, ctx: RuleContext) -> None:
     axes = _attr(node, "axes")
     if axes is None and len(node.inputs) > 1:
         axes = ctx.const_ints(node.inputs[1])
-    if axes is None:
-        return
+    if axes is None or not rank:
+        return  # unknown rank (inside control flow, say): the value has no channel spaces
     reduced = {a % rank for a in axes} if axes else set(range(rank))
     keep = int(_attr(node, "keepdims", 1))
     out = 0
