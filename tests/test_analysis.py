@@ -545,3 +545,48 @@ def test_shapes_flow_through_fused_contrib_activations() -> None:
     assert not costs.uncounted
     assert costs.total_macs == 2 * 16 * 8 * 32
     assert isinstance(model, ir.Model)
+
+
+# --- issue 14 item 24: symbolic input dims --------------------------------------------------
+
+
+def _symbolic_mlp() -> ir.Model:
+    return model_from_text(
+        f"""{HEADER}
+        g (float[batch,C] x, int64[batch,seq] ids, float[16,8] w) => (float[batch,8] y,
+           int64[batch,seq] z) {{
+            [mm] y = MatMul (x, w)
+            z = Identity (ids)
+        }}""",
+        {"w": _rand(16, 8)},
+    )
+
+
+def test_channel_dim_is_derived_from_the_weight_not_bound_to_one() -> None:
+    cost = count_costs(_symbolic_mlp())
+    assert cost.total_macs == 16 * 8  # C=16 from the MatMul weight; batch=1
+    assert cost.assumed_dims == {"batch": 1, "C": 16, "seq": 1}
+    assert cost.dim_sources == {
+        "batch": "leading (batch) axis",
+        "C": "reduction axis of MatMul 'mm'",
+        "seq": None,
+    }
+
+
+def test_inspect_says_which_dims_it_chose(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    from onnxprune.cli import main
+
+    path = tmp_path / "m.onnx"
+    ir.save(_symbolic_mlp(), path)
+    assert main(["inspect", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "C=16 (derived: reduction axis of MatMul 'mm')" in captured.out
+    assert "batch=1 (assumed: leading (batch) axis)" in captured.out
+    (notice,) = captured.err.splitlines()
+    assert notice == (
+        "onnxprune inspect: note: symbolic dims not given, using batch=1 (leading (batch) "
+        "axis), C=16 (reduction axis of MatMul 'mm'), seq=1 (assumed: nothing in the graph "
+        "fixes it); set them with --dim NAME=SIZE"
+    )
+    assert main(["inspect", str(path), "--dim", "batch=2", "--dim", "seq=4"]) == 0
+    assert "seq=1" not in capsys.readouterr().err

@@ -134,10 +134,44 @@ def test_unknown_provider_lists_available(mlp: Path, capsys) -> None:
     assert "available: " in err and "CPUExecutionProvider" in err
 
 
-def test_unbound_symbolic_dim_is_named(mlp: Path, capsys) -> None:
-    code = main(["bench", str(mlp), *FAST])
-    assert code == 2
-    assert "input 'x' axis 0 has symbolic dimension 'N'" in capsys.readouterr().err
+def test_symbolic_batch_defaults_to_one_with_a_notice(mlp: Path, tmp_path: Path, capsys) -> None:
+    """Issue 14 item 24: no --dim needed for a batch axis (Polygraphy's default), said once."""
+    report = tmp_path / "r.json"
+    assert main(["bench", str(mlp), str(mlp), *FAST, "--json", str(report)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("symbolic dims not given") == 1, err
+    assert "N=1 (leading (batch) axis)" in err and "--dim NAME=SIZE" in err, err
+    assert json.loads(report.read_text())["models"][0]["inputs"]["x"]["shape"] == [1, 16]
+    assert main(["bench", str(mlp), *FAST, "--dim", "N=3"]) == 0
+    assert "symbolic dims not given" not in capsys.readouterr().err
+
+
+SYMBOLIC_CNN = """
+<ir_version: 10, opset_import: ["" : 17]>
+cnn (float[N, C, H, 6] x, float[4, 3, 3, 3] w, float[4] s) => (float[N, 4, 8] y) {
+    [conv] c = Conv <pads = [1, 1, 1, 1]> (x, w)
+    [bn] b = BatchNormalization (c, s, s, s, s)
+    [mean] y = ReduceMean <axes = [3], keepdims = 0> (b)
+}
+"""
+
+
+def test_channel_dims_are_derived_and_unknown_dims_named(tmp_path: Path, capsys) -> None:
+    """A channel axis is never bound to 1: it is read from the Conv weight; a dim nothing
+    fixes (height) is refused by name."""
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((4, 3, 3, 3)), "s": np.ones(4)}
+    model = model_from_text(SYMBOLIC_CNN, {k: v.astype(np.float32) for k, v in arrays.items()})
+    path = tmp_path / "cnn.onnx"
+    write_bytes_atomic(path, ir.serde.serialize_model(model).SerializeToString())
+    assert main(["bench", str(path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "input 'x' axis 2 has symbolic dimension 'H'" in err and err.count("\n") == 1, err
+    report = tmp_path / "r.json"
+    assert main(["bench", str(path), *FAST, "--dim", "H=8", "--json", str(report)]) == 0
+    err = capsys.readouterr().err
+    assert "N=1 (leading (batch) axis), C=3 (input channels of Conv 'conv')" in err, err
+    assert json.loads(report.read_text())["models"][0]["inputs"]["x"]["shape"] == [1, 3, 8, 6]
 
 
 @pytest.mark.parametrize(

@@ -12,21 +12,26 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
+from onnxprune.analysis.dims import BATCH_SOURCE, DimDefault, dims_notice
 from onnxprune.analysis.macs import ModelCost, NodeCost, count_costs
 from onnxprune.analysis.shapes import infer_shapes, shape_tuple
+from onnxprune.io import load
 
 __all__ = [
     "SCHEMA",
     "FileSizes",
     "InspectReport",
     "TensorInfo",
+    "disk_bytes",
     "file_sizes",
+    "format_bytes",
     "format_count",
     "inspect_model",
 ]
@@ -45,6 +50,11 @@ def format_count(value: float) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.2f} {unit}"
     return f"{value:g}"
+
+
+def format_bytes(value: int) -> str:
+    """Bytes with SI units, as every command prints a file size: ``33_090_000 -> "33.09 MB"``."""
+    return f"{format_count(value)}B"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +104,17 @@ class InspectReport:
     dims: dict[str, int]
     assumed_dims: dict[str, int]
     file_size: FileSizes | None = None
+    dim_sources: dict[str, str | None] = dataclasses.field(default_factory=dict)
+
+    def dims_notice(self) -> str | None:
+        """The one-line notice about input dims that were not given (see ``dim_sources``)."""
+        used = {
+            k: DimDefault(self.assumed_dims[k], src)
+            for k, src in self.dim_sources.items()
+            if src is not None and k in self.assumed_dims
+        }
+        unresolved = [k for k, src in self.dim_sources.items() if src is None]
+        return dims_notice(used, unresolved)
 
     @property
     def uncounted(self) -> list[NodeCost]:
@@ -155,14 +176,14 @@ class InspectReport:
         ]
         bound = {**self.dims, **self.assumed_dims}
         if bound:
-            marks = dict.fromkeys(self.assumed_dims, " (assumed)")
+            marks = {k: f" ({_dim_source(self.dim_sources.get(k))})" for k in self.assumed_dims}
             items.append(
                 ("dims", ", ".join(f"{k}={v}{marks.get(k, '')}" for k, v in bound.items()))
             )
         if self.uncounted:
             items.append(("uncounted nodes", str(len(self.uncounted))))
         if self.file_size is not None:
-            items.append(("size on disk", f"{format_count(self.file_size.total_bytes)}B"))
+            items.append(("size on disk", format_bytes(self.file_size.total_bytes)))
         return items
 
     def _top_rows(self) -> list[tuple[str, ...]]:
@@ -226,6 +247,7 @@ def inspect_model(
         top=heavy[: max(top, 0)],
         dims=cost.dims,
         assumed_dims=cost.assumed_dims,
+        dim_sources=cost.dim_sources,
         file_size=file_sizes(model, path) if path is not None else None,
     )
 
@@ -254,6 +276,19 @@ def file_sizes(model: ir.Model, path: str | Path) -> FileSizes:
         external_files=tuple(sorted(present.values())),
         missing_files=tuple(missing),
     )
+
+
+def disk_bytes(path: str | os.PathLike[str]) -> int:
+    """The size of a model as every command reports it: the ``.onnx`` file plus each
+    external data file its tensors reference, counted once (:func:`file_sizes`)."""
+    return file_sizes(load(path), Path(path)).total_bytes
+
+
+def _dim_source(source: str | None) -> str:
+    """How the text report marks an assumed dim."""
+    if source is None:
+        return "assumed"
+    return f"assumed: {source}" if source == BATCH_SOURCE else f"derived: {source}"
 
 
 def _tensor_info(value: ir.Value) -> TensorInfo:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import onnx_ir as ir
 
+from onnxprune.analysis.dims import dim_key, input_dim_defaults
 from onnxprune.analysis.shapes import infer_shapes, shape_tuple
 
 __all__ = [
@@ -89,6 +90,9 @@ class ModelCost:
         dims: Symbolic dims the caller bound, name -> value.
         assumed_dims: Symbolic or unknown dims that were not bound and were assumed,
             name (or ``"value[axis]"`` for an unnamed dim) -> assumed value.
+        dim_sources: For the assumed dims of graph inputs, where the value comes from
+            (:mod:`onnxprune.analysis.dims`: a leading batch axis, a size a consumer's
+            weight fixes, or ``None`` when nothing in the graph fixes it).
     """
 
     nodes: list[NodeCost]
@@ -96,6 +100,7 @@ class ModelCost:
     total_params: int
     dims: dict[str, int]
     assumed_dims: dict[str, int]
+    dim_sources: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
     @property
     def uncounted(self) -> list[NodeCost]:
@@ -138,7 +143,9 @@ def count_costs(
     """Count MACs and parameters of every node of ``model``'s main graph.
 
     Shapes are inferred on a copy with the symbolic dims of the graph inputs bound: first
-    from ``dims``, the rest to ``default_dim`` (recorded in ``assumed_dims``). The caller's
+    from ``dims``, then to the size a consumer's weight fixes
+    (:func:`~onnxprune.analysis.dims.input_dim_defaults`), the rest to ``default_dim``
+    (all recorded in ``assumed_dims``, with their source in ``dim_sources``). The caller's
     model is not modified and no weight bytes are read.
 
     Args:
@@ -150,7 +157,8 @@ def count_costs(
         Per-node costs, totals and the dims that were bound or assumed.
     """
     bound = {k: int(v) for k, v in (dims or {}).items()}
-    assumed, overrides = _bind_inputs(model, bound, default_dim)
+    sources: dict[str, str | None] = {}
+    assumed, overrides = _bind_inputs(model, bound, default_dim, sources)
     inferred = infer_shapes(model, overrides, dims={**bound, **assumed})
     resolver = _DimResolver({**bound, **assumed}, default_dim, assumed)
     functions = {(f.domain, f.name, f.overload) for f in model.functions.values()}
@@ -165,17 +173,21 @@ def count_costs(
         total_params=total_params(model),
         dims=bound,
         assumed_dims=dict(assumed),
+        dim_sources=sources,
     )
 
 
 def _bind_inputs(
-    model: ir.Model, bound: Mapping[str, int], default_dim: int
+    model: ir.Model, bound: Mapping[str, int], default_dim: int, sources: dict[str, str | None]
 ) -> tuple[dict[str, int], dict[str, list[int | str]]]:
-    """Assume ``default_dim`` for the graph inputs' symbolic dims that are not bound.
+    """Assume sizes for the graph inputs' symbolic dims that are not bound.
 
-    Returns the assumed dims and shape overrides for inputs with unnamed dims, which are
-    recorded as ``"input[axis]"``.
+    A leading (batch) dim gets ``default_dim``; another one the size a consumer's weight
+    fixes, else ``default_dim``; ``sources`` receives where each came from. Returns the
+    assumed dims and shape overrides for inputs with unnamed dims, which are recorded as
+    ``"input[axis]"``.
     """
+    defaults = input_dim_defaults(model)
     assumed: dict[str, int] = {}
     overrides: dict[str, list[int | str]] = {}
     for value in model.graph.inputs:
@@ -183,13 +195,15 @@ def _bind_inputs(
         for axis, dim in enumerate(value.shape or ()):
             if isinstance(dim, int):
                 shape.append(dim)
-            elif dim.value is None:
-                assumed[f"{value.name}[{axis}]"] = default_dim
-                shape.append(default_dim)
-            else:
-                if dim.value not in bound:
-                    assumed.setdefault(dim.value, default_dim)
-                shape.append(dim.value)
+                continue
+            key = dim_key(str(value.name), axis, dim.value)
+            if key not in bound and key not in assumed:
+                known = defaults.get(key)
+                derived = known is not None and not known.is_batch
+                assumed[key] = known.value if derived else default_dim  # type: ignore[union-attr]
+                sources[key] = known.source if known is not None else None
+            size = bound[key] if key in bound else assumed[key]
+            shape.append(dim.value if dim.value is not None else size)
         if value.shape is not None and any(d is None for d in shape_tuple(value.shape) or ()):
             overrides[str(value.name)] = shape
     return assumed, overrides

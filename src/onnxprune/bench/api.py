@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxprune.analysis.dims import DimDefault, dims_notice, input_dim_defaults
 from onnxprune.bench.inputs import bench_feed, samples_per_run
 from onnxprune.bench.runner import MemoryStats, Prepared, Runner, measure, prepare
 from onnxprune.bench.stats import (
@@ -100,9 +101,18 @@ class BenchSettings:
     seed: int
     shuffle: bool
     block: int = 1
+    #: Symbolic input dims the user did not give and their defaults: name -> value, source.
+    default_dims: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def dims_notice(self) -> str | None:
+        """The one-line notice about :attr:`default_dims`, or ``None``."""
+        used = {
+            k: DimDefault(int(d["value"]), str(d["source"])) for k, d in self.default_dims.items()
+        }
+        return dims_notice(used)
 
 
 @dataclasses.dataclass
@@ -231,6 +241,7 @@ def benchmark(
         raise UsageError(f"--threads {threads}: must be >= 0 (0 lets onnxruntime choose)")
     paths = [str(m) for m in models]
     feeds = []
+    used: dict[str, DimDefault] = {}
     for path in paths:
         # Only the input specs are needed; the session below reads the file itself.
         model = load(path)
@@ -243,6 +254,8 @@ def benchmark(
                 shapes=shapes,
                 dims=dims,
                 seed=seed,
+                defaults=input_dim_defaults(model),
+                used=used,
             )
         )
         del model, data
@@ -277,6 +290,7 @@ def benchmark(
         seed=seed,
         shuffle=shuffle,
         block=block,
+        default_dims={k: dataclasses.asdict(d) for k, d in used.items()},
     )
     results = _results(paths, feeds, prepared, latencies, batch=batch, seed=seed)
     return BenchResult(results, settings, system_info())

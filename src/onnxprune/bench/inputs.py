@@ -5,8 +5,10 @@
   then, since the data fixes the shapes.
 * Without it, each input is generated (:func:`onnxprune.feeds.synthetic_feeds`, fixed seed)
   at a shape from ``shapes[name]`` if given, else from the model with ``batch`` binding a
-  symbolic first axis and ``dims`` binding the other symbolic dims. An unbound symbolic dim
-  is a :class:`~onnxprune.errors.UsageError` naming it.
+  symbolic first axis and ``dims`` binding the other symbolic dims. Dims still symbolic
+  then take the model's ``defaults`` (:func:`onnxprune.analysis.dims.input_dim_defaults`:
+  1 on a leading axis, a size a consumer's weight fixes elsewhere). A symbolic dim left
+  unbound is a :class:`~onnxprune.errors.UsageError` naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from onnxprune.analysis.dims import DimDefault, dim_key
 from onnxprune.calib import CalibrationData, InputSpec
 from onnxprune.errors import UsageError
 from onnxprune.feeds import synthetic_feeds
@@ -67,6 +70,24 @@ def _batched(spec: InputSpec, batch: int) -> InputSpec:
     return InputSpec(spec.name, spec.dtype, (batch, *spec.dims[1:]))
 
 
+def _with_defaults(
+    spec: InputSpec,
+    dims: Mapping[str, int],
+    defaults: Mapping[str, DimDefault],
+    used: dict[str, DimDefault],
+) -> InputSpec:
+    """``spec`` with the symbolic dims that ``dims`` leaves open taken from ``defaults``."""
+    out: list[int | str] = []
+    for axis, dim in enumerate(spec.dims):
+        key = dim_key(spec.name, axis, None if isinstance(dim, int) else dim)
+        if isinstance(dim, int) or dim in dims or key not in defaults:
+            out.append(dim)
+            continue
+        used[key] = defaults[key]
+        out.append(defaults[key].value)
+    return InputSpec(spec.name, spec.dtype, tuple(out))
+
+
 def _calib_feed(calib: CalibrationData, batch: int | None) -> dict[str, np.ndarray]:
     if not batch or batch == 1:
         return calib.feed(0)
@@ -91,8 +112,13 @@ def bench_feed(
     shapes: Mapping[str, Sequence[int]] | None = None,
     dims: Mapping[str, int] | None = None,
     seed: int = 0,
+    defaults: Mapping[str, DimDefault] | None = None,
+    used: dict[str, DimDefault] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The feed to benchmark ``specs`` with (see the module docstring)."""
+    """The feed to benchmark ``specs`` with (see the module docstring).
+
+    ``used``, when given, receives the ``defaults`` that were applied (for the notice).
+    """
     shapes = dict(shapes or {})
     if batch is not None and batch <= 0:
         raise UsageError(f"--batch {batch}: must be positive")
@@ -117,6 +143,10 @@ def bench_feed(
             concrete.append(_batched(spec, batch))
         else:
             concrete.append(spec)
+    applied: dict[str, DimDefault] = {}
+    concrete = [_with_defaults(s, dims or {}, defaults or {}, applied) for s in concrete]
+    if used is not None:
+        used.update(applied)
     return synthetic_feeds(concrete, dict(dims or {}), count=1, seed=seed)[0]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from onnxprune.bench import bench_markdown, benchmark, plot_bench, write_json_report
 from onnxprune.bench.inputs import parse_shape
@@ -115,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         shuffle=not args.no_shuffle,
         block=args.block,
     )
+    notice = result.settings.dims_notice()
+    if notice:
+        print(f"onnxprune bench: note: {notice}", file=sys.stderr)
     markdown = bench_markdown(result)
     if args.json:
         write_json_report(args.json, result.to_dict())

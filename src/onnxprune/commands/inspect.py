@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from onnxprune.analysis.inspect import inspect_model
 from onnxprune.bundled import default_model
@@ -34,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
     path = args.model or str(default_model())
     model = load(path)
     report = inspect_model(model, path=path, dims=parse_dims(args.dim), top=args.top)
+    notice = report.dims_notice()
+    if notice:
+        print(f"onnxprune inspect: note: {notice}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
