@@ -143,3 +143,17 @@ def test_layer_ratios_file_from_sensitivity(chain: Path, tmp_path: Path, capsys)
     assert main([*args, "--round-to", "8"]) == 2
     assert "--round-to 8 differs from the allocation's round_to 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_unreachable_target_is_said_in_the_summary_line(tmp_path: Path, capsys) -> None:
+    """Issue 14 item 28: 0.7 of the MACs asked, 0.57 given (channels in steps of 8 on the
+    tiny CNN): said on the MACs line, not only inside the JSON report."""
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    argv = ["prune", str(digits_model()), "-o", str(out), "--target-macs", "0.7"]
+    assert main([*argv, "--report", str(report)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    note = json.loads(report.read_text())["target_note"]
+    assert first.startswith("MACs ") and note in first
+    assert note.startswith("--target-macs 0.70 not reachable, kept 0.57: the nearest plan")
+    assert main([*argv[:-1], "0.57", "-o", str(tmp_path / "p.onnx")]) == 0
+    assert "not reachable" not in capsys.readouterr().out

@@ -10,13 +10,17 @@ above 1) is not written. A final model outside the budget is not written either 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from onnxprune.analysis.inspect import disk_bytes
 from onnxprune.analysis.macs import count_costs
 from onnxprune.bench import benchmark
 from onnxprune.bundled import default_calibration, default_model, default_test_set
@@ -43,10 +47,42 @@ _SLOWER = 1.03
 
 
 def _stats(path: Path, dims: Mapping[str, int]) -> ModelStats:
-    model = load(path)
-    costs = count_costs(model, dims=dims)
-    size = sum(os.path.getsize(f) for f in source_files(model))
-    return ModelStats(int(costs.total_macs), int(costs.total_params), size)
+    """MACs, parameters and size on disk (the size ``inspect`` reports for the same file)."""
+    costs = count_costs(load(path), dims=dims)
+    return ModelStats(int(costs.total_macs), int(costs.total_params), disk_bytes(path))
+
+
+class _StepProgress:
+    """One line per step try and per final phase on stderr, when it is a terminal (as
+    :class:`~onnxprune.progress.Progress`): what runs now, and how long each took."""
+
+    def __init__(self, total: int, *, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = bool(isatty and isatty())
+        self._label = ""
+        self._start = time.perf_counter()
+
+    def _write(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(f"optimize: {text}\n")
+            self.stream.flush()
+
+    def start(self, index: int, name: str, tries: int, strength: float) -> None:
+        """A step try begins."""
+        self._label = f"step {index}/{self.total} {name}"
+        detail = f" (try {tries}, strength {strength:.2f})" if tries > 1 else ""
+        self.phase(f"{self._label}{detail}")
+
+    def phase(self, text: str) -> None:
+        """Something long begins (a step try, the latency measurement, the final check)."""
+        self._start = time.perf_counter()
+        self._write(f"{text} ...")
+
+    def done(self, outcome: str) -> None:
+        """The step try ended with ``outcome``."""
+        self._write(f"{self._label}: {outcome} ({time.perf_counter() - self._start:.1f} s)")
 
 
 def _resolve(recipe: str | os.PathLike[str] | Recipe | None, preset_name: str | None) -> Recipe:
@@ -68,9 +104,11 @@ def _run_with_backoff(
         tries += 1
         dst = work / f"step{index}_{step.name}_{tries}.onnx"
         run = StepRun(ctx["fit"], ctx["dims"], strength, ctx["budget"])
+        ctx["progress"].start(index, step.name, tries, strength)
         try:
-            run_step(step.name, src, dst, step.options, run)
+            result = run_step(step.name, src, dst, step.options, run)
         except StepSkippedError as exc:
+            ctx["progress"].done("skipped")
             return None, StepRecord(
                 step.name, dict(step.options), "skipped", strength, tries, str(exc)
             )
@@ -79,11 +117,14 @@ def _run_with_backoff(
         else:
             check = verify(ctx["input"], dst, ctx["holdout"], tolerance=ctx["tolerance"])
             if check.passed:
+                ctx["progress"].done("applied")
+                note = getattr(result, "target_note", None) or ""
                 return dst, StepRecord(
-                    step.name, dict(step.options), "applied", strength, tries, "", check.outputs
+                    step.name, dict(step.options), "applied", strength, tries, note, check.outputs
                 )
             reason = f"budget missed: {check.failure_message()}"
-        if step.name not in BACKOFF_STEPS:
+        ctx["progress"].done("budget missed")
+        if step.name not in BACKOFF_STEPS or tries >= ctx["max_tries"]:
             break
         strength /= 2
     return None, StepRecord(step.name, dict(step.options), "skipped", strength, tries, reason)
@@ -121,15 +162,30 @@ def _measure(
     report.latency_ms = (first.latency_ms.median, chosen.latency_ms.median)
     if ratio is not None:
         report.latency_ratio = (ratio.ratio, ratio.low, ratio.high)
-    for index, _ in states[best + 1 :]:
+    kept = rest[best].latency_ms.median
+    kept_name = report.steps[states[best][0]].name
+    for position, (index, _) in enumerate(states[best + 1 :], best + 1):
         record = report.steps[index]
         record.status = "dropped"
-        later = rest[states.index(next(s for s in states if s[0] == index))]
-        step_ratio = later.paired_ratio_to_first
-        record.reason = f"made the model slower on {report.provider}" + (
-            f" (latency ratio to input {step_ratio.ratio:.2f})" if step_ratio else ""
+        median = rest[position].latency_ms.median
+        record.reason = _dropped_reason(
+            report.provider, median, kept, kept_name, first_dropped=position == best + 1
         )
     return states[best]
+
+
+def _dropped_reason(
+    provider: str, median: float, kept: float, kept_name: str, *, first_dropped: bool
+) -> str:
+    """Why a step was dropped: its model measured against the kept state (the state before
+    the first dropped step), never against the input."""
+    times = f"{median:.3f} ms vs {kept:.3f} ms, {median / kept:.2f}x the latency"
+    if first_dropped:
+        return f"made the model slower on {provider} than the state before it ({times})"
+    return (
+        f"dropped with the earlier dropped step: the model after it is slower on {provider} "
+        f"than the state after {kept_name!r} ({times})"
+    )
 
 
 def _overfit(src: Path, current: Path, fit: Path, final: VerifyResult) -> str | None:
@@ -203,6 +259,7 @@ def optimize(
             "max_tries": max_tries,
             "threads": threads,
             "seconds": bench_seconds,
+            "progress": _StepProgress(len(plan.steps)),
         }
         current = src
         states: list[tuple[int, Path]] = []  # (step index in report.steps, model after it)
@@ -213,11 +270,13 @@ def optimize(
                 current = produced
                 states.append((len(report.steps) - 1, produced))
         if states and bench_seconds > 0:
+            ctx["progress"].phase(f"measuring latency ({bench_seconds:g} s)")
             _, current = _measure(report, src, states, ctx)
         final_data = eval_set if eval_set is not None else holdout
         if final_data is not None:
             # The final judgement is on --eval data when given (never used by any step),
             # else on the held-out part of --calib.
+            ctx["progress"].phase("final check on held-out data")
             final_check = verify(src, current, final_data, tolerance=tolerance)
             report.fidelity = final_check.outputs
             report.fidelity_data = (
@@ -244,8 +303,12 @@ def optimize(
         written = save(load(current), dest, protect=inputs)
         report.output = str(written)
         report.written = True
-        applied = [s.name for s in report.steps if s.status == "applied"]
-        report.message = f"wrote {written} (steps applied: {', '.join(applied) or 'none'})"
+        # The size of the file written (what ``inspect`` reports), not of the temporary one.
+        report.after = dataclasses.replace(report.after, file_bytes=disk_bytes(written))
+        applied = [s for s in report.steps if s.status == "applied"]
+        names = ", ".join(s.name for s in applied) or "none"
+        report.message = f"wrote {written} (steps applied: {names})"
+        report.message += "".join(f"; {s.name}: {s.reason}" for s in applied if s.reason)
         if bench_seconds <= 0:
             report.message += "; latency not measured (--bench-seconds 0)"
     return report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from onnxprune.analysis.inspect import format_count
+from onnxprune.analysis.inspect import format_bytes, format_count
 
 __all__ = ["ModelStats", "OptimizeReport", "StepRecord"]
 
@@ -62,8 +62,8 @@ class OptimizeReport:
             ("parameters", format_count(self.before.params), format_count(self.after.params)),
             (
                 "file size",
-                f"{self.before.file_bytes / 1024:.1f} KB",
-                f"{self.after.file_bytes / 1024:.1f} KB",
+                format_bytes(self.before.file_bytes),
+                format_bytes(self.after.file_bytes),
             ),
         ]
         if self.latency_ms is not None and self.latency_ratio is not None:

@@ -37,6 +37,8 @@ class PruneFileResult:
     fidelity: FidelityReport
     macs: tuple[int, int]
     params: tuple[int, int]
+    #: Set when a --target-macs/--target-params was not met exactly (:func:`target_note`).
+    target_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +46,7 @@ class PruneFileResult:
             "output": self.output,
             "macs": {"before": self.macs[0], "after": self.macs[1]},
             "params": {"before": self.params[0], "after": self.params[1]},
+            "target_note": self.target_note,
             "fidelity": self.fidelity.to_dict(),
             "steps": [s.to_dict() for s in self.steps],
             "refits": self.refits,
@@ -51,8 +54,9 @@ class PruneFileResult:
 
     def summary(self) -> str:
         macs_ratio = self.macs[0] / max(self.macs[1], 1)
+        missed = f"; {self.target_note}" if self.target_note else ""
         lines = [
-            f"MACs   {self.macs[0]:,} -> {self.macs[1]:,} ({macs_ratio:.2f}x fewer)",
+            f"MACs   {self.macs[0]:,} -> {self.macs[1]:,} ({macs_ratio:.2f}x fewer{missed})",
             f"params {self.params[0]:,} -> {self.params[1]:,}",
         ]
         lines += self.fidelity.summary()
@@ -62,6 +66,38 @@ class PruneFileResult:
         )
         lines.append(f"wrote {self.output}")
         return "\n".join(lines)
+
+
+#: A target counts as met when the result is within this fraction of the input's amount.
+TARGET_SLACK = 0.02
+
+
+def target_note(
+    options: PruneOptions, macs: tuple[int, int], params: tuple[int, int]
+) -> str | None:
+    """One clause when a --target-macs/--target-params was not met, else ``None``.
+
+    Channels go in steps of ``round_to`` and coupled layers (residual adds, concats) go
+    together, so on small or concat-heavy nets the plans closest to a target can both lie
+    far from it: the nearest one at or below it is taken (or, when nothing reaches it within
+    --max-ratio, the smallest there is).
+    """
+    if options.target_macs is not None:
+        what, target, (before, after) = "macs", options.target_macs, macs
+    elif options.target_params is not None:
+        what, target, (before, after) = "params", options.target_params, params
+    else:
+        return None
+    reached = after / max(before, 1)
+    if abs(reached - target) <= TARGET_SLACK:
+        return None
+    why = (
+        f"nothing smaller within --max-ratio {options.max_ratio}"
+        if reached > target
+        else f"the nearest plan at or below it, as channels go in steps of --round-to "
+        f"{options.round_to} and coupled layers together"
+    )
+    return f"--target-{what} {target:.2f} not reachable, kept {reached:.2f}: {why}"
 
 
 def _step_options(options: PruneOptions, step: int, steps: int, progress: float) -> PruneOptions:
@@ -146,4 +182,9 @@ def prune_file(
         fidelity=fidelity[0],
         macs=(steps[0].macs[0], steps[-1].macs[1]),
         params=(steps[0].params[0], steps[-1].params[1]),
+        target_note=target_note(
+            options,
+            (steps[0].macs[0], steps[-1].macs[1]),
+            (steps[0].params[0], steps[-1].params[1]),
+        ),
     )
