@@ -294,6 +294,11 @@ def run_command(
     return row
 
 
+def _header(entry: dict[str, Any]) -> dict[str, Any]:
+    keys = ("name", "metric", "source", "split")
+    return {"model" if k == "name" else k: entry[k] for k in keys}
+
+
 def score_entry(
     entry: dict[str, Any], commands: list[str], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -302,10 +307,7 @@ def score_entry(
     feeds = _feeds(cache / entry["eval"], original)
     dims = _dims(original, feeds[0])
     result: dict[str, Any] = {
-        "model": entry["name"],
-        "metric": entry["metric"],
-        "source": entry["source"],
-        "split": entry["split"],
+        **_header(entry),
         "dims": dims,
         "macs": _macs(original, dims),
         "bytes": _size(original),
@@ -445,6 +447,24 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(args: argparse.Namespace, kept: list, results: list) -> None:
+    names = {r["model"] for r in results}
+    merged = [r for r in kept if r["model"] not in names] + results
+    payload = {
+        "schema": "onnxprune.scoreboard/1",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPUs",
+        "onnxruntime": ort.__version__,
+        "threads": args.threads,
+        "commands": list(COMMANDS),
+        "settings": COMMANDS,
+        "models": sorted(merged, key=lambda r: r["model"]),
+    }
+    text = json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False)
+    Path(args.out + ".json").write_text(text + "\n")
+    Path(args.out + ".md").write_text(markdown(payload))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", help="zoo entry names (default: all)")
@@ -465,27 +485,17 @@ def main() -> None:
         parser.error(f"unknown command {unknown[0]!r}; known: {', '.join(COMMANDS)}")
     previous = Path(args.out + ".json")
     kept = json.loads(previous.read_text())["models"] if previous.exists() and args.only else []
-    results = []
+    results: list[dict[str, Any]] = []
     for entry in entries:
         if args.only and entry["name"] not in args.only:
             continue
         print(f"{entry['name']}", flush=True)
-        results.append(score_entry({**entry, "_cache": str(cache)}, commands, args))
-    names = {r["model"] for r in results}
-    merged = [r for r in kept if r["model"] not in names] + results
-    payload = {
-        "schema": "onnxprune.scoreboard/1",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} CPUs",
-        "onnxruntime": ort.__version__,
-        "threads": args.threads,
-        "commands": list(COMMANDS),
-        "settings": COMMANDS,
-        "models": sorted(merged, key=lambda r: r["model"]),
-    }
-    text = json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False)
-    Path(args.out + ".json").write_text(text + "\n")
-    Path(args.out + ".md").write_text(markdown(payload))
+        try:
+            results.append(score_entry({**entry, "_cache": str(cache)}, commands, args))
+        except Exception as exc:  # the scoreboard's own setup failed: record it, go on
+            print(f"  scoreboard error: {exc}", flush=True)
+            results.append({**_header(entry), "commands": {}, "error": str(exc)[:300]})
+        _write(args, kept, results)  # after every model: a later failure loses nothing
     print(f"wrote {args.out}.json and {args.out}.md")
 
 
