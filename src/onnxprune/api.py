@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from onnxprune.analysis.inspect import disk_bytes
 from onnxprune.calib import load_calibration, model_input_specs
 from onnxprune.check import EquivalenceResult, check_equivalent, check_feeds
 from onnxprune.errors import UsageError
-from onnxprune.io import load, save, source_files
+from onnxprune.io import load, save
 from onnxprune.io.validate import refuse_unrewritable
 from onnxprune.passes import pipeline
 
@@ -49,15 +50,6 @@ class CanonicalizeResult:
         )
 
 
-def _file_bytes(path: Path) -> int:
-    data = path.parent / (path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def _source_bytes(files: Sequence[str]) -> int:
-    return sum(os.path.getsize(f) for f in files)
-
-
 def canonicalize_file(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -76,7 +68,7 @@ def canonicalize_file(
         raise UsageError(f"unknown pass {unknown[0]!r}; passes: {', '.join(pipeline.PASS_NAMES)}")
     model = load(model_path)
     refuse_unrewritable(model, str(model_path))
-    input_bytes = _source_bytes(source_files(model))
+    input_bytes = disk_bytes(model_path)
     calibration = load_calibration(calib, model) if calib is not None else None
     feeds = check_feeds(model_input_specs(model), calibration, dims, model=model_path)
     report = pipeline.canonicalize(model, skip=skip)
@@ -92,5 +84,5 @@ def canonicalize_file(
         passes=report.to_dict(),
         check=checked[0],
         input_bytes=input_bytes,
-        output_bytes=_file_bytes(dest),
+        output_bytes=disk_bytes(dest),
     )

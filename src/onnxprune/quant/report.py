@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from onnxprune.analysis.inspect import disk_bytes
 from onnxprune.heldout import FidelityReport
 from onnxprune.reporting import json_safe
 
@@ -14,9 +15,8 @@ __all__ = ["QuantizeResult", "file_bytes", "worst"]
 
 
 def file_bytes(path: Path) -> int:
-    """Size of a model file plus its external data file, if any."""
-    data = path.parent / (path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Size of a model on disk, as every command reports it (:func:`disk_bytes`)."""
+    return disk_bytes(path)
 
 
 def worst(metrics: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | None]:

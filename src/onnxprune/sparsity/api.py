@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.analysis.inspect import disk_bytes
 from onnxprune.errors import UsageError
 from onnxprune.heldout import FidelityReport, measure, split_data
-from onnxprune.io import load, save, source_files
+from onnxprune.io import load, save
 from onnxprune.io.pinned import copy_model
 from onnxprune.io.validate import refuse_unrewritable
 from onnxprune.sparsity.layers import WeightLayer, find_layers
@@ -176,7 +177,7 @@ def sparsify_file(
     """
     model = load(model_path)
     refuse_unrewritable(model, str(model_path))
-    input_bytes = sum(os.path.getsize(f) for f in source_files(model))
+    input_bytes = disk_bytes(model_path)
     layers, skipped = find_layers(model)
     validate_config(config, [layer.node for layer in layers] + list(skipped), calib is not None)
     split = split_data(model, calib, eval_data)
@@ -217,13 +218,8 @@ def sparsify_file(
         layers=results,
         skipped=dict(sorted(skipped.items())),
         input_bytes=input_bytes,
-        output_bytes=_output_bytes(dest),
+        output_bytes=disk_bytes(dest),
         fidelity=fidelity[0],
         steps=steps,
         stored_vs_masked_max_abs_error=error,
     )
-
-
-def _output_bytes(path: Path) -> int:
-    data = path.parent / (path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
