@@ -10,6 +10,7 @@ through :func:`onnxprune.intermediates.iter_intermediates`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -18,9 +19,10 @@ import onnx_ir as ir
 from onnxprune.intermediates import iter_intermediates
 from onnxprune.prune.analysis import Analysis
 from onnxprune.prune.channels import SpaceKey
+from onnxprune.prune.compensate import CONSTANT_RTOL, InputMean
 from onnxprune.prune.reconstruction import group_consumers
 
-__all__ = ["activation_stats", "reconstruction_stats"]
+__all__ = ["activation_stats", "reconstruction_stats", "removed_input_means"]
 
 _PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _RECTIFIERS = frozenset({"Relu", "Clip"})
@@ -83,3 +85,63 @@ def reconstruction_stats(
             grams[key] = grams[key] + gram if key in grams else gram
             counts[key] += rows.shape[1]
     return {k: grams[k] / max(counts[k], 1) for k in grams}
+
+
+@dataclasses.dataclass
+class _MeanAccumulator:
+    """Streams ``sum x`` per channel and the per-position spread of the first sample."""
+
+    axis: int
+    channels: np.ndarray
+    total: np.ndarray | None = None
+    count: int = 0
+    first: np.ndarray | None = None
+    spread: np.ndarray | None = None
+
+    def add(self, array: np.ndarray) -> None:
+        moved = np.moveaxis(array, self.axis % array.ndim, 1)[:, self.channels]
+        moved = moved.astype(np.float64)  # [batch, R, *positions]
+        sums = moved.sum(axis=(0, *range(2, moved.ndim)))
+        self.total = sums if self.total is None else self.total + sums
+        self.count += moved.size // max(len(self.channels), 1)
+        if self.first is None:
+            self.first = moved[0]
+            self.spread = np.zeros(len(self.channels))
+        if self.spread is None or moved.shape[1:] != self.first.shape:
+            self.spread = None  # positions differ between feeds: no per-position map
+            return
+        deviation = np.abs(moved - self.first[None]).reshape(len(moved), len(self.channels), -1)
+        self.spread = np.maximum(self.spread, deviation.max(axis=(0, 2), initial=0.0))
+
+    def result(self, size: int) -> InputMean:
+        mean = np.zeros(size)
+        if self.total is not None:
+            mean[self.channels] = self.total / max(self.count, 1)
+        constant = {}
+        if self.spread is not None and self.first is not None:
+            scale = np.abs(self.first).reshape(len(self.channels), -1).max(axis=1, initial=0.0)
+            for i, c in enumerate(self.channels):
+                if self.spread[i] <= CONSTANT_RTOL * (scale[i] + 1e-30):
+                    constant[int(c)] = self.first[i]
+        return InputMean(mean, constant)
+
+
+def removed_input_means(
+    model: ir.Model,
+    requests: Mapping[str, tuple[int, np.ndarray]],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+) -> dict[str, InputMean]:
+    """``E[x_c]`` of the removed channels ``{value: (axis, channels)}`` over every sample
+    and position (:class:`~onnxprune.prune.compensate.InputMean`), with the per-position
+    values of channels that are the same on every sample."""
+    if not requests:
+        return {}
+    names = sorted(requests)
+    accumulators = {n: _MeanAccumulator(*requests[n]) for n in names}
+    sizes: dict[str, int] = {}
+    for outputs in iter_intermediates(model, names, feeds):
+        for name in names:
+            array = np.asarray(outputs[name])
+            sizes[name] = array.shape[requests[name][0] % array.ndim]
+            accumulators[name].add(array)
+    return {n: accumulators[n].result(sizes[n]) for n in names if n in sizes}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,11 @@ from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save
 from onnxprune.io.validate import refuse_unrewritable
 from onnxprune.passes.pipeline import canonicalize
-from onnxprune.prune.activations import activation_stats, reconstruction_stats
+from onnxprune.prune.activations import (
+    activation_stats,
+    reconstruction_stats,
+    removed_input_means,
+)
 from onnxprune.prune.analysis import analyze
 from onnxprune.prune.core import PruneOptions, PruneReport, prune_model
 from onnxprune.prune.recover import refit_consumers
@@ -158,7 +163,10 @@ def prune_file(
             stats = activation_stats(model, analyze(model), feeds, options.criterion)
         elif options.criterion == "reconstruction":
             stats = reconstruction_stats(model, analyze(model), feeds)
-        report = prune_model(model, step_options, stats, dims)
+        means = None
+        if feeds:
+            means = functools.partial(removed_input_means, model, feeds=feeds)
+        report = prune_model(model, step_options, stats, dims, means)
         steps.append(report)
         progress *= (
             report.macs[1] / max(report.macs[0], 1)

@@ -1,28 +1,63 @@
-"""Without data: fold the removed channels' expected contribution into the next bias.
+"""Fold the removed channels' expected contribution into the next layer.
 
 When input channel ``c`` of a consumer layer is removed, the layer loses the term
 ``W[:, c] * x_c``. Replacing ``x_c`` by its expected value keeps the layer's output right
 on average: ``b'[o] = b[o] + sum_{c removed} E[x_c] * sum_k W[o, c, k]`` (the kernel sum
 for a Conv; exact in the interior, approximate where zero padding covers the kernel).
 
-Without calibration data ``E[x_c]`` is estimated from the producer: when the consumer's
-input is ``act(z)`` with ``z = producer(x) + bias`` (Conv/Gemm bias, or a MatMul followed
-by a constant Add) and ``act`` is ReLU-like, ``E[x_c] ~ act(bias_c)``: the weighted sum of
-a zero-mean input contributes zero on average. Channels whose producer cannot be traced
-this way are left alone (no compensation rather than a guess).
+``E[x_c]`` comes from calibration data when there is any (:class:`InputMean`, measured by
+:func:`onnxprune.prune.activations.removed_input_means` on the unpruned model): the mean of
+the channel over every sample and position. A channel that takes the same value on every
+sample (a dead or saturated unit, or a constant pushed through a zero-padded depthwise conv,
+which is constant in the interior and different near the borders) is compensated *exactly*:
+its contribution ``conv(M_c, W[:, c])`` over the per-position map ``M_c`` is the bias term
+above plus a border residual ``R[o, h, w]``, which is added after the layer as a constant.
+
+Without data ``E[x_c]`` is estimated from the producer: when the consumer's input is
+``act(z)`` with ``z = producer(x) + bias`` (Conv/Gemm bias, or a MatMul followed by a
+constant Add) and ``act`` is ReLU-like, ``E[x_c] ~ act(bias_c)``: the weighted sum of a
+zero-mean input contributes zero on average. A depthwise Conv does not mix channels, so its
+input's own estimate is carried through: ``E[z_c] = b_c + E[in_c] * sum_k K_c[k]``.
+Channels whose producer cannot be traced this way are left alone (no compensation rather
+than a guess).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.passes._match import add_initializer
+from onnxprune.passes._match import add_initializer, fresh_name
 from onnxprune.prune.channels import SpaceKey
+from onnxprune.prune.recover import _conv_rows
 
-__all__ = ["compensate_removed_inputs", "expected_input"]
+__all__ = [
+    "InputMean",
+    "add_border_corrections",
+    "compensate_removed_inputs",
+    "compensation_requests",
+    "expected_input",
+]
+
+#: A channel is constant when every sample is within this (relative) distance of the first.
+CONSTANT_RTOL = 1e-6
+
+
+@dataclasses.dataclass
+class InputMean:
+    """Measured statistics of a consumer input's removed channels.
+
+    ``mean[c]`` is ``E[x_c]`` over samples and positions (full channel length; channels
+    not measured are 0). ``constant[c]`` is the channel's value at every position (without
+    the batch axis), for channels identical on every sample.
+    """
+
+    mean: np.ndarray
+    constant: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
+
 
 _ACTS = {
     "Relu": lambda b, _n: np.maximum(b, 0),
@@ -30,7 +65,7 @@ _ACTS = {
 }
 
 
-def _clip(bias: np.ndarray, node: ir.Node) -> np.ndarray | None:
+def _clip(bias: np.ndarray, node: ir.Node) -> np.ndarray:
     lo = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
     hi = node.inputs[2].const_value if len(node.inputs) > 2 and node.inputs[2] else None
     low = float(lo.numpy()) if lo is not None else -np.inf
@@ -38,14 +73,35 @@ def _clip(bias: np.ndarray, node: ir.Node) -> np.ndarray | None:
     return np.clip(bias, low, high)
 
 
+def _depthwise_mean(node: ir.Node, bias: np.ndarray) -> np.ndarray:
+    """``E[z_c] = b_c + E[in_c] * sum_k K_c[k]`` for a depthwise Conv (interior value)."""
+    source = expected_input(node.inputs[0])
+    if source is None:
+        return bias
+    kernel = node.inputs[1].const_value.numpy().astype(np.float64)
+    return bias + source * kernel.reshape(len(kernel), -1).sum(axis=1)
+
+
+def _is_depthwise(node: ir.Node) -> bool:
+    group = node.attributes.get("group")
+    weight = node.inputs[1].const_value
+    if group is None or weight is None or len(weight.shape) < 3:
+        return False
+    return group.value > 1 and weight.shape[1] == 1 and weight.shape[0] == group.value
+
+
 def _producer_bias(value: ir.Value) -> np.ndarray | None:
-    """The per-channel bias added right before ``value`` (Conv/Gemm bias or Add const)."""
+    """``E[z]`` of the per-channel pre-activation ``value`` (Conv/Gemm bias or Add const)."""
     node = value.producer()
     if node is None:
         return None
     if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = node.inputs[2].const_value
-        return None if bias is None or len(bias.shape) != 1 else bias.numpy()
+        if bias is None or len(bias.shape) != 1:
+            return None
+        if node.op_type == "Conv" and _is_depthwise(node):
+            return _depthwise_mean(node, bias.numpy().astype(np.float64))
+        return bias.numpy()
     if node.op_type == "Add":
         for operand in node.inputs:
             if operand is not None and operand.const_value is not None:
@@ -68,50 +124,177 @@ def expected_input(value: ir.Value) -> np.ndarray | None:
     return None
 
 
+def _in_axis(node: ir.Node) -> int | None:
+    """The weight axis indexing a compensable layer's input channels, or None."""
+    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+        return None
+    if node.op_type == "Conv":
+        group = node.attributes.get("group")
+        return 1 if group is None or group.value == 1 else None
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return 1 if trans_b is not None and trans_b.value else 0
+    if node.op_type == "MatMul" and len(node.inputs[1].const_value.shape) == 2:
+        return 0 if _matmul_bias(node) is not None else None
+    return None
+
+
+def _matmul_bias(node: ir.Node) -> ir.Value | None:
+    """The 1-D constant added right after a MatMul (its bias), when it is the only use."""
+    uses = node.outputs[0].uses()
+    if len(uses) != 1 or uses[0][0].op_type != "Add":
+        return None
+    add = uses[0][0]
+    other = add.inputs[1 - uses[0][1]]
+    if other is None or other.const_value is None or len(other.const_value.shape) != 1:
+        return None
+    return other
+
+
+def compensation_requests(
+    model: ir.Model, kept: Mapping[SpaceKey, np.ndarray]
+) -> dict[str, tuple[int, np.ndarray]]:
+    """Consumer inputs that lose channels: ``{value: (channel axis, removed channels)}``."""
+    requests: dict[str, tuple[int, np.ndarray]] = {}
+    for node in model.graph:
+        axis = _in_axis(node)
+        if axis is None or (idx := kept.get((node.inputs[1].name, axis))) is None:
+            continue
+        size = node.inputs[1].const_value.shape[axis]
+        removed = np.setdiff1d(np.arange(size), idx)
+        channel_axis = -1 if node.op_type == "MatMul" else 1
+        name = node.inputs[0].name
+        if name in requests:
+            removed = np.union1d(removed, requests[name][1])
+        requests[name] = (channel_axis, removed)
+    return requests
+
+
+def _per_channel(node: ir.Node, w: np.ndarray, in_axis: int) -> np.ndarray:
+    """The weight as ``[O, C]``, summed over kernel taps (alpha folded in for Gemm)."""
+    if node.op_type == "Conv":
+        return w.sum(axis=tuple(range(2, w.ndim)))
+    matrix = w if in_axis == 1 else w.T
+    alpha = node.attributes.get("alpha")
+    return matrix * (1.0 if alpha is None else float(alpha.value))
+
+
 def compensate_removed_inputs(
-    model: ir.Model, kept: Mapping[SpaceKey, np.ndarray], expected: Mapping[str, np.ndarray]
+    model: ir.Model,
+    kept: Mapping[SpaceKey, np.ndarray],
+    expected: Mapping[str, np.ndarray | InputMean],
 ) -> list[str]:
     """Adjust consumer biases for removed input channels; call *before* slicing.
 
     Args:
         model: The model before removal (weights still full size).
         kept: Kept indices per pruned space (from ``kept_indices``).
-        expected: ``E[x]`` per channel for consumer input values, by value name.
+        expected: ``E[x]`` per channel (or an :class:`InputMean`) by consumer input name.
 
     Returns:
         Labels of the layers whose bias was adjusted.
     """
     adjusted = []
     for node in list(model.graph):
-        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 2:
+        in_axis = _in_axis(node)
+        if in_axis is None or node.inputs[0] is None:
             continue
-        weight = node.inputs[1]
-        x = node.inputs[0]
-        trans_b = node.attributes.get("transB")
-        in_axis = 1 if node.op_type == "Conv" or (trans_b is not None and trans_b.value) else 0
-        idx = kept.get((weight.name, in_axis))
-        mean = expected.get(x.name)
-        if idx is None or mean is None or weight.const_value is None:
+        idx = kept.get((node.inputs[1].name, in_axis))
+        stats = expected.get(node.inputs[0].name)
+        if idx is None or stats is None:
             continue
-        if (
-            node.op_type == "Conv"
-            and node.attributes.get("group") not in (None,)
-            and (node.attributes["group"].value != 1)
-        ):
-            continue
-        w = weight.const_value.numpy().astype(np.float64)
+        mean = stats.mean if isinstance(stats, InputMean) else stats
+        w = node.inputs[1].const_value.numpy().astype(np.float64)
         removed = np.setdiff1d(np.arange(w.shape[in_axis]), idx)
-        if node.op_type == "Conv":
-            per_channel = w.sum(axis=tuple(range(2, w.ndim)))  # [O, C]
-        else:
-            per_channel = w if in_axis == 1 else w.T  # [O, C]
-        delta = per_channel[:, removed] @ mean[removed].astype(np.float64)
+        delta = _per_channel(node, w, in_axis)[:, removed] @ mean[removed].astype(np.float64)
         if not np.any(delta):
             continue
-        out_kept = kept.get((node.outputs[0].name, 1))
+        out_kept = kept.get((node.outputs[0].name, 1 if node.op_type != "MatMul" else -1))
         _add_to_bias(model, node, delta, out_kept)
         adjusted.append(node.name or node.outputs[0].name)
     return adjusted
+
+
+def _conv_output(node: ir.Node, maps: np.ndarray, kernel: np.ndarray) -> np.ndarray | None:
+    """``conv(maps, kernel)`` without bias as ``[O, H', W']`` (2-D convs only), or None."""
+    auto_pad = node.attributes.get("auto_pad")
+    if maps.ndim != 3 or kernel.ndim != 4 or (auto_pad and auto_pad.value not in ("NOTSET",)):
+        return None
+    attr = {k: node.attributes.get(k) for k in ("strides", "dilations", "pads")}
+    (sh, sw), (dh, dw) = (
+        tuple(attr[k].value) if attr[k] else (1, 1) for k in ("strides", "dilations")
+    )
+    pads = tuple(attr["pads"].value) if attr["pads"] else (0, 0, 0, 0)
+    kh, kw = kernel.shape[2:]
+    oh = (maps.shape[1] + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (maps.shape[2] + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    pos = np.stack(np.unravel_index(np.arange(oh * ow), (1, oh, ow)), axis=1)
+    rows = _conv_rows(maps[None], node, (kh, kw), pos)
+    return (rows @ kernel.reshape(len(kernel), -1).T).T.reshape(-1, oh, ow)
+
+
+def border_corrections(
+    model: ir.Model, kept: Mapping[SpaceKey, np.ndarray], expected: Mapping[str, object]
+) -> dict[str, np.ndarray]:
+    """Exact residual of constant removed channels of Conv consumers; call before slicing.
+
+    For the constant channels ``S`` of a consumer input, ``R = conv(M_S, W[:, S]) -
+    sum_{c in S} E[x_c] * sum_k W[:, c, k]`` (what the bias term misses near zero-padded
+    borders), restricted to the kept output channels, by consumer output name.
+    """
+    found = {}
+    for node in model.graph:
+        stats = expected.get(node.inputs[0].name) if node.inputs else None
+        if node.op_type != "Conv" or _in_axis(node) != 1 or not isinstance(stats, InputMean):
+            continue
+        idx = kept.get((node.inputs[1].name, 1))
+        w = node.inputs[1].const_value.numpy().astype(np.float64)
+        channels = [c for c in sorted(stats.constant) if idx is not None and c not in set(idx)]
+        if not channels:
+            continue
+        maps = np.stack([stats.constant[c] for c in channels]).astype(np.float64)
+        full = _conv_output(node, maps, w[:, channels])
+        if full is None:
+            continue
+        interior = _per_channel(node, w, 1)[:, channels] @ stats.mean[channels]
+        residual = full - interior[:, None, None]
+        if np.max(np.abs(residual), initial=0.0) <= CONSTANT_RTOL * (np.max(np.abs(full)) + 1e-30):
+            continue
+        out_kept = kept.get((node.outputs[0].name, 1))
+        found[node.outputs[0].name] = residual if out_kept is None else residual[out_kept]
+    return found
+
+
+def add_border_corrections(model: ir.Model, corrections: Mapping[str, np.ndarray]) -> int:
+    """Add each ``R`` after its layer (``y' = y + R``); call after slicing. Returns the count.
+
+    The layer keeps its output name (refits look it up); a graph output keeps its name too,
+    so there the layer's output is renamed and the Add takes the name.
+    """
+    producers = {n.outputs[0].name: n for n in model.graph if n.outputs}
+    for name, residual in corrections.items():
+        node = producers[name]
+        value = node.outputs[0]
+        dtype = node.inputs[1].const_value.numpy().dtype
+        const = add_initializer(model.graph, f"{name}_border", residual[None].astype(dtype))
+        fresh = fresh_name(model.graph, f"{name}_compensated")
+        if value.is_graph_output():
+            value.name, fresh = fresh, name
+        out = ir.Value(name=fresh, shape=value.shape, type=value.type)
+        value.replace_all_uses_with(out, replace_graph_outputs=True)
+        model.graph.insert_after(node, ir.Node("", "Add", [value, const], outputs=[out]))
+    return len(corrections)
+
+
+def _bias_value(node: ir.Node) -> tuple[ir.Value | None, float]:
+    """The layer's bias value and the scale it is multiplied by (Gemm ``beta``)."""
+    if node.op_type == "MatMul":
+        return _matmul_bias(node), 1.0
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value:
+        beta = node.attributes.get("beta")
+        scale = float(beta.value) if node.op_type == "Gemm" and beta is not None else 1.0
+        return node.inputs[2], scale
+    return None, 1.0
 
 
 def _add_to_bias(
@@ -121,16 +304,13 @@ def _add_to_bias(
     cut to the kept output channels: it is not part of the analysis, so the removal that
     follows would not slice it."""
     dtype = node.inputs[1].const_value.numpy().dtype
-    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value:
-        bias = node.inputs[2]
-        scale = 1.0
-        beta = node.attributes.get("beta")
-        if node.op_type == "Gemm" and beta is not None:
-            scale = float(beta.value)
+    bias, scale = _bias_value(node)
+    if bias is not None:
         new = bias.const_value.numpy().astype(np.float64) + delta / scale
         if len(bias.uses()) > 1:
             fresh = add_initializer(model.graph, f"{bias.name}_comp", new.astype(dtype))
-            node.replace_input_with(2, fresh)
+            user, index = (node, 2) if node.op_type != "MatMul" else _matmul_bias_use(node, bias)
+            user.replace_input_with(index, fresh)
         else:
             bias.const_value = ir.tensor(new.astype(dtype), name=bias.name)
         return
@@ -140,3 +320,8 @@ def _add_to_bias(
     if len(node.inputs) == 2:
         node.resize_inputs(3)
     node.replace_input_with(2, fresh)
+
+
+def _matmul_bias_use(node: ir.Node, bias: ir.Value) -> tuple[ir.Node, int]:
+    add = node.outputs[0].uses()[0][0]
+    return add, list(add.inputs).index(bias)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,14 @@ import onnx_ir as ir
 from onnxprune.errors import UsageError
 from onnxprune.prune.analysis import Analysis, _label, analyze
 from onnxprune.prune.apply import apply_removal, kept_counts, kept_indices
-from onnxprune.prune.compensate import compensate_removed_inputs, expected_input
+from onnxprune.prune.compensate import (
+    InputMean,
+    add_border_corrections,
+    border_corrections,
+    compensate_removed_inputs,
+    compensation_requests,
+    expected_input,
+)
 from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import CRITERIA, group_scores
 from onnxprune.prune.plan import PruningPlan
@@ -28,6 +35,9 @@ from onnxprune.prune.select import make_plan
 __all__ = ["PruneOptions", "PruneReport", "decide_plan", "prune_model"]
 
 logger = logging.getLogger(__name__)
+
+#: Measures removed input channels ``{value: (axis, channels)}`` on calibration data.
+Measure = Callable[[Mapping[str, tuple[int, np.ndarray]]], Mapping[str, InputMean]]
 
 
 @dataclasses.dataclass
@@ -242,16 +252,51 @@ def _group_rows(analysis: Analysis, plan: PruningPlan, excluded: set[str]) -> li
     return rows
 
 
+def _data_free_means(model: ir.Model) -> dict[str, np.ndarray]:
+    expected = {}
+    for node in model.graph:
+        for value in node.inputs[:1]:
+            if value is not None and value.name not in expected:
+                mean = expected_input(value)
+                if mean is not None:
+                    expected[value.name] = mean
+    return expected
+
+
+def _compensate(
+    model: ir.Model,
+    kept: Mapping,
+    measure: Measure | None,
+    notes: list[str],
+) -> dict[str, np.ndarray]:
+    """Fold ``E[x_c]`` of removed inputs into biases; returns the border residuals to add."""
+    if measure is None:
+        adjusted = compensate_removed_inputs(model, kept, _data_free_means(model))
+        if adjusted:
+            notes.append(f"bias compensation (no data) in {len(adjusted)} layers")
+        return {}
+    expected = measure(compensation_requests(model, kept))
+    adjusted = compensate_removed_inputs(model, kept, expected)
+    corrections = border_corrections(model, kept, expected)
+    if adjusted:
+        notes.append(f"bias compensation (calibration means) in {len(adjusted)} layers")
+    return corrections
+
+
 def prune_model(
     model: ir.Model,
     options: PruneOptions,
     activation_stats: Mapping | None = None,
     dims: Mapping[str, int] | None = None,
+    measure: Measure | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place and report what changed.
 
     ``dims`` binds symbolic dims (e.g. ``{"seq": 128}``) for MAC counting, so a MACs target
-    is met at the sizes the model is deployed with.
+    is met at the sizes the model is deployed with. ``measure`` (given calibration data)
+    measures ``E[x_c]`` of the removed input channels of each consumer on the unpruned
+    model (see :func:`onnxprune.prune.activations.removed_input_means`); without it the
+    compensation estimates ``E[x_c]`` from the producers' biases.
     """
     options.validate()
     analysis = analyze(model)
@@ -261,18 +306,13 @@ def prune_model(
     macs_after, params_after = cost.evaluate(removed)
     excluded = _excluded_groups(model, analysis, options.exclude) if options.plan is None else set()
     rows = _group_rows(analysis, plan, excluded)
+    corrections: dict[str, np.ndarray] = {}
     if options.compensate:
-        expected = {}
-        for node in model.graph:
-            for value in node.inputs[:1]:
-                if value is not None and value.name not in expected:
-                    mean = expected_input(value)
-                    if mean is not None:
-                        expected[value.name] = mean
-        adjusted = compensate_removed_inputs(model, kept_indices(analysis, removed), expected)
-        if adjusted:
-            notes.append(f"bias compensation (no data) in {len(adjusted)} layers")
+        corrections = _compensate(model, kept_indices(analysis, removed), measure, notes)
     kept = apply_removal(model, analysis, removed)
+    if corrections:
+        add_border_corrections(model, corrections)
+        notes.append(f"exact border compensation of constant channels in {len(corrections)} layers")
     pruned = kept_counts(analysis, kept)
     logger.info("pruned %d groups, MACs %d -> %d", len(plan.keep), cost.macs_before, macs_after)
     return PruneReport(
