@@ -16,6 +16,9 @@ Models:
     encoder: BERT-style encoder, 6 layers, hidden 384, 12 heads, explicit attention.
     mlp: 3-layer perceptron on [N,64].
     fusion: image CNN branch + token-embedding branch, concatenated into an MLP head.
+    densenet121: DenseNet-121 (dense blocks: every layer reads the Concat of all earlier
+        feature maps of its block), input [N,3,224,224]; ``DenseNet`` takes small widths
+        for tests.
     digits_cnn: the small CNN trained on scikit-learn digits (see ``train_digits.py``).
     digits_resnet: the residual CNN trained on digits upsampled to 32x32, onnxprune's
         default model (see ``train_default.py``).
@@ -30,12 +33,14 @@ from torch import nn
 
 __all__ = [
     "BertEncoder",
+    "DenseNet",
     "DigitsCNN",
     "DigitsResNet",
     "FusionNet",
     "MobileNetV2",
     "ResNet",
     "TinyDetector",
+    "build_densenet121",
     "build_detector",
     "build_encoder",
     "build_fusion",
@@ -182,6 +187,90 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits [N, num_classes]."""
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+# --------------------------------------------------------------------------- DenseNet
+
+
+class _DenseLayer(nn.Module):
+    """BN-ReLU-1x1 conv (``bn_size * growth``), BN-ReLU-3x3 conv (``growth``) on the Concat
+    of all earlier feature maps of the block (torchvision's layout)."""
+
+    def __init__(self, cin: int, growth: int, bn_size: int) -> None:
+        super().__init__()
+        hidden = bn_size * growth
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cin, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, growth, 3, padding=1, bias=False),
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The ``growth`` new channels."""
+        return self.body(torch.cat(features, 1))
+
+
+class _DenseBlock(nn.Module):
+    """``layers`` dense layers; the output concatenates the input and every layer's output."""
+
+    def __init__(self, layers: int, cin: int, growth: int, bn_size: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            _DenseLayer(cin + i * growth, growth, bn_size) for i in range(layers)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Concat of ``x`` and every layer's new channels."""
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC (torchvision layout): 7x7 stem, dense blocks joined by BN-ReLU-1x1
+    conv-avg pool transitions that halve the channels, BN-ReLU, global pool, FC.
+
+    Defaults are DenseNet-121: 7,978,856 params, ~2.87 GMACs at 224x224.
+    """
+
+    def __init__(
+        self,
+        blocks: tuple[int, ...] = (6, 12, 24, 16),
+        growth: int = 32,
+        init_features: int = 64,
+        bn_size: int = 4,
+        num_classes: int = 1000,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            *_conv_bn(3, init_features, 7, 2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        ]
+        channels = init_features
+        for i, count in enumerate(blocks):
+            layers.append(_DenseBlock(count, channels, growth, bn_size))
+            channels += count * growth
+            if i != len(blocks) - 1:
+                layers += [
+                    nn.BatchNorm2d(channels),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(channels, channels // 2, 1, bias=False),
+                    nn.AvgPool2d(2, 2),
+                ]
+                channels //= 2
+        layers += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits [N, num_classes]."""
@@ -460,6 +549,14 @@ def build_mobilenet_v2(seed: int = 0) -> MobileNetV2:
     torch.manual_seed(seed)
     model = MobileNetV2()
     init_normalization(model, (_image_batch((8, 3, 224, 224), seed + 1),), seed)
+    return model
+
+
+def build_densenet121(seed: int = 0) -> DenseNet:
+    """DenseNet-121: 7,978,856 params, ~2.87 GMACs at 224x224."""
+    torch.manual_seed(seed)
+    model = DenseNet()
+    init_normalization(model, (_image_batch((4, 3, 224, 224), seed + 1),), seed)
     return model
 
 

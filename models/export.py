@@ -106,6 +106,12 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     "mobilenet_v2": ModelSpec(
         architectures.build_mobilenet_v2, _IMAGE_224, ("logits",), "MobileNetV2 1.0, ImageNet"
     ),
+    "densenet121": ModelSpec(
+        architectures.build_densenet121,
+        _IMAGE_224,
+        ("logits",),
+        "DenseNet-121, ImageNet: dense blocks of Concat",
+    ),
     "detector": ModelSpec(
         architectures.build_detector,
         (InputSpec("input", ("batch", 3, 128, 128)),),

@@ -204,6 +204,7 @@ def test_reference_model_cache(
         ("resnet18", 11_689_512, 1.814),
         ("resnet50", 25_557_032, 4.089),
         ("mobilenet_v2", 3_504_872, 0.301),
+        ("densenet121", 7_978_856, 2.834),  # torchvision's densenet121: 7,978,856, 2.83 G
     ],
 )
 def test_imagenet_model_sizes(export: ModuleType, name: str, params: int, gmacs: float) -> None:
@@ -214,6 +215,7 @@ def test_imagenet_model_sizes(export: ModuleType, name: str, params: int, gmacs:
         "resnet18": lambda: arch.ResNet(arch.BasicBlock, [2, 2, 2, 2]),
         "resnet50": lambda: arch.ResNet(arch.Bottleneck, [3, 4, 6, 3]),
         "mobilenet_v2": arch.MobileNetV2,
+        "densenet121": arch.DenseNet,
     }[name]().eval()
     counted_params, macs = arch.count_params_and_macs(module, (torch.zeros(1, 3, 224, 224),))
     assert counted_params == params
