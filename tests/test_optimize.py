@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -251,3 +253,21 @@ def test_sizes_and_unreachable_target_are_said_where_users_read(tmp_path: Path, 
     summary = text.strip().splitlines()[-1]
     assert summary.startswith("wrote ")
     assert f"--target-macs 0.70 not reachable, kept {kept:.2f}" in summary, summary
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_shown_on_a_terminal(tmp_path: Path, monkeypatch):
+    """Issue 14 item 27: each step (and each retry) says what runs and how long it took."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    out = tmp_path / "o.onnx"
+    argv = ["optimize", str(digits_model()), *TINY, "-o", str(out), "--bench-seconds", "0"]
+    assert main(argv) == 0
+    lines = terminal.getvalue().splitlines()
+    assert "optimize: step 2/3 prune ..." in lines
+    assert any(re.fullmatch(r"optimize: step 2/3 prune: applied \(\d+\.\d s\)", x) for x in lines)
+    assert "optimize: final check on held-out data ..." in lines
