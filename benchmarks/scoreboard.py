@@ -294,6 +294,18 @@ def run_command(
     return row
 
 
+def _commit() -> str | None:
+    """The onnxprune commit the model was scored with (rows may come from different runs)."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def _header(entry: dict[str, Any]) -> dict[str, Any]:
     keys = ("name", "metric", "source", "split")
     return {"model" if k == "name" else k: entry[k] for k in keys}
@@ -308,6 +320,7 @@ def score_entry(
     dims = _dims(original, feeds[0])
     result: dict[str, Any] = {
         **_header(entry),
+        "commit": _commit(),
         "dims": dims,
         "macs": _macs(original, dims),
         "bytes": _size(original),
@@ -443,7 +456,10 @@ def markdown(payload: dict[str, Any]) -> str:
                 lines.append(f"| {result['model']} | {name} | {text} | {row['check']['agrees']} |")
     lines += ["", "## Data splits", ""]
     for result in payload["models"]:
-        lines.append(f"- **{result['model']}** ({result['source']}): {result['split']}")
+        lines.append(
+            f"- **{result['model']}** ({result['source']}; scored at commit "
+            f"{result.get('commit') or 'unknown'}): {result['split']}"
+        )
     return "\n".join(lines) + "\n"
 
 
