@@ -146,3 +146,75 @@ def test_cli_refuses_reconstruction_without_calib(tmp_path: Path, capsys):
     assert "--calib is required for --criterion reconstruction" in err
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# --- Refit that generalizes (issue 17 item 2): ridge toward the un-refit weights, CV ---
+
+
+def _folds(rows_per_feed: int, feeds: int, noise: float, seed: int = 0):
+    """Rows ``D`` (+ ones column) and targets ``D S_true + noise`` in folds of whole feeds;
+    ``S_true`` is ``S0`` plus a small change (the un-refit weights are nearly right)."""
+    from onnxprune.prune.ridge import Folds, fold_of
+
+    rng = np.random.default_rng(seed)
+    k, n = 12, 3
+    s0 = rng.standard_normal((k + 1, n))
+    s_true = s0 + 0.1 * rng.standard_normal((k + 1, n))
+    fold = fold_of(feeds)
+    folds = Folds.zeros(max(fold) + 1, k + 1, n)
+    for f in range(feeds):
+        d = np.hstack([rng.standard_normal((rows_per_feed, k)), np.ones((rows_per_feed, 1))])
+        t = d @ s_true + noise * rng.standard_normal((rows_per_feed, n))
+        folds.add(fold[f], d, t)
+    return folds, s0, s_true
+
+
+def test_refit_with_infinite_strength_is_no_refit_and_zero_strength_is_least_squares():
+    from onnxprune.prune.ridge import refit_with
+
+    folds, s0, _ = _folds(40, 4, noise=0.5)
+    np.testing.assert_allclose(refit_with(folds, s0, 1e12), s0, atol=1e-8)
+    np.testing.assert_array_equal(refit_with(folds, s0, np.inf), s0)
+    gram, cross = folds.gram.sum(0), folds.cross.sum(0)
+    np.testing.assert_allclose(refit_with(folds, s0, 0.0), np.linalg.solve(gram, cross))
+
+
+def test_cross_validation_regularizes_more_on_few_noisy_rows():
+    from onnxprune.prune.ridge import cross_validated_refit
+
+    clean = cross_validated_refit(*_folds(200, 6, noise=0.01)[:2])
+    noisy = cross_validated_refit(*_folds(3, 6, noise=2.0)[:2])
+    assert clean.strength < 1e-2 and clean.heldout_after < 0.5 * clean.heldout_before
+    assert noisy.strength > 10 * clean.strength
+    assert noisy.heldout_after <= noisy.heldout_before
+
+
+def test_refit_is_declined_when_it_does_not_predict_held_out_feeds():
+    """Targets that are S0's output plus pure noise: any refit only fits the noise."""
+    from onnxprune.prune.ridge import Folds, cross_validated_refit
+
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        s0 = rng.standard_normal((9, 2))
+        folds = Folds.zeros(5, 9, 2)
+        for f in range(5):
+            d = np.hstack([rng.standard_normal((20, 8)), np.ones((20, 1))])
+            folds.add(f, d, d @ s0 + rng.standard_normal((20, 2)))
+        chosen = cross_validated_refit(folds, s0)
+        assert np.isinf(chosen.strength)
+        np.testing.assert_array_equal(chosen.solution, s0)
+        assert chosen.fit_after == chosen.fit_before
+
+
+def test_refit_never_hurts_held_out_feeds_on_a_pruned_model(tmp_path: Path):
+    """prune --reconstruct on the digits CNN: every kept refit lowers the leave-feeds-out
+    error, declined layers keep their weights, and the report records the strength."""
+    options = PruneOptions(target_macs=0.5)
+    result = prune_file(
+        digits_model(), tmp_path / "r.onnx", options, calib=digits_calibration(), reconstruct=True
+    )
+    (refits,) = result.refits
+    assert refits
+    for r in refits:
+        assert r["heldout_after"] <= r["heldout_before"]
+        assert (r["strength"] is None) == (r["heldout_after"] == r["heldout_before"])

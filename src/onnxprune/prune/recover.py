@@ -5,13 +5,16 @@ constant 2-D weight whose input-channel axis was pruned) is refit so that, on ca
 data, its output in the pruned model matches its output in the original model (the
 original is the teacher; layer-wise distillation):
 
-    W', b' = argmin  sum_rows || A_p W' + b' - Y_o ||^2 + lam ||W'||^2
+    W', b' = argmin  sum_rows || A_p W' + b' - Y_o ||^2 + lam * n * sum_k p_k ||S'_k - S0_k||^2
 
 ``A_p`` are the consumer's input rows in the pruned model (im2col patches for a Conv,
 token rows for Gemm/MatMul), ``Y_o`` the original model's consumer output on the same
-rows, restricted to the consumer's kept output channels, and
-``lam = ridge * trace(A^T A) / K`` a small relative ridge. The normal equations are
-accumulated feed by feed (memory ~K^2 per consumer), rows are sampled with a seeded
+rows, restricted to the consumer's kept output channels, ``S' = [W'; b']`` and ``S0`` the
+un-refit (pruned, compensated) weights: the ridge pulls toward them, not toward zero, so
+``lam -> inf`` is no refit. ``lam`` (or no refit) is chosen per layer by leave-feeds-out
+cross-validation, and a refit is kept only where it predicts held-out feeds better
+(:mod:`onnxprune.prune.ridge`). The normal equations are accumulated feed by feed, per
+fold (memory ~folds * K^2 per consumer), rows are sampled from every feed with a seeded
 generator, and the consumers are refit in topological order.
 
 Cost: the teacher's rows come from one pass over the feeds. The consumers' input rows come
@@ -35,6 +38,7 @@ import onnx_ir as ir
 from onnxprune.intermediates import iter_intermediates
 from onnxprune.progress import Progress
 from onnxprune.prune.channels import SpaceKey
+from onnxprune.prune.ridge import Folds, cross_validated_refit, fold_of
 
 __all__ = [
     "GRAM_BUDGET",
@@ -63,6 +67,11 @@ class RefitResult:
     rows: int
     error_before: float
     error_after: float
+    #: ridge strength toward the un-refit weights chosen by cross-validation; None: no refit
+    strength: float | None = None
+    #: relative error on held-out feeds (leave-feeds-out), without and with the refit
+    heldout_before: float | None = None
+    heldout_after: float | None = None
 
 
 @dataclasses.dataclass
@@ -226,29 +235,17 @@ def refit_chunks(sizes: Sequence[int], *, passes: int = MAX_PASSES, budget: int 
     return chunks
 
 
-@dataclasses.dataclass
-class _Normal:
-    """Normal equations of one consumer, accumulated feed by feed."""
-
-    gram: np.ndarray
-    cross: np.ndarray
-    target_sq: float = 0.0
-    error_before_sq: float = 0.0
-    rows: int = 0
+def _s0(c: _Consumer) -> np.ndarray:
+    """The un-refit solution ``[K, N]`` (the bias row scaled by Gemm's ``beta``)."""
+    w = _weight_matrix(c)
+    if c.bias is None:
+        return w
+    scale = float(_attr(c.node, "beta", 1.0)) if c.kind == "gemm" else 1.0
+    return np.vstack([w, scale * c.bias.const_value.numpy().astype(np.float64)[None]])
 
 
-def _accumulate(c: _Consumer, acc: _Normal, a: np.ndarray, t: np.ndarray) -> None:
-    """Add the rows ``a`` (inputs) and ``t`` (teacher outputs) of one feed."""
-    pred = a @ _weight_matrix(c)
-    if c.bias is not None:
-        scale = float(_attr(c.node, "beta", 1.0)) if c.kind == "gemm" else 1.0
-        pred = pred + scale * c.bias.const_value.numpy().astype(np.float64)
-    design = np.hstack([a, np.ones((len(a), 1))]) if c.bias is not None else a
-    acc.gram += design.T @ design
-    acc.cross += design.T @ t
-    acc.target_sq += float(np.sum(t * t))
-    acc.error_before_sq += float(np.sum((pred - t) ** 2))
-    acc.rows += len(a)
+def _design(c: _Consumer, a: np.ndarray) -> np.ndarray:
+    return np.hstack([a, np.ones((len(a), 1))]) if c.bias is not None else a
 
 
 def refit_consumers(
@@ -259,10 +256,14 @@ def refit_consumers(
     ranks: Mapping[str, int],
     *,
     max_rows: int = 4096,
-    ridge: float = 1e-3,
     seed: int = 0,
 ) -> list[RefitResult]:
-    """Refit every consumer of pruned channels in ``pruned`` (in place)."""
+    """Refit every consumer of pruned channels in ``pruned`` (in place).
+
+    Rows: ``max_rows / len(feeds)`` random positions (tokens) of every feed. Each refit is
+    a ridge toward the un-refit weights, its strength (or no refit) chosen by
+    leave-feeds-out cross-validation (:mod:`onnxprune.prune.ridge`).
+    """
     layers = consumers(pruned, kept, ranks)
     if not layers or not feeds:
         return []
@@ -277,8 +278,9 @@ def refit_consumers(
             y = outputs[name]
             pos = _positions(y.shape, c.kind, per_feed, rng)
             positions[name].append(pos)
-            teacher[name].append(_targets(c, y, pos).astype(np.float64))
-    sizes = [8 * _columns(c) ** 2 for c in layers]
+            teacher[name].append(_targets(c, y, pos).astype(np.float32))
+    folds = fold_of(len(feeds))
+    sizes = [8 * (max(folds) + 1) * _columns(c) ** 2 for c in layers]
     chunks = refit_chunks(sizes)
     logger.info(
         "refit %d consumers in %d passes over %d feeds", len(layers), len(chunks), len(feeds)
@@ -287,7 +289,7 @@ def refit_consumers(
     with Progress(len(layers), "refit") as bar:
         for chunk in chunks:
             results += _refit_chunk(
-                pruned, [layers[i] for i in chunk], feeds, teacher, positions, ridge
+                pruned, [layers[i] for i in chunk], feeds, teacher, positions, folds
             )
             bar.update(len(chunk))
     return results
@@ -299,42 +301,44 @@ def _refit_chunk(  # noqa: PLR0917 - private helper of refit_consumers
     feeds: Sequence[Mapping[str, np.ndarray]],
     teacher: Mapping[str, list[np.ndarray]],
     positions: Mapping[str, list[np.ndarray]],
-    ridge: float,
+    folds: Sequence[int],
 ) -> list[RefitResult]:
     """One pass over ``pruned`` for the inputs of ``layers``, then their refits in order."""
     normals = []
     for c in layers:
-        k = _columns(c)
         n = teacher[c.node.outputs[0].name][0].shape[1]
-        normals.append(_Normal(np.zeros((k, k)), np.zeros((k, n))))
+        normals.append(Folds.zeros(max(folds) + 1, _columns(c), n))
     x_names = list(dict.fromkeys(c.node.inputs[0].name for c in layers))
     for index, out in enumerate(iter_intermediates(pruned, x_names, feeds)):
         for c, acc in zip(layers, normals, strict=True):
             name = c.node.outputs[0].name
             x = out[c.node.inputs[0].name].astype(np.float64)
             a = _rows(c, x, positions[name][index])
-            _accumulate(c, acc, a, teacher[name][index])
-    return [_solve(c, acc, ridge) for c, acc in zip(layers, normals, strict=True)]
+            acc.add(folds[index], _design(c, a), teacher[name][index].astype(np.float64))
+    return [_solve(c, acc) for c, acc in zip(layers, normals, strict=True)]
 
 
-def _solve(c: _Consumer, acc: _Normal, ridge: float) -> RefitResult:
-    """Solve the ridge-regularized normal equations; keep the old weights unless it helps."""
-    fit_bias = c.bias is not None
-    gram = acc.gram
-    norm = float(np.sqrt(acc.target_sq)) or 1.0
-    before = float(np.sqrt(max(acc.error_before_sq, 0.0))) / norm
-    lam = ridge * float(np.trace(gram)) / max(gram.shape[0], 1)
-    reg = lam * np.eye(gram.shape[0])
-    if fit_bias:
-        reg[-1, -1] = 0.0  # the bias is not shrunk
-    solution = np.linalg.solve(gram + reg, acc.cross)
-    # ||D s - t||^2 = s'Gs - 2 s'D't + t't, from the accumulated normal equations
-    residual = float(np.sum(solution * (gram @ solution)) - 2 * np.sum(solution * acc.cross))
-    after = float(np.sqrt(max(residual + acc.target_sq, 0.0))) / norm
-    if after < before:
-        _store(c, solution, fit_bias)
-    else:
-        after = before  # keep the original weights when the fit does not help
+def _solve(c: _Consumer, acc: Folds) -> RefitResult:
+    """Cross-validated ridge toward the un-refit weights; stored only when it helps."""
+    chosen = cross_validated_refit(acc, _s0(c))
+    refit = not np.isinf(chosen.strength)
+    if refit:
+        _store(c, chosen.solution, c.bias is not None)
     label = c.node.name or c.node.outputs[0].name
-    logger.info("refit %s: relative error %.4f -> %.4f (%d rows)", label, before, after, acc.rows)
-    return RefitResult(label, acc.rows, before, after)
+    logger.info(
+        "refit %s: held-out relative error %.4f -> %.4f (strength %s, %d rows)",
+        label,
+        chosen.heldout_before,
+        chosen.heldout_after,
+        chosen.strength,
+        int(acc.rows.sum()),
+    )
+    return RefitResult(
+        label,
+        int(acc.rows.sum()),
+        chosen.fit_before,
+        chosen.fit_after,
+        chosen.strength if refit else None,
+        chosen.heldout_before,
+        chosen.heldout_after,
+    )
