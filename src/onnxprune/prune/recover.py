@@ -81,6 +81,8 @@ class _Consumer:
     weight: ir.Value
     bias: ir.Value | None
     out_kept: np.ndarray | None
+    #: the value the teacher's targets are read from (a MatMul's bias Add, else the layer)
+    target: str = ""
 
 
 def _attr(node: ir.Node, name: str, default: object) -> object:
@@ -136,8 +138,24 @@ def consumers(
         if not rank:
             continue
         key = (out, out_axis % rank)
-        found.append(_Consumer(node, kind, node.inputs[1], bias, kept.get(key)))
+        target = out
+        if kind == "matmul" and (add := _bias_add(node)) is not None:
+            bias, target = add.inputs[1 - add.inputs.index(node.outputs[0])], add.outputs[0].name
+        found.append(_Consumer(node, kind, node.inputs[1], bias, kept.get(key), target))
     return found
+
+
+def _bias_add(node: ir.Node) -> ir.Node | None:
+    """The Add of a 1-D constant right after a MatMul (its only use): the layer's bias, which
+    compensation may have changed, so it is fit with the weights against the Add's output."""
+    uses = node.outputs[0].uses()
+    if len(uses) != 1 or uses[0][0].op_type != "Add":
+        return None
+    add = uses[0][0]
+    other = add.inputs[1 - uses[0][1]]
+    if other is None or other.const_value is None or len(other.const_value.shape) != 1:
+        return None
+    return add if len(other.uses()) == 1 else None
 
 
 def _conv_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], pos: np.ndarray):
@@ -268,13 +286,13 @@ def refit_consumers(
     if not layers or not feeds:
         return []
     per_feed = max(1, max_rows // len(feeds))
-    teacher_names = [c.node.outputs[0].name for c in layers]
+    teacher_names = [c.target for c in layers]
     teacher: dict[str, list[np.ndarray]] = {n: [] for n in teacher_names}
     positions: dict[str, list[np.ndarray]] = {n: [] for n in teacher_names}
     rng = np.random.default_rng(seed)
     for outputs in iter_intermediates(original, teacher_names, feeds):
         for c in layers:
-            name = c.node.outputs[0].name
+            name = c.target
             y = outputs[name]
             pos = _positions(y.shape, c.kind, per_feed, rng)
             positions[name].append(pos)
@@ -306,12 +324,12 @@ def _refit_chunk(  # noqa: PLR0917 - private helper of refit_consumers
     """One pass over ``pruned`` for the inputs of ``layers``, then their refits in order."""
     normals = []
     for c in layers:
-        n = teacher[c.node.outputs[0].name][0].shape[1]
+        n = teacher[c.target][0].shape[1]
         normals.append(Folds.zeros(max(folds) + 1, _columns(c), n))
     x_names = list(dict.fromkeys(c.node.inputs[0].name for c in layers))
     for index, out in enumerate(iter_intermediates(pruned, x_names, feeds)):
         for c, acc in zip(layers, normals, strict=True):
-            name = c.node.outputs[0].name
+            name = c.target
             x = out[c.node.inputs[0].name].astype(np.float64)
             a = _rows(c, x, positions[name][index])
             acc.add(folds[index], _design(c, a), teacher[name][index].astype(np.float64))
