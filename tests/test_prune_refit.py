@@ -1,5 +1,6 @@
 """Least-squares recovery (prune --reconstruct): the number of passes over the model is
-bounded, whatever the number of consumers (issue 14 item 27: DenseNet-121)."""
+bounded, whatever the number of consumers, and the normal equations cost one product per
+fold, whatever the number of feeds (issue 14 item 27: DenseNet-121)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxprune.prune import recover
+from onnxprune.prune import recover, ridge
 from onnxprune.prune.api import prune_file
 from onnxprune.prune.core import PruneOptions
 from prune_models import deep_chain
@@ -44,10 +45,20 @@ def test_refit_passes_do_not_grow_with_the_number_of_layers(
         return original(model, names, feeds, **kwargs)
 
     monkeypatch.setattr(recover, "iter_intermediates", counting)
+    products = []
+    add = ridge.Folds.add
+
+    def counting_add(self, fold, design, target):
+        products.append(len(design))
+        return add(self, fold, design, target)
+
+    monkeypatch.setattr(ridge.Folds, "add", counting_add)
     options = PruneOptions(ratio=0.5, round_to=1)
     result = prune_file(model_path, tmp_path / "out.onnx", options, calib=calib, reconstruct=True)
     refits = result.refits[0]
     assert len(refits) == 19
     assert len(passes) <= recover.MAX_PASSES + 1, passes
+    # one K x K product per consumer and fold, not one per feed (12 feeds, 5 folds)
+    assert len(products) <= ridge.MAX_FOLDS * len(refits) < 12 * len(refits)
     assert all(r["error_after"] <= r["error_before"] for r in refits)
     assert sum(r["error_after"] < r["error_before"] for r in refits) >= 10

@@ -13,14 +13,15 @@ rows, restricted to the consumer's kept output channels, ``S' = [W'; b']`` and `
 un-refit (pruned, compensated) weights: the ridge pulls toward them, not toward zero, so
 ``lam -> inf`` is no refit. ``lam`` (or no refit) is chosen per layer by leave-feeds-out
 cross-validation, and a refit is kept only where it predicts held-out feeds better
-(:mod:`onnxprune.prune.ridge`). The normal equations are accumulated feed by feed, per
-fold (memory ~folds * K^2 per consumer), rows are sampled from every feed with a seeded
-generator, and the consumers are refit in topological order.
+(:mod:`onnxprune.prune.ridge`). Rows are sampled from every feed with a seeded generator
+and kept per fold; each fold's normal equations are one product over its rows (memory
+~folds * K^2 for the consumer being solved), and the consumers are refit in topological
+order.
 
 Cost: the teacher's rows come from one pass over the feeds. The consumers' input rows come
 from passes over the pruned model, each serving a *chunk* of consecutive consumers (at most
-:data:`MAX_PASSES` chunks, fewer consumers per chunk when their normal equations would
-exceed :data:`GRAM_BUDGET` bytes). A refit sees the refits of earlier chunks; within a chunk
+:data:`MAX_PASSES` chunks, fewer consumers per chunk when their sampled rows would exceed
+:data:`GRAM_BUDGET` bytes). A refit sees the refits of earlier chunks; within a chunk
 the inputs are those before its refits. With up to ``MAX_PASSES`` consumers (small models)
 every consumer gets its own pass, so each refit sees every earlier one. Passes were one per
 consumer before: a DenseNet-121 (120 consumers) then ran the whole model 120 times per feed.
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 #: At most this many passes over the pruned model collect the consumers' input rows.
 MAX_PASSES = 8
-#: The normal equations of one chunk of consumers stay under this many bytes.
+#: The sampled input rows of one chunk of consumers stay under this many bytes.
 GRAM_BUDGET = 512 * 2**20
 
 
@@ -236,7 +237,7 @@ def _columns(c: _Consumer) -> int:
 
 
 def refit_chunks(sizes: Sequence[int], *, passes: int = MAX_PASSES, budget: int = GRAM_BUDGET):
-    """Split consumers (their normal-equation bytes, in order) into consecutive chunks.
+    """Split consumers (the bytes each holds during its pass, in order) into consecutive chunks.
 
     At most ``ceil(len / passes)`` consumers per chunk, fewer where the chunk's bytes would
     exceed ``budget`` (a consumer larger than the budget gets a chunk of its own).
@@ -298,7 +299,9 @@ def refit_consumers(
             positions[name].append(pos)
             teacher[name].append(_targets(c, y, pos).astype(np.float32))
     folds = fold_of(len(feeds))
-    sizes = [8 * (max(folds) + 1) * _columns(c) ** 2 for c in layers]
+    # A chunk holds its consumers' sampled input rows (float32); the normal equations of one
+    # consumer at a time are built from them when it is solved.
+    sizes = [4 * min(max_rows, per_feed * len(feeds)) * _columns(c) for c in layers]
     chunks = refit_chunks(sizes)
     logger.info(
         "refit %d consumers in %d passes over %d feeds", len(layers), len(chunks), len(feeds)
@@ -321,19 +324,38 @@ def _refit_chunk(  # noqa: PLR0917 - private helper of refit_consumers
     positions: Mapping[str, list[np.ndarray]],
     folds: Sequence[int],
 ) -> list[RefitResult]:
-    """One pass over ``pruned`` for the inputs of ``layers``, then their refits in order."""
-    normals = []
-    for c in layers:
-        n = teacher[c.target][0].shape[1]
-        normals.append(Folds.zeros(max(folds) + 1, _columns(c), n))
+    """One pass over ``pruned`` for the inputs of ``layers``, then their refits in order.
+
+    The sampled rows are kept per consumer and fold, and each fold's normal equations are
+    one product over all its rows: accumulating them feed by feed cost a ``K x K`` update
+    per feed and consumer, which dominated on DenseNet-121 with a few dozen feeds.
+    """
+    rows: list[dict[int, list[np.ndarray]]] = [{} for _ in layers]
     x_names = list(dict.fromkeys(c.node.inputs[0].name for c in layers))
     for index, out in enumerate(iter_intermediates(pruned, x_names, feeds)):
-        for c, acc in zip(layers, normals, strict=True):
-            name = c.target
-            x = out[c.node.inputs[0].name].astype(np.float64)
-            a = _rows(c, x, positions[name][index])
-            acc.add(folds[index], _design(c, a), teacher[name][index].astype(np.float64))
-    return [_solve(c, acc) for c, acc in zip(layers, normals, strict=True)]
+        for c, kept in zip(layers, rows, strict=True):
+            a = _rows(c, out[c.node.inputs[0].name], positions[c.target][index])
+            kept.setdefault(folds[index], []).append(a.astype(np.float32, copy=False))
+    results = []
+    for c, kept in zip(layers, rows, strict=True):
+        results.append(_solve(c, _normal_equations(c, kept, teacher[c.target], folds)))
+        kept.clear()  # release the rows as soon as the consumer is solved
+    return results
+
+
+def _normal_equations(
+    c: _Consumer,
+    rows: Mapping[int, list[np.ndarray]],
+    targets: Sequence[np.ndarray],
+    folds: Sequence[int],
+) -> Folds:
+    """Per-fold ``D^T D``, ``D^T T`` from the consumer's rows (feeds in order per fold)."""
+    acc = Folds.zeros(max(folds) + 1, _columns(c), targets[0].shape[1])
+    for fold, pieces in rows.items():
+        a = np.concatenate(pieces).astype(np.float64)
+        t = np.concatenate([t for t, f in zip(targets, folds, strict=True) if f == fold])
+        acc.add(fold, _design(c, a), t.astype(np.float64))
+    return acc
 
 
 def _solve(c: _Consumer, acc: Folds) -> RefitResult:
