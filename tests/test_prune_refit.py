@@ -62,3 +62,29 @@ def test_refit_passes_do_not_grow_with_the_number_of_layers(
     assert len(products) <= ridge.MAX_FOLDS * len(refits) < 12 * len(refits)
     assert all(r["error_after"] <= r["error_before"] for r in refits)
     assert sum(r["error_after"] < r["error_before"] for r in refits) >= 10
+
+
+def test_cross_validation_decomposes_once_per_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chosen strength is applied with one solve (same solution as its eigen path), so
+    a consumer costs one eigendecomposition per fold, not one more."""
+    rng = np.random.default_rng(0)
+    folds = ridge.Folds.zeros(5, 40, 5)
+    for fold in range(5):
+        design = rng.standard_normal((60, 40))
+        folds.add(fold, design, design[:, :5] * 0.5 + 0.3 * rng.standard_normal((60, 5)))
+    s0 = np.full((40, 5), 0.01)
+    calls = []
+    eigh = np.linalg.eigh
+
+    def counting(matrix, *args, **kwargs):
+        calls.append(matrix.shape)
+        return eigh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(ridge.np.linalg, "eigh", counting)
+    chosen = ridge.cross_validated_refit(folds, s0)
+    assert np.isfinite(chosen.strength) and len(calls) == 5
+    r, _ = ridge._error_terms(folds, s0)
+    p = ridge._scales(folds.gram.sum(0), float(folds.rows.sum()))
+    index = [g for g in ridge.GRID if np.isfinite(g)].index(chosen.strength)
+    path = ridge._path(folds.gram.sum(0), r.sum(0), p, float(folds.rows.sum()))
+    np.testing.assert_allclose(chosen.solution, s0 + path[index], rtol=1e-9, atol=1e-12)
