@@ -189,6 +189,7 @@ def test_pass_names_run_order_and_package_exports() -> None:
     assert PASS_NAMES == (
         "fold-constants",
         "eliminate-noops",
+        "fold-pad",
         "fold-batchnorm",
         "fuse-activations",
         "fold-affine",

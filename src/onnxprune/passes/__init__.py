@@ -17,6 +17,7 @@ from onnxprune.passes.constant_folding import FoldConstantsPass
 from onnxprune.passes.eliminate import EliminateNoOpsPass
 from onnxprune.passes.fold_affine import FoldAffinePass
 from onnxprune.passes.fold_batchnorm import FoldBatchNormPass
+from onnxprune.passes.fold_pad import FoldPadPass
 from onnxprune.passes.fuse_activations import FuseActivationsPass
 from onnxprune.passes.pipeline import PASS_NAMES, CanonicalizeReport, canonicalize
 
@@ -29,6 +30,7 @@ __all__ = [
     "FoldAffinePass",
     "FoldBatchNormPass",
     "FoldConstantsPass",
+    "FoldPadPass",
     "FuseActivationsPass",
     "Pass",
     "PassReport",
