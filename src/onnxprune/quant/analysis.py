@@ -10,7 +10,8 @@
   int8 when its quantized weight (``W_quantized``) feeds an integer kernel there (QLinearConv,
   QGemm, MatMulIntegerToFloat, ...), or, for activation x activation MatMuls, when an integer
   kernel carries its node name (onnxruntime keeps it, adding ``_token_N`` suffixes).
-  The share is ``int8 MACs / all Conv+Gemm+MatMul MACs``.
+  The share is ``int8 MACs / all Conv+Gemm+MatMul MACs``; the same optimized graph is
+  searched for float islands between int8 kernels (:mod:`onnxprune.quant.islands`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import onnx_ir as ir
 from onnxprune.analysis import count_costs
 from onnxprune.intermediates import iter_intermediates
 from onnxprune.metrics import output_metrics, rows
+from onnxprune.quant.islands import find_islands
 from onnxprune.quant.placement import PRIMARY_OPS
 from onnxprune.quant.prepare import INT8_OPS
 from onnxprune.runtime import make_session
@@ -175,7 +177,9 @@ def int8_mac_share(
     counts: dict[str, int] = {}
     for n in proto.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    integer_ops = {*INT8_OPS, *(op for op in counts if op.startswith("QLinear"))}
     return {
+        "islands": find_islands(proto, sorted(integer_ops)),
         "int8_mac_share": int8_macs / total if total else 0.0,
         "int8_macs": int8_macs,
         "total_macs": total,

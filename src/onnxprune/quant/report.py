@@ -36,6 +36,17 @@ def worst(metrics: Mapping[str, Mapping[str, float | None]]) -> dict[str, float 
     }
 
 
+def _islands_line(islands: list[dict[str, Any]]) -> str:
+    """One line on the float work left between int8 kernels in onnxruntime's graph."""
+    if not islands:
+        return "float islands between int8 kernels in onnxruntime's graph: none"
+    named = ", ".join(f"{i['kind']} {i['op_type']} {i['node']}" for i in islands[:5])
+    more = f" and {len(islands) - 5} more" if len(islands) > 5 else ""
+    return (
+        f"float islands between int8 kernels in onnxruntime's graph ({len(islands)}): {named}{more}"
+    )
+
+
 @dataclasses.dataclass
 class QuantizeResult:
     """What was quantized, how, and how close the result is to the float model.
@@ -104,6 +115,7 @@ class QuantizeResult:
         share = self.details.get("int8_mac_share")
         if share:
             lines.append(f"int8 MAC share in onnxruntime: {100 * share['int8_mac_share']:.1f} %")
+            lines.append(_islands_line(share.get("islands", [])))
         harm = self.details.get("worst_layers_harm_db")
         if harm:
             top = ", ".join(f"{name} {value:.1f} dB" for name, value in list(harm.items())[:3])

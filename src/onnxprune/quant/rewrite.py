@@ -62,8 +62,52 @@ def _dq_node(graph: ir.Graph, source: ir.Value, name: str, params: QParams) -> i
     )
 
 
+# Producers onnxruntime runs int8 only when their output is quantized (no float-output
+# integer kernel, unlike QGemm and MatMulIntegerToFloat).
+_NEEDS_OUTPUT_Q = frozenset({"Conv", "ConvTranspose"})
+
+
+def _int8_only_with_output_q(value: ir.Value) -> bool:
+    """``value`` is computed by a Conv/ConvTranspose, directly or through one Relu/Clip."""
+    producer = value.producer()
+    if producer is not None and producer.op_type in ("Relu", "Clip") and producer.inputs[0]:
+        producer = producer.inputs[0].producer()
+    return producer is not None and producer.op_type in _NEEDS_OUTPUT_Q
+
+
 def _quantize_activation(graph: ir.Graph, value: ir.Value, params: QParams) -> None:
+    """Insert ``Q -> DQ`` after ``value``; its readers read the DQ.
+
+    A graph output is special: onnxruntime fuses no producer whose output is a graph
+    output, so a Q/DQ pair hanging off it would run as a dangling float round trip and
+    leave its producer float (a float island). When the producer is a convolution (int8
+    only with a quantized output), the graph output is re-pointed at the DQ (it keeps its
+    name; the float tensor becomes ``NAME_float``): the output is then int8-rounded and
+    the convolution runs int8. Any other producer keeps the float output and gets no
+    Q/DQ (its readers inside the graph, if any, still read a DQ).
+    """
     name = value.name or ""
+    if value.is_graph_output():
+        if _int8_only_with_output_q(value):
+            _reroute_output(graph, value, params)
+            return
+        if not any(True for _ in value.uses()):
+            return
+        _insert_qdq(graph, value, params, name)
+        return
+    _insert_qdq(graph, value, params, name)
+
+
+def _reroute_output(graph: ir.Graph, value: ir.Value, params: QParams) -> None:
+    name = value.name or ""
+    index = list(graph.outputs).index(value)
+    value.name = f"{name}_float"
+    dq_out = _insert_qdq(graph, value, params, name)
+    graph.outputs[index] = dq_out
+    dq_out.name = name
+
+
+def _insert_qdq(graph: ir.Graph, value: ir.Value, params: QParams, name: str) -> ir.Value:
     scale = _constant(graph, f"{name}_scale", params.scale)
     zero = _constant(graph, f"{name}_zero_point", params.zero_point)
     q_dtype = ir.DataType.from_numpy(params.zero_point.dtype)
@@ -83,6 +127,7 @@ def _quantize_activation(graph: ir.Graph, value: ir.Value, params: QParams) -> N
         graph.insert_after(producer, [q, dq])
     else:
         graph.insert_before(next(iter(graph)), [q, dq])
+    return dq_out
 
 
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
