@@ -40,6 +40,7 @@ COMMANDS = (
     "sparsify",
     "lowrank",
     "quantize",
+    "recover",
 )
 
 

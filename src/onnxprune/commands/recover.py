@@ -1,0 +1,101 @@
+"""``onnxprune recover``: distil an optimized model from its original (weights only)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from onnxprune.commands.common import (
+    add_eval_option,
+    add_report_option,
+    model_run_files,
+    write_json,
+)
+from onnxprune.errors import UsageError
+from onnxprune.io.outputs import RunFiles
+
+__all__ = ["register", "run"]
+
+NO_TORCH = "recover needs torch: pip install onnxprune[recover]"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "recover",
+        help="recover accuracy by distillation from the original model",
+        description="Train the weights of an optimized model (pruned, sparsified, low-rank, "
+        "int8 QDQ) so its outputs match the original model's on unlabeled calibration data. "
+        "Only initializer values change: graph, dtypes, shapes, sparsity masks and "
+        "quantization scales stay as they are. The trained weights are kept only when "
+        "fidelity on held-out calibration samples improves. Needs torch "
+        "(pip install onnxprune[recover]).",
+    )
+    parser.add_argument("model", metavar="STUDENT", help="optimized .onnx file (never modified)")
+    parser.add_argument("--teacher", required=True, metavar="ORIGINAL", help="original .onnx")
+    parser.add_argument("--calib", required=True, help="unlabeled .npz or folder of .npz")
+    parser.add_argument("-o", "--output", required=True, help="output .onnx file")
+    parser.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, metavar="S", help="stop after S seconds"
+    )
+    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (1e-4)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="samples a step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    parser.add_argument(
+        "--augment", action="store_true", help="random flips and small shifts of image inputs"
+    )
+    parser.add_argument(
+        "--match",
+        action="append",
+        default=[],
+        metavar="TENSOR",
+        help="also match this intermediate tensor of both models ('auto': all of the same "
+        "name and shape); repeatable",
+    )
+    add_eval_option(parser)
+    add_report_option(parser)
+    parser.set_defaults(run=run, files=run_files)
+
+
+def run_files(args: argparse.Namespace) -> RunFiles:
+    return model_run_files(args).read("the --teacher model", args.teacher, model=True)
+
+
+def _options(args: argparse.Namespace) -> object:
+    from onnxprune.recover.distill import DistillOptions
+
+    if args.steps < 1 or args.batch_size < 1 or args.threads < 1:
+        raise UsageError("--steps, --batch-size and --threads must be positive")
+    if not args.lr > 0 or (args.time_budget is not None and not args.time_budget > 0):
+        raise UsageError("--lr and --time-budget must be positive")
+    match = "auto" if args.match == ["auto"] else (args.match or None)
+    return DistillOptions(
+        steps=args.steps,
+        time_budget=args.time_budget,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        threads=args.threads,
+        augment=args.augment,
+        match=match,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("torch") is None:
+        raise UsageError(NO_TORCH)
+    from onnxprune.recover.api import recover_file
+
+    result = recover_file(
+        args.model,
+        args.teacher,
+        args.output,
+        args.calib,
+        eval_data=args.eval_data,
+        options=_options(args),  # type: ignore[arg-type]
+    )
+    print(result.summary())
+    if args.report:
+        write_json(args.report, result.to_dict())
+    return 0
