@@ -63,7 +63,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="per-group ratios from `onnxprune sensitivity --allocate F --save-ratios R.json`",
     )
     parser.add_argument("--max-ratio", type=float, default=0.9, help="cap per group (0.9)")
-    parser.add_argument("--criterion", choices=CRITERIA, default="l2")
+    parser.add_argument(
+        "--criterion",
+        choices=(*CRITERIA, "auto"),
+        default="auto",
+        help="unit importance; auto: reconstruction with --calib, else l2",
+    )
+    parser.add_argument(
+        "--allocation",
+        choices=("auto", "measured", "uniform"),
+        default="auto",
+        help="how --target-macs is spread over groups; auto: measured with --calib "
+        "(each group cut alone on calibration feeds, fragile ones cut less), else uniform",
+    )
     parser.add_argument("--calib", help="calibration .npz or folder (for activation/recovery)")
     parser.add_argument("--reconstruct", action="store_true", help="least-squares refit")
     parser.add_argument("--iterative", type=int, default=1, metavar="K", help="prune in K steps")
@@ -135,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         round_to=round_to,
         criterion=args.criterion,
         exclude=args.exclude,
+        allocation=args.allocation,
     )
     result = prune_file(
         args.model,

@@ -113,11 +113,18 @@ def _kept_after(result: SensitivityResult, steps: Sequence[tuple[str, int]]) -> 
 class _Evaluator:
     """Exact MACs of "keep ``kept[g]`` units of group ``g``" (lowest scores removed first)."""
 
-    def __init__(self, model: ir.Model, criterion: str, dims: Mapping[str, int] | None):
+    def __init__(
+        self,
+        model: ir.Model,
+        criterion: str,
+        dims: Mapping[str, int] | None,
+        scores: Mapping[str, np.ndarray] | None = None,
+    ):
         analysis = analyze(model)
         self.groups = {g.id: g for g in analysis.prunable}
         self.cost = CostModel(model, analysis, dims)
-        scores, _ = group_scores(model, analysis, criterion)
+        if scores is None:
+            scores, _ = group_scores(model, analysis, criterion)
         self.order = {gid: removal_order(g, scores[gid]) for gid, g in self.groups.items()}
 
     def macs(self, kept: Mapping[str, int]) -> int:
@@ -175,14 +182,16 @@ def allocate_ratios(
     *,
     max_ratio: float = 0.9,
     dims: Mapping[str, int] | None = None,
+    scores: Mapping[str, np.ndarray] | None = None,
 ) -> Allocation:
     """Sensitivity-guided per-group ratios that keep at most ``target_macs`` of the MACs.
 
-    ``model`` is the (canonicalized) model ``result`` was measured on.
+    ``model`` is the (canonicalized) model ``result`` was measured on; ``scores`` are the
+    unit scores it was measured with (default: ``result.criterion`` from the weights alone).
     """
     if not 0 < target_macs <= 1:
         raise UsageError(f"--allocate {target_macs}: the fraction of MACs to keep is in (0, 1]")
-    evaluator = _Evaluator(model, result.criterion, dims)
+    evaluator = _Evaluator(model, result.criterion, dims, scores)
     for row in result.groups:
         group = evaluator.groups.get(row["id"])
         if group is None or group.size != row["size"]:

@@ -21,6 +21,7 @@ from onnxprune.prune.activations import (
 )
 from onnxprune.prune.analysis import analyze
 from onnxprune.prune.core import PruneOptions, PruneReport, prune_model
+from onnxprune.prune.measured import measured_allocation
 from onnxprune.prune.recover import refit_consumers
 
 __all__ = ["PruneFileResult", "prune_file"]
@@ -122,6 +123,27 @@ def _step_options(options: PruneOptions, step: int, steps: int, progress: float)
     raise UsageError("--iterative needs --ratio, --target-macs or --target-params")
 
 
+#: The criterion ``auto`` resolves to: data-aware with calibration data (measured on the zoo,
+#: see ``benchmarks/prune_zoo.py``), weight norms without.
+AUTO_CRITERION = {True: "reconstruction", False: "l2"}
+
+
+def resolve_defaults(options: PruneOptions, has_data: bool) -> PruneOptions:
+    """``options`` with ``criterion="auto"`` replaced by the default for the data at hand."""
+    if options.criterion == "auto":
+        return dataclasses.replace(options, criterion=AUTO_CRITERION[has_data])
+    return options
+
+
+def _measures_allocation(options: PruneOptions, feeds: list) -> bool:
+    """Measured allocation applies to a MACs target with data, unless ratios were given."""
+    if options.allocation == "uniform" or options.target_macs is None:
+        return False
+    if options.allocation == "measured" and not feeds:
+        raise UsageError("--allocation measured needs --calib")
+    return bool(feeds) and not options.layer_ratios and options.plan is None
+
+
 def prune_file(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -139,6 +161,7 @@ def prune_file(
     ``eval_data``, else on the held-out part of ``calib`` (:mod:`onnxprune.heldout`).
     """
     options.validate()
+    options = resolve_defaults(options, calib is not None)
     if iterative < 1:
         raise UsageError(f"--iterative {iterative}: must be >= 1")
     if iterative > 1 and options.plan is not None:
@@ -166,7 +189,16 @@ def prune_file(
         means = None
         if feeds:
             means = functools.partial(removed_input_means, model, feeds=feeds)
+        allocation = None
+        if _measures_allocation(step_options, feeds):
+            allocation = measured_allocation(model, step_options, feeds, stats, dims)
+            step_options = dataclasses.replace(
+                step_options, target_macs=None, layer_ratios=allocation.ratios
+            )
         report = prune_model(model, step_options, stats, dims, means)
+        if allocation is not None:
+            report.allocation = allocation.to_dict()
+            report.notes.append(allocation.summary())
         steps.append(report)
         progress *= (
             report.macs[1] / max(report.macs[0], 1)

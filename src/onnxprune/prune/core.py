@@ -58,6 +58,10 @@ class PruneOptions:
     criterion: str = "l2"
     exclude: Sequence[str] = ()
     compensate: bool = True
+    #: How a --target-macs is spread over groups: ``measured`` (per-group error measured on
+    #: calibration data, :mod:`onnxprune.prune.measured`), ``uniform`` (one ratio), or
+    #: ``auto`` (measured when calibration data is given).
+    allocation: str = "auto"
 
     def validate(self) -> None:
         amounts = [
@@ -86,8 +90,12 @@ class PruneOptions:
                 raise UsageError(f"layer ratio {key}={value}: must be in [0, 1)")
         if self.round_to < 1:
             raise UsageError(f"--round-to {self.round_to}: must be >= 1")
-        if self.criterion not in CRITERIA:
+        if self.criterion not in (*CRITERIA, "auto"):
             raise UsageError(f"--criterion {self.criterion!r}: choose from {', '.join(CRITERIA)}")
+        if self.allocation not in ("auto", "measured", "uniform"):
+            raise UsageError(
+                f"--allocation {self.allocation!r}: choose from auto, measured, uniform"
+            )
 
 
 @dataclasses.dataclass
@@ -102,9 +110,11 @@ class PruneReport:
     notes: list[str]
     kept: dict = dataclasses.field(default_factory=dict, repr=False)
     ranks: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
+    #: The measured allocation the ratios came from (``MeasuredAllocation.to_dict``).
+    allocation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "schema": "onnxprune.prune/1",
             "macs": {"before": self.macs[0], "after": self.macs[1]},
             "params": {"before": self.params[0], "after": self.params[1]},
@@ -113,6 +123,9 @@ class PruneReport:
             "pruned_axes": self.pruned_axes,
             "notes": self.notes,
         }
+        if self.allocation is not None:
+            data["allocation"] = self.allocation
+        return data
 
 
 def _output_weight_axis(node: ir.Node) -> tuple[str, int] | None:

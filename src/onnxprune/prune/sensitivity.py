@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,21 @@ from onnxprune.io import load
 from onnxprune.io.pinned import copy_model
 from onnxprune.metrics import output_metrics
 from onnxprune.passes.pipeline import canonicalize
-from onnxprune.prune.activations import activation_stats, reconstruction_stats
+from onnxprune.prune.activations import (
+    activation_stats,
+    reconstruction_stats,
+    removed_input_means,
+)
 from onnxprune.prune.analysis import Analysis, Group, analyze
 from onnxprune.prune.apply import kept_indices, zero_units
-from onnxprune.prune.compensate import compensate_removed_inputs, expected_input
+from onnxprune.prune.compensate import (
+    InputMean,
+    add_border_corrections,
+    border_corrections,
+    compensate_removed_inputs,
+    compensation_requests,
+    expected_input,
+)
 from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import CRITERIA, group_scores
 from onnxprune.prune.select import keep_count
@@ -56,6 +67,7 @@ __all__ = [
     "SensitivityResult",
     "load_canonical",
     "measure_sensitivity",
+    "measured_means",
     "removal_order",
     "sensitivity_file",
 ]
@@ -154,10 +166,23 @@ class _Probe:
     threads: int
     compensate: bool = True
     reference: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    #: Measured ``E[x]`` of every consumer input (:func:`measured_means`): compensation as
+    #: ``prune --calib`` applies it (means and exact border terms), not the data-free guess.
+    measured: Mapping[str, InputMean] | None = None
 
     def error(self, removed: list[int]) -> tuple[float, dict]:
         if not removed:
             return _compare(self.reference, self.reference)
+        if self.compensate and self.measured is not None:
+            model = copy_model(self.model)
+            kept = kept_indices(self.analysis, removed)
+            compensate_removed_inputs(model, kept, self.measured)
+            # zeroed (not sliced) outputs keep every channel: residuals over all of them
+            inputs_only = {k: v for k, v in kept.items() if k[0] in model.graph.initializers}
+            corrections = border_corrections(model, inputs_only, self.measured)
+            zero_units(model, self.analysis, removed)
+            add_border_corrections(model, corrections)
+            return _compare(self.reference, _run(model, self.feeds, self.threads))
         if self.compensate:  # adds bias inputs: work on a copy
             model = copy_model(self.model)
             expected = {}
@@ -223,13 +248,17 @@ def measure_sensitivity(
     dims: Mapping[str, int] | None = None,
     threads: int = 1,
     compensate: bool = True,
+    measured: Mapping[str, InputMean] | None = None,
+    skip: Collection[str] = (),
 ) -> SensitivityResult:
     """Prune each prunable group alone at each ratio and measure the output error.
 
     ``model`` should be canonicalized as ``onnxprune prune`` does (group ids must match);
     it is left unchanged. ``feeds`` are calibration samples. ``compensate`` mirrors
     ``PruneOptions.compensate``: the data-free bias compensation prune applies is applied
-    before zeroing (on a copy of the model per point), so the error is prune's.
+    before zeroing (on a copy of the model per point), so the error is prune's; with
+    ``measured`` (:func:`measured_means` on calibration data) the measured compensation of
+    ``prune --calib`` is applied instead. Groups in ``skip`` are not measured.
     """
     if not feeds:
         raise UsageError("sensitivity needs at least one calibration sample")
@@ -242,10 +271,12 @@ def measure_sensitivity(
     scores, notes = group_scores(model, analysis, criterion, activation_stats)
     for note in notes:
         logger.info("%s", note)
-    probe = _Probe(model, analysis, cost, feeds, threads, compensate)
+    probe = _Probe(model, analysis, cost, feeds, threads, compensate, measured=measured)
     probe.reference = _run(model, feeds, threads)
     rows = [
-        probe.row(g, removal_order(g, scores[g.id]), ratios, round_to) for g in analysis.prunable
+        probe.row(g, removal_order(g, scores[g.id]), ratios, round_to)
+        for g in analysis.prunable
+        if g.id not in skip
     ]
     blocked = [
         {"id": g.id, "node": g.blocked[0], "reason": g.blocked[1]}
@@ -255,6 +286,18 @@ def measure_sensitivity(
     return SensitivityResult(
         criterion, round_to, sorted(ratios), len(feeds), cost.macs_before, rows, blocked
     )
+
+
+def measured_means(
+    model: ir.Model, analysis: Analysis, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, InputMean]:
+    """``E[x_c]`` (and constant maps) of every channel of every consumer input, measured once.
+
+    What :func:`~onnxprune.prune.activations.removed_input_means` measures for one plan,
+    for all plans at once: every channel of every weighted layer's input is requested.
+    """
+    everything = {key: np.zeros(0, dtype=np.int64) for key in analysis.graph.spaces}
+    return removed_input_means(model, compensation_requests(model, everything), feeds)
 
 
 # -- files -----------------------------------------------------------------------------------
