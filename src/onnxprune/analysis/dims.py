@@ -18,11 +18,19 @@ they used.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
-__all__ = ["BATCH_SOURCE", "DimDefault", "dim_key", "dims_notice", "input_dim_defaults"]
+__all__ = [
+    "BATCH_SOURCE",
+    "DimDefault",
+    "dim_key",
+    "dims_notice",
+    "feed_dims",
+    "input_dim_defaults",
+]
 
 
 #: ``DimDefault.source`` of a leading-axis (batch) default.
@@ -80,6 +88,30 @@ def input_dim_defaults(model: ir.Model) -> dict[str, DimDefault]:
             if derived is not None:
                 defaults[key] = derived
     return defaults
+
+
+def feed_dims(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, int]:
+    """Sizes of the graph inputs' symbolic dims as the feeds give them (keys: :func:`dim_key`).
+
+    The leading (batch) axis is left unbound (it defaults to 1). A dim whose size differs
+    between feeds (sequence length) gets the median size, rounded down; a dim no feed holds
+    is left out. Costs counted with these dims are those of the data the model is pruned
+    for, not of the exporter's annotations.
+    """
+    sizes: dict[str, list[int]] = {}
+    initializers = set(model.graph.initializers)
+    for value in model.graph.inputs:
+        if value.name in initializers or value.shape is None:
+            continue
+        for axis, dim in enumerate(value.shape):
+            if axis == 0 or isinstance(dim, int):
+                continue
+            key = dim_key(str(value.name), axis, dim.value)
+            for feed in feeds:
+                array = feed.get(str(value.name))
+                if array is not None and np.ndim(array) == len(value.shape):
+                    sizes.setdefault(key, []).append(int(np.shape(array)[axis]))
+    return {key: int(np.sort(found)[(len(found) - 1) // 2]) for key, found in sizes.items()}
 
 
 def dims_notice(used: Mapping[str, DimDefault], unresolved: Iterable[str] = ()) -> str | None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from onnxprune.analysis.dims import feed_dims
 from onnxprune.errors import UsageError
 from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save
@@ -175,6 +176,8 @@ def prune_file(
     refuse_unrewritable(model, str(model_path))
     split = split_data(model, calib, eval_data, dims=dims)
     feeds = split.fit_feeds(FIT_SAMPLES)
+    # costs at the sizes of the data (then --dim), never the exporter's shape annotations
+    dims = {**feed_dims(model, feeds), **(dims or {})} or None
     skip = ("fold-batchnorm",) if options.criterion == "bn" else ()
     canonicalize(model, skip=skip)
     steps, refits = [], []
