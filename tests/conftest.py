@@ -71,3 +71,12 @@ def external_model(tmp_path: Path, weight: np.ndarray) -> Path:
     folder = tmp_path / "ext"
     folder.mkdir()
     return write_external(folder, weight)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches (quantize's calibration statistics) go to a per-session folder, never the
+    user's ~/.cache, so tests neither read stale entries nor leave files behind."""
+    import os
+
+    os.environ["ONNXPRUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("onnxprune-cache"))

@@ -120,7 +120,7 @@ def test_off_is_the_uncorrected_model_byte_for_byte(files, tmp_path):
     model = load(files[0])
     pipeline.canonicalize(model)
     name_nodes(model)
-    model = ensure_opset(model)
+    model, _ = ensure_opset(model)
     quantizer = StaticQuantizer(model, QuantOptions())
     # Calibrated on the fit samples: the last quarter (6 of 24) is held out for the report.
     quantizer.calibrate([{"x": s} for s in files[2][:18]])
@@ -179,7 +179,7 @@ def _residual_net(seed: int = 0):
 def _built(model, feeds):
     pipeline.canonicalize(model)
     name_nodes(model)
-    model = ensure_opset(model)
+    model, _ = ensure_opset(model)
     quantizer = StaticQuantizer(model, QuantOptions())
     quantizer.calibrate(feeds)
     built, _ = quantizer.build((), "none")

@@ -72,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "only if the output SQNR improves",
     )
     parser.add_argument("--max-samples", type=int, help="use at most N calibration samples")
+    parser.add_argument(
+        "--no-calib-cache",
+        action="store_true",
+        help="calibrate every time (default: reuse statistics of the same model and data "
+        "from $ONNXPRUNE_CACHE_DIR or ~/.cache/onnxprune/calibration)",
+    )
     add_eval_option(parser)
     add_report_option(parser)
     parser.set_defaults(run=run, files=model_run_files)
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         smooth=args.smoothquant,
         bias_correction=args.bias_correction,
         equalize=args.equalize,
+        calib_cache=not args.no_calib_cache,
     )
     print(result.summary())
     if args.report:

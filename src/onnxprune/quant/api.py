@@ -38,6 +38,7 @@ from onnxprune.quant.analysis import (
     reference_outputs,
 )
 from onnxprune.quant.bias import BIAS_MODES, correct_biases
+from onnxprune.quant.calib_cache import CalibrationCache
 from onnxprune.quant.calibrate import CALIBRATION_METHODS, METHODS
 from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
 from onnxprune.quant.equalize import equalize as cross_layer_equalize
@@ -50,6 +51,7 @@ from onnxprune.quant.prepare import (
     refuse_quantized,
 )
 from onnxprune.quant.report import QuantizeResult, file_bytes, worst
+from onnxprune.quant.sensitivity import rank_sensitivity
 from onnxprune.quant.smooth import smooth_matmuls
 from onnxprune.quant.vnni import REMEDIES, cpu_isa, needs_u8s8_remedy
 from onnxprune.tolerance import Tolerance, parse_tolerance
@@ -64,6 +66,7 @@ DTYPES = ("int8", "fp16")
 EQUALIZE_MODES = ("auto", "on", "off")
 _CHOICE_FEEDS = 16
 _RANK_FEEDS = 4
+_SENSITIVITY_FEEDS = 8
 _EQUALIZE_MIN_GAIN_DB = 0.1
 _MIN_HOLDOUT_FEEDS = 8
 Reference = Mapping[str, list]
@@ -82,6 +85,7 @@ class _Request:
     smooth: float | str | None = None
     bias_correction: str = "auto"
     equalize: str = "auto"
+    cache: CalibrationCache | None = None
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
@@ -268,7 +272,9 @@ def _candidate(
     )
     quantizer = StaticQuantizer(source, options)
     with _timed(info, f"calibrate{label}"):
-        quantizer.calibrate(feeds)
+        hit = quantizer.calibrate(feeds, request.cache)
+    state = "off" if request.cache is None else ("hit" if hit else "miss")
+    info.setdefault("calibration_cache", {})[f"calibrate{label}"] = state
     summaries: dict[str, dict] = {}
 
     def build(remedy: str) -> ir.Model:
@@ -403,6 +409,16 @@ def _static(
         ranking = rank_harm(source, quantized, nodes, feeds[:_RANK_FEEDS])
     info["worst_layers_harm_db"] = dict(ranking[:10])
     if request.budget is not None and request.budget.violations(metrics):
+        # Keep float in the order of end-to-end sensitivity (each layer quantized alone).
+        with _timed(info, "sensitivity"):
+            sensitivity = rank_sensitivity(
+                lambda kept: quantizer.build((*request.exclude, *kept), choice.remedy)[0],
+                nodes,
+                {k: v[:_SENSITIVITY_FEEDS] for k, v in reference.items()},
+                feeds[:_SENSITIVITY_FEEDS],
+            )
+        info["sensitivity"] = sensitivity
+        ranking = [(str(r["node"]), float(r["sqnr_db"])) for r in sensitivity]
 
         def build_kept(kept: Sequence[str]) -> tuple[ir.Model, dict, dict]:
             skip = (*request.exclude, *kept)
@@ -478,6 +494,12 @@ def _check_held_out(request: _Request, report: FidelityReport) -> None:
         )
 
 
+def _cache(setting: bool | str | os.PathLike[str]) -> CalibrationCache | None:
+    if setting is False:
+        return None
+    return CalibrationCache(None if setting is True else setting)
+
+
 def quantize_file(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -496,6 +518,7 @@ def quantize_file(
     bias_correction: str = "auto",
     equalize: str = "auto",
     eval_data: str | os.PathLike[str] | None = None,
+    calib_cache: bool | str | os.PathLike[str] = True,
 ) -> QuantizeResult:
     """Quantize ``model_path`` into ``output_path`` (the input file is never modified).
 
@@ -527,6 +550,9 @@ def quantize_file(
             pairs before calibration: ``on``, ``off`` or ``auto`` (tried on models with
             grouped/depthwise convolution pairs, kept only when the worst output SQNR on the
             calibration data improves).
+        calib_cache: Reuse calibration statistics of the same model and data
+            (:mod:`onnxprune.quant.calib_cache`): True for the user cache folder, a folder
+            path, or False to calibrate every time.
 
     Raises:
         UsageError: bad options, an already quantized model (exit 2).
@@ -545,6 +571,7 @@ def quantize_file(
         smooth,
         bias_correction,
         equalize,
+        _cache(calib_cache),
     )
     model = load(model_path)
     inputs = source_files(model)  # the rebuilt model no longer records them
@@ -555,13 +582,15 @@ def quantize_file(
     passes = pipeline.canonicalize(model)
     name_nodes(model)
     _validate(request, model)
-    model = ensure_opset(model)
     split = split_data(model, calib, eval_data)
     data = split.fit
     assert data is not None
     count = len(data) if max_samples is None else min(max_samples, len(data))
     feeds = list(data.feeds(range(count)))
-    info: dict[str, Any] = {"canonicalize": passes.summary(), "cpu": cpu_isa()}
+    model, opset = ensure_opset(model, feeds[:2])
+    if not opset["per_channel"] and request.per_channel:
+        request = dataclasses.replace(request, per_channel=False)
+    info: dict[str, Any] = {"canonicalize": passes.summary(), "cpu": cpu_isa(), "opset": opset}
     quantized, metrics = _convert(request, model, feeds, info)
     _check_result(request, metrics)
     if dtype == "int8" and mode == "static":

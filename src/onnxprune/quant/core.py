@@ -19,6 +19,7 @@ import onnx_ir as ir
 from onnxprune.errors import UsageError
 from onnxprune.intermediates import budget_chunks, iter_intermediates
 from onnxprune.io import pinned
+from onnxprune.quant.calib_cache import CalibrationCache, cache_key
 from onnxprune.quant.calibrate import Calibrator
 from onnxprune.quant.hazards import hazard_node
 from onnxprune.quant.params import QParams, activation_qparams, weight_qparams
@@ -72,8 +73,13 @@ class StaticQuantizer:
         self.method = options.method
         self.non_float: list[str] = []
 
-    def calibrate(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+    def calibrate(
+        self, feeds: Sequence[Mapping[str, np.ndarray]], cache: CalibrationCache | None = None
+    ) -> bool:
         """Stream ``feeds`` through the model and fix every planned tensor's range.
+
+        With ``cache``, statistics stored for the same model, method family and feeds are
+        loaded instead (returns True on such a hit), and fresh ones are stored.
 
         Tensors are fetched in chunks that fit :data:`CHUNK_BUDGET` bytes per feed (one
         pass over the feeds when the model is small), and the statistics of one feed are
@@ -83,6 +89,28 @@ class StaticQuantizer:
         """
         names = self.full_plan.activations
         calibrator = Calibrator(names, self.options.method)
+        key = cache_key(self.model, feeds, self.options.method) if cache is not None else ""
+        if cache is not None:
+            non_float = cache.load(key, calibrator)
+            if non_float is not None:
+                self.non_float = non_float
+                self._finish(calibrator)
+                return True
+        self._collect(calibrator, names, feeds)
+        if cache is not None:
+            try:
+                cache.store(key, calibrator, self.non_float)
+            except OSError as exc:  # a read-only cache folder must not fail the run
+                logger.warning("calibration cache not written: %s", exc)
+        self._finish(calibrator)
+        return False
+
+    def _collect(
+        self,
+        calibrator: Calibrator,
+        names: Sequence[str],
+        feeds: Sequence[Mapping[str, np.ndarray]],
+    ) -> None:
         with ThreadPoolExecutor(max_workers=1) as worker:
             pending: Future[None] | None = None
             for chunk in budget_chunks(self.model, names, feeds, budget=CHUNK_BUDGET):
@@ -92,6 +120,8 @@ class StaticQuantizer:
                     pending = worker.submit(self._update, calibrator, values)
             if pending is not None:
                 pending.result()
+
+    def _finish(self, calibrator: Calibrator) -> None:
         for name in self.non_float:
             calibrator.stats.pop(name, None)
         self.calibrator = calibrator

@@ -6,20 +6,25 @@
 * Give unnamed nodes deterministic names (``<op_type>_<index>``): plans, reports and
   ``--exclude`` refer to nodes by name.
 * Per-channel QuantizeLinear/DequantizeLinear (``axis``) need opset >= 13: older models are
-  converted with ``onnx.version_converter`` and checked with ``onnx.checker``.
+  converted with ``onnx.version_converter``, checked with ``onnx.checker`` and against the
+  original's outputs; when that fails they keep their opset (>= 10) and get per-tensor
+  weights instead of a refusal (:func:`ensure_opset`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
 from onnxprune.io.pinned import rebind_external
 from onnxprune.io.validate import WEIGHT_OPERANDS
+from onnxprune.runtime import run_model
 
 __all__ = [
     "INT8_OPS",
@@ -122,23 +127,79 @@ def default_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
-def ensure_opset(model: ir.Model, minimum: int = MIN_OPSET) -> ir.Model:
-    """``model`` unchanged, or converted to opset ``minimum`` when it is older.
+#: QuantizeLinear/DequantizeLinear exist (per-tensor) from this opset on.
+QDQ_OPSET = 10
 
-    Raises:
-        UsageError: the conversion fails or produces a model the checker rejects.
-    """
-    version = default_opset(model)
-    if version >= minimum:
-        return model
+
+def _converted(model: ir.Model, minimum: int) -> ir.Model | str:
+    """``model`` converted to opset ``minimum``, or the reason the conversion failed."""
     proto = ir.serde.serialize_model(model)
     try:
         converted = onnx.version_converter.convert_version(proto, minimum)
         onnx.checker.check_model(converted)
     except Exception as exc:
-        raise UsageError(
-            f"the model uses opset {version}; per-channel quantization needs opset >= {minimum} "
-            f"and the conversion failed: {exc}"
-        ) from None
-    logger.info("converted the model from opset %d to %d", version, minimum)
+        return f"onnx.version_converter failed: {str(exc).strip().splitlines()[0][:200]}"
     return rebind_external(ir.serde.deserialize_model(converted), model)
+
+
+def _same_outputs(
+    original: ir.Model, converted: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> str | None:
+    """None when both models compute the same outputs on ``feeds``, else the difference."""
+    for feed in feeds:
+        try:
+            ref, got = run_model(original, feed), run_model(converted, feed)
+        except Exception as exc:
+            return f"the converted model does not run: {str(exc).splitlines()[0][:200]}"
+        for name, r in ref.items():
+            c = got.get(name)
+            if c is None or np.shape(c) != np.shape(r):
+                return f"output {name!r} changed shape in the conversion"
+            r64, c64 = np.asarray(r, np.float64), np.asarray(c, np.float64)
+            scale = float(np.max(np.abs(r64))) if r64.size else 0.0
+            if not np.allclose(c64, r64, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
+                return f"output {name!r} changed in the conversion"
+    return None
+
+
+def ensure_opset(
+    model: ir.Model,
+    feeds: Sequence[Mapping[str, np.ndarray]] = (),
+    minimum: int = MIN_OPSET,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """``model`` at opset >= ``minimum`` when it can be upgraded exactly, else as it is.
+
+    An older model is converted with ``onnx.version_converter``, checked with the checker
+    and, on ``feeds``, run against the original (outputs must agree to float rounding: a
+    converter adapter that changes semantics is caught here). When any of that fails, the
+    model keeps its opset and the caller quantizes weights per tensor (per-channel
+    ``axis`` needs opset 13); below opset 10, which has no QuantizeLinear at all, the
+    conversion goes to 10 instead.
+
+    Returns:
+        The model to quantize and a record: ``from``, ``to``, ``per_channel`` (allowed),
+        and ``reason`` when the upgrade was not taken.
+
+    Raises:
+        UsageError: an opset below 10 that cannot be converted to 10 either.
+    """
+    version = default_opset(model)
+    record: dict[str, Any] = {"from": version, "to": version, "per_channel": True}
+    if version >= minimum:
+        return model, record
+    attempt = _converted(model, minimum)
+    reason = attempt if isinstance(attempt, str) else _same_outputs(model, attempt, feeds)
+    if reason is None and not isinstance(attempt, str):
+        logger.info("converted the model from opset %d to %d", version, minimum)
+        return attempt, {**record, "to": minimum}
+    record.update(per_channel=False, reason=f"kept opset {version}, weights per tensor: {reason}")
+    logger.warning("opset %d -> %d: %s; weights quantized per tensor", version, minimum, reason)
+    if version >= QDQ_OPSET:
+        return model, record
+    fallback = _converted(model, QDQ_OPSET)
+    if isinstance(fallback, str):
+        raise UsageError(
+            f"the model uses opset {version}, which has no QuantizeLinear, and the "
+            f"conversion to opset {QDQ_OPSET} failed: {fallback}"
+        )
+    return fallback, {**record, "to": QDQ_OPSET}

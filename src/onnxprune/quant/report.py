@@ -97,6 +97,11 @@ class QuantizeResult:
             f"(worst output there: SQNR {fit['sqnr_db']:.1f} dB)",
             *self.fidelity.summary(),
         ]
+        opset = self.details.get("opset")
+        if opset and opset.get("reason"):
+            lines.append(f"opset {opset['from']}: {opset['reason']}")
+        elif opset and opset["from"] != opset["to"]:
+            lines.append(f"opset {opset['from']} -> {opset['to']} (outputs checked unchanged)")
         u8s8 = self.details.get("u8s8")
         if u8s8:
             lines.append(f"u8s8 remedy: {u8s8['remedy']} ({u8s8['reason']})")
@@ -112,6 +117,10 @@ class QuantizeResult:
             if step and step.get("mode") != "off":
                 done = "applied" if step.get("applied") else "not applied"
                 lines.append(f"{what}: {done} ({step.get('reason')})")
+        cache = self.details.get("calibration_cache")
+        if cache and any(v != "off" for v in cache.values()):
+            states = ", ".join(f"{k} {v}" for k, v in cache.items())
+            lines.append(f"calibration cache: {states} (hit: statistics reused, no pass run)")
         share = self.details.get("int8_mac_share")
         if share:
             lines.append(f"int8 MAC share in onnxruntime: {100 * share['int8_mac_share']:.1f} %")
@@ -120,6 +129,10 @@ class QuantizeResult:
         if harm:
             top = ", ".join(f"{name} {value:.1f} dB" for name, value in list(harm.items())[:3])
             lines.append(f"most harmful layers (added noise / signal): {top}")
+        sensitivity = self.details.get("sensitivity")
+        if sensitivity:
+            top = ", ".join(f"{r['node']} {float(r['sqnr_db']):.1f} dB" for r in sensitivity[:5])
+            lines.append(f"most sensitive layers (output SQNR when quantized alone): {top}")
         kept = self.details.get("kept_float")
         if kept:
             more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""

@@ -177,6 +177,9 @@ class _WeightRewriter:
             )
             return
         q_bias, scale = quantized
+        if self.params[use.weight].scale.ndim == 0:
+            # Per-tensor weights: one bias scale (a per-channel ``axis`` needs opset 13).
+            scale = np.asarray(scale.reshape(-1)[0] if scale.size else scale)
         key = f"{use.bias}_{use.node}" if len(source.uses()) > 1 else use.bias
         stored = _constant(self.graph, f"{key}_quantized", q_bias)
         per_channel = QParams(scale, np.zeros(scale.shape, np.int32), 0 if scale.ndim else None)
