@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--time-budget", type=float, default=None, metavar="S", help="stop after S seconds"
     )
+    parser.add_argument(
+        "--budget-clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what --time-budget counts: wall seconds or this process's CPU seconds (wall)",
+    )
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (1e-4)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="samples a step")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,6 +79,7 @@ def _options(args: argparse.Namespace) -> object:
     return DistillOptions(
         steps=args.steps,
         time_budget=args.time_budget,
+        budget_clock=args.budget_clock,
         lr=args.lr,
         batch_size=args.batch_size,
         seed=args.seed,
