@@ -13,10 +13,11 @@ from onnxprune.commands.common import (
     parse_dims,
     write_json,
 )
+from onnxprune.commands.recover import add_recover_option, recover_after
 from onnxprune.errors import UsageError
 from onnxprune.io.outputs import RunFiles
 from onnxprune.prune.allocate import RATIOS_SCHEMA
-from onnxprune.prune.api import prune_file
+from onnxprune.prune.api import PruneFileResult, prune_file
 from onnxprune.prune.core import PruneOptions
 from onnxprune.prune.importance import CRITERIA
 from onnxprune.prune.plan import PruningPlan
@@ -83,6 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--round-to", type=int, default=None, metavar="N", help="kept channels multiple (8)"
     )
     parser.add_argument("--exclude", action="append", default=[], metavar="NODE")
+    add_recover_option(parser)
     add_eval_option(parser)
     add_report_option(parser)
     parser.add_argument("--save-plan", metavar="P.json", help="write the plan of the last step")
@@ -149,19 +151,32 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         allocation=args.allocation,
     )
-    result = prune_file(
-        args.model,
-        args.output,
-        options,
-        calib=args.calib,
-        reconstruct=args.reconstruct,
-        iterative=args.iterative,
-        dims=parse_dims(args.dim),
-        eval_data=args.eval_data,
-    )
+
+    def write(output: str) -> PruneFileResult:
+        return prune_file(
+            args.model,
+            output,
+            options,
+            calib=args.calib,
+            reconstruct=args.reconstruct,
+            iterative=args.iterative,
+            dims=parse_dims(args.dim),
+            eval_data=args.eval_data,
+        )
+
+    recovered = None
+    if args.recover == "distill":
+        result, recovered = recover_after(args, write)
+    else:
+        result = write(args.output)
     print(result.summary())
+    if recovered is not None:
+        print(recovered.summary())
     if args.report:
-        write_json(args.report, result.to_dict())
+        report = result.to_dict()
+        if recovered is not None:
+            report["recovery"] = recovered.to_dict()
+        write_json(args.report, report)
     if args.save_plan:
         write_json(args.save_plan, result.steps[-1].plan.to_dict())
     return 0

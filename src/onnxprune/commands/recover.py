@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from onnxprune.commands.common import (
     add_eval_option,
@@ -14,7 +18,7 @@ from onnxprune.commands.common import (
 from onnxprune.errors import UsageError
 from onnxprune.io.outputs import RunFiles
 
-__all__ = ["register", "run"]
+__all__ = ["add_recover_option", "recover_after", "register", "run"]
 
 NO_TORCH = "recover needs torch: pip install onnxprune[recover]"
 
@@ -106,3 +110,37 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         write_json(args.report, result.to_dict())
     return 0
+
+
+def add_recover_option(parser: argparse.ArgumentParser) -> None:
+    """``--recover distill`` for a lossy command (with the distillation defaults)."""
+    parser.add_argument(
+        "--recover",
+        choices=("none", "distill"),
+        default="none",
+        help="after the pass, distil the result from the input model on --calib "
+        "(weights only; kept only if held-out fidelity improves; needs torch)",
+    )
+    parser.add_argument(
+        "--recover-budget", type=float, default=None, metavar="S", help="distillation seconds"
+    )
+
+
+def recover_after(args: argparse.Namespace, write: Callable[[Path], Any]) -> tuple[Any, Any]:
+    """Run ``write(tmp)`` (the pass, into a temporary file), then distil that model from
+    ``args.model`` into ``args.output``. Returns (the pass's result, the RecoverResult)."""
+    if importlib.util.find_spec("torch") is None:
+        raise UsageError(NO_TORCH.replace("recover needs", "--recover distill needs"))
+    if not args.calib:
+        raise UsageError("--recover distill needs --calib (unlabeled samples to distil on)")
+    from onnxprune.recover.api import recover_file
+    from onnxprune.recover.distill import DistillOptions
+
+    with tempfile.TemporaryDirectory(prefix="onnxprune-recover-") as folder:
+        student = Path(folder) / Path(args.output).name
+        result = write(student)
+        options = DistillOptions(time_budget=args.recover_budget)
+        recovered = recover_file(
+            student, args.model, args.output, args.calib, eval_data=args.eval_data, options=options
+        )
+    return result, recovered
