@@ -78,7 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(each group cut alone on calibration feeds, fragile ones cut less), else uniform",
     )
     parser.add_argument("--calib", help="calibration .npz or folder (for activation/recovery)")
-    parser.add_argument("--reconstruct", action="store_true", help="least-squares refit")
+    parser.add_argument(
+        "--reconstruct",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ridge refit of the layers after each cut, kept where it helps held-out feeds "
+        "(default: on with --calib)",
+    )
     parser.add_argument("--iterative", type=int, default=1, metavar="K", help="prune in K steps")
     parser.add_argument(
         "--round-to", type=int, default=None, metavar="N", help="kept channels multiple (8)"

@@ -151,7 +151,7 @@ def prune_file(
     options: PruneOptions,
     *,
     calib: str | os.PathLike[str] | None = None,
-    reconstruct: bool = False,
+    reconstruct: bool | None = None,
     iterative: int = 1,
     dims: Mapping[str, int] | None = None,
     eval_data: str | os.PathLike[str] | None = None,
@@ -160,9 +160,14 @@ def prune_file(
 
     Statistics and refits use the fit part of ``calib``; fidelity is reported on
     ``eval_data``, else on the held-out part of ``calib`` (:mod:`onnxprune.heldout`).
+    With ``calib`` the data-driven choices are the defaults: ``criterion="auto"`` is
+    ``reconstruction``, ``allocation="auto"`` is measured (a MACs target), and
+    ``reconstruct=None`` refits (``False`` turns it off).
     """
     options.validate()
     options = resolve_defaults(options, calib is not None)
+    if reconstruct is None:  # with data, the refit is the default (kept only where it helps)
+        reconstruct = calib is not None
     if iterative < 1:
         raise UsageError(f"--iterative {iterative}: must be >= 1")
     if iterative > 1 and options.plan is not None:
