@@ -13,7 +13,7 @@ from onnxprune.quant import quantize_file
 from onnxprune.quant.calib_cache import default_dir
 from onnxprune.quant.testing import conv_net, image_calib, write, write_calib
 
-OPTIONS = {"bias_correction": "off", "equalize": "off", "smooth": "off"}
+OPTIONS = {"bias_correction": "off", "equalize": "off", "smooth": "off", "method": "minmax"}
 
 
 def _run(model: Path, calib: Path, out: Path, cache: Path | bool, **kwargs: object) -> str:
@@ -34,9 +34,13 @@ def test_rerun_with_other_exclusions_hits_and_matches_a_fresh_run(tmp_path: Path
     assert _run(model, calib, tmp_path / "c.onnx", False, **excluded) == "off"
     assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
     # Histogram methods are another entry (minmax keeps no histograms), reused across them.
-    assert _run(model, calib, tmp_path / "d.onnx", cache, method="percentile") == "miss"
-    assert _run(model, calib, tmp_path / "e.onnx", cache, method="mse") == "hit"
-    _run(model, calib, tmp_path / "f.onnx", False, method="mse")
+    hist = {**OPTIONS, "method": "percentile"}
+    assert quantize_file(model, tmp_path / "d.onnx", calib=calib, calib_cache=cache, **hist)
+    assert len(list(cache.glob("*.npz"))) == 2
+    mse = {**OPTIONS, "method": "mse"}
+    done = quantize_file(model, tmp_path / "e.onnx", calib=calib, calib_cache=cache, **mse)
+    assert done.details["calibration_cache"]["calibrate"] == "hit"
+    quantize_file(model, tmp_path / "f.onnx", calib=calib, calib_cache=False, **mse)
     assert (tmp_path / "e.onnx").read_bytes() == (tmp_path / "f.onnx").read_bytes()
 
 

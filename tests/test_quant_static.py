@@ -135,7 +135,9 @@ def test_dynamic_and_fp16_modes(tmp_path, mode):
 def test_cli_writes_report_and_budget_keeps_layers_float(tmp_path):
     model_path = write(conv_net(), tmp_path)
     calib = image_calib(tmp_path)
-    full = quantize_file(model_path, tmp_path / "full.onnx", calib=calib, u8s8="none")
+    full = quantize_file(
+        model_path, tmp_path / "full.onnx", calib=calib, u8s8="none", method="minmax"
+    )
     budget = full.worst["sqnr_db"] + 3  # unreachable with every layer int8
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     code = main(
@@ -148,6 +150,8 @@ def test_cli_writes_report_and_budget_keeps_layers_float(tmp_path):
             str(calib),
             "--u8s8",
             "none",
+            "--method",
+            "minmax",
             "--budget",
             f"sqnr_db>={budget}",
             "--report",

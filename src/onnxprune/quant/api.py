@@ -505,7 +505,7 @@ def quantize_file(
     output_path: str | os.PathLike[str],
     *,
     calib: str | os.PathLike[str],
-    method: str = "minmax",
+    method: str = "auto",
     per_channel: bool = True,
     mode: str = "static",
     target: str = "cpu",
@@ -526,8 +526,8 @@ def quantize_file(
         model_path: Float ONNX model.
         output_path: Where the quantized model is written (atomically).
         calib: Calibration ``.npz`` file or folder of ``.npz`` files (shapes may vary).
-        method: Range method: minmax, percentile, entropy, mse, or auto (each one's model
-            measured against fp32 on the calibration data, the best kept).
+        method: Range method: minmax, percentile, entropy, mse, or auto (the default: each
+            one's model measured against fp32 on the calibration data, the best kept).
         per_channel: Per-output-channel weight scales.
         mode: ``static`` (QDQ, calibrated activations) or ``dynamic`` (MatMul/Gemm weights
             int8, activations quantized at run time).
