@@ -19,7 +19,9 @@ method; onnxruntime's is run in QDQ format, per-channel, uint8 activations / int
 
 The reference image models and the encoder have random-ish (seeded, untrained) weights and
 the inputs are random: top-1 agreement on them is a harsh proxy (logits are close together),
-not ImageNet accuracy. Writes ``benchmarks/results/quantize.json`` and ``.md``. Usage::
+not ImageNet accuracy. Writes ``benchmarks/results/quantize.json`` and ``.md``. The real
+pretrained models of the zoo, judged on held-out data against quantize_static, NNCF and
+onnxsim, are ``benchmarks/quantize_zoo.py``'s (``results/quantize_zoo.md``). Usage::
 
     python benchmarks/quantize.py [--runs 30] [--block 5] [--samples 32]
 """
