@@ -93,6 +93,14 @@ def _cli(args: list[str]) -> tuple[float, float]:
     return seconds, _cpu() - cpu
 
 
+def _has_option(command: str, option: str) -> bool:
+    code = "import sys; from onnxprune.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, command, "--help"], capture_output=True, text=True, check=False
+    )
+    return option in proc.stdout
+
+
 def _calib(model: str, folder: Path, crops: int) -> Path:
     if model != "mobilenet_v2.dynamo":
         return MODELS[model].parent / "calib.npz"
@@ -133,7 +141,11 @@ def run_row(row: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     distilled = folder / f"{model}.{command}.distilled.onnx"
     report = folder / f"{model}.{command}.recover.json"
     cut = [base[0], original, "-o", str(before), *base[1:], "--calib", small_calib]
-    t_before, c_before = _cli(cut)
+    if base[0] == "prune" and _has_option("prune", "--no-reconstruct"):
+        # prune refits by default with --calib since issue 17: "before" must say no.
+        t_before, c_before = _cli([*cut, "--no-reconstruct"])
+    else:
+        t_before, c_before = _cli(cut)
     t_refit, c_refit = _cli([*cut[:3], str(refit), *cut[4:], refit_flag])
     budget = min(args.time_budget, BUDGET_CAP.get(model, args.time_budget))
     recover = ["recover", str(before), "--teacher", original, "--calib", str(calib)]

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from onnxprune.errors import UsageError  # noqa: E402
 from onnxprune.fidelity import compare  # noqa: E402
 from onnxprune.recover import GraphReplay  # noqa: E402
-from onnxprune.recover.distill import DistillOptions, distill  # noqa: E402
+from onnxprune.recover.distill import DistillOptions, _augment, distill  # noqa: E402
 
 OPTIONS = DistillOptions(steps=60, lr=3e-3, batch_size=8, eval_every=10, patience=10, threads=1)
 
@@ -228,3 +228,38 @@ def test_refusals() -> None:
     proto = helper.make_model(other, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UsageError, match="none of the teacher's outputs"):
         distill(ir.from_proto(proto), teacher, _feeds(4), OPTIONS)
+
+
+def test_matched_intermediates_auto() -> None:
+    teacher, student = _cnn(_weights(0)), _cnn(_damaged(_weights(0)))
+    options = DistillOptions(
+        steps=30, lr=3e-3, batch_size=8, eval_every=10, threads=1, match="auto"
+    )
+    result = distill(student, teacher, _feeds(), options)
+    # Same names and shapes in both graphs (shapes checked on a feed: none are annotated).
+    assert result.matched == ["c1", "c2", "f", "g", "r1", "r2"]
+    assert result.kept
+
+
+def test_augment_flips_and_shifts_images_only() -> None:
+    nchw = np.arange(2 * 3 * 5 * 6, dtype=np.float32).reshape(2, 3, 5, 6)
+    nhwc = np.ascontiguousarray(nchw.transpose(0, 2, 3, 1))
+    ids = np.arange(6, dtype=np.int64).reshape(1, 6)
+    out = _augment({"a": nchw, "b": nhwc, "ids": ids}, (1, 1, -2))
+    flipped = nchw[..., ::-1]
+    # out[..., i, j] = flipped[..., clip(i + 1), clip(j - 2)]: edges replicated.
+    rows = np.clip(np.arange(5) + 1, 0, 4)
+    cols = np.clip(np.arange(6) - 2, 0, 5)
+    expected = flipped[:, :, rows][..., cols]
+    np.testing.assert_array_equal(out["a"], expected)
+    np.testing.assert_array_equal(out["b"], expected.transpose(0, 2, 3, 1))
+    assert out["ids"] is ids
+
+
+def test_time_budget_stops_early_and_says_so() -> None:
+    teacher, student = _cnn(_weights(0)), _cnn(_damaged(_weights(0)))
+    options = DistillOptions(steps=100000, lr=3e-3, batch_size=8, threads=1, time_budget=1.0)
+    result = distill(student, teacher, _feeds(), options)
+    assert 0 < result.steps < 100000
+    assert not result.reproducible
+    assert "the time budget ended the run" in result.summary()

@@ -278,6 +278,8 @@ class _Teacher:
 def _matched_names(
     student: ir.Model, teacher: ir.Model, match: Sequence[str] | str | None, outputs: set[str]
 ) -> list[str]:
+    """Candidates: named node outputs of both graphs ("auto": all that are not outputs and
+    not known to differ in dtype or shape); shapes are then checked on a feed."""
     if not match:
         return []
 
@@ -286,22 +288,41 @@ def _matched_names(
 
     s_values, t_values = values(student), values(teacher)
     if isinstance(match, str) and match == "auto":
-        names = [
-            n
-            for n, v in s_values.items()
-            if n in t_values
-            and n not in outputs
-            and v.dtype == ir.DataType.FLOAT
-            and v.shape is not None
-            and t_values[n].shape is not None
-            and list(v.shape) == list(t_values[n].shape)
-        ]
+        names = []
+        for name, value in s_values.items():
+            other = t_values.get(name)
+            if other is None or name in outputs:
+                continue
+            if _may_match(value, other):
+                names.append(name)
         return sorted(names)
     names = [match] if isinstance(match, str) else list(match)
     for name in names:
         if name not in s_values or name not in t_values:
             raise UsageError(f"intermediate {name!r} is not a tensor of both models")
     return names
+
+
+def _may_match(a: ir.Value, b: ir.Value) -> bool:
+    """Not known to differ: float (or unknown) dtypes, equal shapes where both are known."""
+    if any(v.dtype not in (None, ir.DataType.FLOAT) for v in (a, b)):
+        return False
+    return a.shape is None or b.shape is None or list(a.shape) == list(b.shape)
+
+
+def _same_shapes(
+    replay: GraphReplay, names: Sequence[str], feed: Feed, teacher: Mapping[str, np.ndarray]
+) -> list[str]:
+    """The matched names whose student and teacher tensors agree in shape on ``feed``."""
+    if not names:
+        return []
+    with torch.no_grad():
+        student = replay(feed, names)
+    return [
+        n
+        for n in names
+        if tuple(student[n].shape) == teacher[n].shape and student[n].is_floating_point()
+    ]
 
 
 # ---------------------------------------------------------------- main loop
@@ -393,6 +414,7 @@ def distill(
         if not float_names:
             raise UsageError("no float output to distill (integer outputs carry no gradient)")
         probs = frozenset(n for n in float_names if n in scores and _is_probabilities([first[n]]))
+        matched = _same_shapes(replay, matched, fit[0], first)
         loss_fn = _Loss(float_names, scores, probs, matched, options)
         run = _train(replay, fit, held, teacher_run, loss_fn, options, start)
     seconds = (time.perf_counter_ns() - start) / 1e9
