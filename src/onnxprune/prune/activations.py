@@ -65,9 +65,17 @@ def activation_stats(
 
 
 def reconstruction_stats(
-    model: ir.Model, analysis: Analysis, feeds: Iterable[Mapping[str, np.ndarray]]
+    model: ir.Model,
+    analysis: Analysis,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    centered: bool = False,
 ) -> dict[SpaceKey, np.ndarray]:
-    """Mean input-channel Gram ``X^T X / rows`` of each consumer of a prunable group."""
+    """Mean input-channel Gram ``X^T X / rows`` of each consumer of a prunable group.
+
+    ``centered``: the covariance ``X^T X / rows - mu mu^T`` instead (what remains of a
+    removed channel once its mean is compensated: FLAP's fluctuation).
+    """
     keys = sorted(
         {c.input for group in analysis.prunable for c in group_consumers(model, analysis, group)}
     )
@@ -75,6 +83,7 @@ def reconstruction_stats(
         return {}
     names = sorted({k[0] for k in keys})
     grams: dict[SpaceKey, np.ndarray] = {}
+    sums: dict[SpaceKey, np.ndarray] = {}
     counts = dict.fromkeys(keys, 0)
     for outputs in iter_intermediates(model, names, feeds):
         for key in keys:
@@ -83,8 +92,14 @@ def reconstruction_stats(
             rows = rows.astype(np.float64)
             gram = rows @ rows.T
             grams[key] = grams[key] + gram if key in grams else gram
+            sums[key] = sums[key] + rows.sum(1) if key in sums else rows.sum(1)
             counts[key] += rows.shape[1]
-    return {k: grams[k] / max(counts[k], 1) for k in grams}
+    result = {k: grams[k] / max(counts[k], 1) for k in grams}
+    if centered:
+        for key, gram in result.items():
+            mean = sums[key] / max(counts[key], 1)
+            result[key] = gram - np.outer(mean, mean)
+    return result
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ from onnxprune.prune.activations import (
 )
 from onnxprune.prune.analysis import analyze
 from onnxprune.prune.core import PruneOptions, PruneReport, prune_model
+from onnxprune.prune.importance import GRAM_CRITERIA
 from onnxprune.prune.measured import measured_allocation
 from onnxprune.prune.recover import refit_consumers
 
@@ -31,7 +32,7 @@ __all__ = ["PruneFileResult", "prune_file"]
 FIT_SAMPLES = 128
 
 #: Criteria scored from calibration statistics.
-_DATA_CRITERIA = ("activation", "apoz", "reconstruction")
+_DATA_CRITERIA = ("activation", "apoz", *GRAM_CRITERIA)
 
 
 @dataclasses.dataclass
@@ -192,8 +193,9 @@ def prune_file(
         stats = None
         if options.criterion in ("activation", "apoz"):
             stats = activation_stats(model, analyze(model), feeds, options.criterion)
-        elif options.criterion == "reconstruction":
-            stats = reconstruction_stats(model, analyze(model), feeds)
+        elif options.criterion in GRAM_CRITERIA:
+            centered = options.criterion == "flap"
+            stats = reconstruction_stats(model, analyze(model), feeds, centered=centered)
         means = None
         if feeds:
             means = functools.partial(removed_input_means, model, feeds=feeds)

@@ -13,6 +13,10 @@ Scores are per unit (a set of coupled channels) and comparable within a group:
 * ``reconstruction``: ThiNet-style greedy removal order by the change of the next layers'
   outputs on calibration data (see :mod:`onnxprune.prune.reconstruction`); groups without a
   measured Conv/Gemm/MatMul consumer fall back to ``l2``.
+* ``wanda``: each unit's own output change ``||x_u||^2 ||w_u||^2`` (structured Wanda,
+  ``|W| * ||x||`` squared, no interaction between units); ``flap``: the same with the
+  centered input (``Var(x_u) ||w_u||^2``, FLAP's fluctuation metric, whose mean the bias
+  compensation restores). Same statistics and fallback as ``reconstruction``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ from onnxprune.prune.analysis import Analysis, Group
 from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.reconstruction import reconstruction_scores
 
-__all__ = ["CRITERIA", "group_scores", "slice_norms"]
+__all__ = ["CRITERIA", "GRAM_CRITERIA", "group_scores", "slice_norms"]
 
-CRITERIA = ("l1", "l2", "bn", "activation", "apoz", "reconstruction")
+CRITERIA = ("l1", "l2", "bn", "activation", "apoz", "reconstruction", "wanda", "flap")
+
+#: Criteria scored from consumer input Grams (:func:`reconstruction_stats`).
+GRAM_CRITERIA = ("reconstruction", "wanda", "flap")
 
 
 def slice_norms(array: np.ndarray, axis: int, order: int) -> np.ndarray:
@@ -118,8 +125,10 @@ def group_scores(
             scores = _bn_group_scores(model, group, scales)
         elif criterion in ("activation", "apoz"):
             scores = _activation_group_scores(group, activation_stats or {})
-        elif criterion == "reconstruction":
-            scores = reconstruction_scores(model, analysis, group, activation_stats or {})
+        elif criterion in GRAM_CRITERIA:
+            greedy = criterion == "reconstruction"
+            stats = activation_stats or {}
+            scores = reconstruction_scores(model, analysis, group, stats, greedy=greedy)
         if scores is None and criterion not in ("l1", "l2"):
             notes.append(f"group {group.id}: no {criterion} statistics, scored by l2")
         if scores is None:

@@ -128,11 +128,16 @@ def reconstruction_scores(
     analysis: Analysis,
     group: Group,
     grams: Mapping[SpaceKey, np.ndarray],
+    *,
+    greedy: bool = True,
 ) -> np.ndarray | None:
     """Scores (greedy removal rank + 1) of ``group``'s units; None without a measured consumer.
 
     ``grams`` maps a consumer input space ``(value, channel axis)`` to its mean ``X^T X``
-    (see :func:`onnxprune.prune.activations.reconstruction_stats`).
+    (see :func:`onnxprune.prune.activations.reconstruction_stats`). Without ``greedy`` the
+    score is ``M[u, u]``, each unit's output change removed alone: ``||x_u||^2 ||w_u||^2``,
+    the square of the structured Wanda score with the Gram (``|W| * ||x||``), FLAP's
+    fluctuation metric with the covariance.
     """
     total = np.zeros((group.size, group.size))
     found = False
@@ -144,6 +149,8 @@ def reconstruction_scores(
             found = True
     if not found:
         return None
+    if not greedy:
+        return np.diag(total).copy()
     scores = np.empty(group.size)
     scores[greedy_removal_order(total)] = np.arange(1, group.size + 1, dtype=np.float64)
     return scores

@@ -58,7 +58,7 @@ from onnxprune.prune.compensate import (
     expected_input,
 )
 from onnxprune.prune.cost import CostModel
-from onnxprune.prune.importance import CRITERIA, group_scores
+from onnxprune.prune.importance import CRITERIA, GRAM_CRITERIA, group_scores
 from onnxprune.prune.select import keep_count
 from onnxprune.runtime import make_session
 
@@ -336,8 +336,9 @@ def sensitivity_file(
     stats = None
     if criterion in ("activation", "apoz"):
         stats = activation_stats(model, analyze(model), feeds, criterion)
-    elif criterion == "reconstruction":
-        stats = reconstruction_stats(model, analyze(model), feeds)
+    elif criterion in GRAM_CRITERIA:
+        centered = criterion == "flap"
+        stats = reconstruction_stats(model, analyze(model), feeds, centered=centered)
     result = measure_sensitivity(
         model,
         feeds,
