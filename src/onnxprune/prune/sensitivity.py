@@ -348,5 +348,6 @@ def sensitivity_file(
         activation_stats=stats,
         dims=dims,
         threads=threads,
+        measured=measured_means(model, analyze(model), feeds),  # as prune --calib compensates
     )
     return model, result
