@@ -6,6 +6,14 @@ the optimized model's outputs match the original's on unlabeled data. Only initi
 change: graph structure, dtypes and shapes are untouched.
 """
 
+from onnxprune.recover.distill import DistillOptions, DistillResult, distill
 from onnxprune.recover.replay import GraphReplay, ReplayError, default_trainable
 
-__all__ = ["GraphReplay", "ReplayError", "default_trainable"]
+__all__ = [
+    "DistillOptions",
+    "DistillResult",
+    "GraphReplay",
+    "ReplayError",
+    "default_trainable",
+    "distill",
+]
