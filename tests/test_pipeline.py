@@ -190,6 +190,7 @@ def test_pass_names_run_order_and_package_exports() -> None:
         "fold-constants",
         "eliminate-noops",
         "fold-pad",
+        "reduce-mean-to-pool",
         "fold-batchnorm",
         "fuse-activations",
         "fold-affine",

@@ -20,6 +20,7 @@ from onnxprune.passes.fold_batchnorm import FoldBatchNormPass
 from onnxprune.passes.fold_pad import FoldPadPass
 from onnxprune.passes.fuse_activations import FuseActivationsPass
 from onnxprune.passes.pipeline import PASS_NAMES, CanonicalizeReport, canonicalize
+from onnxprune.passes.reduce_mean_pool import ReduceMeanToPoolPass
 
 __all__ = [
     "PASS_NAMES",
@@ -34,6 +35,7 @@ __all__ = [
     "FuseActivationsPass",
     "Pass",
     "PassReport",
+    "ReduceMeanToPoolPass",
     "RemoveDeadNodesPass",
     "RemoveUnusedInitializersPass",
     "Skip",

@@ -1,7 +1,7 @@
 """The canonicalization pipeline: exact rewrites run in a fixed order to a fixed point.
 
 Order (:data:`PASS_NAMES`): fold constants, eliminate no-ops, fold zero Pads into
-Conv/AveragePool padding, fold BatchNorm, fuse
+Conv/AveragePool padding, spatial ReduceMean to GlobalAveragePool, fold BatchNorm, fuse
 activations, fold affine ops, remove dead nodes, remove unused initializers, deduplicate
 initializers, topological sort. One round runs every pass once; rounds repeat until a round
 changes nothing (converged) or ``max_iterations`` rounds have run. Each pass is exact: the
@@ -35,6 +35,7 @@ from onnxprune.passes.fold_affine import FoldAffinePass
 from onnxprune.passes.fold_batchnorm import FoldBatchNormPass
 from onnxprune.passes.fold_pad import FoldPadPass
 from onnxprune.passes.fuse_activations import FuseActivationsPass
+from onnxprune.passes.reduce_mean_pool import ReduceMeanToPoolPass
 
 __all__ = ["DEFAULT_MAX_ITERATIONS", "PASS_NAMES", "CanonicalizeReport", "canonicalize"]
 
@@ -51,6 +52,8 @@ _PASSES: dict[str, type[Pass]] = {
         # A zero Pad before a Conv/AveragePool becomes their own padding (no float island
         # between int8 kernels after quantization).
         FoldPadPass,
+        # A spatial ReduceMean is GlobalAveragePool (int8 kernel in onnxruntime).
+        ReduceMeanToPoolPass,
         FoldBatchNormPass,
         # Activations are fused before affine folding: folding GELU's 0.5 or 1/sqrt(2)
         # into a neighbouring MatMul would hide the pattern from us and from onnxruntime.
