@@ -130,6 +130,31 @@ def _judge(model: str, candidate: Path, feeds: list[dict[str, np.ndarray]]) -> d
     }
 
 
+def _distil(
+    model: str, student: Path, calib: Path, budget: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``onnxprune recover`` of ``student``: eval-split metrics, times and its report."""
+    original = str(MODELS[model])
+    out = student.with_suffix(".distilled.onnx")
+    report = student.with_suffix(".recover.json")
+    recover = ["recover", str(student), "--teacher", original, "--calib", str(calib)]
+    recover += ["--eval", str(EVAL[model]), "-o", str(out), "--report", str(report)]
+    recover += ["--augment", "--time-budget", str(budget), "--budget-clock", "cpu"]
+    recover += ["--steps", str(args.steps), "--lr", str(LR[model]), "--batch-size", "16"]
+    seconds, cpu = _cli(recover)
+    data = json.loads(report.read_text())
+    details = data["distillation"]
+    keys = ("kept", "reason", "steps", "best_step", "seconds", "cpu_seconds")
+    return {
+        **_judge(model, out, _eval_feeds(model)),
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "distillation": {k: details[k] for k in keys},
+        "cpu_budget": budget,
+        "cli_report_eval": data["fidelity"]["outputs"],
+    }
+
+
 def run_row(row: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     model, command = row.split("/")
     base, refit_flag = COMMANDS[command]
@@ -138,8 +163,6 @@ def run_row(row: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     small_calib = str(MODELS[model].parent / "calib.npz")
     feeds = _eval_feeds(model)
     before, refit = folder / f"{model}.{command}.onnx", folder / f"{model}.{command}.refit.onnx"
-    distilled = folder / f"{model}.{command}.distilled.onnx"
-    report = folder / f"{model}.{command}.recover.json"
     cut = [base[0], original, "-o", str(before), *base[1:], "--calib", small_calib]
     if base[0] == "prune" and _has_option("prune", "--no-reconstruct"):
         # prune refits by default with --calib since issue 17: "before" must say no.
@@ -148,31 +171,19 @@ def run_row(row: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         t_before, c_before = _cli(cut)
     t_refit, c_refit = _cli([*cut[:3], str(refit), *cut[4:], refit_flag])
     budget = min(args.time_budget, BUDGET_CAP.get(model, args.time_budget))
-    recover = ["recover", str(before), "--teacher", original, "--calib", str(calib)]
-    recover += ["--eval", str(EVAL[model]), "-o", str(distilled), "--report", str(report)]
-    recover += ["--augment", "--time-budget", str(budget), "--budget-clock", "cpu"]
-    recover += ["--steps", str(args.steps), "--lr", str(LR[model]), "--batch-size", "16"]
-    t_distill, c_distill = _cli(recover)
-    details = json.loads(report.read_text())["distillation"]
-    return {
+    result: dict[str, Any] = {
         "row": row,
         "before": {**_judge(model, before, feeds), "seconds": t_before, "cpu_seconds": c_before},
         "refit": {**_judge(model, refit, feeds), "seconds": t_refit, "cpu_seconds": c_refit},
-        "distilled": {
-            **_judge(model, distilled, feeds),
-            "seconds": t_distill,
-            "cpu_seconds": c_distill,
-        },
-        "distillation": {
-            k: details[k]
-            for k in ("kept", "reason", "steps", "best_step", "seconds", "cpu_seconds")
-        },
-        "cpu_budget": budget,
-        "cli_report_eval": details and json.loads(report.read_text())["fidelity"]["outputs"],
         "calib": str(calib.name),
         "calib_samples": int(np.load(calib)[next(iter(np.load(calib).files))].shape[0]),
         "eval_samples": len(feeds),
     }
+    starts = {"before": before, "refit": refit}
+    for start in args.distill_from:
+        key = "distilled" if start == "before" else "refit_distilled"
+        result[key] = _distil(model, starts[start], calib, budget, args)
+    return result
 
 
 def _cell(entry: dict[str, Any]) -> str:
@@ -189,27 +200,37 @@ def markdown(payload: dict[str, Any]) -> str:
         "no step saw), SQNR, and the wall time (CPU time) of the CLI call that made the model. "
         "*before*: the command without closed-form recovery; *refit*: with `--reconstruct` "
         "(prune) / `--update` (sparsify); *distilled*: `onnxprune recover` of the *before* "
+        "model, *refit + distilled* of the *refit* "
         "model (`--augment`, `--budget-clock cpu`: the budget, in the distillation column, "
         "counts the process's CPU seconds; Adam, batch 16), "
         "unlabeled calibration data only, the evaluation split passed as `--eval` (reported on, "
         "never fitted on).",
         "",
-        "| row | before | refit | distilled | distillation | calib samples |",
-        "|---|---|---|---|---|---|",
+        "| row | before | refit | distilled (from before) | refit + distilled | "
+        "distillation runs | calib samples |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
         if "error" in r:
-            lines.append(f"| {r['row']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['row']} | error: {r['error']} | | | | | |")
             continue
-        d = r["distillation"]
-        kept = "kept" if d["kept"] else "not kept"
-        note = (
-            f"{d['steps']} steps (best {d['best_step']}) in {d['cpu_seconds']:.0f} CPU s "
-            f"(budget {r['cpu_budget']:.0f}), {kept}"
-        )
+        cells, notes = [], []
+        for key in ("distilled", "refit_distilled"):
+            entry = r.get(key)
+            cells.append(_cell(entry) if entry else "not run")
+            if entry:
+                # Rows of runs before the refit + distilled column kept these on the row.
+                entry = {"distillation": r.get("distillation"), "cpu_budget": r.get("cpu_budget"),
+                         **entry}  # fmt: skip
+                d = entry["distillation"]
+                kept = "kept" if d["kept"] else "not kept"
+                notes.append(
+                    f"{d['steps']} steps (best {d['best_step']}) in {d['cpu_seconds']:.0f} CPU s "
+                    f"(budget {entry['cpu_budget']:.0f}), {kept}"
+                )
         lines.append(
-            f"| {r['row']} | {_cell(r['before'])} | {_cell(r['refit'])} | "
-            f"{_cell(r['distilled'])} | {note} | {r['calib_samples']} ({r['calib']}) |"
+            f"| {r['row']} | {_cell(r['before'])} | {_cell(r['refit'])} | {cells[0]} | "
+            f"{cells[1]} | {'; '.join(notes)} | {r['calib_samples']} ({r['calib']}) |"
         )
     lines += [
         "",
@@ -228,6 +249,9 @@ def main() -> int:
     parser.add_argument("--time-budget", type=float, default=600.0)
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--calib-crops", type=int, default=640)
+    parser.add_argument(
+        "--distill-from", nargs="+", choices=("before", "refit"), default=["before", "refit"]
+    )
     parser.add_argument("--out", default=str(RESULTS / "recover"))
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine runs' JSON into --out")
     args = parser.parse_args()
