@@ -45,8 +45,13 @@ ENTRIES = ("keras_cnn", "mobilenet_v2.dynamo", "all_minilm_l6_v2")
 
 
 def _kind(model, group) -> str:
-    """conv / matmul / shared: what produces the group's channels."""
-    weights = {n.inputs[1].name: n.op_type for n in model.graph if len(n.inputs) > 1}
+    """conv / matmul / shared: what produces the group's channels (a depthwise conv passes
+    channels through and does not count as a producer)."""
+    weights = {}
+    for n in model.graph:
+        if len(n.inputs) > 1 and n.inputs[1] is not None:
+            grouped = n.op_type == "Conv" and (g := n.attributes.get("group")) and g.value > 1
+            weights[n.inputs[1].name] = "depthwise" if grouped else n.op_type
     producers = set()
     for name, axis in group.initializers:
         op = weights.get(name)
@@ -89,6 +94,12 @@ def measure(entry: dict, samples: int) -> dict:
         )
         curves[criterion] = {r["id"]: [p["nsr"] for p in r["points"]] for r in result.groups}
         print(f"  {criterion}: {time.perf_counter() - start:.0f} s", flush=True)
+    return {"model": entry["name"], "samples": len(held), "kinds": kinds,
+            "summary": summarize(kinds, curves), "curves": curves}  # fmt: skip
+
+
+def summarize(kinds: dict[str, str], curves: dict[str, dict[str, list[float]]]) -> dict:
+    """Per group type and removed fraction: summed nsr per criterion and the wins."""
     summary: dict[str, dict[str, Any]] = {}
     for kind in sorted(set(kinds.values())):
         ids = [g for g, k in kinds.items() if k == kind]
@@ -100,8 +111,7 @@ def measure(entry: dict, samples: int) -> dict:
                 wins[min(CRITERIA, key=lambda c, g=g, i=i: curves[c][g][i])] += 1
             row[str(ratio)] = {"nsr_sum": sums, "best_in": wins}
         summary[kind] = row
-    return {"model": entry["name"], "samples": len(held), "kinds": kinds, "summary": summary,
-            "curves": curves}  # fmt: skip
+    return summary
 
 
 def markdown(data: dict) -> str:
@@ -133,12 +143,31 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _retype(output: Path) -> int:
+    data = json.loads(output.with_suffix(".json").read_text())
+    manifest = json.loads((CACHE / "manifest.json").read_text())
+    entries = {e["name"]: e for e in manifest["entries"]}
+    for model_data in data["models"]:
+        model = load_canonical(CACHE / entries[model_data["model"]]["model"])
+        kinds = {g.id: _kind(model, g) for g in analyze(model).prunable}
+        model_data["kinds"] = kinds
+        model_data["summary"] = summarize(kinds, model_data["curves"])
+    write_text_atomic(output.with_suffix(".json"), json.dumps(data, indent=2) + "\n")
+    write_text_atomic(output.with_suffix(".md"), markdown(data))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=list(ENTRIES))
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--output", default=str(RESULTS / "prune_criteria"))
+    parser.add_argument(
+        "--retype", action="store_true", help="recompute group types and summaries of --output"
+    )
     args = parser.parse_args()
+    if args.retype:
+        return _retype(Path(args.output))
     manifest = json.loads((CACHE / "manifest.json").read_text())
     entries = {e["name"]: e for e in manifest["entries"]}
     data: dict[str, Any] = {

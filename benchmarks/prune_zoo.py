@@ -90,10 +90,18 @@ def _ours(entry: dict, original: Path, out: Path, target: float, extra: list[str
     return row
 
 
+def _save_without_value_info(model: onnx.ModelProto, out: Path) -> None:
+    """onnxsim keeps the input's value_info (1536 where 256 channels are left), which makes
+    shape inference fail and a counter fall back to those stale shapes: drop it, so its
+    MACs are counted from the real shapes."""
+    del model.graph.value_info[:]
+    onnx.save(model, str(out))
+
+
 def _onnxsim_prune(original: Path, sparsity: float, out: Path) -> None:
     from onnxsim.pruning import apply_structured_pruning
 
-    onnx.save(apply_structured_pruning(str(original), sparsity=sparsity), str(out))
+    _save_without_value_info(apply_structured_pruning(str(original), sparsity=sparsity), out)
 
 
 def _onnxsim(original: Path, out: Path, *, goal_macs: int, dims: dict, calib: list) -> dict:
@@ -119,7 +127,7 @@ def _onnxsim(original: Path, out: Path, *, goal_macs: int, dims: dict, calib: li
     pruned_seconds = time.perf_counter() - start
     try:
         tuned = apply_pruning_finetune(str(original), str(out), calibration_data=calib)
-        onnx.save(tuned, str(out))
+        _save_without_value_info(tuned, out)
         refit = True
     except Exception as exc:  # recorded: the un-refit cut is scored
         refit = f"failed: {str(exc)[:200]}"
