@@ -6,7 +6,11 @@ axes whose product equals a run of output axes forms a group. A one-to-one group
 identically; a merge ``(C, H, W) -> C*H*W`` maps channel c of the leading axis to the block
 ``c*H*W .. c*H*W + H*W - 1`` (Flatten into a classifier); a split ``D -> (heads, d)`` maps
 head h to the block of hidden dims it covers (attention heads). The remaining axes of a
-merge or split are blocked, and so is any group that mixes channels otherwise.
+merge or split are blocked, and so is any group that mixes channels otherwise. One split is
+read the other way: ``D -> (k, D/k)`` whose outer axis is only ever indexed by constant
+Gathers (torch's ``nn.MultiheadAttention`` views its packed q/k/v in-projection as
+``(3, E)`` and selects each): there inner element ``e`` owns input elements ``e``,
+``D/k + e``, ... (the same hidden unit of every projection) and the outer axis is blocked.
 """
 
 from __future__ import annotations
@@ -63,6 +67,79 @@ def _leading(axes: list[int], dims: Dims) -> int:
     return next((a for a in axes if dims[a] != 1), axes[0])
 
 
+def _moved_axis(node: ir.Node, axis: int, ctx: RuleContext) -> int | None:
+    """Where ``axis`` of input 0 lands in the output of an Unsqueeze/Squeeze/Transpose."""
+    rank = ctx.rank(node.inputs[0].name)
+    if rank is None:
+        return None
+    if node.op_type == "Transpose":
+        perm = _attr(node, "perm")
+        perm = list(perm) if perm is not None else list(range(rank))[::-1]
+        return perm.index(axis)
+    axes = ctx.const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+    axes = axes if axes is not None else list(_attr(node, "axes", []) or [])
+    if node.op_type == "Unsqueeze":
+        out_rank = rank + len(axes)
+        inserted = {a % out_rank for a in axes}
+        return [p for p in range(out_rank) if p not in inserted][axis]
+    squeezed = {a % rank for a in axes}
+    if not axes or axis in squeezed:
+        return None
+    return axis - sum(1 for a in squeezed if a < axis)
+
+
+def _only_selected(value: ir.Value, axis: int, ctx: RuleContext, depth: int = 0) -> bool:
+    """Every use of ``axis`` of ``value`` picks one index with a constant scalar Gather,
+    through Unsqueeze/Squeeze/Transpose: the axis enumerates packed projections (torch's
+    ``nn.MultiheadAttention`` in-projection viewed as ``(3, E)`` and split into q, k, v)."""
+    uses = list(value.uses())
+    if not uses or depth > 8:
+        return False
+    for use in uses:
+        node = use.node
+        if use.idx != 0 or not node.outputs:
+            return False
+        if node.op_type == "Gather":
+            rank = ctx.rank(value.name)
+            index = node.inputs[1].const_value if len(node.inputs) > 1 else None
+            if rank is None or index is None or index.shape != ():
+                return False
+            if int(_attr(node, "axis", 0)) % rank != axis:
+                return False
+            continue
+        if node.op_type not in ("Unsqueeze", "Squeeze", "Transpose"):
+            return False
+        moved = _moved_axis(node, axis, ctx)
+        if moved is None or not _only_selected(node.outputs[0], moved, ctx, depth + 1):
+            return False
+    return True
+
+
+def _packed_split(
+    ctx: RuleContext, x: str, y: str, node: ir.Node, groups: tuple[int, list[int], list[int]]
+) -> bool:
+    """Map a split ``D -> (k, D/k)`` whose outer axis only selects one of ``k`` packed
+    projections: element ``e`` of the inner axis owns input elements ``e, D/k + e, ..``."""
+    li, gi, gj = groups
+    dst = ctx.dims(y)
+    src = ctx.dims(x)
+    if dst is None or src is None or len([a for a in gi if src[a] != 1]) != 1:
+        return False
+    split = [a for a in gj if dst[a] != 1]
+    if len(split) != 2:
+        return False
+    outer, inner = split
+    if not _only_selected(node.outputs[0], outer, ctx):
+        return False
+    count, size = dst[outer], dst[inner]
+    for k in range(count):  # type: ignore[arg-type]
+        ctx.unite((y, inner), (x, li), offset=k * size, partial=True)  # type: ignore[operator]
+    for a in gj:
+        if a != inner:
+            ctx.block(y, a, "selects one of packed projections")
+    return True
+
+
 def _map_reshape(ctx: RuleContext, x: str, y: str, node: ir.Node, target_index: int | None) -> None:
     src, dst = ctx.dims(x), ctx.dims(y)
     if src is None or dst is None:
@@ -75,6 +152,11 @@ def _map_reshape(ctx: RuleContext, x: str, y: str, node: ir.Node, target_index: 
         li, lj = _leading(gi, src), _leading(gj, dst)
         if len([a for a in gi if src[a] != 1]) > 1 and len([a for a in gj if dst[a] != 1]) > 1:
             continue  # many-to-many: mixes channels, blocked
+        if _packed_split(ctx, x, y, node, (li, gi, gj)):
+            inner = [a for a in gj if dst[a] != 1][1]
+            if target is not None and inner < len(target) and target[inner] > 0:
+                ctx.shape_rewrites.append(ShapeRewrite(node, target_index, inner, (y, inner)))
+            continue
         block_in = math.prod(src[a] for a in gi if a != li)  # type: ignore[misc]
         block_out = math.prod(dst[a] for a in gj if a != lj)  # type: ignore[misc]
         if block_in > 1:  # merge: input element c owns output block c*block_in ..
