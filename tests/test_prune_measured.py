@@ -142,6 +142,9 @@ def test_cli_measures_by_default_with_calib_and_reports_the_choice(tmp_path: Pat
     assert any(n.startswith("measured allocation") for n in step["notes"])
     assert step["macs"]["after"] <= 0.7 * step["macs"]["before"]
     run_model(ir.load(out), _feeds(1)[0])
+    again = tmp_path / "again.onnx"
+    assert main([*common, "-o", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()  # same input, same bytes
     uniform = tmp_path / "u.json"
     args = [*common, "-o", str(tmp_path / "u.onnx"), "--report", str(uniform)]
     assert main([*args, "--allocation", "uniform"]) == 0
