@@ -126,7 +126,8 @@ def _step_options(options: PruneOptions, step: int, steps: int, progress: float)
 
 
 #: The criterion ``auto`` resolves to: data-aware with calibration data (measured on the zoo,
-#: see ``benchmarks/prune_zoo.py``), weight norms without.
+#: ``benchmarks/results/prune_criteria.md``: best or within 8% of the best criterion on every
+#: layer type, 1.5-2.4x less error than l2), weight norms without.
 AUTO_CRITERION = {True: "reconstruction", False: "l2"}
 
 
