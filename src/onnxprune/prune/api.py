@@ -126,8 +126,9 @@ def _step_options(options: PruneOptions, step: int, steps: int, progress: float)
 
 
 #: The criterion ``auto`` resolves to: data-aware with calibration data (measured on the zoo,
-#: ``benchmarks/results/prune_criteria.md``: best or within 8% of the best criterion on every
-#: layer type, 1.5-2.4x less error than l2), weight norms without.
+#: ``benchmarks/results/prune_criteria.md``: 1.5-2.4x less error than l2 on every layer type;
+#: best on MobileNetV2's convs; flap is 1-8% lower on MiniLM's FFN and 30% on keras' dense at
+#: half its units, wanda 12% on keras' convs at half), weight norms without.
 AUTO_CRITERION = {True: "reconstruction", False: "l2"}
 
 
