@@ -159,9 +159,18 @@ def _child(args: argparse.Namespace) -> None:
         else:
             _onnxsim(model, args.out, feeds)
     seconds = (time.perf_counter_ns() - start) / 1e9
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = _peak_rss_mb()
     extra["int8_ops"] = _int8_ops(args.out)
     print(json.dumps({"seconds": seconds, "peak_rss_mb": rss, **extra}))
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM, which exec resets (``ru_maxrss`` keeps the forking
+    parent's peak, so it would count the benchmark's own sessions)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _int8_ops(path: str) -> int:
@@ -174,10 +183,17 @@ def _int8_ops(path: str) -> int:
 
 
 def _quantize(tool: str, entry: str, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", tool, "--entry", entry, "--out", str(out)]
+    script = str(HERE / "quantize_zoo.py")
+    cmd = [sys.executable, script, "--child", tool, "--entry", entry, "--out", str(out)]
     try:
+        # Its own working folder: quant_pre_process writes temporary files into the cwd.
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S
+            cmd,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=CHILD_TIMEOUT_S,
+            cwd=out.parent,
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
