@@ -318,6 +318,12 @@ def test_cast(to: int) -> None:
     check("CastLike", [f32(3, 4), scalar(1, np.int64)])
 
 
+@pytest.mark.parametrize("direction", ["LEFT", "RIGHT"])
+def test_bit_shift(direction: str) -> None:
+    x = RNG.integers(0, 255, (3, 8), dtype=np.uint8)
+    check("BitShift", [x, np.arange(8, dtype=np.uint8)], {"direction": direction})
+
+
 def test_logic() -> None:
     a, b = f32(3, 4) > 0, f32(3, 4) > 0
     model_inputs = [a, b]

@@ -209,29 +209,40 @@ class _Loss:
         probabilities: frozenset[str],
         matched: Sequence[str],
         options: DistillOptions,
+        *,
+        logits: Mapping[str, str] | None = None,
     ) -> None:
         self.names = list(names)
+        self.logits = dict(logits or {})
         self.scores = scores
         self.probabilities = probabilities
         self.matched = list(matched)
         self.options = options
 
     def __call__(self, student: Mapping[str, torch.Tensor], teacher: Feed) -> torch.Tensor:
-        terms = [self._term(n, student[n], teacher[n]) for n in self.names]
+        terms = [
+            self._term(n, student[self.logits.get(n, n)], teacher[n], n in self.logits)
+            for n in self.names
+        ]
         loss = torch.stack(terms).mean()
         if self.matched:
             inner = [_nmse(student[n], torch.from_numpy(teacher[n])) for n in self.matched]
             loss = loss + self.options.match_weight * torch.stack(inner).mean()
         return loss
 
-    def _term(self, name: str, s: torch.Tensor, t_array: np.ndarray) -> torch.Tensor:
+    def _term(
+        self, name: str, s: torch.Tensor, t_array: np.ndarray, from_logits: bool = False
+    ) -> torch.Tensor:
         t = torch.from_numpy(np.asarray(t_array, dtype=np.float32))
         s = s.to(torch.float32)
         if name not in self.scores or s.dim() == 0 or s.shape[-1] < 2:
             return _nmse(s, t)
         extra = torch.zeros(())
         if name in self.probabilities:
-            s, t = torch.log(s.clamp_min(1e-8)), torch.log(t.clamp_min(1e-8))
+            # log p from the Softmax's input where the graph has one: log of a saturated
+            # probability clamps and passes no gradient.
+            s = torch.log_softmax(s, dim=-1) if from_logits else torch.log(s.clamp_min(1e-8))
+            t = torch.log(t.clamp_min(1e-8))
         elif self.options.logit_mse:
             extra = self.options.logit_mse * _nmse(s, t)
         temp = self.options.temperature
@@ -244,6 +255,23 @@ class _Loss:
 def _nmse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     t = t.to(torch.float32)
     return ((s.to(torch.float32) - t) ** 2).sum() / (t**2).sum().clamp_min(1e-12)
+
+
+def _softmax_input(model: ir.Model, name: str) -> str | None:
+    """The input of the last-axis Softmax that produces output ``name`` (through Identity)."""
+    value = next((v for v in model.graph.outputs if v.name == name), None)
+    node = value.producer() if value is not None else None
+    while node is not None and node.op_type == "Identity" and node.inputs[0] is not None:
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Softmax" or node.inputs[0] is None:
+        return None
+    opset = model.opset_imports.get("", 1)
+    axis = node.attributes.get_int("axis", -1 if opset >= 13 else 1)
+    shape = node.inputs[0].shape
+    rank = len(shape) if shape is not None else None
+    if (axis == -1 and opset >= 13) or (rank is not None and axis == rank - 1):
+        return node.inputs[0].name
+    return None
 
 
 def _is_probabilities(arrays: Sequence[np.ndarray]) -> bool:
@@ -415,7 +443,8 @@ def distill(
             raise UsageError("no float output to distill (integer outputs carry no gradient)")
         probs = frozenset(n for n in float_names if n in scores and _is_probabilities([first[n]]))
         matched = _same_shapes(replay, matched, fit[0], first)
-        loss_fn = _Loss(float_names, scores, probs, matched, options)
+        logits = {n: src for n in probs if (src := _softmax_input(student, n)) is not None}
+        loss_fn = _Loss(float_names, scores, probs, matched, options, logits=logits)
         run = _train(replay, fit, held, teacher_run, loss_fn, options, start)
     seconds = (time.perf_counter_ns() - start) / 1e9
     held_text = f"the last {len(held)} of {len(feeds)} calibration samples (never trained on)"
@@ -492,7 +521,8 @@ def _train(  # noqa: PLR0917 (one private call site)
 ) -> _Run:
     rng = np.random.default_rng(options.seed)
     start_cpu = time.process_time()
-    out_names = loss_fn.names + loss_fn.matched
+    targets_names = loss_fn.names + loss_fn.matched
+    out_names = targets_names + sorted(set(loss_fn.logits.values()) - set(targets_names))
     single = replay(fit[0])
     batchable = _batchable(replay, fit, single)
     shift = _max_shift(fit[0]) if options.augment else 0
@@ -501,7 +531,7 @@ def _train(  # noqa: PLR0917 (one private call site)
         targets = [teacher(index, key, feed) for index, key, feed in items]
         if batchable:
             student = replay(_stack([f for _, _, f in items]), out_names)
-            joined = {n: np.concatenate([t[n] for t in targets], axis=0) for n in out_names}
+            joined = {n: np.concatenate([t[n] for t in targets], axis=0) for n in targets_names}
             return loss_fn(student, joined)
         losses = [
             loss_fn(replay(f, out_names), t) for (_, _, f), t in zip(items, targets, strict=True)

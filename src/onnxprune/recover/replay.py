@@ -46,6 +46,10 @@ WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "InstanceNormalization": (1, 2),
     "PRelu": (1,),
     "QuantizeLinear": (0,),
+    # Tables and stored values read by indexing: embeddings, and the non-zero values of
+    # sparsify's bitmask storage (decoded in the graph by Gather/Where into the weight).
+    "Gather": (0,),
+    "Where": (1, 2),
 }
 #: Elementwise ops whose non-scalar float initializer operand is a bias or a scale.
 _AFFINE = frozenset({"Add", "Sub", "Mul", "Div"})
@@ -119,7 +123,7 @@ def default_trainable(model: ir.Model) -> list[str]:
                 continue
             slots = WEIGHT_SLOTS.get(node.op_type, ())
             affine = node.op_type in _AFFINE and tensor.size > 1
-            if slot in slots or affine:
+            if (slot in slots and tensor.size > 1) or affine:
                 chosen[value.name] = None
     return list(chosen)
 

@@ -47,7 +47,6 @@ _BINARY: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "And": torch.logical_and,
     "Or": torch.logical_or,
     "Xor": torch.logical_xor,
-    "BitShift": torch.bitwise_left_shift,
 }
 for _name, _fn in _BINARY.items():
     RULES[_name] = _binary(_fn)
@@ -110,6 +109,14 @@ def _isinf(inputs: list[Any], attrs: dict[str, Any], opset: int) -> list[Any]:
     x = inputs[0]
     pos, neg = attrs.get("detect_positive", 1), attrs.get("detect_negative", 1)
     return [(torch.isposinf(x) & bool(pos)) | (torch.isneginf(x) & bool(neg))]
+
+
+@_rule("BitShift")
+def _bit_shift(inputs: list[Any], attrs: dict[str, Any], opset: int) -> list[Any]:
+    x, y = inputs
+    if attrs["direction"] == "RIGHT":
+        return [torch.bitwise_right_shift(x, y)]
+    return [torch.bitwise_left_shift(x, y)]
 
 
 @_rule("Where")
