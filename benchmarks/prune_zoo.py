@@ -211,6 +211,14 @@ def _brief(row: dict) -> str:
     return ", ".join(parts)
 
 
+def _number(value: Any) -> float:
+    """A metric read back from JSON, where infinity is stored as a string."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _cell(row: dict) -> str:
     if "error" in row:
         return f"error: {row['error'][:80]}"
@@ -218,8 +226,8 @@ def _cell(row: dict) -> str:
     text = []
     if "agreement" in fid:
         text.append(f"**{fid['agreement']:.2f}**")
-    text.append(f"cos {fid.get('cosine', float('nan')):.3f}")
-    text.append(f"{fid.get('sqnr_db', float('nan')):.1f} dB")
+    text.append(f"cos {_number(fid.get('cosine')):.3f}")
+    text.append(f"{_number(fid.get('sqnr_db')):.1f} dB")
     return ", ".join(text)
 
 
@@ -242,11 +250,16 @@ def markdown(data: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for model in data["models"]:
+        ours = {r["target"]: r.get("macs_ratio") for r in model["rows"] if "default" in r["tool"]}
         for row in model["rows"]:
             speed = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+            cell = _cell(row)
+            goal, got = ours.get(row["target"]), row.get("macs_ratio")
+            if goal is not None and got is not None and got > goal + 0.02:
+                cell = f"not comparable: could not reach our MACs ({cell})"
             lines.append(
                 f"| {model['model']} | {row['target']} | {row['tool']} | "
-                f"{row.get('macs_ratio') or 0:.3f} | {_cell(row)} | {speed} | "
+                f"{row.get('macs_ratio') or 0:.3f} | {cell} | {speed} | "
                 f"{row.get('seconds', '-')} |"
             )
     lines += ["", "## Measured allocation (groups cut, ratio removed; spared groups)", ""]
