@@ -66,10 +66,8 @@ def infer_shapes(
         data_prop: Let onnx propagate constant data (``Shape`` -> arithmetic -> ``Reshape``).
 
     Returns:
-        A new model whose values carry the inferred shapes, inferred from the inputs alone
-        (recorded intermediate shapes are used only for values inference leaves unknown).
-        If onnx's inference fails, a warning is logged and the copy carries only the
-        recorded shapes.
+        A new model whose values carry the inferred shapes. If onnx's inference fails, a
+        warning is logged and the copy carries only the shapes the input already had.
 
     Raises:
         UsageError: ``overrides`` names something that is not a graph input.
@@ -78,11 +76,6 @@ def infer_shapes(
     _apply_overrides(proto.graph, model, overrides or {})
     if dims:
         _bind_dims(proto.graph, dims)
-    # Recorded intermediate shapes are not trusted: a tool that resized a layer may have left
-    # them stale, and onnx keeps a recorded shape it cannot contradict strictly. Infer from
-    # the inputs alone; a recorded shape is used only where inference finds none.
-    recorded = list(proto.graph.value_info)
-    del proto.graph.value_info[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(
             proto, check_type=False, strict_mode=False, data_prop=data_prop
@@ -90,8 +83,6 @@ def infer_shapes(
     except Exception as error:  # onnx raises several unrelated types here
         logger.warning("onnx shape inference failed, shapes left as given: %s", error)
         inferred = proto
-    known = {v.name for v in (*inferred.graph.value_info, *inferred.graph.output)}
-    inferred.graph.value_info.extend(v for v in recorded if v.name not in known)
     result = ir.serde.deserialize_model(inferred)
     _reattach_initializers(result, model, stripped)
     return result
