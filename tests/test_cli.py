@@ -76,8 +76,10 @@ def test_canonicalize_folds_and_is_deterministic(bn_model: Path, tmp_path: Path,
     ops = [n.op_type for n in ir.load(out1).graph]
     assert ops == ["Conv", "Relu"]
     data = json.loads(report.read_text())
-    assert data["schema"] == "onnxprune.canonicalize/1"
+    assert data["schema"] == "onnxprune.canonicalize/2"
     assert data["check"]["samples"] == 4
+    assert data["canonicalize"]["converged"] is True
+    assert data["params"] == {"before": 124, "after": 112}
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(
         run_model(str(out1), {"x": x})["y"], run_model(str(bn_model), {"x": x})["y"], atol=1e-5

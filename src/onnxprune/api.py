@@ -1,88 +1,56 @@
-"""File-level API: what the CLI commands call (load, rewrite, check, save atomically)."""
+"""File-level API: what the CLI commands call (load, rewrite, check, save atomically).
+
+Each ``*_file`` function runs one registered transform (:mod:`onnxprune.registry`) through
+the one file driver; they are re-exported at the top level (``onnxprune.prune_file``...).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from onnxprune.analysis.inspect import disk_bytes
-from onnxprune.calib import load_calibration, model_input_specs
-from onnxprune.check import EquivalenceResult, check_equivalent, check_feeds
-from onnxprune.errors import UsageError
-from onnxprune.io import load, save
-from onnxprune.io.validate import refuse_unrewritable
-from onnxprune.passes import pipeline
+from onnxprune.passes.pipeline import CanonicalizeConfig
+from onnxprune.quant.fp16 import Fp16Config
+from onnxprune.registry.driver import FileResult, run_file
+from onnxprune.transforms import CANONICALIZE, FP16
 
-__all__ = ["CanonicalizeResult", "canonicalize_file"]
+__all__ = ["CanonicalizeResult", "canonicalize_file", "fp16_file"]
 
+#: The report of :func:`canonicalize_file` (the driver's envelope).
+CanonicalizeResult = FileResult
 
-@dataclasses.dataclass
-class CanonicalizeResult:
-    """Report of :func:`canonicalize_file`."""
-
-    input: str
-    output: str
-    passes: dict[str, Any]
-    check: EquivalenceResult
-    input_bytes: int
-    output_bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": "onnxprune.canonicalize/1",
-            "input": self.input,
-            "output": self.output,
-            "passes": self.passes,
-            "check": self.check.to_dict(),
-            "input_bytes": self.input_bytes,
-            "output_bytes": self.output_bytes,
-        }
-
-    def summary(self) -> str:
-        worst = max((m["max_abs_error"] or 0.0 for m in self.check.outputs.values()), default=0.0)
-        return (
-            f"{self.passes.get('summary', '')}\n"
-            f"checked on {self.check.samples} feeds: max abs error {worst:.3g}\n"
-            f"wrote {self.output} ({self.input_bytes} -> {self.output_bytes} bytes)"
-        )
+PathLike = str | os.PathLike[str]
 
 
 def canonicalize_file(
-    model_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
+    model_path: PathLike,
+    output_path: PathLike,
     *,
-    calib: str | os.PathLike[str] | None = None,
+    calib: PathLike | None = None,
     dims: Mapping[str, int] | None = None,
     skip: Sequence[str] = (),
-) -> CanonicalizeResult:
+    config: CanonicalizeConfig | None = None,
+) -> FileResult:
     """Canonicalize ``model_path`` into ``output_path``; the input file is never modified.
 
     The rewritten model is checked against the original in onnxruntime (graph optimizations
     off) before it is published; a mismatch raises BudgetError and nothing is written.
     """
-    unknown = [name for name in skip if name not in pipeline.PASS_NAMES]
-    if unknown:
-        raise UsageError(f"unknown pass {unknown[0]!r}; passes: {', '.join(pipeline.PASS_NAMES)}")
-    model = load(model_path)
-    refuse_unrewritable(model, str(model_path))
-    input_bytes = disk_bytes(model_path)
-    calibration = load_calibration(calib, model) if calib is not None else None
-    feeds = check_feeds(model_input_specs(model), calibration, dims, model=model_path)
-    report = pipeline.canonicalize(model, skip=skip)
-    checked: list[EquivalenceResult] = []
+    config = config or CanonicalizeConfig(skip=tuple(skip))
+    return run_file(CANONICALIZE, model_path, output_path, config, calib=calib, dims=dims)
 
-    def verify(tmp_path: Path) -> None:
-        checked.append(check_equivalent(model_path, tmp_path, feeds))
 
-    dest = save(model, output_path, before_commit=verify)
-    return CanonicalizeResult(
-        input=str(model_path),
-        output=str(dest),
-        passes=report.to_dict(),
-        check=checked[0],
-        input_bytes=input_bytes,
-        output_bytes=disk_bytes(dest),
+def fp16_file(
+    model_path: PathLike,
+    output_path: PathLike,
+    config: Fp16Config | None = None,
+    *,
+    calib: PathLike | None = None,
+    eval_data: PathLike | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> Any:
+    """Convert ``model_path`` to float16 compute (float32 I/O) into ``output_path``."""
+    return run_file(
+        FP16, model_path, output_path, config, calib=calib, eval_data=eval_data, dims=dims
     )

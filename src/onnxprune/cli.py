@@ -1,7 +1,9 @@
 """Command-line interface: ``onnxprune <command> ...``.
 
-Each command lives in ``onnxprune.commands.<name>`` with ``register(subparsers)`` and
-``run(args) -> int``; every command is a thin layer over the public Python API. A command
+A registered transform (:mod:`onnxprune.registry`) gets its subcommand generated from its
+config; the other commands live in ``onnxprune.commands.<name>`` with
+``register(subparsers)`` and ``run(args) -> int``; every command is a thin layer over the
+public Python API. A command
 may also set ``files(args) -> RunFiles``: the paths it reads and writes, checked before it
 runs (no output may be an input or another output) and published as one unit
 (:func:`onnxprune.io.outputs.output_transaction`). Errors from the library are printed as
@@ -21,10 +23,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
-from onnxprune import __version__
+from onnxprune import __version__, registry
 from onnxprune.errors import BudgetError, OnnxPruneError
 from onnxprune.failures import RUNTIME_ERRORS, EscapingFormatter, one_line, runtime_failure
 from onnxprune.io.outputs import RunFiles, output_transaction
+from onnxprune.registry.cli import register_command
 
 __all__ = ["build_parser", "main"]
 
@@ -41,6 +44,7 @@ COMMANDS = (
     "lowrank",
     "quantize",
     "recover",
+    "fp16",
 )
 
 
@@ -51,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    generated = set(registry.names())
     for name in COMMANDS:
-        module = importlib.import_module(f"onnxprune.commands.{name}")
-        module.register(sub)
+        if name in generated and registry.get(name).command == "generated":
+            register_command(sub, registry.get(name))
+        else:
+            importlib.import_module(f"onnxprune.commands.{name}").register(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ from onnxprune.reporting import json_safe
 
 __all__ = [
     "INPUT_MODEL",
+    "add_calib_option",
     "add_dims_option",
     "add_eval_option",
     "add_report_option",
@@ -33,6 +34,11 @@ def add_dims_option(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="bind a symbolic dimension (e.g. --dim batch=1 --dim seq=128); repeatable",
     )
+
+
+def add_calib_option(parser: argparse.ArgumentParser, *, exact: bool = False) -> None:
+    why = "for the equivalence check" if exact else "the samples a data-driven step fits on"
+    parser.add_argument("--calib", metavar="PATH", help=f"calibration .npz or folder: {why}")
 
 
 def add_report_option(parser: argparse.ArgumentParser) -> None:

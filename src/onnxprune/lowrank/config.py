@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Literal, get_args
 
 from onnxprune.errors import UsageError
+from onnxprune.registry.options import option
 
 __all__ = ["CONV_MODES", "METHODS", "LowRankConfig"]
 
 #: How convolutions are factorized (``None``: convolutions are left alone).
-CONV_MODES = ("spatial", "tucker", "separable")
+ConvMode = Literal["spatial", "tucker", "separable"]
+CONV_MODES: tuple[str, ...] = get_args(ConvMode)
 #: How linear weights are decomposed: plain SVD, SVD-LLM whitening, ASVD channel scaling.
-METHODS = ("svd", "svd-llm", "asvd")
+Method = Literal["svd", "svd-llm", "asvd"]
+METHODS: tuple[str, ...] = get_args(Method)
 _RULES = ("rank", "layer_ranks", "energy", "target_params", "target_macs", "max_layer_error")
 
 
@@ -53,24 +57,51 @@ class LowRankConfig:
         dims: Symbolic dimension values for shapes (MACs, latency probes, synthetic feeds).
     """
 
-    rank: int | None = None
-    layer_ranks: Mapping[str, tuple[int, ...]] | None = None
-    energy: float | None = None
-    target_params: float | None = None
-    target_macs: float | None = None
-    max_layer_error: float | None = None
-    method: str = "svd"
-    conv: str | None = None
-    fold: bool = False
-    factorize: bool = True
-    exclude: tuple[str, ...] = ()
-    round_to: int = 8
-    margin: float = 0.9
-    latency_check: bool = False
-    conv_latency_check: bool = True
-    latency_threads: int = 1
-    calib_samples: int = 32
-    dims: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    rank: int | None = option(None, help="the same rank for every layer", metavar="R")
+    layer_ranks: Mapping[str, tuple[int, ...]] | None = option(
+        None, help="explicit ranks per node (a plan replayed from a report)", cli=False
+    )
+    energy: float | None = option(None, help="keep this share of sum(sigma^2), (0, 1]", metavar="E")
+    target_params: float | None = option(
+        None, help="the factorized layers end at this fraction of their params", metavar="F"
+    )
+    target_macs: float | None = option(
+        None, help="the factorized layers end at this fraction of their MACs", metavar="F"
+    )
+    max_layer_error: float | None = option(
+        None, help="relative per-layer output error budget, (0, 1)", metavar="B"
+    )
+    method: Method = option(
+        "svd",
+        help="svd, or activation-aware svd-llm (whitening) / asvd (channel scaling), --calib",
+        aliases=(
+            (
+                "--activation-aware",
+                {"action": "store_const", "const": "svd-llm", "help": "same as --method svd-llm"},
+            ),
+            ("--aware-method", {"choices": ("svd-llm", "asvd"), "help": "same as --method"}),
+        ),
+    )
+    conv: ConvMode | None = option(None, help="also factorize 2-D convolutions this way")
+    fold: bool = option(False, help="merge chains of linear ops afterwards")
+    factorize: bool = option(True, help="factorize (--fold alone without a rank rule only folds)")
+    exclude: tuple[str, ...] = option((), help="nodes kept dense", metavar="NODE")
+    round_to: int = option(8, help="ranks are rounded up to a multiple of this", metavar="N")
+    margin: float = option(0.9, help="factorize only when factored cost <= margin x dense cost")
+    latency_check: bool = option(
+        False,
+        help="also time MatMul/Gemm factorizations; keep layers that are not measured faster",
+    )
+    conv_latency_check: bool = option(
+        True,
+        help="time conv decompositions at the layer's input shape and keep a conv unless its "
+        "chain measures at least 5%% faster",
+    )
+    latency_threads: int = option(1, help="intra-op threads of the latency probes", metavar="N")
+    calib_samples: int = option(32, help="at most this many samples feed the statistics")
+    dims: Mapping[str, int] = option(
+        help="symbolic dimension values (the shared --dim option)", default_factory=dict, cli=False
+    )
 
     @property
     def activation_aware(self) -> bool:

@@ -21,14 +21,26 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from onnxprune import registry
 from onnxprune.errors import UsageError
+from onnxprune.registry.options import config_from_mapping, field_specs
 from onnxprune.tolerance import DEFAULT_TOLERANCE
 
-__all__ = ["PRESETS", "STEP_OPTIONS", "Recipe", "Step", "load_recipe", "preset"]
+__all__ = [
+    "PRESETS",
+    "STEP_OPTIONS",
+    "Recipe",
+    "Step",
+    "load_recipe",
+    "preset",
+    "step_names",
+    "step_options",
+]
 
 #: Options each step accepts, with their types (validated on load).
+#: Options of the steps not yet registered transforms, with their types (validated on load);
+#: a registered transform's options are its config fields (:mod:`onnxprune.registry`).
 STEP_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "canonicalize": {"skip": list},
     "prune": {
         "ratio": float,
         "target_macs": float,
@@ -38,23 +50,6 @@ STEP_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "iterative": int,
         "round_to": int,
         "max_ratio": float,
-        "exclude": list,
-    },
-    "lowrank": {
-        "rank": int,
-        "energy": float,
-        "target_params": float,
-        "method": str,
-        "conv": str,
-        "fold": bool,
-        "exclude": list,
-    },
-    "sparsify": {
-        "sparsity": float,
-        "pattern": str,
-        "scope": str,
-        "method": str,
-        "update": bool,
         "exclude": list,
     },
     "quantize": {
@@ -68,6 +63,19 @@ STEP_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "equalize": str,
     },
 }
+
+
+def step_options(name: str) -> tuple[str, ...]:
+    """The option keys of recipe step ``name``."""
+    if name in STEP_OPTIONS:
+        return tuple(STEP_OPTIONS[name])
+    return tuple(s.name for s in field_specs(registry.get(name).config) if s.cli)
+
+
+def step_names() -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*registry.names(), *STEP_OPTIONS]))
+
+
 _TOP_KEYS = {"budget", "provider", "steps", "description"}
 
 
@@ -106,13 +114,16 @@ def _parse_step(index: int, entry: Any) -> Step:
     if not isinstance(entry, Mapping) or len(entry) != 1:
         raise UsageError(f"recipe step {index + 1}: expected one 'name: {{options}}' mapping")
     ((name, options),) = entry.items()
-    if name not in STEP_OPTIONS:
+    if name not in step_names():
         raise UsageError(
-            f"recipe step {index + 1}: unknown step {name!r}; steps: {', '.join(STEP_OPTIONS)}"
+            f"recipe step {index + 1}: unknown step {name!r}; steps: {', '.join(step_names())}"
         )
     options = options or {}
     if not isinstance(options, Mapping):
         raise UsageError(f"recipe step {name!r}: options must be a mapping")
+    if name not in STEP_OPTIONS:  # a registered transform validates its own config
+        config_from_mapping(registry.get(name).config, options, f"recipe step {name!r}")
+        return Step(name, dict(options))
     allowed = STEP_OPTIONS[name]
     checked = {}
     for key, value in options.items():

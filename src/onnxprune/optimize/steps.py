@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from onnxprune.api import canonicalize_file
+from onnxprune import registry
+from onnxprune.registry.driver import run_file
+from onnxprune.registry.options import config_from_mapping
 
 __all__ = ["BACKOFF_STEPS", "StepRun", "StepSkippedError", "run_step"]
 
@@ -35,10 +37,6 @@ BACKOFF_STEPS = frozenset({"prune", "lowrank", "sparsify"})
 
 def _kept(value: float | None, strength: float) -> float | None:
     return None if value is None else 1 - (1 - value) * strength
-
-
-def _canonicalize(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
-    return canonicalize_file(src, dst, calib=run.calib, dims=run.dims, skip=opts.get("skip", ()))
 
 
 def _prune(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
@@ -67,41 +65,6 @@ def _prune(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
     )
 
 
-def _lowrank(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
-    from onnxprune.lowrank.api import lowrank_file
-    from onnxprune.lowrank.config import LowRankConfig
-
-    rank = opts.get("rank")
-    config = LowRankConfig(
-        rank=None if rank is None else max(1, round(rank / run.strength)),
-        energy=_kept(opts.get("energy"), run.strength),
-        target_params=_kept(opts.get("target_params"), run.strength),
-        method=opts.get("method", "svd"),
-        conv=opts.get("conv"),
-        fold=bool(opts.get("fold", False)),
-        exclude=tuple(opts.get("exclude", ())),
-    )
-    return lowrank_file(src, dst, config, calib=run.calib)
-
-
-def _sparsify(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
-    from onnxprune.sparsity.api import sparsify_file
-    from onnxprune.sparsity.prune import SparsifyConfig
-
-    pattern = opts.get("pattern", "unstructured")
-    if pattern != "unstructured" and run.strength < 1:
-        raise _NoBackoffError("an N:M pattern cannot be made milder")
-    config = SparsifyConfig(
-        sparsity=opts.get("sparsity", 0.5) * (run.strength if pattern == "unstructured" else 1),
-        pattern=pattern,
-        scope=opts.get("scope", "layer"),
-        method=opts.get("method", "magnitude"),
-        update=bool(opts.get("update", False)),
-        exclude=tuple(opts.get("exclude", ())),
-    )
-    return sparsify_file(src, dst, config, calib=run.calib)
-
-
 def _quantize(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
     from onnxprune.quant.api import quantize_file
 
@@ -128,18 +91,47 @@ class _NoBackoffError(Exception):
 
 
 _RUNNERS: dict[str, Callable[[Path, Path, Mapping[str, Any], StepRun], Any]] = {
-    "canonicalize": _canonicalize,
     "prune": _prune,
-    "lowrank": _lowrank,
-    "sparsify": _sparsify,
     "quantize": _quantize,
 }
+
+
+def _weaken(name: str, config: Any, strength: float) -> Any:
+    """``config`` made milder by ``strength`` (see the module docstring)."""
+    if strength >= 1:
+        return config
+    if name == "sparsify":
+        if config.pattern != "unstructured":
+            raise _NoBackoffError("an N:M pattern cannot be made milder")
+        return dataclasses.replace(config, sparsity=config.sparsity * strength)
+    if name == "lowrank":
+        rank = config.rank
+        return dataclasses.replace(
+            config,
+            rank=None if rank is None else max(1, round(rank / strength)),
+            energy=_kept(config.energy, strength),
+            target_params=_kept(config.target_params, strength),
+            target_macs=_kept(config.target_macs, strength),
+        )
+    return config
+
+
+def _run_registered(name: str, src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
+    """A registered transform: its config from the step's options, through the one driver."""
+    transform = registry.get(name)
+    config = config_from_mapping(transform.config, opts, f"recipe step {name!r}")
+    if transform.from_cli is not None:
+        config = transform.from_cli(config)
+    config = _weaken(name, config, run.strength)
+    return run_file(transform, src, dst, config, calib=run.calib, dims=run.dims)
 
 
 def run_step(name: str, src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
     """Run one step; raises ``StepSkippedError`` when it cannot run at ``run.strength``."""
     try:
-        return _RUNNERS[name](src, dst, opts, run)
+        if name in _RUNNERS:
+            return _RUNNERS[name](src, dst, opts, run)
+        return _run_registered(name, src, dst, opts, run)
     except _NoBackoffError as exc:
         raise StepSkippedError(str(exc)) from None
 

@@ -36,8 +36,15 @@ from onnxprune.passes.fold_batchnorm import FoldBatchNormPass
 from onnxprune.passes.fold_pad import FoldPadPass
 from onnxprune.passes.fuse_activations import FuseActivationsPass
 from onnxprune.passes.reduce_mean_pool import ReduceMeanToPoolPass
+from onnxprune.registry.options import option
 
-__all__ = ["DEFAULT_MAX_ITERATIONS", "PASS_NAMES", "CanonicalizeReport", "canonicalize"]
+__all__ = [
+    "DEFAULT_MAX_ITERATIONS",
+    "PASS_NAMES",
+    "CanonicalizeConfig",
+    "CanonicalizeReport",
+    "canonicalize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -202,3 +209,25 @@ def canonicalize(
     report.annotations_restored = _annotations.restore(model, annotations)
     report.after = graph_stats(model)
     return report
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalizeConfig:
+    """Options of ``onnxprune canonicalize``."""
+
+    skip: tuple[str, ...] = option((), help="leave out these passes", metavar="PASS")
+    max_iterations: int = option(
+        DEFAULT_MAX_ITERATIONS, help="at most this many rounds of all passes", metavar="N"
+    )
+
+
+def canonicalize_apply(model: ir.Model, config: CanonicalizeConfig, data: object) -> Any:
+    """Transform ``canonicalize``: the exact passes of :func:`canonicalize`, in place."""
+    return canonicalize(model, skip=config.skip, max_iterations=config.max_iterations)
+
+
+def check_config(model: ir.Model, config: CanonicalizeConfig, has_calib: bool) -> None:
+    """Refuse unknown pass names and a round count below 1."""
+    _select(None, config.skip)
+    if config.max_iterations < 1:
+        raise UsageError(f"--max-iterations {config.max_iterations}: must be >= 1")

@@ -13,17 +13,21 @@ the speedup is therefore a GPU matter, the size halves everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.errors import UsageError
 from onnxprune.intermediates import iter_intermediates
 from onnxprune.quant.calibrate import Calibrator
 from onnxprune.quant.core import copy_model
+from onnxprune.registry.options import option
 
-__all__ = ["FP16_MAX", "convert"]
+__all__ = ["FP16_MAX", "Fp16Config", "Fp16Report", "convert", "convert_in_place", "fp16_apply"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +139,61 @@ def convert(
     model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> tuple[ir.Model, dict[str, object]]:
     """A float16 copy of ``model`` (float32 I/O) and a summary naming the float32 nodes."""
-    kept = _overflowing_nodes(model, feeds)
     result = copy_model(model)
-    _convert_constants(result, kept)
-    _guard_kept(result, kept)
-    _keep_io_fp32(result)
+    return result, convert_in_place(result, feeds)
+
+
+def convert_in_place(
+    model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], keep: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Convert ``model`` to float16 in place (float32 I/O); ``keep`` names nodes left in
+    float32 besides those whose values overflow float16 on ``feeds``."""
+    kept = _overflowing_nodes(model, feeds) | set(keep)
+    _convert_constants(model, kept)
+    _guard_kept(model, kept)
+    _keep_io_fp32(model)
     logger.info("fp16: %d node(s) kept in float32", len(kept))
-    return result, {"kept_fp32": sorted(kept), "io": "float32"}
+    return {"kept_fp32": sorted(kept), "io": "float32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp16Config:
+    """Options of ``onnxprune fp16``."""
+
+    keep: tuple[str, ...] = option((), help="nodes kept in float32", metavar="NODE")
+    calib_samples: int = option(
+        16, help="feeds searched for float16 overflow (|x| > 65504)", metavar="N"
+    )
+
+
+@dataclasses.dataclass
+class Fp16Report:
+    """What :func:`fp16_apply` did."""
+
+    kept_fp32: list[str]
+    converted_nodes: int
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        kept = ", ".join(self.kept_fp32[:5]) + (" ..." if len(self.kept_fp32) > 5 else "")
+        return (
+            f"fp16: {self.converted_nodes} node(s) in float16, {len(self.kept_fp32)} kept in "
+            f"float32{': ' + kept if kept else ''} (overflow searched on {self.samples} feeds); "
+            "inputs and outputs stay float32"
+        )
+
+
+def fp16_apply(model: ir.Model, config: Fp16Config, data: Any) -> Fp16Report:
+    """Transform ``fp16``: weights and compute in float16, float32 I/O (see the module
+    docstring); overflow is searched on the fit feeds (or synthetic ones without --calib)."""
+    feeds = data.fit_feeds(config.calib_samples) or data.synthetic
+    names = {node.name for node in model.graph}
+    for name in config.keep:
+        if name not in names:
+            raise UsageError(f"--keep {name!r}: no node of that name in the model")
+    before = sum(1 for _ in model.graph)
+    kept = list(convert_in_place(model, feeds, config.keep)["kept_fp32"])
+    return Fp16Report(kept, before - len(kept), len(feeds))

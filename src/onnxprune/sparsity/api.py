@@ -64,6 +64,8 @@ def validate_config(config: SparsifyConfig, node_names: Sequence[str], has_calib
     ):
         if value not in allowed:
             raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+    if config.sparsity is None:
+        raise UsageError("--sparsity is required for --pattern unstructured")
     _check_fraction("--sparsity", config.sparsity)
     nm = parse_pattern(config.pattern)
     if nm is not None and not math.isclose(config.sparsity, 1 - nm[0] / nm[1]):

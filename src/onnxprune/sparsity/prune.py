@@ -31,12 +31,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxprune.io.pinned import copy_model
+from onnxprune.registry.options import option
 from onnxprune.sparsity import masks as masks_mod
 from onnxprune.sparsity.activations import InputStats, collect_stats, stats_support
 from onnxprune.sparsity.layers import WeightLayer
@@ -56,31 +57,60 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PATTERNS = ("unstructured", "2:4")
-SCOPES = ("global", "layer")
-METHODS = ("magnitude", "wanda")
-COMPARES = ("layer", "row")
+Pattern = Literal["unstructured", "2:4"]
+Scope = Literal["global", "layer"]
+Method = Literal["magnitude", "wanda"]
+Compare = Literal["layer", "row"]
+PATTERNS: tuple[str, ...] = get_args(Pattern)
+SCOPES: tuple[str, ...] = get_args(Scope)
+METHODS: tuple[str, ...] = get_args(Method)
+COMPARES: tuple[str, ...] = get_args(Compare)
 
 FeedSource = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class SparsifyConfig:
-    """Settings of :func:`apply_sparsity` (validated by the file-level API)."""
+    """Settings of :func:`apply_sparsity` (validated by the file-level API).
 
-    sparsity: float = 0.5
-    pattern: str = "unstructured"
-    scope: str = "layer"
-    method: str = "magnitude"
-    update: bool = False
-    iterative: int = 1
-    exclude: tuple[str, ...] = ()
-    layer_sparsity: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    seed: int = 0
-    damp: float = 0.01
-    max_rows: int = 256
-    sequential: bool = True
-    compare: str = "layer"
+    ``sparsity`` may be left out with an N:M pattern (it is ``1 - N/M``).
+    """
+
+    sparsity: float | None = option(
+        None, help="target fraction of zeros in [0, 1) (implied by an N:M --pattern)", metavar="S"
+    )
+    pattern: Pattern = option("unstructured", help="unstructured, or N:M (2:4 for TensorRT)")
+    scope: Scope = option(
+        "layer", help="one threshold for all layers (global) or the target in every layer (layer)"
+    )
+    method: Method = option("magnitude", help="importance: |W| or Wanda's |W| * ||x|| (--calib)")
+    update: bool = option(False, help="OBS/SparseGPT update of the kept weights (--calib)")
+    iterative: int = option(1, help="reach the target in K steps (cubic schedule)", metavar="K")
+    exclude: tuple[str, ...] = option((), help="nodes never sparsified", metavar="NODE")
+    layer_sparsity: Mapping[str, float] = option(
+        help="per-node targets overriding --sparsity", default_factory=dict, metavar="NODE=S"
+    )
+    seed: int = option(0, help="seed of the Conv patch sampling")
+    damp: float = option(0.01, help="OBS update dampening, a fraction of the mean Hessian diagonal")
+    max_rows: int = option(
+        256, help="Conv patch positions sampled per feed for the statistics", metavar="N"
+    )
+    sequential: bool = option(
+        True,
+        help="collect each layer's statistics on the partially sparsified model (--no-sequential: "
+        "one pass over the original, faster, less accurate)",
+        aliases=(("--one-shot", {"action": "store_false", "help": "same as --no-sequential"}),),
+    )
+    compare: Compare = option(
+        "layer",
+        help="with --scope layer: rank scores within the whole layer, or within each output row "
+        "(the Wanda paper's choice; harsh on layers with few inputs per row)",
+    )
+
+    def __post_init__(self) -> None:
+        nm = parse_pattern(self.pattern) if self.pattern in PATTERNS else None
+        if self.sparsity is None and nm is not None:
+            object.__setattr__(self, "sparsity", 1 - nm[0] / nm[1])
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

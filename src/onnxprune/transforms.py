@@ -1,0 +1,83 @@
+"""The built-in transforms, registered once (:mod:`onnxprune.registry`).
+
+Each entry names a capability's config and how it runs; the CLI subcommand, the recipe step
+and the top-level ``*_file`` function are derived from it. ``prune`` and ``quantize`` keep
+their hand-written commands for now (they are registered for recipes and the API through
+their own file-level functions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from onnxprune.lowrank.api import lowrank_file
+from onnxprune.lowrank.config import _RULES, LowRankConfig
+from onnxprune.passes.pipeline import CanonicalizeConfig, canonicalize_apply, check_config
+from onnxprune.quant.fp16 import Fp16Config, fp16_apply
+from onnxprune.registry.transform import Transform, register
+from onnxprune.sparsity.api import sparsify_file
+from onnxprune.sparsity.prune import SparsifyConfig
+
+__all__ = ["CANONICALIZE", "FP16", "LOWRANK", "SPARSIFY"]
+
+
+def _lowrank_from_cli(config: LowRankConfig) -> LowRankConfig:
+    """``--fold`` without a rank rule only folds."""
+    if config.fold and all(getattr(config, rule) is None for rule in _RULES):
+        return dataclasses.replace(config, factorize=False)
+    return config
+
+
+CANONICALIZE = register(
+    Transform(
+        name="canonicalize",
+        help="fold BatchNorm/affine ops and zero Pads, fuse activations, fold constants, clean up",
+        description="Apply the exact canonicalization passes, check the result against the "
+        "original in onnxruntime, and write it atomically. Exit 1 (nothing written) if the "
+        "outputs changed.",
+        config=CanonicalizeConfig,
+        apply=canonicalize_apply,
+        fidelity="exact",
+        validate=check_config,
+    )
+)
+
+FP16 = register(
+    Transform(
+        name="fp16",
+        help="float16 weights and compute (float32 inputs and outputs)",
+        description="Convert float32 initializers and compute to float16; nodes whose values "
+        "overflow float16 on the calibration feeds stay float32, as do inputs and outputs. "
+        "Halves the size; faster on GPUs (onnxruntime CPU inserts casts). Fidelity is "
+        "measured on held-out data and reported; the input is never modified.",
+        config=Fp16Config,
+        apply=fp16_apply,
+    )
+)
+
+SPARSIFY = register(
+    Transform(
+        name="sparsify",
+        help="prune Conv/Gemm/MatMul weights to a sparsity (magnitude, Wanda, OBS update, 2:4)",
+        description="Zero the least important weights of Conv/ConvTranspose/Gemm/MatMul "
+        "layers, store them compactly (bitmask, reconstructed exactly at session load), "
+        "report fidelity against the original, and write the model atomically. onnxruntime "
+        "CPU does not run faster on zeros; 2:4 targets TensorRT sparse tensor cores.",
+        config=SparsifyConfig,
+        run_file=sparsify_file,
+    )
+)
+
+LOWRANK = register(
+    Transform(
+        name="lowrank",
+        help="factorize MatMul/Gemm (and Conv) weights by truncated SVD; fold linear chains",
+        description="Replace dense weights by low-rank factors (MatMul/Gemm: two MatMuls; "
+        "Conv: spatial, Tucker-2 or depthwise-separable), optionally activation-aware, and/or "
+        "fold chains of linear ops. The result is compared with the original (cosine, SQNR "
+        "per output) and written atomically; the input is never modified.",
+        config=LowRankConfig,
+        run_file=lowrank_file,
+        from_cli=_lowrank_from_cli,
+    )
+)
