@@ -118,3 +118,11 @@ def test_fp16_unknown_keep_node_is_refused_and_writes_nothing(tmp_path, capsys):
     assert main(["fp16", str(model_path), "-o", str(out), "--keep", "nope"]) == 2
     assert "--keep 'nope': no node of that name" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_public_api_exports_every_transform():
+    import onnxprune
+
+    for name in onnxprune.__all__:
+        assert getattr(onnxprune, name) is not None, name
+    assert onnxprune.sparsify_file.__module__ == "onnxprune.sparsity.api"

@@ -15,9 +15,39 @@ from onnxprune.verification import VerifyResult, verify
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """The transforms' public functions and configs, imported on first use (keeps
+    ``import onnxprune`` light)."""
+    lazy = {
+        "canonicalize_file": "onnxprune.api",
+        "fp16_file": "onnxprune.api",
+        "prune_file": "onnxprune.prune.api",
+        "quantize_file": "onnxprune.quant.api",
+        "lowrank_file": "onnxprune.lowrank.api",
+        "sparsify_file": "onnxprune.sparsity.api",
+        "optimize": "onnxprune.optimize.api",
+        "inspect_model": "onnxprune.analysis.inspect",
+        "CanonicalizeConfig": "onnxprune.passes.pipeline",
+        "Fp16Config": "onnxprune.quant.fp16",
+        "LowRankConfig": "onnxprune.lowrank.config",
+        "SparsifyConfig": "onnxprune.sparsity.prune",
+        "PruneOptions": "onnxprune.prune.core",
+    }
+    if name not in lazy:
+        raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(lazy[name]), name)
+
 __all__ = [
     "BenchResult",
     "BudgetError",
+    "CanonicalizeConfig",
+    "Fp16Config",
+    "LowRankConfig",
+    "PruneOptions",
+    "SparsifyConfig",
     "CalibrationError",
     "ModelLoadError",
     "OnnxPruneError",
@@ -27,6 +57,14 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "benchmark",
+    "canonicalize_file",
+    "fp16_file",
+    "inspect_model",
+    "lowrank_file",
+    "optimize",
+    "prune_file",
+    "quantize_file",
+    "sparsify_file",
     "load",
     "save",
     "verify",
