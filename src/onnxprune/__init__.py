@@ -40,18 +40,19 @@ def __getattr__(name: str) -> object:
 
     return getattr(importlib.import_module(lazy[name]), name)
 
+
 __all__ = [
     "BenchResult",
     "BudgetError",
+    "CalibrationError",
     "CanonicalizeConfig",
     "Fp16Config",
     "LowRankConfig",
-    "PruneOptions",
-    "SparsifyConfig",
-    "CalibrationError",
     "ModelLoadError",
     "OnnxPruneError",
+    "PruneOptions",
     "SaveError",
+    "SparsifyConfig",
     "UnsafeExternalDataError",
     "UsageError",
     "VerifyResult",
@@ -60,12 +61,12 @@ __all__ = [
     "canonicalize_file",
     "fp16_file",
     "inspect_model",
+    "load",
     "lowrank_file",
     "optimize",
     "prune_file",
     "quantize_file",
-    "sparsify_file",
-    "load",
     "save",
+    "sparsify_file",
     "verify",
 ]
