@@ -145,3 +145,12 @@ def test_console_script_entry_point(bn_model: Path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["op_histogram"]["BatchNormalization"] == 1
+
+
+@pytest.mark.parametrize("verbose", [[], ["-vv"]])
+def test_traceback_only_with_vv(bn_model: Path, capsys, verbose: list[str]):
+    """An error is one line; ``-vv`` adds the traceback before it, for a bug report."""
+    assert main([*verbose, "canonicalize", str(bn_model), "-o", str(bn_model)]) == 2
+    err = capsys.readouterr().err
+    assert ("Traceback (most recent call last)" in err) == bool(verbose)
+    assert err.strip().splitlines()[-1].startswith("onnxprune canonicalize: error:")

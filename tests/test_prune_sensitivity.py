@@ -14,7 +14,13 @@ from onnxprune.cli import main
 from onnxprune.errors import UsageError
 from onnxprune.prune import PruneOptions, prune_model
 from onnxprune.prune.allocate import allocate_ratios
-from onnxprune.prune.sensitivity import SCHEMA, SensitivityResult, measure_sensitivity
+from onnxprune.prune.analysis import analyze
+from onnxprune.prune.sensitivity import (
+    SCHEMA,
+    SensitivityResult,
+    measure_sensitivity,
+    measured_means,
+)
 from onnxprune.runtime import run_model
 from onnxprune.testing import model_from_text
 
@@ -207,3 +213,49 @@ def test_cli_refusals(tmp_path: Path, capsys, extra: list[str], message: str):
         argv += ["-o", str(tmp_path / "s.json")]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def _residual_bias_free() -> ir.Model:
+    """Conv A (bias) -> Relu -> Conv B (no bias) -> Add(B, A) -> Conv C.
+
+    The Add couples B's output with A's output, which B also reads: one group holds B's
+    input and output channels, and removing it creates B's compensation bias (DenseNet's
+    transition convs after a folded BatchNorm have this shape).
+    """
+    rng = np.random.default_rng(3)
+    text = f"""{HEADER}
+g (float[1,4,6,6] x, float[8,4,3,3] w1, float[8] b1, float[8,8,1,1] w2, float[4,8,1,1] w3)
+  => (float[1,4,6,6] y) {{
+  a = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r = Relu (a)
+  b = Conv (r, w2)
+  s = Add (b, a)
+  y = Conv (s, w3)
+}}"""
+    arrays = {
+        "w1": rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3,
+        "b1": np.abs(rng.standard_normal(8)).astype(np.float32),  # > 0: compensation acts
+        "w2": rng.standard_normal((8, 8, 1, 1)).astype(np.float32),
+        "w3": rng.standard_normal((4, 8, 1, 1)).astype(np.float32),
+    }
+    return model_from_text(text, arrays)
+
+
+@pytest.mark.parametrize("means", ["data-free", "measured"])
+def test_probe_of_a_group_that_is_both_input_and_output_of_a_bias_free_conv(means: str):
+    """The probe zeroes instead of slicing, so a bias it creates keeps every channel (it
+    was created cut and onnxruntime refused the model); its error is the pruned model's."""
+    model = _residual_bias_free()
+    analysis = analyze(model)
+    stats = measured_means(model, analysis, _feeds()) if means == "measured" else None
+    result = measure_sensitivity(
+        model, _feeds(), ratios=(0.5,), round_to=1, criterion="l2", measured=stats
+    )
+    (row,) = result.groups
+    point = row["points"][0]
+    assert point["kept"] == 4 and point["nsr"] > 0
+    pruned = _copy(model)
+    options = PruneOptions(layer_ratios={row["id"]: 0.5}, round_to=1)
+    report = prune_model(pruned, options, measure=None if stats is None else lambda _: stats)
+    assert pruned.graph.initializers["w2"].const_value.shape == (4, 4, 1, 1), report.notes
+    assert _nsr(model, pruned, _feeds()) == pytest.approx(point["nsr"], rel=1e-4)

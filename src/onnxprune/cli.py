@@ -20,6 +20,7 @@ import importlib
 import logging
 import signal
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
@@ -53,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onnxprune", description="Framework-agnostic ONNX model optimizer."
     )
     parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more logging (-vv: also the traceback of an error)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generated = set(registry.names())
     for name in COMMANDS:
@@ -93,6 +100,12 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.run(args))
 
 
+def _traceback_if_asked(args: argparse.Namespace) -> None:
+    """With ``-vv`` the one-line error is preceded by its traceback (for bug reports)."""
+    if args.verbose >= 2:
+        traceback.print_exc(file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,9 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_unwinds():
             return _run(args)
     except OnnxPruneError as exc:
+        _traceback_if_asked(args)
         print(f"onnxprune {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except RUNTIME_ERRORS as exc:  # the last resort: validation names most culprits first
+        _traceback_if_asked(args)
         print(f"onnxprune {args.command}: error: {runtime_failure(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

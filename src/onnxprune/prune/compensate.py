@@ -183,6 +183,8 @@ def compensate_removed_inputs(
     model: ir.Model,
     kept: Mapping[SpaceKey, np.ndarray],
     expected: Mapping[str, np.ndarray | InputMean],
+    *,
+    zeroed: bool = False,
 ) -> list[str]:
     """Adjust consumer biases for removed input channels; call *before* slicing.
 
@@ -190,6 +192,8 @@ def compensate_removed_inputs(
         model: The model before removal (weights still full size).
         kept: Kept indices per pruned space (from ``kept_indices``).
         expected: ``E[x]`` per channel (or an :class:`InputMean`) by consumer input name.
+        zeroed: The removal that follows zeroes units instead of slicing them (a probe):
+            a bias created here keeps every output channel, zero on the removed ones.
 
     Returns:
         Labels of the layers whose bias was adjusted.
@@ -210,7 +214,7 @@ def compensate_removed_inputs(
         if not np.any(delta):
             continue
         out_kept = kept.get((node.outputs[0].name, 1 if node.op_type != "MatMul" else -1))
-        _add_to_bias(model, node, delta, out_kept)
+        _add_to_bias(model, node, delta, out_kept, zeroed=zeroed)
         adjusted.append(node.name or node.outputs[0].name)
     return adjusted
 
@@ -298,11 +302,16 @@ def _bias_value(node: ir.Node) -> tuple[ir.Value | None, float]:
 
 
 def _add_to_bias(
-    model: ir.Model, node: ir.Node, delta: np.ndarray, out_kept: np.ndarray | None
+    model: ir.Model,
+    node: ir.Node,
+    delta: np.ndarray,
+    out_kept: np.ndarray | None,
+    *,
+    zeroed: bool = False,
 ) -> None:
-    """Add ``delta`` to the layer's bias. A bias that did not exist is created already
-    cut to the kept output channels: it is not part of the analysis, so the removal that
-    follows would not slice it."""
+    """Add ``delta`` to the layer's bias. A bias that did not exist is not part of the
+    analysis, so the removal that follows would not touch it: it is created already cut to
+    the kept output channels, or (``zeroed``) full size with the removed channels at zero."""
     dtype = node.inputs[1].const_value.numpy().dtype
     bias, scale = _bias_value(node)
     if bias is not None:
@@ -314,7 +323,11 @@ def _add_to_bias(
         else:
             bias.const_value = ir.tensor(new.astype(dtype), name=bias.name)
         return
-    if out_kept is not None:
+    if out_kept is not None and zeroed:
+        full = np.zeros_like(delta)
+        full[out_kept] = delta[out_kept]
+        delta = full
+    elif out_kept is not None:
         delta = delta[out_kept]
     fresh = add_initializer(model.graph, f"{node.name or 'layer'}_bias", delta.astype(dtype))
     if len(node.inputs) == 2:

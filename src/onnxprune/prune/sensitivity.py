@@ -176,7 +176,7 @@ class _Probe:
         if self.compensate and self.measured is not None:
             model = copy_model(self.model)
             kept = kept_indices(self.analysis, removed)
-            compensate_removed_inputs(model, kept, self.measured)
+            compensate_removed_inputs(model, kept, self.measured, zeroed=True)
             # zeroed (not sliced) outputs keep every channel: residuals over all of them
             inputs_only = {k: v for k, v in kept.items() if k[0] in model.graph.initializers}
             corrections = border_corrections(model, inputs_only, self.measured)
@@ -192,7 +192,9 @@ class _Probe:
                     mean = expected_input(value)
                     if mean is not None:
                         expected[value.name] = mean
-            compensate_removed_inputs(model, kept_indices(self.analysis, removed), expected)
+            compensate_removed_inputs(
+                model, kept_indices(self.analysis, removed), expected, zeroed=True
+            )
             zero_units(model, self.analysis, removed)
             return _compare(self.reference, _run(model, self.feeds, self.threads))
         graph = self.model.graph
