@@ -259,8 +259,19 @@ def test_progress_is_silent_off_terminal_and_draws_when_forced() -> None:
     loud = io.StringIO()
     with Progress(4, "bench", stream=loud, enabled=True) as bar:
         bar.update(2)
-    assert "bench [" in loud.getvalue() and "2/4" in loud.getvalue()
+    assert "bench:" in loud.getvalue() and "2/4" in loud.getvalue()
     assert loud.getvalue().endswith("\n")
+
+
+@pytest.mark.parametrize(("value", "shown"), [("0", False), ("1", True), ("", False)])
+def test_progress_environment_switch(monkeypatch, value: str, shown: bool) -> None:
+    """ONNXPRUNE_PROGRESS forces bars on or off; unset, a non-terminal stream gets none."""
+    monkeypatch.setenv("ONNXPRUNE_PROGRESS", value)
+    stream = io.StringIO()
+    with Progress(3, "calibrate", stream=stream) as bar:
+        bar.update(3, note="loss 0.5")
+    assert bar.count == 3
+    assert ("3/3" in stream.getvalue()) == shown
 
 
 @pytest.mark.cuda

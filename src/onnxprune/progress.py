@@ -1,21 +1,37 @@
-"""A minimal progress bar for long runs, drawn on stderr only when it is a terminal.
+"""Progress bars for long phases (tqdm), drawn on stderr only when it is a terminal.
 
 Redirected or captured stderr (CI logs, pipes, pytest) gets nothing, so logs stay clean.
-Redraws are throttled to ~10 per second so the bar costs nothing measurable even inside a
-benchmark loop (it is never updated inside a timed region anyway).
+``ONNXPRUNE_PROGRESS=0`` turns every bar off, ``ONNXPRUNE_PROGRESS=1`` on (e.g. under a
+terminal multiplexer that hides its tty). tqdm throttles redraws (``mininterval``), so a bar
+costs nothing measurable even around a benchmark loop (it is never updated inside a timed
+region anyway).
 """
 
 from __future__ import annotations
 
+import os
 import sys
-import time
 from types import TracebackType
 from typing import TextIO
 
-__all__ = ["Progress"]
+from tqdm import tqdm
 
-_WIDTH = 30
-_MIN_INTERVAL_NS = 100_000_000
+__all__ = ["Progress", "progress_enabled"]
+
+_MIN_INTERVAL_S = 0.1
+
+
+def progress_enabled(stream: TextIO | None = None) -> bool:
+    """Whether bars are drawn on ``stream`` (default stderr): ``ONNXPRUNE_PROGRESS`` if set,
+    else whether the stream is a terminal."""
+    forced = os.environ.get("ONNXPRUNE_PROGRESS", "").strip().lower()
+    if forced in ("0", "false", "no", "off"):
+        return False
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    stream = stream if stream is not None else sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 class Progress:
@@ -25,7 +41,7 @@ class Progress:
         total: Expected number of steps, or None when unknown (only the count is shown).
         desc: Short label printed before the bar.
         stream: Where to draw (default ``sys.stderr``).
-        enabled: Force on/off; by default on only when ``stream`` is a terminal.
+        enabled: Force on/off; by default :func:`progress_enabled`.
     """
 
     def __init__(
@@ -40,12 +56,16 @@ class Progress:
         self.desc = desc
         self.count = 0
         self.stream = stream if stream is not None else sys.stderr
-        if enabled is None:
-            isatty = getattr(self.stream, "isatty", None)
-            enabled = bool(isatty and isatty())
-        self.enabled = enabled
-        self._start_ns = time.perf_counter_ns()
-        self._last_draw_ns = 0
+        self.enabled = progress_enabled(self.stream) if enabled is None else enabled
+        self._bar = tqdm(
+            total=total,
+            desc=desc or None,
+            file=self.stream,
+            disable=not self.enabled,
+            mininterval=_MIN_INTERVAL_S,
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     def __enter__(self) -> Progress:
         return self
@@ -59,35 +79,12 @@ class Progress:
         self.close()
 
     def update(self, steps: int = 1, *, note: str = "") -> None:
-        """Advance by ``steps`` and redraw if enough time has passed."""
+        """Advance by ``steps``; ``note`` is shown after the bar (e.g. the current loss)."""
         self.count += steps
-        now = time.perf_counter_ns()
-        if self.enabled and now - self._last_draw_ns >= _MIN_INTERVAL_NS:
-            self._last_draw_ns = now
-            self._draw(now, note)
-
-    def render(self, now_ns: int | None = None, note: str = "") -> str:
-        """The bar as text (without carriage return)."""
-        now_ns = time.perf_counter_ns() if now_ns is None else now_ns
-        elapsed = (now_ns - self._start_ns) / 1e9
-        label = f"{self.desc} " if self.desc else ""
-        if self.total:
-            done = min(self.count, self.total)
-            filled = int(_WIDTH * done / self.total)
-            bar = "#" * filled + "." * (_WIDTH - filled)
-            text = f"{label}[{bar}] {done}/{self.total} {elapsed:.1f}s"
-        else:
-            text = f"{label}{self.count} {elapsed:.1f}s"
-        return f"{text} {note}".rstrip()
-
-    def _draw(self, now_ns: int, note: str) -> None:
-        self.stream.write("\r" + self.render(now_ns, note) + "\x1b[K")
-        self.stream.flush()
+        if note:
+            self._bar.set_postfix_str(note, refresh=False)
+        self._bar.update(steps)
 
     def close(self) -> None:
         """Draw the final state and end the line."""
-        if self.enabled:
-            self._draw(time.perf_counter_ns(), "")
-            self.stream.write("\n")
-            self.stream.flush()
-            self.enabled = False
+        self._bar.close()

@@ -32,6 +32,7 @@ from onnxprune.optimize.data import accuracy, has_labels, split_calibration
 from onnxprune.optimize.recipe import Recipe, load_recipe, preset
 from onnxprune.optimize.report import ModelStats, OptimizeReport, StepRecord
 from onnxprune.optimize.steps import BACKOFF_STEPS, StepRun, StepSkippedError, run_step
+from onnxprune.progress import progress_enabled
 from onnxprune.tolerance import parse_tolerance
 from onnxprune.verification import VerifyResult, verify
 
@@ -59,8 +60,7 @@ class _StepProgress:
     def __init__(self, total: int, *, stream: TextIO | None = None) -> None:
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self.stream, "isatty", None)
-        self.enabled = bool(isatty and isatty())
+        self.enabled = progress_enabled(self.stream)
         self._label = ""
         self._start = time.perf_counter()
 
