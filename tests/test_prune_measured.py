@@ -18,7 +18,13 @@ import pytest
 from onnxprune.cli import main
 from onnxprune.prune import PruneOptions, analyze, prune_model
 from onnxprune.prune.activations import removed_input_means
-from onnxprune.prune.measured import measured_allocation
+from onnxprune.prune.measured import (
+    COARSE_RATIOS,
+    MIN_SAMPLES,
+    RATIOS,
+    measured_allocation,
+    measurement_size,
+)
 from onnxprune.prune.sensitivity import measure_sensitivity, measured_means
 from onnxprune.runtime import run_model
 from onnxprune.testing import model_from_text
@@ -158,3 +164,35 @@ def test_measured_allocation_without_data_is_refused(tmp_path: Path, capsys):
     assert main([*args, "--allocation", "measured"]) != 0
     assert "--allocation measured needs --calib" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("groups", "session_s", "run_s", "expected"),
+    [
+        # small model: every feed at every ratio fits
+        (2, 0.01, 0.001, (16, RATIOS)),
+        # fewer feeds first: 89 groups x 5 ratios, 0.1 s a run -> 180/445 - 0.2 = 0.2 s -> 2
+        # feeds is below the floor, so the coarse ratios: 180/267 - 0.2 = 0.47 s -> 4 feeds
+        (89, 0.1, 0.1, (4, COARSE_RATIOS)),
+        # 10 groups at 0.2 s a run: 180/50 - 0.2 = 3.4 s -> 17 -> all 16 feeds
+        (10, 0.1, 0.2, (16, RATIOS)),
+        # 40 groups: 180/200 - 0.2 = 0.7 s -> 3 feeds at 0.2 s: coarse, 180/120 - 0.2 -> 6
+        (40, 0.1, 0.2, (6, COARSE_RATIOS)),
+        # hopeless: the floor and the coarse ratios, over budget rather than unmeasured
+        (500, 1.0, 1.0, (MIN_SAMPLES, COARSE_RATIOS)),
+    ],
+)
+def test_measurement_is_sized_to_the_time_budget(groups, session_s, run_s, expected):
+    got = measurement_size(groups, RATIOS, session_s, run_s, available=64, budget=180.0)
+    assert got == expected
+    # never more feeds than there are
+    assert measurement_size(groups, RATIOS, session_s, run_s, available=3)[0] <= 3
+
+
+def test_a_tight_budget_is_reported_and_still_meets_the_target():
+    model, feeds = _model(), _feeds()
+    options = PruneOptions(target_macs=0.7, round_to=1)
+    allocation = measured_allocation(model, options, feeds, budget=1e-6)
+    assert allocation.samples == MIN_SAMPLES
+    assert any("to stay near" in note for note in allocation.notes), allocation.notes
+    assert allocation.macs[1] <= 0.7 * allocation.macs[0]

@@ -42,6 +42,7 @@ from onnxprune.io import load
 from onnxprune.io.pinned import copy_model
 from onnxprune.metrics import output_metrics
 from onnxprune.passes.pipeline import canonicalize
+from onnxprune.progress import Progress
 from onnxprune.prune.activations import (
     activation_stats,
     reconstruction_stats,
@@ -275,11 +276,12 @@ def measure_sensitivity(
         logger.info("%s", note)
     probe = _Probe(model, analysis, cost, feeds, threads, compensate, measured=measured)
     probe.reference = _run(model, feeds, threads)
-    rows = [
-        probe.row(g, removal_order(g, scores[g.id]), ratios, round_to)
-        for g in analysis.prunable
-        if g.id not in skip
-    ]
+    measured_groups = [g for g in analysis.prunable if g.id not in skip]
+    rows = []
+    with Progress(len(measured_groups), "measuring groups") as bar:
+        for g in measured_groups:
+            rows.append(probe.row(g, removal_order(g, scores[g.id]), ratios, round_to))
+            bar.update()
     blocked = [
         {"id": g.id, "node": g.blocked[0], "reason": g.blocked[1]}
         for g in analysis.reported
