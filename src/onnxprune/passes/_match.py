@@ -7,14 +7,21 @@ the graph's output names stable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from onnx_ir._core import Usage  # not re-exported by onnx_ir; for annotations only
 
 __all__ = [
     "add_initializer",
     "attr",
     "channel_vector",
     "const_array",
+    "const_numpy",
     "drop_if_unused",
     "exclusive_const_reason",
     "fresh_name",
@@ -22,10 +29,13 @@ __all__ = [
     "is_private_to",
     "known_shape",
     "label",
+    "name_of",
     "opset_version",
     "replace_value",
+    "required",
     "scalar_const",
     "sole_consumer",
+    "uses_of",
     "write_const_input",
 ]
 
@@ -43,12 +53,50 @@ def label(node: ir.Node) -> str:
     return f"{node.op_type}({first})"
 
 
-def attr(node: ir.Node, name: str, default: object = None) -> object:
-    """The Python value of attribute ``name`` of ``node``, or ``default`` when absent."""
+def attr(node: ir.Node, name: str, default: Any = None) -> Any:
+    """The Python value of attribute ``name`` of ``node``, or ``default`` when absent.
+
+    Typed ``Any`` like ``ir.Attr.value``: the type depends on the attribute (int, float,
+    ints, a tensor...) and callers convert it with ``int()``, ``float()``, ``list()``.
+    """
     attribute = node.attributes.get(name)
     if attribute is None:
         return default
     return attribute.value
+
+
+def name_of(value: ir.Value | None) -> str:
+    """The name of a value the caller knows is present: a required input or an output.
+
+    Typed helper for onnx_ir's ``Value | None`` inputs and ``str | None`` names: a graph
+    names every value that joins it, and a required input is never missing from a valid
+    node, so either failing is a bug (it used to fail as ``None.name`` or later on).
+    """
+    assert value is not None, "required input is missing"
+    assert value.name is not None, "graph value has no name"
+    return value.name
+
+
+def required(value: ir.Value | None) -> ir.Value:
+    """A node input the op requires (never missing from a valid node), typed as present."""
+    assert value is not None, "required input is missing"
+    return value
+
+
+def const_numpy(value: ir.Value | None) -> np.ndarray:
+    """The initializer content of a value the caller knows is a constant initializer.
+
+    Typed form of ``value.const_value.numpy()`` for callers that checked (or whose pattern
+    guarantees) that the value is present and constant.
+    """
+    assert value is not None, "required input is missing"
+    assert value.const_value is not None, f"{value.name!r} is not a constant"
+    return value.const_value.numpy()
+
+
+def uses_of(value: ir.Value) -> Sequence[Usage]:
+    """``value.uses()`` as the indexable tuple onnx_ir returns (typed ``Collection`` there)."""
+    return tuple(value.uses())
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -78,7 +126,7 @@ def scalar_const(value: ir.Value | None) -> float | None:
 
 def sole_consumer(value: ir.Value) -> ir.Node | None:
     """The one node that uses ``value`` (once), if it has exactly one use and is not an output."""
-    uses = value.uses()
+    uses = uses_of(value)
     if len(uses) != 1 or value.is_graph_output():
         return None
     return uses[0].node
@@ -159,8 +207,9 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
     """Remove an initializer or ``Constant`` node whose value nobody uses any more."""
     if value is None or value.uses() or value.is_graph_output() or value.is_graph_input():
         return
-    if value.is_initializer() and value.name in graph.initializers:
-        graph.initializers.pop(value.name)
+    name = value.name
+    if value.is_initializer() and name is not None and name in graph.initializers:
+        graph.initializers.pop(name)
         return
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant" and producer.graph is graph:

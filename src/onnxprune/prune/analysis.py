@@ -16,8 +16,9 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from onnxprune.analysis.shapes import infer_shapes, shape_tuple
+from onnxprune.passes._match import name_of
 from onnxprune.prune import rules_shape  # noqa: F401  (registers the shape rules)
-from onnxprune.prune.channels import ChannelGraph, Space, SpaceKey
+from onnxprune.prune.channels import ChannelGraph, Dims, Space, SpaceKey
 from onnxprune.prune.context import RuleContext
 from onnxprune.prune.rules import RULES, UNARY
 
@@ -39,7 +40,7 @@ _SHAPE_PRESERVING = frozenset(
 def _label(node: ir.Node) -> str:
     if node.name:
         return node.name
-    outputs = ",".join(o.name for o in node.outputs if o is not None)
+    outputs = ",".join(name_of(o) for o in node.outputs if o is not None)
     return f"{node.op_type}({outputs})"
 
 
@@ -112,31 +113,31 @@ class Analysis:
         raise KeyError(group_id)
 
 
-def _shapes(model: ir.Model) -> dict[str, tuple[int | str | None, ...]]:
+def _shapes(model: ir.Model) -> dict[str, Dims]:
     inferred = infer_shapes(model)
-    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    shapes: dict[str, Dims] = {}
     for graph_value in inferred.graph.initializers.values():
         tensor = graph_value.const_value
         if tensor is not None:
-            shapes[graph_value.name] = tuple(int(d) for d in tensor.shape)
+            shapes[name_of(graph_value)] = tuple(int(d) for d in tensor.shape.numpy())
     for node in inferred.graph:
         for value in (*node.inputs, *node.outputs):
-            if value is not None and value.name not in shapes:
+            if value is not None and name_of(value) not in shapes:
                 shape = shape_tuple(value.shape)
                 if shape is not None:
-                    shapes[value.name] = shape
+                    shapes[name_of(value)] = shape
     for value in inferred.graph.inputs:
         shape = shape_tuple(value.shape)
         if shape is not None:
-            shapes.setdefault(value.name, shape)
+            shapes.setdefault(name_of(value), shape)
     # onnx cannot infer some function ops (GroupNormalization-21): their output has the
     # input's shape.
     for node in inferred.graph:
         out = node.outputs[0] if node.outputs else None
         if out is not None and out.name not in shapes and node.op_type in _SHAPE_PRESERVING:
             source = node.inputs[0].name if node.inputs and node.inputs[0] is not None else None
-            if source in shapes:
-                shapes[out.name] = shapes[source]
+            if source is not None and source in shapes:
+                shapes[name_of(out)] = shapes[source]
     return shapes
 
 
@@ -165,7 +166,7 @@ def _captures(body: ir.Graph) -> Iterator[tuple[str, str]]:
             yield from ((name, reader) for name, reader in _captures(inner) if name not in defined)
     for value in body.outputs:  # a body may output an outer value directly
         if value.name not in defined:
-            yield value.name, "a body output"
+            yield name_of(value), "a body output"
 
 
 def _block_captures(node: ir.Node, ctx: RuleContext) -> None:
@@ -199,9 +200,9 @@ def _run_rules(model: ir.Model, ctx: RuleContext) -> None:
                     graph.block(name, axis, ctx.node_name, f"axis not mapped by {node.op_type}")
     for value in model.graph.inputs:
         if value.name not in model.graph.initializers:
-            graph.block_all(value.name, "graph input", "channels come from a graph input")
+            graph.block_all(name_of(value), "graph input", "channels come from a graph input")
     for value in model.graph.outputs:
-        graph.block_all(value.name, "graph output", "graph output shapes must not change")
+        graph.block_all(name_of(value), "graph output", "graph output shapes must not change")
 
 
 def _units(graph: ChannelGraph) -> list[Unit]:
@@ -224,7 +225,7 @@ def _consumers(model: ir.Model) -> dict[str, list[str]]:
     for node in model.graph:
         for value in node.inputs:
             if value is not None and value.name in model.graph.initializers:
-                users[value.name].append(_label(node))
+                users[name_of(value)].append(_label(node))
     return users
 
 

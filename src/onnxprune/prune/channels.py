@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-__all__ = ["ChannelGraph", "Space", "SpaceKey"]
+__all__ = ["ChannelGraph", "Dims", "Space", "SpaceKey"]
 
 SpaceKey = tuple[str, int]
+# A value's shape: an int per static axis, the symbol's name or None for a dynamic one.
+Dims = tuple[int | str | None, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,7 @@ class Space:
 class ChannelGraph:
     """Union-find over the channels of all static axes, with blocked spaces and reasons."""
 
-    def __init__(self, shapes: dict[str, tuple[int | None, ...]], initializers: Iterable[str]):
+    def __init__(self, shapes: dict[str, Dims], initializers: Iterable[str]):
         self.shapes = shapes
         self.initializers = frozenset(initializers)
         self.spaces: dict[SpaceKey, Space] = {}

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.prune.channels import ChannelGraph, SpaceKey
+from onnxprune.prune.channels import ChannelGraph, Dims, SpaceKey
 
 __all__ = ["AttrRewrite", "RuleContext", "ShapeRewrite", "SliceRewrite"]
 
@@ -82,7 +82,7 @@ class RuleContext:
     def rank(self, value: str) -> int | None:
         return self.graph.rank(value)
 
-    def dims(self, value: str) -> tuple[int | None, ...] | None:
+    def dims(self, value: str) -> Dims | None:
         return self.graph.shapes.get(value)
 
     def const(self, value: ir.Value | None) -> np.ndarray | None:

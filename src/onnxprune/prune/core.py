@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
+from onnxprune.passes._match import name_of
 from onnxprune.prune.analysis import Analysis, _label, analyze
 from onnxprune.prune.apply import apply_removal, kept_counts, kept_indices
 from onnxprune.prune.compensate import (
@@ -132,7 +133,7 @@ def _output_weight_axis(node: ir.Node) -> tuple[str, int] | None:
     """The initializer axis that indexes a layer's output channels."""
     if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
         return None
-    weight = node.inputs[1].name
+    weight = name_of(node.inputs[1])
     if node.op_type == "Conv":
         return (weight, 0)
     if node.op_type == "ConvTranspose":
@@ -266,13 +267,13 @@ def _group_rows(analysis: Analysis, plan: PruningPlan, excluded: set[str]) -> li
 
 
 def _data_free_means(model: ir.Model) -> dict[str, np.ndarray]:
-    expected = {}
+    expected: dict[str, np.ndarray] = {}
     for node in model.graph:
         for value in node.inputs[:1]:
-            if value is not None and value.name not in expected:
+            if value is not None and name_of(value) not in expected:
                 mean = expected_input(value)
                 if mean is not None:
-                    expected[value.name] = mean
+                    expected[name_of(value)] = mean
     return expected
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.analysis.macs import count_costs
+from onnxprune.passes._match import name_of
 from onnxprune.prune.analysis import Analysis
 from onnxprune.prune.channels import SpaceKey
 
@@ -24,21 +25,21 @@ __all__ = ["CostModel"]
 
 def _mac_axes(node: ir.Node, rank: Callable[[str], int | None]) -> list[SpaceKey]:
     """The axes whose sizes multiply into the node's MACs."""
-    out = node.outputs[0].name
+    out = name_of(node.outputs[0])
     axes: list[SpaceKey] = [(out, a) for a in range(rank(out) or 0)]
     op = node.op_type
     if op in ("Conv", "ConvInteger"):
-        w = node.inputs[1].name
+        w = name_of(node.inputs[1])
         axes += [(w, a) for a in range(1, rank(w) or 0)]
     elif op == "ConvTranspose":
-        x, w = node.inputs[0].name, node.inputs[1].name
+        x, w = name_of(node.inputs[0]), name_of(node.inputs[1])
         axes = [(x, a) for a in range(rank(x) or 0)]
         axes += [(w, a) for a in range(1, rank(w) or 0)]
     elif op == "Gemm":
         trans_a = node.attributes.get("transA")
-        axes.append((node.inputs[0].name, 0 if trans_a is not None and trans_a.value else 1))
+        axes.append((name_of(node.inputs[0]), 0 if trans_a is not None and trans_a.value else 1))
     elif op in ("MatMul", "MatMulInteger"):
-        axes.append((node.inputs[0].name, -1))
+        axes.append((name_of(node.inputs[0]), -1))
     return axes
 
 
@@ -59,7 +60,7 @@ class CostModel:
         self._init_terms = []
         for name, value in model.graph.initializers.items():
             if value.const_value is not None:
-                shape = tuple(int(d) for d in value.const_value.shape)
+                shape = tuple(int(d) for d in value.const_value.shape.numpy())
                 self._init_terms.append((name, shape))
         self.params_before = sum(math.prod(s) for _, s in self._init_terms)
         graph = analysis.graph

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.passes._match import const_numpy, name_of
 from onnxprune.prune.analysis import Analysis, Group
 from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.reconstruction import reconstruction_scores
@@ -46,7 +47,7 @@ def slice_norms(array: np.ndarray, axis: int, order: int) -> np.ndarray:
 
 def _bn_scales(model: ir.Model) -> set[str]:
     return {
-        n.inputs[1].name
+        name_of(n.inputs[1])
         for n in model.graph
         if n.op_type == "BatchNormalization" and n.inputs[1] is not None
     }
@@ -63,7 +64,7 @@ def _weight_scores(
     scores = np.zeros(group.size)
     inits = model.graph.initializers
     for key in group.initializers:
-        array = inits[key[0]].const_value.numpy()
+        array = const_numpy(inits[key[0]])
         if array.ndim < 2:
             continue
         cache_key = (key, order)
@@ -81,7 +82,7 @@ def _bn_group_scores(model: ir.Model, group: Group, scales: set[str]) -> np.ndar
         return None
     scores = np.zeros(group.size)
     for key in keys:
-        gamma = np.abs(model.graph.initializers[key[0]].const_value.numpy().astype(np.float64))
+        gamma = np.abs(const_numpy(model.graph.initializers[key[0]]).astype(np.float64))
         for u, unit in enumerate(group.units):
             scores[u] += sum(gamma[i] for s, i in unit.members if s.key == key)
     return scores

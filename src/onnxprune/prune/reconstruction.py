@@ -33,6 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.passes._match import const_numpy, name_of
 from onnxprune.prune.analysis import Analysis, Group
 from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.recover import refittable, weight_input_axis
@@ -53,7 +54,7 @@ class Consumer:
 
 
 def _weight_columns(node: ir.Node) -> np.ndarray:
-    w = node.inputs[1].const_value.numpy().astype(np.float64)
+    w = const_numpy(node.inputs[1]).astype(np.float64)
     if node.op_type == "Conv":
         return np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
     if node.op_type == "Gemm":
@@ -65,7 +66,7 @@ def _weight_columns(node: ir.Node) -> np.ndarray:
 
 def _channel_axis(node: ir.Node, analysis: Analysis) -> int | None:
     if node.op_type == "MatMul":
-        rank = analysis.graph.rank(node.inputs[0].name)
+        rank = analysis.graph.rank(name_of(node.inputs[0]))
         return None if rank is None else rank - 1
     return 1
 
@@ -80,12 +81,12 @@ def group_consumers(model: ir.Model, analysis: Analysis, group: Group) -> list[C
         if axis is None or node.inputs[0] is None or not refittable(node):
             continue
         channel_axis = _channel_axis(node, analysis)
-        key = (node.inputs[0].name, channel_axis)
-        if key not in first or (node.inputs[1].name, axis) not in weights:
+        key = (name_of(node.inputs[0]), channel_axis)
+        if key not in first or (name_of(node.inputs[1]), axis) not in weights:
             continue
         channels = tuple(tuple(i for s, i in unit.members if s.key == key) for unit in group.units)
         found.append(
-            Consumer(node.name or node.outputs[0].name, key, channels, _weight_columns(node))
+            Consumer(node.name or name_of(node.outputs[0]), key, channels, _weight_columns(node))
         )
     return found
 

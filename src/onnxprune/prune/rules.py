@@ -9,9 +9,11 @@ Ops with no rule block all their axes. Rules look at op patterns, never at node 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import onnx_ir as ir
 
+from onnxprune.passes._match import name_of
 from onnxprune.prune.context import AttrRewrite, RuleContext, ShapeRewrite, SliceRewrite
 
 __all__ = ["RULES"]
@@ -90,7 +92,7 @@ def _name(value: ir.Value | None) -> str | None:
     return None if value is None else value.name
 
 
-def _attr(node: ir.Node, name: str, default: object = None) -> object:
+def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
 
@@ -120,23 +122,24 @@ def _unary(node: ir.Node, ctx: RuleContext) -> None:
     x, y = _name(node.inputs[0]), _name(node.outputs[0])
     if x and y:
         _equal_all(ctx, x, y)
-    if node.op_type == "Dropout" and len(node.outputs) > 1 and node.outputs[1].name:
-        _equal_all(ctx, x, node.outputs[1].name)
+    mask = node.outputs[1].name if node.op_type == "Dropout" and len(node.outputs) > 1 else None
+    if x is not None and mask:  # a nameless input has no recorded shape: nothing to relate
+        _equal_all(ctx, x, mask)
 
 
 @_rule(*BINARY)
 def _binary(node: ir.Node, ctx: RuleContext) -> None:
-    y = node.outputs[0].name
+    y = name_of(node.outputs[0])
     for value in node.inputs:
         if value is not None:
-            _broadcast_into(ctx, value.name, y)
+            _broadcast_into(ctx, name_of(value), y)
 
 
 @_rule("Conv", "ConvInteger", "ConvTranspose")
 def _conv(node: ir.Node, ctx: RuleContext) -> None:
     transpose = node.op_type == "ConvTranspose"
-    x, w, y = node.inputs[0].name, node.inputs[1].name, node.outputs[0].name
-    bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    x, w, y = name_of(node.inputs[0]), name_of(node.inputs[1]), name_of(node.outputs[0])
+    bias = name_of(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     wd, xd = ctx.dims(w), ctx.dims(x)
     if wd is None or xd is None:
         return
@@ -156,9 +159,10 @@ def _conv(node: ir.Node, ctx: RuleContext) -> None:
     if group == 1:
         ctx.unite((w, in_axis), (x, 1))
         return
-    c_out = ctx.dims(y)[1] if ctx.dims(y) else None
-    depthwise = isinstance(c_in, int) and group == c_in and isinstance(c_out, int)
-    if depthwise and c_out % c_in == 0:
+    y_dims = ctx.dims(y)
+    c_out = y_dims[1] if y_dims else None
+    # Depthwise when group == C_in (both sizes static) and C_out is a multiple of C_in.
+    if isinstance(c_in, int) and isinstance(c_out, int) and group == c_in and c_out % c_in == 0:
         # Depthwise (channel multiplier m = C_out / C_in): input channel c owns outputs
         # c*m .. c*m+m-1 and weight rows alike; ``group`` follows the kept input channels.
         m = c_out // c_in
@@ -176,18 +180,18 @@ def _conv(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("Gemm")
 def _gemm(node: ir.Node, ctx: RuleContext) -> None:
-    a, b, y = node.inputs[0].name, node.inputs[1].name, node.outputs[0].name
+    a, b, y = name_of(node.inputs[0]), name_of(node.inputs[1]), name_of(node.outputs[0])
     ta, tb = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
     ctx.unite((a, 1 - ta), (b, tb))  # K
     ctx.unite((a, ta), (y, 0))  # M
     ctx.unite((b, 1 - tb), (y, 1))  # N
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        _broadcast_into(ctx, node.inputs[2].name, y)
+        _broadcast_into(ctx, name_of(node.inputs[2]), y)
 
 
 @_rule("MatMul", "MatMulInteger")
 def _matmul(node: ir.Node, ctx: RuleContext) -> None:
-    a, b, y = node.inputs[0].name, node.inputs[1].name, node.outputs[0].name
+    a, b, y = name_of(node.inputs[0]), name_of(node.inputs[1]), name_of(node.outputs[0])
     ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
     if not ra or not rb or ra < 2 or rb < 2 or ry is None:
         return  # 1-D operands: every axis stays unmapped (blocked)
@@ -196,6 +200,7 @@ def _matmul(node: ir.Node, ctx: RuleContext) -> None:
     ctx.unite((b, -1), (y, -1))
     for value, rank in ((a, ra), (b, rb)):
         dims, out_dims = ctx.dims(value), ctx.dims(y)
+        assert dims is not None and out_dims is not None  # rank() is len(dims()): both known
         for axis in range(rank - 2):
             out_axis = axis + ry - rank
             if dims[axis] == out_dims[out_axis] or dims[axis] != 1:
@@ -206,14 +211,14 @@ def _matmul(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("BatchNormalization", "InstanceNormalization")
 def _channel_norm(node: ir.Node, ctx: RuleContext) -> None:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     if len(node.outputs) > 1 and any(o.name for o in node.outputs[1:]):
         ctx.block_all(x, "training-mode BatchNormalization")
         return
     _equal_all(ctx, x, y)
     for param in node.inputs[1:]:
         if param is not None:
-            ctx.unite((param.name, 0), (x, 1))
+            ctx.unite((name_of(param), 0), (x, 1))
     if node.op_type == "InstanceNormalization":
         for axis in range(2, ctx.rank(x) or 0):
             ctx.block(x, axis, "InstanceNormalization normalizes over this axis")
@@ -221,7 +226,7 @@ def _channel_norm(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("GroupNormalization")
 def _group_norm(node: ir.Node, ctx: RuleContext) -> None:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     groups = int(_attr(node, "num_groups", 1))
     dims = ctx.dims(x)
     if dims is None or not isinstance(dims[1], int) or dims[1] % groups:
@@ -229,20 +234,20 @@ def _group_norm(node: ir.Node, ctx: RuleContext) -> None:
     per_group = dims[1] // groups
     _equal_all(ctx, x, y)
     # Whole groups only: the channels of a group form one unit.
-    ctx.graph.unite_within(x, 1, per_group, node.name)
+    ctx.graph.unite_within(x, 1, per_group, ctx.node_name)
     for param in node.inputs[1:]:
-        size = (ctx.dims(param.name) or (None,))[0] if param is not None else None
+        size = (ctx.dims(name_of(param)) or (None,))[0] if param is not None else None
         if size == groups:
-            ctx.unite((param.name, 0), (x, 1), block=per_group)
+            ctx.unite((name_of(param), 0), (x, 1), block=per_group)
         elif param is not None:
-            ctx.unite((param.name, 0), (x, 1))
+            ctx.unite((name_of(param), 0), (x, 1))
     ctx.attr_rewrites.append(AttrRewrite(node, "num_groups", (x, 1), per_group))
     for axis in range(2, len(dims)):
         ctx.block(x, axis, "GroupNormalization normalizes over this axis")
 
 
 def _normalized_axes(node: ir.Node, ctx: RuleContext, default: int) -> tuple[str, str, int]:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     rank = ctx.rank(x) or 0
     return x, y, int(_attr(node, "axis", default)) % max(rank, 1)
 
@@ -256,7 +261,7 @@ def _layer_norm(node: ir.Node, ctx: RuleContext) -> None:
         ctx.block(x, a, reason)
     for param in node.inputs[1:]:
         if param is not None:
-            ctx.block_all(param.name, reason)
+            ctx.block_all(name_of(param), reason)
 
 
 @_rule("Softmax", "LogSoftmax", "Hardmax")
@@ -268,7 +273,7 @@ def _softmax(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 def _pool(node: ir.Node, ctx: RuleContext) -> None:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     ctx.unite((x, 0), (y, 0))
     ctx.unite((x, 1), (y, 1))
     for axis in range(2, ctx.rank(x) or 0):
@@ -278,7 +283,7 @@ def _pool(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("Transpose")
 def _transpose(node: ir.Node, ctx: RuleContext) -> None:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     rank = ctx.rank(x) or 0
     perm = list(_attr(node, "perm", list(reversed(range(rank)))))
     for out_axis, in_axis in enumerate(perm):
@@ -287,42 +292,44 @@ def _transpose(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("Concat")
 def _concat(node: ir.Node, ctx: RuleContext) -> None:
-    y = node.outputs[0].name
+    y = name_of(node.outputs[0])
     rank = ctx.rank(y) or 0
     axis = int(_attr(node, "axis", 0)) % max(rank, 1)
     offset = 0
     for value in node.inputs:
-        dims = ctx.dims(value.name)
-        if dims is None or not isinstance(dims[axis], int):
+        dims = ctx.dims(name_of(value))
+        size = None if dims is None else dims[axis]
+        if not isinstance(size, int):
             ctx.block(y, axis, "Concat input of unknown size")
             return
         for a in range(rank):
             if a == axis:
-                ctx.unite((value.name, a), (y, a), offset=offset, partial=True)
+                ctx.unite((name_of(value), a), (y, a), offset=offset, partial=True)
             else:
-                ctx.unite((value.name, a), (y, a))
-        offset += dims[axis]
+                ctx.unite((name_of(value), a), (y, a))
+        offset += size
 
 
 @_rule("Split")
 def _split(node: ir.Node, ctx: RuleContext) -> None:
-    x = node.inputs[0].name
+    x = name_of(node.inputs[0])
     rank = ctx.rank(x) or 0
     axis = int(_attr(node, "axis", 0)) % max(rank, 1)
     offset = 0
     for k, out in enumerate(node.outputs):
-        dims = ctx.dims(out.name)
-        if dims is None or not isinstance(dims[axis], int):
+        dims = ctx.dims(name_of(out))
+        size = None if dims is None else dims[axis]
+        if not isinstance(size, int):
             ctx.block(x, axis, "Split output of unknown size")
             return
         for a in range(rank):
             if a == axis:
-                ctx.unite((out.name, a), (x, a), offset=offset, partial=True)
+                ctx.unite((name_of(out), a), (x, a), offset=offset, partial=True)
             else:
-                ctx.unite((out.name, a), (x, a))
+                ctx.unite((name_of(out), a), (x, a))
         if len(node.inputs) > 1 and node.inputs[1] is not None:
-            ctx.shape_rewrites.append(ShapeRewrite(node, 1, k, (out.name, axis)))
-        offset += dims[axis]
+            ctx.shape_rewrites.append(ShapeRewrite(node, 1, k, (name_of(out), axis)))
+        offset += size
     if _attr(node, "num_outputs") is not None or _attr(node, "split") is not None:
         # Equal splits by count or a split attribute cannot follow uneven pruning.
         ctx.block(x, axis, "Split sizes given by attribute")
@@ -330,7 +337,7 @@ def _split(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("Slice")
 def _slice(node: ir.Node, ctx: RuleContext) -> None:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     rank = ctx.rank(x) or 0
     starts, ends = ctx.const_ints(node.inputs[1]), ctx.const_ints(node.inputs[2])
     axes = ctx.const_ints(node.inputs[3]) if len(node.inputs) > 3 else None
@@ -355,6 +362,7 @@ def _slice(node: ir.Node, ctx: RuleContext) -> None:
         out = ctx.graph.space(y, a)
         if out is not None and out.size == end - start:
             src = ctx.graph.space(x, a)
+            assert src is not None  # x's axis a has the static size ``size`` (checked above)
             ctx._touch((x, a))
             ctx._touch((y, a))
             for j in range(out.size):
@@ -365,7 +373,7 @@ def _slice(node: ir.Node, ctx: RuleContext) -> None:
 @_rule("QuantizeLinear", "DequantizeLinear")
 def _qdq(node: ir.Node, ctx: RuleContext) -> None:
     """Q/DQ are elementwise; per-axis scales and zero points follow their channel axis."""
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     _equal_all(ctx, x, y)
     if int(_attr(node, "block_size", 0) or 0):
         ctx.block_all(x, "blocked quantization is not pruned")
@@ -373,5 +381,5 @@ def _qdq(node: ir.Node, ctx: RuleContext) -> None:
     rank = ctx.rank(x) or 0
     axis = int(_attr(node, "axis", 1)) % max(rank, 1)
     for param in node.inputs[1:]:
-        if param is not None and ctx.rank(param.name) == 1:
-            ctx.unite((param.name, 0), (x, axis))
+        if param is not None and ctx.rank(name_of(param)) == 1:
+            ctx.unite((name_of(param), 0), (x, axis))

@@ -16,15 +16,16 @@ Gathers (torch's ``nn.MultiheadAttention`` views its packed q/k/v in-projection 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import onnx_ir as ir
 
+from onnxprune.passes._match import name_of, required
+from onnxprune.prune.channels import Dims
 from onnxprune.prune.context import RuleContext, ShapeRewrite
 from onnxprune.prune.rules import RULES, _attr, _broadcast_into, _rule
 
 __all__ = ["match_axis_groups"]
-
-Dims = tuple[int | str | None, ...]
 
 
 def match_axis_groups(src: Dims, dst: Dims) -> list[tuple[list[int], list[int]]] | None:
@@ -42,12 +43,14 @@ def match_axis_groups(src: Dims, dst: Dims) -> list[tuple[list[int], list[int]]]
         gi, gj, pa, pb = [i], [j], a, b
         i, j = i + 1, j + 1
         while pa != pb:
-            if pa < pb and i < len(src) and isinstance(src[i], int):
-                pa *= src[i]
+            next_a = src[i] if i < len(src) else None
+            next_b = dst[j] if j < len(dst) else None
+            if pa < pb and isinstance(next_a, int):
+                pa *= next_a
                 gi.append(i)
                 i += 1
-            elif pb < pa and j < len(dst) and isinstance(dst[j], int):
-                pb *= dst[j]
+            elif pb < pa and isinstance(next_b, int):
+                pb *= next_b
                 gj.append(j)
                 j += 1
             else:
@@ -69,7 +72,7 @@ def _leading(axes: list[int], dims: Dims) -> int:
 
 def _moved_axis(node: ir.Node, axis: int, ctx: RuleContext) -> int | None:
     """Where ``axis`` of input 0 lands in the output of an Unsqueeze/Squeeze/Transpose."""
-    rank = ctx.rank(node.inputs[0].name)
+    rank = ctx.rank(name_of(node.inputs[0]))
     if rank is None:
         return None
     if node.op_type == "Transpose":
@@ -100,8 +103,8 @@ def _only_selected(value: ir.Value, axis: int, ctx: RuleContext, depth: int = 0)
         if use.idx != 0 or not node.outputs:
             return False
         if node.op_type == "Gather":
-            rank = ctx.rank(value.name)
-            index = node.inputs[1].const_value if len(node.inputs) > 1 else None
+            rank = ctx.rank(name_of(value))
+            index = required(node.inputs[1]).const_value if len(node.inputs) > 1 else None
             if rank is None or index is None or index.shape != ():
                 return False
             if int(_attr(node, "axis", 0)) % rank != axis:
@@ -132,8 +135,10 @@ def _packed_split(
     if not _only_selected(node.outputs[0], outer, ctx):
         return False
     count, size = dst[outer], dst[inner]
-    for k in range(count):  # type: ignore[arg-type]
-        ctx.unite((y, inner), (x, li), offset=k * size, partial=True)  # type: ignore[operator]
+    # A group of several axes has only static sizes (see match_axis_groups).
+    assert isinstance(count, int) and isinstance(size, int)
+    for k in range(count):
+        ctx.unite((y, inner), (x, li), offset=k * size, partial=True)
     for a in gj:
         if a != inner:
             ctx.block(y, a, "selects one of packed projections")
@@ -154,11 +159,17 @@ def _map_reshape(ctx: RuleContext, x: str, y: str, node: ir.Node, target_index: 
             continue  # many-to-many: mixes channels, blocked
         if _packed_split(ctx, x, y, node, (li, gi, gj)):
             inner = [a for a in gj if dst[a] != 1][1]
-            if target is not None and inner < len(target) and target[inner] > 0:
+            if (
+                target is not None
+                and target_index is not None
+                and inner < len(target)
+                and target[inner] > 0
+            ):
                 ctx.shape_rewrites.append(ShapeRewrite(node, target_index, inner, (y, inner)))
             continue
-        block_in = math.prod(src[a] for a in gi if a != li)  # type: ignore[misc]
-        block_out = math.prod(dst[a] for a in gj if a != lj)  # type: ignore[misc]
+        # Only a group of several axes has other axes, and those are static (int).
+        block_in = math.prod(cast(int, src[a]) for a in gi if a != li)
+        block_out = math.prod(cast(int, dst[a]) for a in gj if a != lj)
         if block_in > 1:  # merge: input element c owns output block c*block_in ..
             ctx.unite((x, li), (y, lj), block=block_in)
         else:  # split (or one-to-one): output element h owns input block h*block_out ..
@@ -169,28 +180,28 @@ def _map_reshape(ctx: RuleContext, x: str, y: str, node: ir.Node, target_index: 
         for a in gj:
             if a != lj:
                 ctx.block(y, a, "split off another axis by a reshape")
-        if target is not None and lj < len(target) and target[lj] > 0:
+        if target is not None and target_index is not None and lj < len(target) and target[lj] > 0:
             ctx.shape_rewrites.append(ShapeRewrite(node, target_index, lj, (y, lj)))
 
 
 @_rule("Reshape")
 def _reshape(node: ir.Node, ctx: RuleContext) -> None:
-    _map_reshape(ctx, node.inputs[0].name, node.outputs[0].name, node, 1)
+    _map_reshape(ctx, name_of(node.inputs[0]), name_of(node.outputs[0]), node, 1)
 
 
 @_rule("Flatten")
 def _flatten(node: ir.Node, ctx: RuleContext) -> None:
-    _map_reshape(ctx, node.inputs[0].name, node.outputs[0].name, node, None)
+    _map_reshape(ctx, name_of(node.inputs[0]), name_of(node.outputs[0]), node, None)
 
 
 @_rule("Squeeze", "Unsqueeze")
 def _squeeze(node: ir.Node, ctx: RuleContext) -> None:
-    _map_reshape(ctx, node.inputs[0].name, node.outputs[0].name, node, None)
+    _map_reshape(ctx, name_of(node.inputs[0]), name_of(node.outputs[0]), node, None)
 
 
 @_rule("Gather")
 def _gather(node: ir.Node, ctx: RuleContext) -> None:
-    data, indices, y = node.inputs[0].name, node.inputs[1].name, node.outputs[0].name
+    data, indices, y = name_of(node.inputs[0]), name_of(node.inputs[1]), name_of(node.outputs[0])
     rank, ri = ctx.rank(data), ctx.rank(indices)
     if rank is None or ri is None:
         return
@@ -216,7 +227,7 @@ def _gather(node: ir.Node, ctx: RuleContext) -> None:
     "ReduceLogSumExp",
 )
 def _reduce(node: ir.Node, ctx: RuleContext) -> None:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     rank = ctx.rank(x) or 0
     axes = _attr(node, "axes")
     if axes is None and len(node.inputs) > 1:
@@ -237,7 +248,7 @@ def _reduce(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("Pad")
 def _pad(node: ir.Node, ctx: RuleContext) -> None:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     rank = ctx.rank(x) or 0
     pads = ctx.const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
     pads = pads if pads is not None else list(_attr(node, "pads", []) or [])
@@ -255,7 +266,7 @@ def _pad(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("Resize", "Upsample")
 def _resize(node: ir.Node, ctx: RuleContext) -> None:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     xd, yd = ctx.dims(x), ctx.dims(y)
     if xd is None or yd is None:
         return
@@ -264,7 +275,7 @@ def _resize(node: ir.Node, ctx: RuleContext) -> None:
         if isinstance(i, int) and i == o:
             ctx.unite((x, a), (y, a))
             has_sizes = sizes_index is not None and len(node.inputs) > sizes_index
-            if has_sizes and node.inputs[sizes_index] is not None:
+            if has_sizes and sizes_index is not None and node.inputs[sizes_index] is not None:
                 ctx.shape_rewrites.append(ShapeRewrite(node, sizes_index, a, (y, a)))
         else:
             ctx.block(x, a, "resized axis")
@@ -272,7 +283,7 @@ def _resize(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("Expand")
 def _expand(node: ir.Node, ctx: RuleContext) -> None:
-    x, y = node.inputs[0].name, node.outputs[0].name
+    x, y = name_of(node.inputs[0]), name_of(node.outputs[0])
     _broadcast_into(ctx, x, y)
     shape = ctx.const_ints(node.inputs[1])
     xd, yd = ctx.dims(x), ctx.dims(y)
@@ -287,7 +298,7 @@ def _expand(node: ir.Node, ctx: RuleContext) -> None:
 
 @_rule("Shape", "Size")
 def _shape(node: ir.Node, ctx: RuleContext) -> None:
-    ctx.block_all(node.inputs[0].name, f"{node.op_type} reads the size of this axis")
+    ctx.block_all(name_of(node.inputs[0]), f"{node.op_type} reads the size of this axis")
 
 
 assert "Reshape" in RULES

@@ -41,6 +41,7 @@ from onnxprune.errors import UsageError
 from onnxprune.io import load
 from onnxprune.io.pinned import copy_model
 from onnxprune.metrics import output_metrics
+from onnxprune.passes._match import name_of
 from onnxprune.passes.pipeline import canonicalize
 from onnxprune.progress import Progress
 from onnxprune.prune.activations import (
@@ -127,6 +128,11 @@ def _run(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], threads: in
     return {n: np.concatenate(v) for n, v in outs.items()}
 
 
+def _finite_or_none(metric: float | None) -> float | None:
+    """An infinite metric (SQNR of an exact match) is stored as None."""
+    return None if isinstance(metric, float) and math.isinf(metric) else metric
+
+
 def _compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> tuple[float, dict]:
     """(worst nsr, {output: cosine/sqnr_db/top1_agreement}); infinite SQNR is stored as None."""
     worst, per_output = 0.0, {}
@@ -139,10 +145,7 @@ def _compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> tu
         noise = float(np.sum((c64 - r64) ** 2))
         worst = max(worst, noise / signal if signal > 0 else (math.inf if noise else 0.0))
         metrics = output_metrics(r, c)
-        per_output[name] = {
-            k: (None if isinstance(metrics[k], float) and math.isinf(metrics[k]) else metrics[k])
-            for k in _KEPT_METRICS
-        }
+        per_output[name] = {k: _finite_or_none(metrics[k]) for k in _KEPT_METRICS}
     return worst, per_output
 
 
@@ -186,13 +189,13 @@ class _Probe:
             return _compare(self.reference, _run(model, self.feeds, self.threads))
         if self.compensate:  # adds bias inputs: work on a copy
             model = copy_model(self.model)
-            expected = {}
+            expected: dict[str, np.ndarray] = {}
             for node in model.graph:
                 value = node.inputs[0] if node.inputs else None
-                if value is not None and value.name not in expected:
+                if value is not None and name_of(value) not in expected:
                     mean = expected_input(value)
                     if mean is not None:
-                        expected[value.name] = mean
+                        expected[name_of(value)] = mean
             compensate_removed_inputs(
                 model, kept_indices(self.analysis, removed), expected, zeroed=True
             )
