@@ -22,6 +22,7 @@ __all__ = [
     "channel_vector",
     "const_array",
     "const_numpy",
+    "const_shape",
     "drop_if_unused",
     "exclusive_const_reason",
     "fresh_name",
@@ -92,6 +93,13 @@ def const_numpy(value: ir.Value | None) -> np.ndarray:
     assert value is not None, "required input is missing"
     assert value.const_value is not None, f"{value.name!r} is not a constant"
     return value.const_value.numpy()
+
+
+def const_shape(value: ir.Value | None) -> tuple[int, ...]:
+    """The (static) shape of a value the caller knows is a constant initializer."""
+    assert value is not None, "required input is missing"
+    assert value.const_value is not None, f"{value.name!r} is not a constant"
+    return tuple(value.const_value.shape.numpy())
 
 
 def uses_of(value: ir.Value) -> Sequence[Usage]:

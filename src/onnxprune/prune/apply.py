@@ -12,11 +12,12 @@ rewritten. Constants shared by several nodes are copied before a node-specific r
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.passes._match import add_initializer
+from onnxprune.passes._match import add_initializer, const_numpy, name_of, required
 from onnxprune.prune.analysis import Analysis
 from onnxprune.prune.channels import SpaceKey
 
@@ -51,7 +52,7 @@ def _slice_initializers(model: ir.Model, kept: dict[SpaceKey, np.ndarray]) -> No
             array = np.take(array, idx, axis=axis)
         tensor = ir.tensor(np.ascontiguousarray(array), name=name)
         value.const_value = tensor
-        value.shape = tensor.shape
+        value.shape = cast(ir.Shape, tensor.shape)  # ir.tensor of an array has an ir.Shape
 
 
 def _update_shapes(model: ir.Model, kept: dict[SpaceKey, np.ndarray]) -> None:
@@ -62,7 +63,7 @@ def _update_shapes(model: ir.Model, kept: dict[SpaceKey, np.ndarray]) -> None:
             dims = list(value.shape)
             changed = False
             for axis in range(len(dims)):
-                idx = kept.get((value.name, axis))
+                idx = kept.get((name_of(value), axis))
                 if idx is not None and isinstance(dims[axis], int):
                     dims[axis] = len(idx)
                     changed = True
@@ -72,8 +73,8 @@ def _update_shapes(model: ir.Model, kept: dict[SpaceKey, np.ndarray]) -> None:
 
 def _node_constant(model: ir.Model, node: ir.Node, index: int) -> np.ndarray:
     """A private copy of the node's constant input ``index`` (copied if shared)."""
-    value = node.inputs[index]
-    array = value.const_value.numpy().copy()
+    value = required(node.inputs[index])
+    array = const_numpy(value).copy()
     if len(value.uses()) > 1 or value.is_graph_output():
         fresh = add_initializer(model.graph, f"{value.name}_pruned", array)
         node.replace_input_with(index, fresh)
@@ -81,7 +82,7 @@ def _node_constant(model: ir.Model, node: ir.Node, index: int) -> np.ndarray:
 
 
 def _set_node_constant(node: ir.Node, index: int, array: np.ndarray) -> None:
-    value = node.inputs[index]
+    value = required(node.inputs[index])
     value.const_value = ir.tensor(array, name=value.name)
 
 
@@ -93,9 +94,10 @@ def _count(kept: dict[SpaceKey, np.ndarray], analysis: Analysis, key: SpaceKey) 
 
 def _rewrite_constants(model: ir.Model, analysis: Analysis, kept: dict[SpaceKey, np.ndarray]):
     ctx = analysis.context
-    for rw in ctx.attr_rewrites:
-        if rw.space in kept:
-            rw.node.attributes[rw.attr] = ir.AttrInt64(rw.attr, len(kept[rw.space]) // rw.divisor)
+    for attr_rw in ctx.attr_rewrites:
+        if attr_rw.space in kept:
+            count = len(kept[attr_rw.space]) // attr_rw.divisor
+            attr_rw.node.attributes[attr_rw.attr] = ir.AttrInt64(attr_rw.attr, count)
     pending: dict[tuple[int, int], tuple[ir.Node, int, np.ndarray]] = {}
     for rw in ctx.shape_rewrites:
         if rw.space not in kept:
@@ -108,18 +110,18 @@ def _rewrite_constants(model: ir.Model, analysis: Analysis, kept: dict[SpaceKey,
                 _node_constant(model, rw.node, rw.input_index),
             )
         pending[slot][2].reshape(-1)[rw.index] = _count(kept, analysis, rw.space) * rw.multiplier
-    for rw in ctx.slice_rewrites:
-        idx = kept.get(rw.source)
+    for slice_rw in ctx.slice_rewrites:
+        idx = kept.get(slice_rw.source)
         if idx is None:
             continue
-        start = int(np.searchsorted(idx, rw.start))
-        end = int(np.searchsorted(idx, rw.end))
+        start = int(np.searchsorted(idx, slice_rw.start))
+        end = int(np.searchsorted(idx, slice_rw.end))
         for input_index, bound in ((1, start), (2, end)):
-            slot = (id(rw.node), input_index)
+            slot = (id(slice_rw.node), input_index)
             if slot not in pending:
-                array = _node_constant(model, rw.node, input_index)
-                pending[slot] = (rw.node, input_index, array)
-            pending[slot][2].reshape(-1)[rw.position] = bound
+                array = _node_constant(model, slice_rw.node, input_index)
+                pending[slot] = (slice_rw.node, input_index, array)
+            pending[slot][2].reshape(-1)[slice_rw.position] = bound
     for node, index, array in pending.values():
         _set_node_constant(node, index, array)
 
@@ -162,7 +164,7 @@ def zero_units(model: ir.Model, analysis: Analysis, removed_roots: Collection[in
             continue
         array = value.const_value.numpy().copy()
         drop = np.setdiff1d(np.arange(array.shape[axis]), idx)
-        index = [slice(None)] * array.ndim
+        index: list[slice | np.ndarray] = [slice(None)] * array.ndim
         index[axis] = drop
         array[tuple(index)] = 0
         value.const_value = ir.tensor(array, name=name)

@@ -30,7 +30,15 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.passes._match import add_initializer, fresh_name
+from onnxprune.passes._match import (
+    add_initializer,
+    const_numpy,
+    const_shape,
+    fresh_name,
+    name_of,
+    required,
+    uses_of,
+)
 from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.recover import _conv_rows
 
@@ -75,16 +83,16 @@ def _clip(bias: np.ndarray, node: ir.Node) -> np.ndarray:
 
 def _depthwise_mean(node: ir.Node, bias: np.ndarray) -> np.ndarray:
     """``E[z_c] = b_c + E[in_c] * sum_k K_c[k]`` for a depthwise Conv (interior value)."""
-    source = expected_input(node.inputs[0])
+    source = expected_input(required(node.inputs[0]))
     if source is None:
         return bias
-    kernel = node.inputs[1].const_value.numpy().astype(np.float64)
+    kernel = const_numpy(node.inputs[1]).astype(np.float64)
     return bias + source * kernel.reshape(len(kernel), -1).sum(axis=1)
 
 
 def _is_depthwise(node: ir.Node) -> bool:
     group = node.attributes.get("group")
-    weight = node.inputs[1].const_value
+    weight = required(node.inputs[1]).const_value
     if group is None or weight is None or len(weight.shape) < 3:
         return False
     return group.value > 1 and weight.shape[1] == 1 and weight.shape[0] == group.value
@@ -116,10 +124,10 @@ def expected_input(value: ir.Value) -> np.ndarray | None:
     if node is None:
         return None
     if node.op_type == "Clip":
-        bias = _producer_bias(node.inputs[0])
+        bias = _producer_bias(required(node.inputs[0]))
         return None if bias is None else _clip(bias, node)
     if node.op_type in _ACTS:
-        bias = _producer_bias(node.inputs[0])
+        bias = _producer_bias(required(node.inputs[0]))
         return None if bias is None else _ACTS[node.op_type](bias, node)
     return None
 
@@ -141,7 +149,7 @@ def _in_axis(node: ir.Node) -> int | None:
 
 def _matmul_bias(node: ir.Node) -> ir.Value | None:
     """The 1-D constant added right after a MatMul (its bias), when it is the only use."""
-    uses = node.outputs[0].uses()
+    uses = uses_of(node.outputs[0])
     if len(uses) != 1 or uses[0][0].op_type != "Add":
         return None
     add = uses[0][0]
@@ -158,12 +166,12 @@ def compensation_requests(
     requests: dict[str, tuple[int, np.ndarray]] = {}
     for node in model.graph:
         axis = _in_axis(node)
-        if axis is None or (idx := kept.get((node.inputs[1].name, axis))) is None:
+        if axis is None or (idx := kept.get((name_of(node.inputs[1]), axis))) is None:
             continue
-        size = node.inputs[1].const_value.shape[axis]
+        size = const_shape(node.inputs[1])[axis]
         removed = np.setdiff1d(np.arange(size), idx)
         channel_axis = -1 if node.op_type == "MatMul" else 1
-        name = node.inputs[0].name
+        name = name_of(node.inputs[0])
         if name in requests:
             removed = np.union1d(removed, requests[name][1])
         requests[name] = (channel_axis, removed)
@@ -198,25 +206,30 @@ def compensate_removed_inputs(
     Returns:
         Labels of the layers whose bias was adjusted.
     """
-    adjusted = []
+    adjusted: list[str] = []
     for node in list(model.graph):
         in_axis = _in_axis(node)
         if in_axis is None or node.inputs[0] is None:
             continue
-        idx = kept.get((node.inputs[1].name, in_axis))
-        stats = expected.get(node.inputs[0].name)
+        idx = kept.get((name_of(node.inputs[1]), in_axis))
+        stats = expected.get(name_of(node.inputs[0]))
         if idx is None or stats is None:
             continue
         mean = stats.mean if isinstance(stats, InputMean) else stats
-        w = node.inputs[1].const_value.numpy().astype(np.float64)
+        w = const_numpy(node.inputs[1]).astype(np.float64)
         removed = np.setdiff1d(np.arange(w.shape[in_axis]), idx)
         delta = _per_channel(node, w, in_axis)[:, removed] @ mean[removed].astype(np.float64)
         if not np.any(delta):
             continue
-        out_kept = kept.get((node.outputs[0].name, 1 if node.op_type != "MatMul" else -1))
+        out_kept = kept.get((name_of(node.outputs[0]), 1 if node.op_type != "MatMul" else -1))
         _add_to_bias(model, node, delta, out_kept, zeroed=zeroed)
-        adjusted.append(node.name or node.outputs[0].name)
+        adjusted.append(node.name or name_of(node.outputs[0]))
     return adjusted
+
+
+def _ints_attr(node: ir.Node, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    attr = node.attributes.get(name)
+    return tuple(attr.value) if attr else default
 
 
 def _conv_output(node: ir.Node, maps: np.ndarray, kernel: np.ndarray) -> np.ndarray | None:
@@ -224,11 +237,8 @@ def _conv_output(node: ir.Node, maps: np.ndarray, kernel: np.ndarray) -> np.ndar
     auto_pad = node.attributes.get("auto_pad")
     if maps.ndim != 3 or kernel.ndim != 4 or (auto_pad and auto_pad.value not in ("NOTSET",)):
         return None
-    attr = {k: node.attributes.get(k) for k in ("strides", "dilations", "pads")}
-    (sh, sw), (dh, dw) = (
-        tuple(attr[k].value) if attr[k] else (1, 1) for k in ("strides", "dilations")
-    )
-    pads = tuple(attr["pads"].value) if attr["pads"] else (0, 0, 0, 0)
+    (sh, sw), (dh, dw) = (_ints_attr(node, k, (1, 1)) for k in ("strides", "dilations"))
+    pads = _ints_attr(node, "pads", (0, 0, 0, 0))
     kh, kw = kernel.shape[2:]
     oh = (maps.shape[1] + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
     ow = (maps.shape[2] + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
@@ -246,13 +256,13 @@ def border_corrections(
     sum_{c in S} E[x_c] * sum_k W[:, c, k]`` (what the bias term misses near zero-padded
     borders), restricted to the kept output channels, by consumer output name.
     """
-    found = {}
+    found: dict[str, np.ndarray] = {}
     for node in model.graph:
-        stats = expected.get(node.inputs[0].name) if node.inputs else None
+        stats = expected.get(name_of(node.inputs[0])) if node.inputs else None
         if node.op_type != "Conv" or _in_axis(node) != 1 or not isinstance(stats, InputMean):
             continue
-        idx = kept.get((node.inputs[1].name, 1))
-        w = node.inputs[1].const_value.numpy().astype(np.float64)
+        idx = kept.get((name_of(node.inputs[1]), 1))
+        w = const_numpy(node.inputs[1]).astype(np.float64)
         channels = [c for c in sorted(stats.constant) if idx is not None and c not in set(idx)]
         if not channels:
             continue
@@ -264,8 +274,8 @@ def border_corrections(
         residual = full - interior[:, None, None]
         if np.max(np.abs(residual), initial=0.0) <= CONSTANT_RTOL * (np.max(np.abs(full)) + 1e-30):
             continue
-        out_kept = kept.get((node.outputs[0].name, 1))
-        found[node.outputs[0].name] = residual if out_kept is None else residual[out_kept]
+        out_kept = kept.get((name_of(node.outputs[0]), 1))
+        found[name_of(node.outputs[0])] = residual if out_kept is None else residual[out_kept]
     return found
 
 
@@ -279,7 +289,7 @@ def add_border_corrections(model: ir.Model, corrections: Mapping[str, np.ndarray
     for name, residual in corrections.items():
         node = producers[name]
         value = node.outputs[0]
-        dtype = node.inputs[1].const_value.numpy().dtype
+        dtype = const_numpy(node.inputs[1]).dtype
         const = add_initializer(model.graph, f"{name}_border", residual[None].astype(dtype))
         fresh = fresh_name(model.graph, f"{name}_compensated")
         if value.is_graph_output():
@@ -312,10 +322,10 @@ def _add_to_bias(
     """Add ``delta`` to the layer's bias. A bias that did not exist is not part of the
     analysis, so the removal that follows would not touch it: it is created already cut to
     the kept output channels, or (``zeroed``) full size with the removed channels at zero."""
-    dtype = node.inputs[1].const_value.numpy().dtype
+    dtype = const_numpy(node.inputs[1]).dtype
     bias, scale = _bias_value(node)
     if bias is not None:
-        new = bias.const_value.numpy().astype(np.float64) + delta / scale
+        new = const_numpy(bias).astype(np.float64) + delta / scale
         if len(bias.uses()) > 1:
             fresh = add_initializer(model.graph, f"{bias.name}_comp", new.astype(dtype))
             user, index = (node, 2) if node.op_type != "MatMul" else _matmul_bias_use(node, bias)
@@ -336,5 +346,5 @@ def _add_to_bias(
 
 
 def _matmul_bias_use(node: ir.Node, bias: ir.Value) -> tuple[ir.Node, int]:
-    add = node.outputs[0].uses()[0][0]
+    add = uses_of(node.outputs[0])[0][0]
     return add, list(add.inputs).index(bias)

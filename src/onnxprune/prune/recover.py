@@ -32,11 +32,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxprune.intermediates import iter_intermediates
+from onnxprune.passes._match import const_numpy, const_shape, name_of, required, uses_of
 from onnxprune.progress import Progress
 from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.ridge import Folds, cross_validated_refit, fold_of
@@ -86,7 +88,7 @@ class _Consumer:
     target: str = ""
 
 
-def _attr(node: ir.Node, name: str, default: object) -> object:
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
     attr = node.attributes.get(name)
     return default if attr is None else attr.value
 
@@ -105,7 +107,7 @@ def weight_input_axis(node: ir.Node) -> int | None:
 def refittable(node: ir.Node) -> bool:
     """Whether the layer's weight can be refit by least squares (constant, plain layout)."""
     if node.op_type == "Conv":
-        w = node.inputs[1].const_value
+        w = required(node.inputs[1]).const_value
         return (
             _attr(node, "group", 1) == 1
             and w is not None
@@ -113,10 +115,11 @@ def refittable(node: ir.Node) -> bool:
             and _attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
         )
     if node.op_type == "Gemm":
-        return not _attr(node, "transA", 0) and node.inputs[1].const_value is not None
+        return not _attr(node, "transA", 0) and required(node.inputs[1]).const_value is not None
     if node.op_type == "MatMul":
-        w = node.inputs[1].const_value
-        return w is not None and len(w.shape) == 2 and not node.inputs[1].is_graph_input()
+        weight = required(node.inputs[1])
+        w = weight.const_value
+        return w is not None and len(w.shape) == 2 and not weight.is_graph_input()
     return False
 
 
@@ -127,29 +130,30 @@ def consumers(
     found = []
     for node in model.graph:
         axis = weight_input_axis(node)
-        if axis is None or not refittable(node) or (node.inputs[1].name, axis) not in kept:
+        if axis is None or not refittable(node) or (name_of(node.inputs[1]), axis) not in kept:
             continue
         kind = {"Conv": "conv", "Gemm": "gemm", "MatMul": "matmul"}[node.op_type]
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if bias is not None and (bias.const_value is None or len(bias.const_value.shape) != 1):
             bias = None if kind == "conv" else bias
         out_axis = 1 if kind in ("conv", "gemm") else -1
-        out = node.outputs[0].name
+        out = name_of(node.outputs[0])
         rank = ranks.get(out)
         if not rank:
             continue
         key = (out, out_axis % rank)
         target = out
         if kind == "matmul" and (add := _bias_add(node)) is not None:
-            bias, target = add.inputs[1 - add.inputs.index(node.outputs[0])], add.outputs[0].name
-        found.append(_Consumer(node, kind, node.inputs[1], bias, kept.get(key), target))
+            bias = add.inputs[1 - add.inputs.index(node.outputs[0])]
+            target = name_of(add.outputs[0])
+        found.append(_Consumer(node, kind, required(node.inputs[1]), bias, kept.get(key), target))
     return found
 
 
 def _bias_add(node: ir.Node) -> ir.Node | None:
     """The Add of a 1-D constant right after a MatMul (its only use): the layer's bias, which
     compensation may have changed, so it is fit with the weights against the Add's output."""
-    uses = node.outputs[0].uses()
+    uses = uses_of(node.outputs[0])
     if len(uses) != 1 or uses[0][0].op_type != "Add":
         return None
     add = uses[0][0]
@@ -186,7 +190,7 @@ def _positions(shape: tuple[int, ...], kind: str, count: int, rng: np.random.Gen
 
 def _rows(c: _Consumer, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
     if c.kind == "conv":
-        kh, kw = (int(d) for d in c.weight.const_value.shape[2:])
+        kh, kw = const_shape(c.weight)[2:]
         return _conv_rows(x, c.node, (kh, kw), pos)
     return x.reshape(-1, x.shape[-1])[pos]
 
@@ -201,7 +205,7 @@ def _targets(c: _Consumer, y: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 def _weight_matrix(c: _Consumer) -> np.ndarray:
     """The consumer's weight as ``[K, N]`` so that output rows = A @ W."""
-    w = c.weight.const_value.numpy().astype(np.float64)
+    w = const_numpy(c.weight).astype(np.float64)
     if c.kind == "conv":
         return w.reshape(w.shape[0], -1).T
     if c.kind == "gemm":
@@ -211,7 +215,7 @@ def _weight_matrix(c: _Consumer) -> np.ndarray:
 
 
 def _store(c: _Consumer, solution: np.ndarray, fit_bias: bool) -> None:
-    w_old = c.weight.const_value.numpy()
+    w_old = const_numpy(c.weight)
     weights = solution[:-1] if fit_bias else solution
     if c.kind == "conv":
         new = weights.T.reshape(w_old.shape)
@@ -223,13 +227,13 @@ def _store(c: _Consumer, solution: np.ndarray, fit_bias: bool) -> None:
     c.weight.const_value = ir.tensor(new.astype(w_old.dtype), name=c.weight.name)
     if fit_bias and c.bias is not None:
         scale = float(_attr(c.node, "beta", 1.0)) if c.kind == "gemm" else 1.0
-        b_old = c.bias.const_value.numpy()
+        b_old = const_numpy(c.bias)
         c.bias.const_value = ir.tensor((solution[-1] / scale).astype(b_old.dtype), name=c.bias.name)
 
 
 def _columns(c: _Consumer) -> int:
     """Columns of the consumer's design matrix (input features, plus one for a bias)."""
-    shape = [int(d) for d in c.weight.const_value.shape]
+    shape = list(const_shape(c.weight))
     k = int(np.prod(shape[1:])) if c.kind == "conv" else shape[0]
     if c.kind == "gemm" and _attr(c.node, "transB", 0):
         k = shape[1]
@@ -260,7 +264,7 @@ def _s0(c: _Consumer) -> np.ndarray:
     if c.bias is None:
         return w
     scale = float(_attr(c.node, "beta", 1.0)) if c.kind == "gemm" else 1.0
-    return np.vstack([w, scale * c.bias.const_value.numpy().astype(np.float64)[None]])
+    return np.vstack([w, scale * const_numpy(c.bias).astype(np.float64)[None]])
 
 
 def _design(c: _Consumer, a: np.ndarray) -> np.ndarray:
@@ -331,10 +335,10 @@ def _refit_chunk(  # noqa: PLR0917 - private helper of refit_consumers
     per feed and consumer, which dominated on DenseNet-121 with a few dozen feeds.
     """
     rows: list[dict[int, list[np.ndarray]]] = [{} for _ in layers]
-    x_names = list(dict.fromkeys(c.node.inputs[0].name for c in layers))
+    x_names = list(dict.fromkeys(name_of(c.node.inputs[0]) for c in layers))
     for index, out in enumerate(iter_intermediates(pruned, x_names, feeds)):
         for c, kept in zip(layers, rows, strict=True):
-            a = _rows(c, out[c.node.inputs[0].name], positions[c.target][index])
+            a = _rows(c, out[name_of(c.node.inputs[0])], positions[c.target][index])
             kept.setdefault(folds[index], []).append(a.astype(np.float32, copy=False))
     results = []
     for c, kept in zip(layers, rows, strict=True):
@@ -364,7 +368,7 @@ def _solve(c: _Consumer, acc: Folds) -> RefitResult:
     refit = not np.isinf(chosen.strength)
     if refit:
         _store(c, chosen.solution, c.bias is not None)
-    label = c.node.name or c.node.outputs[0].name
+    label = c.node.name or name_of(c.node.outputs[0])
     logger.info(
         "refit %s: held-out relative error %.4f -> %.4f (strength %s, %d rows)",
         label,
