@@ -21,6 +21,7 @@ __all__ = [
     "attr",
     "channel_vector",
     "const_array",
+    "const_array_of",
     "const_numpy",
     "const_shape",
     "drop_if_unused",
@@ -122,6 +123,13 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if tensor is None:
         return None
     return tensor.numpy()
+
+
+def const_array_of(value: ir.Value | None) -> np.ndarray:
+    """:func:`const_array` of a value the caller has already found to be constant."""
+    array = const_array(value)
+    assert array is not None, "value is not a constant"
+    return array
 
 
 def scalar_const(value: ir.Value | None) -> float | None:
@@ -271,11 +279,13 @@ def known_shape(value: ir.Value, depth: int = 8) -> list[int | ir.SymbolicDim] |
     node = value.producer()
     if depth == 0 or node is None or node.op_type not in ("Add", "Sub", "Mul", "Div"):
         return None
-    if node.domain != "" or len(node.inputs) != 2 or None in node.inputs:
+    if node.domain != "" or len(node.inputs) != 2:
         return None
-    a, b = node.inputs
+    a, b = node.inputs[0], node.inputs[1]
+    if a is None or b is None:
+        return None
     x, c = (b, const_array(a)) if const_array(a) is not None else (a, const_array(b))
-    x_shape = known_shape(x, depth - 1)  # type: ignore[arg-type]
+    x_shape = known_shape(x, depth - 1)
     if c is None or x_shape is None or c.ndim > len(x_shape):
         return None
     tail = x_shape[len(x_shape) - c.ndim :]

@@ -19,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxprune.passes._match import required
 
 __all__ = [
     "DEFAULT_DOMAINS",
@@ -85,7 +88,7 @@ def propagate(node: ir.Node, vectors: dict[ir.Value, ShapeVector]) -> ShapeVecto
     """
     op = node.op_type
     if op == "Shape":
-        elems = _shape_elems(node.inputs[0])
+        elems = _shape_elems(required(node.inputs[0]))
         if elems is None:
             return None
         start_attr, end_attr = node.attributes.get("start"), node.attributes.get("end")
@@ -93,10 +96,10 @@ def propagate(node: ir.Node, vectors: dict[ir.Value, ShapeVector]) -> ShapeVecto
         end = end_attr.as_int() if end_attr is not None else len(elems)
         return ShapeVector(elems[slice(start, end)])
     if op == "Size":
-        elems = _shape_elems(node.inputs[0])
+        elems = _shape_elems(required(node.inputs[0]))
         if elems is None or not all(isinstance(e, int) for e in elems):
             return None
-        return ShapeVector((math.prod(elems),), scalar=True)  # type: ignore[arg-type]
+        return ShapeVector((math.prod(cast("tuple[int, ...]", elems)),), scalar=True)
     vecs = [_vector_of(v, vectors) for v in node.inputs]
     if not vecs or vecs[0] is None:
         return None
@@ -115,9 +118,10 @@ def propagate(node: ir.Node, vectors: dict[ir.Value, ShapeVector]) -> ShapeVecto
         ok = not data.scalar and len(data.elems) == 1 and _axes(node, 1) in (None, [0], [-1])
         return ShapeVector(data.elems, scalar=True) if ok else None
     if op == "Concat":
-        if any(v is None or v.scalar for v in vecs):
+        parts = [v for v in vecs if v is not None and not v.scalar]
+        if len(parts) != len(vecs):
             return None
-        return ShapeVector(tuple(e for v in vecs for e in v.elems))  # type: ignore[union-attr]
+        return ShapeVector(tuple(e for v in parts for e in v.elems))
     if op == "Slice":
         return _slice(node, data)
     return None
@@ -145,7 +149,9 @@ def resolve_reshape_elems(
             continue
         same = elem.value is data
         if not same and shape is not None and i < len(shape) and elem.index == i:
-            mine, theirs = shape[i], elem.value.shape[elem.index]  # type: ignore[index]
+            theirs_shape = elem.value.shape
+            assert theirs_shape is not None  # a DimRef is made from a value with a shape
+            mine, theirs = shape[i], theirs_shape[elem.index]
             same = isinstance(mine, ir.SymbolicDim) and mine.value is not None and mine == theirs
         if same and elem.index == i:
             out.append(0)

@@ -105,6 +105,13 @@ def _digest(value: ir.Value) -> tuple[str, tuple[int, ...], str] | None:
     return (str(tensor.dtype), tuple(tensor.shape.numpy()), hashlib.sha256(data).hexdigest())
 
 
+def _tensor_bytes(value: ir.Value) -> bytes:
+    """The bytes of an initializer that :func:`_digest` grouped (so it has a tensor)."""
+    tensor = value.const_value
+    assert tensor is not None
+    return tensor.tobytes()
+
+
 class DeduplicateInitializersPass(Pass):
     """Make readers of identical initializers read one copy; drop the others."""
 
@@ -130,10 +137,10 @@ class DeduplicateInitializersPass(Pass):
         if len(free) < 2:
             return
         keep = free[0]
-        keep_bytes = keep.const_value.tobytes()  # type: ignore[union-attr]
+        keep_bytes = _tensor_bytes(keep)
         for dup in free[1:]:
             # Equal hashes are not proof: compare the bytes.
-            if dup.const_value.tobytes() != keep_bytes:  # type: ignore[union-attr]
+            if _tensor_bytes(dup) != keep_bytes:
                 report.skip(str(dup.name), f"hash equals {keep.name!r} but bytes differ")
                 continue
             ir.convenience.replace_all_uses_with(dup, keep)

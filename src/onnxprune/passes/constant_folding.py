@@ -188,7 +188,8 @@ class FoldConstantsPass(Pass):
         vec = propagate(node, vectors)
         if vec is not None and vec.static:
             dtype = _vector_dtype(node)
-            array = np.array([int(e) for e in vec.elems], dtype=dtype.numpy())  # type: ignore[arg-type]
+            ints = [int(e) for e in vec.elems if isinstance(e, int)]  # all of them: static
+            array = np.array(ints, dtype=dtype.numpy())
             array = array.reshape(()) if vec.scalar else array
             _replace_outputs(node, [ir.tensor(array)])
             report.change(label, f"folded static shape computation to {array.tolist()}")
@@ -344,7 +345,7 @@ def _replace_outputs(node: ir.Node, tensors: Sequence[ir.TensorProtocol]) -> Non
         if not out.uses():
             continue
         new = ir.Value(
-            shape=ir.Shape(tensor.shape),
+            shape=ir.Shape(tensor.shape.numpy()),
             type=ir.TensorType(tensor.dtype),
             const_value=tensor,
         )

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
+from onnxprune.passes._match import required
 from onnxprune.passes.base import Pass, PassReport
 from onnxprune.passes.constant_folding import constant_array, infer_shapes, node_label
 
@@ -66,7 +67,7 @@ def _has_input(node: ir.Node, index: int) -> bool:
 
 
 def _identity(node: ir.Node) -> _Verdict:
-    return _NoOp(node.inputs[0], "removed Identity")  # type: ignore[arg-type]
+    return _NoOp(required(node.inputs[0]), "removed Identity")
 
 
 def _dropout(node: ir.Node) -> _Verdict:
@@ -78,7 +79,7 @@ def _dropout(node: ir.Node) -> _Verdict:
             return "training_mode is not a constant"
         if bool(mode):
             return "training_mode is true"
-    return _NoOp(node.inputs[0], "removed Dropout (inference)")  # type: ignore[arg-type]
+    return _NoOp(required(node.inputs[0]), "removed Dropout (inference)")
 
 
 def _cast(node: ir.Node) -> _Verdict:
@@ -174,7 +175,7 @@ def _pad(node: ir.Node) -> _Verdict:
         return "pads are not constant"
     if any(pads):
         return None
-    return _NoOp(node.inputs[0], "removed Pad with all-zero pads")  # type: ignore[arg-type]
+    return _NoOp(required(node.inputs[0]), "removed Pad with all-zero pads")
 
 
 def _slice(node: ir.Node) -> _Verdict:

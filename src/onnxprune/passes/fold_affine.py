@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -37,12 +37,15 @@ from onnxprune.passes._match import (
     attr,
     channel_vector,
     const_array,
+    const_array_of,
     drop_if_unused,
     exclusive_const_reason,
     input_rank,
     is_private_to,
     label,
     replace_value,
+    required,
+    uses_of,
     write_const_input,
 )
 from onnxprune.passes.base import Pass, PassReport
@@ -78,7 +81,7 @@ class Layer:
 
     @property
     def group(self) -> int:
-        return int(attr(self.node, "group", 1))  # type: ignore[arg-type]
+        return int(attr(self.node, "group", 1))
 
     @property
     def trans_b(self) -> bool:
@@ -105,7 +108,7 @@ class Layer:
             return self.weight.ndim
         if self.node.op_type == "Gemm":
             return 2
-        shape = self.node.outputs[0].shape or self.node.inputs[0].shape  # type: ignore[union-attr]
+        shape = self.node.outputs[0].shape or required(self.node.inputs[0]).shape
         return None if shape is None else max(len(shape), 1)
 
     def out_axis(self) -> int:
@@ -124,7 +127,7 @@ def layer_reason(node: ir.Node) -> str | None:
     reason = exclusive_const_reason(weight, node, "weight")
     if weight is None or reason:
         return reason or f"{node.op_type} has no weight input"
-    ndim = const_array(weight).ndim  # type: ignore[union-attr]
+    ndim = const_array_of(weight).ndim  # exclusive_const_reason found it constant
     if node.op_type in ("Conv", "ConvTranspose") and ndim < 3:
         return f"{node.op_type} weight has rank {ndim}"
     if node.op_type in ("Gemm", "MatMul") and ndim != 2:
@@ -143,7 +146,9 @@ def _matmul_bias(add: ir.Node) -> ir.Node | None:
         if mm is None or mm.op_type != "MatMul" or mm.domain != "" or layer_reason(mm):
             continue
         array = const_array(c)
-        if array is None or not is_private_to(x, add) or exclusive_const_reason(c, add, "bias"):
+        if x is None or array is None or not is_private_to(x, add):
+            continue
+        if exclusive_const_reason(c, add, "bias"):
             continue
         layer = Layer(mm)
         if channel_vector(array, layer.out_rank(), -1, layer.out_channels())[0] is not None:
@@ -166,7 +171,7 @@ def find_layer(value: ir.Value) -> tuple[Layer | None, str | None]:
 
 
 def _following_bias(mm: ir.Node) -> ir.Node | None:
-    uses = mm.outputs[0].uses()
+    uses = uses_of(mm.outputs[0])
     if len(uses) == 1 and _matmul_bias(uses[0].node) is mm:
         return uses[0].node
     return None
@@ -181,8 +186,8 @@ def _write(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, dtype:
 
 def _gemm_add(graph: ir.Graph, node: ir.Node, scale: np.ndarray, shift: np.ndarray) -> None:
     """Make Gemm's ``beta * C`` become ``beta * C * scale + shift``."""
-    dtype = const_array(node.inputs[1]).dtype  # type: ignore[union-attr]
-    beta = float(attr(node, "beta", 1.0))  # type: ignore[arg-type]
+    dtype = const_array_of(node.inputs[1]).dtype  # layer_reason checked the weight
+    beta = float(attr(node, "beta", 1.0))
     c = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
     if c is not None and beta != 0.0:
         _write(graph, node, 2, c.astype(np.float64) * scale + shift / beta, dtype)
@@ -204,8 +209,10 @@ def _add_bias(graph: ir.Graph, layer: Layer, scale: np.ndarray, shift: np.ndarra
     elif layer.bias_add is not None:
         add = layer.bias_add
         index = 1 if const_array(add.inputs[1]) is not None else 0
-        bias = channel_vector(const_array(add.inputs[index]), layer.out_rank(), -1, scale.size)[0]
-        _write(graph, add, index, bias * scale + shift, dtype)  # type: ignore[operator]
+        stored = const_array_of(add.inputs[index])  # _matmul_bias checked the constant
+        bias = channel_vector(stored, layer.out_rank(), -1, scale.size)[0]
+        assert bias is not None  # _matmul_bias checked it is a channel vector
+        _write(graph, add, index, bias * scale + shift, dtype)
     elif np.any(shift != 0):
         # A bare MatMul gets a new bias Add, named after the MatMul (deterministic).
         base = node.name or "MatMul"
@@ -254,7 +261,7 @@ def fold_input_affine(graph: ir.Graph, layer: Layer, scale: np.ndarray, shift: n
         kn = w.T if transposed else w
         bias_shift = shift @ kn
         if node.op_type == "Gemm":
-            bias_shift = bias_shift * float(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
+            bias_shift = bias_shift * float(attr(node, "alpha", 1.0))
         kn = kn * scale[:, None]
         w = kn.T if transposed else kn
     _write(graph, node, 1, w, layer.weight.dtype)
@@ -267,7 +274,7 @@ def _shift_reason(layer: Layer) -> str | None:
     node = layer.node
     if node.op_type == "Conv":
         pads = attr(node, "pads", None) or ()
-        if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or any(pads):  # type: ignore[arg-type]
+        if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or any(pads):
             return "zero padding: shift t is not exact"
     if node.op_type == "ConvTranspose":
         return "ConvTranspose scatters its input: an input shift t is not exact"
@@ -286,7 +293,7 @@ def _split(node: ir.Node) -> _Operands | None:
     """The operands of a binary node with exactly one constant operand."""
     if len(node.inputs) != 2 or node.inputs[0] is None or node.inputs[1] is None:
         return None
-    a, b = node.inputs
+    a, b = node.inputs[0], node.inputs[1]
     if (const_array(a) is None) == (const_array(b) is None):
         return None
     return _Operands(b, a, True) if const_array(a) is not None else _Operands(a, b, False)
@@ -341,15 +348,17 @@ class FoldAffinePass(Pass):
         x, c, c_first = split
         layer, reason = find_layer(x)
         if layer is None:
-            if reason:
-                report.skip(label(node), f"{label(x.producer())}: {reason}")  # type: ignore[union-attr]
+            producer = x.producer()
+            if reason and producer is not None:  # a reason is always about the producer
+                report.skip(label(node), f"{label(producer)}: {reason}")
             return False
         if layer.bias_add is None and _matmul_bias(node) is layer.node:
             return False  # the node is the MatMul's bias itself
         array = const_array(c)
         assert array is not None
         cv, reason = channel_vector(array, layer.out_rank(), layer.out_axis(), layer.out_channels())
-        params = reason or _params(node.op_type, cv, c_first)  # type: ignore[arg-type]
+        # channel_vector gives a vector exactly when it gives no reason
+        params = reason or _params(node.op_type, cast(np.ndarray, cv), c_first)
         if isinstance(params, str):
             return self._skip(report, node, params)
         if not is_private_to(x, node):
@@ -388,7 +397,8 @@ class FoldAffinePass(Pass):
         rank, reason = input_rank(x, array)
         if not reason:
             cv, reason = channel_vector(array, rank, layer.in_axis(), layer.in_channels())
-        params = reason or _params(node.op_type, cv, c_first)  # type: ignore[arg-type]
+        # channel_vector gives a vector exactly when it gives no reason
+        params = reason or _params(node.op_type, cast(np.ndarray, cv), c_first)
         if isinstance(params, str):
             return self._skip(report, node, params)
         if np.any(params[1] != 0) and (reason := _shift_reason(layer)):

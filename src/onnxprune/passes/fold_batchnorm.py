@@ -51,10 +51,11 @@ def batchnorm_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
     if attr(bn, "spatial", 1) == 0:
         return "BatchNormalization with spatial=0 normalizes per element, not per channel"
     params = [const_array(v) for v in bn.inputs[1:5]]
-    if len(params) != 4 or any(p is None for p in params):
+    arrays = [p for p in params if p is not None]
+    if len(params) != 4 or len(arrays) != 4:
         return "BatchNormalization parameters are not constant"
-    scale, bias, mean, var = (p.astype(np.float64).reshape(-1) for p in params)  # type: ignore[union-attr]
-    eps = float(attr(bn, "epsilon", 1e-5))  # type: ignore[arg-type]
+    scale, bias, mean, var = (p.astype(np.float64).reshape(-1) for p in arrays)
+    eps = float(attr(bn, "epsilon", 1e-5))
     s = scale / np.sqrt(var + eps)
     return s, bias - mean * s
 

@@ -83,7 +83,7 @@ def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
 def _pairs(node: ir.Node) -> Iterator[tuple[ir.Value, ir.Value]]:
     """Both operand orders of a binary node."""
     if len(node.inputs) == 2 and node.inputs[0] is not None and node.inputs[1] is not None:
-        a, b = node.inputs
+        a, b = node.inputs[0], node.inputs[1]
         yield a, b
         yield b, a
 
@@ -91,12 +91,14 @@ def _pairs(node: ir.Node) -> Iterator[tuple[ir.Value, ir.Value]]:
 def _scaled(value: ir.Value | None, factor: float) -> tuple[ir.Value, ir.Node] | None:
     """``(u, node)`` when ``value`` is ``u * factor`` (Mul) or ``u / (1/factor)`` (Div)."""
     mul = _producer(value, "Mul")
-    for u, c in _pairs(mul) if mul else ():
-        if _close(scalar_const(c), factor) and const_array(u) is None:
-            return u, mul  # type: ignore[return-value]
+    for u, c in _pairs(mul) if mul is not None else ():
+        if mul is not None and _close(scalar_const(c), factor) and const_array(u) is None:
+            return u, mul
     div = _producer(value, "Div")
-    if div is not None and _close(scalar_const(div.inputs[1]), 1.0 / factor):
-        return div.inputs[0], div  # type: ignore[return-value]
+    # A Div without its dividend (invalid) matches nothing downstream either way.
+    dividend = div.inputs[0] if div is not None else None
+    if div is not None and dividend is not None and _close(scalar_const(div.inputs[1]), 1 / factor):
+        return dividend, div
     return None
 
 
@@ -109,26 +111,26 @@ def _relu6_of_x_plus_3(value: ir.Value | None) -> tuple[ir.Value, list[ir.Node]]
         lo = scalar_const(clip.inputs[1])
         hi = scalar_const(clip.inputs[2]) if len(clip.inputs) > 2 else None
     else:
-        lo, hi = attr(clip, "min"), attr(clip, "max")  # type: ignore[assignment]
+        lo, hi = attr(clip, "min"), attr(clip, "max")
     if lo is None or abs(lo) > _RTOL or not _close(hi, 6.0):
         return None
     add = _producer(clip.inputs[0], "Add")
-    for x, c in _pairs(add) if add else ():
-        if _close(scalar_const(c), 3.0) and const_array(x) is None:
-            return x, [add, clip]  # type: ignore[list-item]
+    for x, c in _pairs(add) if add is not None else ():
+        if add is not None and _close(scalar_const(c), 3.0) and const_array(x) is None:
+            return x, [add, clip]
     return None
 
 
 def _erf_branch(value: ir.Value | None) -> tuple[ir.Value, list[ir.Node]] | None:
     """``(x, nodes)`` when ``value`` is ``1 + Erf(x / sqrt(2))``."""
     add = _producer(value, "Add")
-    for e, one in _pairs(add) if add else ():
+    for e, one in _pairs(add) if add is not None else ():
         erf = _producer(e, "Erf")
         if erf is None or not _close(scalar_const(one), 1.0):
             continue
         scaled = _scaled(erf.inputs[0], 1.0 / math.sqrt(2.0))
-        if scaled is not None:
-            return scaled[0], [scaled[1], erf, add]  # type: ignore[list-item]
+        if scaled is not None and add is not None:
+            return scaled[0], [scaled[1], erf, add]
     return None
 
 
@@ -138,19 +140,19 @@ def _match_hardswish(final: ir.Node) -> _Match | str | None:
             hs = _producer(q, "HardSigmoid")
             if hs is not None and hs.inputs[0] is x:
                 alpha, beta = attr(hs, "alpha", 0.2), attr(hs, "beta", 0.5)
-                if _close(alpha, 1 / 6) and _close(beta, 0.5):  # type: ignore[arg-type]
+                if _close(alpha, 1 / 6) and _close(beta, 0.5):
                     return _Match(x, [hs, final], "HardSwish")
                 return f"HardSigmoid alpha={alpha}, beta={beta} is not (1/6, 1/2)"
             scaled = _scaled(q, 1 / 6)
             relu6 = _relu6_of_x_plus_3(scaled[0]) if scaled else None
-            if relu6 is not None and relu6[0] is x:
-                return _Match(x, [*relu6[1], scaled[1], final], "HardSwish")  # type: ignore[index]
+            if scaled is not None and relu6 is not None and relu6[0] is x:
+                return _Match(x, [*relu6[1], scaled[1], final], "HardSwish")
     scaled = _scaled(final.outputs[0], 1 / 6) if final.op_type in ("Mul", "Div") else None
     inner = _producer(scaled[0], "Mul") if scaled else None
-    for x, r in _pairs(inner) if inner else ():
+    for x, r in _pairs(inner) if inner is not None else ():
         relu6 = _relu6_of_x_plus_3(r)
-        if relu6 is not None and relu6[0] is x:
-            return _Match(x, [*relu6[1], inner, final], "HardSwish")  # type: ignore[list-item]
+        if inner is not None and relu6 is not None and relu6[0] is x:
+            return _Match(x, [*relu6[1], inner, final], "HardSwish")
     return None
 
 
@@ -174,14 +176,14 @@ def _match_gelu(final: ir.Node) -> _Match | None:
     for p, q in _pairs(final) if final.op_type == "Mul" else ():
         half = _scaled(q, 0.5)  # x * (e * 0.5)
         branch = _erf_branch(half[0]) if half else None
-        if branch is not None and branch[0] is p:
-            return _Match(p, [*branch[1], half[1], final], "Gelu")  # type: ignore[index]
+        if half is not None and branch is not None and branch[0] is p:
+            return _Match(p, [*branch[1], half[1], final], "Gelu")
     scaled = _scaled(final.outputs[0], 0.5) if final.op_type in ("Mul", "Div") else None
     inner = _producer(scaled[0], "Mul") if scaled else None
-    for x, q in _pairs(inner) if inner else ():  # (x * e) * 0.5 or (x * e) / 2
+    for x, q in _pairs(inner) if inner is not None else ():  # (x * e) * 0.5 or (x * e) / 2
         branch = _erf_branch(q)
-        if branch is not None and branch[0] is x:
-            return _Match(x, [*branch[1], inner, final], "Gelu")  # type: ignore[list-item]
+        if inner is not None and branch is not None and branch[0] is x:
+            return _Match(x, [*branch[1], inner, final], "Gelu")
     return None
 
 
