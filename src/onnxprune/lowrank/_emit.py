@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.lowrank._candidate import mark_factor
-from onnxprune.passes._match import add_initializer, fresh_name, replace_value
+from onnxprune.passes._match import add_initializer, fresh_name, replace_value, required
 
 __all__ = ["Step", "replace_with_chain"]
 
@@ -33,7 +33,7 @@ def replace_with_chain(
     The new nodes are marked as factors of ``kind`` (:func:`mark_factor`).
     """
     name = node.name or str(node.outputs[0].name)
-    base = str(node.inputs[1].name)  # type: ignore[union-attr]
+    base = str(required(node.inputs[1]).name)
     current = x
     new_nodes = []
     for index, step in enumerate(steps):

@@ -36,6 +36,7 @@ from onnxprune.passes._match import (
     const_array,
     drop_if_unused,
     exclusive_const_reason,
+    required,
 )
 
 __all__ = ["ConvCandidate", "conv_candidate"]
@@ -98,7 +99,7 @@ class ConvCandidate(Candidate):
         bias = list(self.node.inputs[2:3])
         steps = [Step("Conv", w, [], {"kernel_shape": list(w.shape[2:]), **a}) for w, a in specs]
         steps[-1].extra = bias
-        replace_with_chain(graph, self.node, self.node.inputs[0], steps, kind=self.kind)  # type: ignore[arg-type]
+        replace_with_chain(graph, self.node, required(self.node.inputs[0]), steps, kind=self.kind)
         drop_if_unused(graph, self.weight)
         shapes = " -> ".join("x".join(str(d) for d in w.shape) for w, _ in specs)
         return f"{self.kind} ranks {list(ranks)}: {shapes}"
@@ -148,7 +149,7 @@ def _geometry(node: ir.Node, w: np.ndarray) -> tuple[tuple, tuple, tuple] | str:
     auto_pad = attr(node, "auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
         return f"auto_pad={auto_pad} (run canonicalize or export with explicit pads)"
-    if int(attr(node, "group", 1)) != 1:  # type: ignore[call-overload]
+    if int(attr(node, "group", 1)) != 1:
         return f"grouped conv (group={attr(node, 'group')})"
     pads = tuple(attr(node, "pads", None) or (0, 0, 0, 0)) if auto_pad == "NOTSET" else (0,) * 4
     strides = tuple(attr(node, "strides", None) or (1, 1))
@@ -211,7 +212,7 @@ def conv_candidate(node: ir.Node, kind: str) -> ConvCandidate | str:
         weight=value,
         w=w,
         factors=factors,
-        pads=geometry[0],  # type: ignore[arg-type]
-        strides=geometry[1],  # type: ignore[arg-type]
-        dilations=geometry[2],  # type: ignore[arg-type]
+        pads=geometry[0],
+        strides=geometry[1],
+        dilations=geometry[2],
     )

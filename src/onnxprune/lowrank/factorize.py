@@ -35,7 +35,7 @@ from onnxprune.lowrank.latency import (
 from onnxprune.lowrank.plan import plan_ranks
 from onnxprune.lowrank.svd import LinearCandidate, linear_candidate, linear_weight
 from onnxprune.lowrank.whiten import InputStats
-from onnxprune.passes._match import const_array, label
+from onnxprune.passes._match import const_array, label, required
 from onnxprune.passes.base import Pass, PassReport
 
 __all__ = ["FactorizePass", "LayerRecord", "linear_inputs"]
@@ -73,7 +73,7 @@ def linear_inputs(model: ir.Model, exclude: tuple[str, ...] = ()) -> dict[str, i
             continue
         weight = linear_weight(node)
         if not isinstance(weight, str):
-            found[str(node.inputs[0].name)] = weight[0].shape[0]  # type: ignore[union-attr]
+            found[str(required(node.inputs[0]).name)] = weight[0].shape[0]
     return found
 
 
@@ -110,6 +110,7 @@ class FactorizePass(Pass):
             if FACTOR_KEY in node.metadata_props:
                 report.skip(label(node), "already a low-rank factor (written by this pass)")
                 continue
+            found: LinearCandidate | ConvCandidate | str
             if linear:
                 stats = self.stats.get(str(node.inputs[0].name)) if node.inputs[0] else None
                 found = linear_candidate(node, self.config.method, stats)
@@ -141,7 +142,7 @@ class FactorizePass(Pass):
         by_index = {id(node): i for i, node in enumerate(model.graph)}
         nodes = list(inferred.graph)
         for cand in cands:
-            shape = nodes[by_index[id(cand.node)]].inputs[0].shape  # type: ignore[union-attr]
+            shape = required(nodes[by_index[id(cand.node)]].inputs[0]).shape
             if shape is not None:
                 dims = [d if isinstance(d, int) else bound.get(str(d.value), 1) for d in shape]
                 self.input_shapes[id(cand.node)] = dims
@@ -215,7 +216,11 @@ def _record(cand: Candidate, ranks: Ranks) -> LayerRecord:
     error = None
     if isinstance(cand, LinearCandidate) and cand.decomposition is not None:
         error = cand.decomposition.output_error(ranks[0])
-    shape = list(cand.shape) if isinstance(cand, LinearCandidate) else list(cand.w.shape)  # type: ignore[attr-defined]
+    if isinstance(cand, LinearCandidate):
+        shape = list(cand.shape)
+    else:
+        assert isinstance(cand, ConvCandidate) and cand.w is not None  # the two kinds
+        shape = list(cand.w.shape)
     return LayerRecord(
         node=cand.label,
         kind=cand.kind,

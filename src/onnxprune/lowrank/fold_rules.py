@@ -16,11 +16,13 @@ from onnxprune.passes._match import (
     add_initializer,
     attr,
     const_array,
+    const_array_of,
     drop_if_unused,
     fresh_name,
     is_private_to,
     label,
     replace_value,
+    required,
     scalar_const,
 )
 
@@ -32,11 +34,13 @@ Outcome = tuple[bool, str, str] | None
 
 def _private_const(node: ir.Node | None, index: int) -> np.ndarray | None:
     """Input ``index`` of ``node`` when it is a constant only ``node`` uses."""
-    if node is None or index >= len(node.inputs) or node.inputs[index] is None:
+    if node is None or index >= len(node.inputs):
         return None
     value = node.inputs[index]
+    if value is None:
+        return None
     array = const_array(value)
-    return array if array is not None and is_private_to(value, node) else None  # type: ignore[arg-type]
+    return array if array is not None and is_private_to(value, node) else None
 
 
 def _producer(value: ir.Value | None, consumer: ir.Node, op_type: str) -> ir.Node | None:
@@ -61,7 +65,7 @@ def _replace(
     current: ir.Value | None = None
     new_nodes = []
     for index, (op_type, inputs, attrs) in enumerate(specs):
-        values = []
+        values: list[ir.Value | None] = []
         for item in inputs:
             if isinstance(item, np.ndarray):
                 values.append(add_initializer(graph, f"{name}_folded_{index}", item))
@@ -73,7 +77,8 @@ def _replace(
         )
         current = out
     graph.insert_before(last, new_nodes)
-    replace_value(last.outputs[0], current)  # type: ignore[arg-type]
+    assert current is not None  # specs is never empty
+    replace_value(last.outputs[0], current)
     _remove_with_consts(graph, old)
 
 
@@ -140,7 +145,7 @@ def _gemm_bias(node: ir.Node) -> tuple[np.ndarray, bool] | None:
     if len(node.inputs) < 3 or node.inputs[2] is None:
         return np.zeros(()), False
     c = _private_const(node, 2)
-    return None if c is None else (float(attr(node, "beta", 1.0)) * c.astype(np.float64), True)  # type: ignore[arg-type]
+    return None if c is None else (float(attr(node, "beta", 1.0)) * c.astype(np.float64), True)
 
 
 def fold_gemm_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
@@ -157,7 +162,7 @@ def fold_gemm_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
         return None
     if k * n > k * r + r * n:
         return False, label(node), _cost_reason("Gemm", k * n, k * r + r * n, f"rank {r}")
-    a1, a2 = (float(attr(g, "alpha", 1.0)) for g in (first, node))  # type: ignore[arg-type]
+    a1, a2 = (float(attr(g, "alpha", 1.0)) for g in (first, node))
     b = a1 * a2 * (b1.astype(np.float64) @ b2)
     c1_rows = np.broadcast_to(c1[0], (*c1[0].shape[:-1], r) if c1[0].ndim == 2 else (1, r))
     c = a2 * (c1_rows @ b2) + c2[0]
@@ -178,7 +183,7 @@ def _pointwise(node: ir.Node | None) -> np.ndarray | None:
     w = _private_const(node, 1)
     if w is None or w.ndim < 3 or any(d != 1 for d in w.shape[2:]):
         return None
-    if int(attr(node, "group", 1)) != 1 or attr(node, "auto_pad", "NOTSET") not in (  # type: ignore[call-overload]
+    if int(attr(node, "group", 1)) != 1 or attr(node, "auto_pad", "NOTSET") not in (
         "NOTSET",
         "VALID",
     ):
@@ -200,14 +205,14 @@ def fold_conv_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
     w1 = _pointwise(first)
     if first is None or w1 is None or w2 is None:
         return None
-    spatial = const_array(first.inputs[1]).ndim - 2  # type: ignore[union-attr]
+    spatial = const_array_of(first.inputs[1]).ndim - 2  # _pointwise found it constant
     if any(attr(node, "pads", None) or [0]):
         return False, label(node), "second 1x1 conv is padded (its padding would see no bias)"
     b1, b2 = _conv_bias(first, w1.shape[0]), _conv_bias(node, w2.shape[0])
     if b1 is None or b2 is None:
         return None
-    s1 = list(attr(first, "strides", None) or [1] * spatial)  # type: ignore[call-overload]
-    s2 = list(attr(node, "strides", None) or [1] * spatial)  # type: ignore[call-overload]
+    s1 = list(attr(first, "strides", None) or [1] * spatial)
+    s2 = list(attr(node, "strides", None) or [1] * spatial)
     (o1, c), o2 = w1.shape, w2.shape[0]
     merged, chain = o2 * c, o1 * c * int(np.prod(s2)) + o2 * o1
     if merged > chain:
@@ -219,18 +224,21 @@ def fold_conv_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
         "strides": [a * b for a, b in zip(s1, s2, strict=True)],
     }
     if attr(first, "auto_pad", "NOTSET") == "NOTSET" and attr(first, "pads", None):
-        attrs["pads"] = list(attr(first, "pads"))  # type: ignore[call-overload]
+        attrs["pads"] = list(attr(first, "pads"))
     bias = (w2.astype(np.float64) @ b1 + b2).astype(dtype)
     _replace(graph, node, [first, node], [("Conv", [first.inputs[0], w, bias], attrs)])
     return True, label(node), f"1x1 Conv chain {c}->{o1}->{o2} -> {c}->{o2}"
 
 
 def _lora_branch(
-    value: ir.Value, consumer: ir.Node
+    value: ir.Value | None, consumer: ir.Node
 ) -> tuple[list[ir.Node], ir.Value, float, np.ndarray, int] | None:
     """``(nodes, x, s, A B, r)`` of ``s (x A) B``, walking back from ``value``."""
-    nodes, scale, mats = [], 1.0, []
-    current, user = value, consumer
+    nodes: list[ir.Node] = []
+    scale = 1.0
+    mats: list[np.ndarray] = []
+    current: ir.Value | None = value
+    user = consumer
     while len(mats) < 2:
         node = _producer(current, user, "Mul") or _producer(current, user, "MatMul")
         if node is None:
@@ -261,7 +269,7 @@ def fold_lora(graph: ir.Graph, node: ir.Node) -> Outcome:
     if node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
         return None
     for index in (0, 1):
-        branch = _lora_branch(node.inputs[index], node)  # type: ignore[arg-type]
+        branch = _lora_branch(node.inputs[index], node)
         base_out = node.inputs[1 - index]
         if branch is None or base_out is None or not is_private_to(base_out, node):
             continue
@@ -274,8 +282,8 @@ def fold_lora(graph: ir.Graph, node: ir.Node) -> Outcome:
         if base is None or w is None or base.inputs[0] is not x or w.shape != delta.shape:
             continue
         folded = (w.astype(np.float64) + scale * delta).astype(w.dtype)
-        weight = base.inputs[1]
-        weight.const_value = ir.tensor(folded, name=weight.name)  # type: ignore[union-attr]
+        weight = required(base.inputs[1])  # _private_const found it
+        weight.const_value = ir.tensor(folded, name=weight.name)
         replace_value(node.outputs[0], base_out)
         consts = [
             v for n in nodes for v in n.inputs if v is not None and const_array(v) is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -112,7 +113,7 @@ def _conv_model(
             inits.append(onnx.numpy_helper.from_array(bias, "b"))
             names.append("b")
         out = "y" if index == len(convs) - 1 else f"h{index}"
-        kernel = {"kernel_shape": list(w.shape[2:])}
+        kernel: dict[str, Any] = {"kernel_shape": list(w.shape[2:])}
         nodes.append(helper.make_node("Conv", names, [out], **kernel, **attrs))
         current = out
     graph = helper.make_graph(

@@ -31,8 +31,10 @@ from onnxprune.lowrank.whiten import Decomposition, InputStats, decompose
 from onnxprune.passes._match import (
     attr,
     const_array,
+    const_numpy,
     drop_if_unused,
     exclusive_const_reason,
+    required,
 )
 
 __all__ = ["LinearCandidate", "linear_candidate", "linear_weight"]
@@ -76,12 +78,12 @@ class LinearCandidate(Candidate):
     def apply(self, graph: ir.Graph, ranks: Ranks) -> str:
         assert self.decomposition is not None and self.weight is not None and self.x is not None
         a, b = self.decomposition.factors(ranks[0])
-        dtype = self.weight.const_value.numpy().dtype  # type: ignore[union-attr]
+        dtype = const_numpy(self.weight).dtype
         op = self.node.op_type
         tail = Step(op, b.astype(dtype))
         if op == "Gemm":  # the bias and beta stay on the second Gemm; alpha is in A
             tail.extra = list(self.node.inputs[2:3])
-            tail.attributes = {"beta": float(attr(self.node, "beta", 1.0))}  # type: ignore[arg-type]
+            tail.attributes = {"beta": float(attr(self.node, "beta", 1.0))}
         steps = [Step(op, a.astype(dtype)), tail]
         replace_with_chain(graph, self.node, self.x, steps, kind=self.kind)
         drop_if_unused(graph, self.weight)
@@ -104,7 +106,7 @@ def linear_weight(node: ir.Node) -> tuple[np.ndarray, ir.Value] | str:
     if node.op_type == "Gemm":
         if attr(node, "transA", 0):
             return "Gemm with transA=1"
-        alpha = float(attr(node, "alpha", 1.0))  # type: ignore[arg-type]
+        alpha = float(attr(node, "alpha", 1.0))
         array = alpha * (array.T if attr(node, "transB", 0) else array)
     return np.asarray(array, dtype=np.float64), value
 
@@ -119,7 +121,7 @@ def linear_candidate(node: ir.Node, method: str, stats: InputStats | None) -> Li
     if reason:
         return reason
     if method != "svd" and stats is None:
-        return f"no input statistics for {method} (input {node.inputs[0].name!r})"  # type: ignore[union-attr]
+        return f"no input statistics for {method} (input {required(node.inputs[0]).name!r})"
     if w.size == 0:
         return f"weight {value.name!r} has no elements"
     try:
