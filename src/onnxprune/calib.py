@@ -117,10 +117,12 @@ def _check_names(specs: Sequence[InputSpec], keys: Sequence[str], where: str) ->
 def _check_declared_sizes(data: np.lib.npyio.NpzFile, path: Path) -> None:
     """Refuse an array whose header claims more bytes than its member holds, before any
     allocation (a crafted header can claim terabytes)."""
-    for info in data.zip.infolist():
+    archive = data.zip
+    assert archive is not None  # an NpzFile that np.load opened keeps its archive
+    for info in archive.infolist():
         if not info.filename.endswith(".npy"):
             continue
-        with data.zip.open(info) as member:
+        with archive.open(info) as member:
             version = np.lib.format.read_magic(member)
             if version == (1, 0):
                 shape, _, dtype = np.lib.format.read_array_header_1_0(member)

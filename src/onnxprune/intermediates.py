@@ -32,7 +32,7 @@ _PROBE_CHUNK = 64
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
-    values = {v.name: v for v in model.graph.inputs}
+    values = {v.name: v for v in model.graph.inputs if v.name is not None}
     for node in model.graph:
         for value in node.outputs:
             if value is not None and value.name:

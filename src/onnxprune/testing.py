@@ -7,6 +7,7 @@ test that uses it. Weights come from ``np.random.default_rng(seed)``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import numpy as np
 import onnx
@@ -42,7 +43,7 @@ def set_initializer(model: ir.Model, name: str, array: np.ndarray) -> None:
     if name in graph.initializers:
         value = graph.initializers[name]
         value.const_value = tensor
-        value.shape = tensor.shape
+        value.shape = cast(ir.Shape, tensor.shape)  # ir.tensor of an array has an ir.Shape
         value.dtype = tensor.dtype
         return
     # An input of the same name is turned into an initializer use.

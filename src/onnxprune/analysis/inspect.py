@@ -146,7 +146,9 @@ class InspectReport:
         """The same content as :meth:`to_markdown` as an aligned plain-text table."""
         width = max(len(key) for key, _ in self._summary())
         lines = [f"{key:<{width}}  {value}" for key, value in self._summary()]
-        rows = [("#", "layer", "op", "MACs", "params", "share", "output shape")]
+        rows: list[tuple[str, ...]] = [
+            ("#", "layer", "op", "MACs", "params", "share", "output shape")
+        ]
         rows += self._top_rows()
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines.append("")
@@ -187,7 +189,7 @@ class InspectReport:
         return items
 
     def _top_rows(self) -> list[tuple[str, ...]]:
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for rank, node in enumerate(self.top, start=1):
             macs = node.macs or 0
             share = f"{100.0 * macs / self.total_macs:.1f}%" if self.total_macs else "-"

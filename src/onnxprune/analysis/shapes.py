@@ -154,7 +154,9 @@ def _stripped_proto(model: ir.Model) -> tuple[onnx.ModelProto, list[str]]:
         proto.producer_version = model.producer_version
     for domain, version in sorted(model.opset_imports.items()):
         proto.opset_import.add(domain=domain, version=version)
-    ir.serde.serialize_graph_into(proto.graph, view, model_ir_version=model.ir_version)
+    # onnx_ir's GraphView does not match its own GraphViewProtocol (doc_string: str | None,
+    # read-only meta), though serialize_graph_into documents it as accepted.
+    ir.serde.serialize_graph_into(proto.graph, view, model_ir_version=model.ir_version)  # type: ignore[arg-type]
     for function in model.functions.values():
         proto.functions.append(ir.serde.serialize_function(function))
     for name, array in read.items():
@@ -211,7 +213,7 @@ def _type_from_tensors(graph: onnx.GraphProto, values: Iterable[ir.Value]) -> No
 def _apply_overrides(
     graph: onnx.GraphProto, model: ir.Model, overrides: Mapping[str, ShapeLike]
 ) -> None:
-    inputs = {v.name for v in model.graph.inputs}
+    inputs = {v.name for v in model.graph.inputs if v.name is not None}
     unknown = sorted(set(overrides) - inputs)
     if unknown:
         raise UsageError(

@@ -147,7 +147,8 @@ class BenchResult:
 
 
 def _labels(paths: Sequence[str]) -> list[str]:
-    labels, seen = [], {}
+    labels: list[str] = []
+    seen: dict[str, int] = {}
     for path in paths:
         name = Path(path).name
         seen[name] = seen.get(name, 0) + 1

@@ -81,16 +81,20 @@ class RunFiles:
     sources: list[Source] = dataclasses.field(default_factory=list)
     targets: list[Target] = dataclasses.field(default_factory=list)
 
-    def read(self, what: str, path: object, *, model: bool = False) -> RunFiles:
+    def read(
+        self, what: str, path: str | os.PathLike[str] | None, *, model: bool = False
+    ) -> RunFiles:
         """Add an input (skipped when ``path`` is None or empty)."""
         if path:
-            self.sources.append(Source(what, os.fspath(path), model))  # type: ignore[arg-type]
+            self.sources.append(Source(what, os.fspath(path), model))
         return self
 
-    def write(self, option: str, path: object, *, model: bool = False) -> RunFiles:
+    def write(
+        self, option: str, path: str | os.PathLike[str] | None, *, model: bool = False
+    ) -> RunFiles:
         """Add an output (skipped when ``path`` is None or empty)."""
         if path:
-            self.targets.append(Target(option, os.fspath(path), model))  # type: ignore[arg-type]
+            self.targets.append(Target(option, os.fspath(path), model))
         return self
 
 

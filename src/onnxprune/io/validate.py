@@ -334,11 +334,12 @@ def validate_proto(proto: onnx.ModelProto, source: str, *, runtime: bool = True)
 
 
 def _weight_names(model: ir.Model) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for index in WEIGHT_OPERANDS.get(node.op_type, ()) if node.domain == "" else ():
-            if index < len(node.inputs) and node.inputs[index] is not None:
-                names.add(node.inputs[index].name)
+            value = node.inputs[index] if index < len(node.inputs) else None
+            if value is not None and value.name is not None:  # a loaded value has a name
+                names.add(value.name)
     return names
 
 
@@ -358,7 +359,7 @@ def _names_text(names: list[str]) -> str:
 
 
 def _refuse_bound_initializers(graph: ir.Graph, source: str) -> None:
-    inputs = [v.name for v in graph.inputs if v.name in graph.initializers]
+    inputs = [v.name for v in graph.inputs if v.name is not None and v.name in graph.initializers]
     if inputs:
         raise _fail(
             source,
@@ -366,7 +367,7 @@ def _refuse_bound_initializers(graph: ir.Graph, source: str) -> None:
             "it; onnxprune does not rewrite overridable weights: re-export without "
             "keep_initializers_as_inputs (or drop these names from the graph inputs)",
         )
-    outputs = [v.name for v in graph.outputs if v.name in graph.initializers]
+    outputs = [v.name for v in graph.outputs if v.name is not None and v.name in graph.initializers]
     if outputs:
         raise _fail(
             source,

@@ -84,8 +84,8 @@ def validate_config(config: SparsifyConfig, node_names: Sequence[str], has_calib
                     f"{option}: no node {name!r} in the model; prunable or skipped "
                     f"Conv/ConvTranspose/Gemm/MatMul nodes: {', '.join(sorted(known)) or 'none'}"
                 )
-    for name, value in config.layer_sparsity.items():
-        _check_fraction(f"--layer-sparsity {name}", value)
+    for name, fraction in config.layer_sparsity.items():
+        _check_fraction(f"--layer-sparsity {name}", fraction)
     if nm is not None and config.layer_sparsity:
         raise UsageError("--layer-sparsity cannot be combined with an N:M pattern")
     if config.data_aware and not has_calib:

@@ -105,7 +105,7 @@ def nm_mask(scores: np.ndarray, n: int, m: int, forced: np.ndarray | None = None
         raise ValueError(f"reduction size {k} is not a multiple of {m}")
     groups = _ranked(scores, forced).reshape(rows, k // m, m)
     order = np.argsort(groups, axis=2, kind="stable")
-    keep = np.ones(groups.shape, dtype=bool)
+    keep: np.ndarray = np.ones(groups.shape, dtype=bool)
     np.put_along_axis(keep, order[:, :, : m - n], False, axis=2)
     keep = keep.reshape(rows, k)
     if forced is not None:

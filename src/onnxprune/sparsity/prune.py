@@ -329,6 +329,13 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
     }
 
 
+def _layer_target(config: SparsifyConfig, node: str) -> float:
+    """The node's target sparsity (its --layer-sparsity entry, else --sparsity)."""
+    target = config.layer_sparsity.get(node, config.sparsity)
+    assert target is not None  # validate_config requires --sparsity; schedule() needs a number
+    return target
+
+
 def apply_sparsity(
     model: ir.Model,
     layers: list[WeightLayer],
@@ -347,7 +354,7 @@ def apply_sparsity(
             weight=layer.weight,
             shape=list(layer.shape),
             params=layer.size,
-            target=config.layer_sparsity.get(layer.node, config.sparsity),
+            target=_layer_target(config, layer.node),
             pattern=pattern,
         )
         for layer in layers
