@@ -32,6 +32,7 @@ def __getattr__(name: str) -> object:
         "Fp16Config": "onnxprune.quant.fp16",
         "LowRankConfig": "onnxprune.lowrank.config",
         "SparsifyConfig": "onnxprune.sparsity.prune",
+        "PruneConfig": "onnxprune.prune.config",
         "PruneOptions": "onnxprune.prune.core",
     }
     if name not in lazy:
@@ -50,6 +51,7 @@ __all__ = [
     "LowRankConfig",
     "ModelLoadError",
     "OnnxPruneError",
+    "PruneConfig",
     "PruneOptions",
     "SaveError",
     "SparsifyConfig",

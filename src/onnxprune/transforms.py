@@ -1,9 +1,10 @@
 """The built-in transforms, registered once (:mod:`onnxprune.registry`).
 
 Each entry names a capability's config and how it runs; the CLI subcommand, the recipe step
-and the top-level ``*_file`` function are derived from it. ``prune`` and ``quantize`` keep
-their hand-written commands for now (they are registered for recipes and the API through
-their own file-level functions).
+and the top-level ``*_file`` function are derived from it. ``prune`` keeps its own
+command module for what is not a config field (``--save-plan``, ``--recover``), with its
+flags generated from :class:`~onnxprune.prune.config.PruneConfig`; ``quantize`` is not
+registered yet (its recipe keys are ``optimize.recipe.STEP_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import dataclasses
 from onnxprune.lowrank.api import lowrank_file
 from onnxprune.lowrank.config import _RULES, LowRankConfig
 from onnxprune.passes.pipeline import CanonicalizeConfig, canonicalize_apply, check_config
+from onnxprune.prune.api import prune_file
+from onnxprune.prune.config import PruneConfig
 from onnxprune.quant.fp16 import Fp16Config, fp16_apply
 from onnxprune.registry.transform import Transform, register
 from onnxprune.sparsity.api import sparsify_file
 from onnxprune.sparsity.prune import SparsifyConfig
 
-__all__ = ["CANONICALIZE", "FP16", "LOWRANK", "SPARSIFY"]
+__all__ = ["CANONICALIZE", "FP16", "LOWRANK", "PRUNE", "SPARSIFY"]
 
 
 def _lowrank_from_cli(config: LowRankConfig) -> LowRankConfig:
@@ -52,6 +55,21 @@ FP16 = register(
         "measured on held-out data and reported; the input is never modified.",
         config=Fp16Config,
         apply=fp16_apply,
+    )
+)
+
+PRUNE = register(
+    Transform(
+        name="prune",
+        help="remove channels, filters and attention heads",
+        description="Find the channels that must go together (residual adds, concat/split, "
+        "depthwise convs, BatchNorm, flatten into a classifier, attention heads, MLP hidden "
+        "units), score them, remove them physically and optionally refit the next layers "
+        "on calibration data. Groups that cannot be pruned are reported with the node "
+        "and the reason.",
+        config=PruneConfig,
+        run_file=prune_file,
+        command="own",
     )
 )
 

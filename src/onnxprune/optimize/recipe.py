@@ -41,17 +41,6 @@ __all__ = [
 #: Options of the steps not yet registered transforms, with their types (validated on load);
 #: a registered transform's options are its config fields (:mod:`onnxprune.registry`).
 STEP_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "prune": {
-        "ratio": float,
-        "target_macs": float,
-        "target_params": float,
-        "criterion": str,
-        "reconstruct": bool,
-        "iterative": int,
-        "round_to": int,
-        "max_ratio": float,
-        "exclude": list,
-    },
     "quantize": {
         "method": str,
         "mode": str,
@@ -61,6 +50,7 @@ STEP_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "exclude": list,
         "bias_correction": str,
         "equalize": str,
+        "refine": str,
     },
 }
 

@@ -39,32 +39,6 @@ def _kept(value: float | None, strength: float) -> float | None:
     return None if value is None else 1 - (1 - value) * strength
 
 
-def _prune(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
-    from onnxprune.prune.api import prune_file
-    from onnxprune.prune.core import PruneOptions
-
-    ratio = opts.get("ratio")
-    options = PruneOptions(
-        ratio=None if ratio is None else ratio * run.strength,
-        target_macs=_kept(opts.get("target_macs"), run.strength),
-        target_params=_kept(opts.get("target_params"), run.strength),
-        criterion=opts.get("criterion", "l2"),
-        round_to=opts.get("round_to", 8),
-        max_ratio=opts.get("max_ratio", 0.9),
-        exclude=tuple(opts.get("exclude", ())),
-    )
-    reconstruct = bool(opts.get("reconstruct", False)) and run.calib is not None
-    return prune_file(
-        src,
-        dst,
-        options,
-        calib=run.calib,
-        reconstruct=reconstruct,
-        iterative=opts.get("iterative", 1),
-        dims=run.dims,
-    )
-
-
 def _quantize(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
     from onnxprune.quant.api import quantize_file
 
@@ -83,6 +57,7 @@ def _quantize(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> An
         budget=run.budget,
         bias_correction=opts.get("bias_correction", "auto"),
         equalize=opts.get("equalize", "auto"),
+        refine=opts.get("refine", "off"),
     )
 
 
@@ -91,7 +66,6 @@ class _NoBackoffError(Exception):
 
 
 _RUNNERS: dict[str, Callable[[Path, Path, Mapping[str, Any], StepRun], Any]] = {
-    "prune": _prune,
     "quantize": _quantize,
 }
 
@@ -104,6 +78,15 @@ def _weaken(name: str, config: Any, strength: float) -> Any:
         if config.pattern != "unstructured":
             raise _NoBackoffError("an N:M pattern cannot be made milder")
         return dataclasses.replace(config, sparsity=config.sparsity * strength)
+    if name == "prune":
+        ratio = config.ratio
+        return dataclasses.replace(
+            config,
+            ratio=None if ratio is None else ratio * strength,
+            target_macs=_kept(config.target_macs, strength),
+            target_params=_kept(config.target_params, strength),
+            layer_ratio={k: v * strength for k, v in config.layer_ratio.items()},
+        )
     if name == "lowrank":
         rank = config.rank
         return dataclasses.replace(

@@ -21,6 +21,7 @@ from onnxprune.prune.activations import (
     removed_input_means,
 )
 from onnxprune.prune.analysis import analyze
+from onnxprune.prune.config import PruneConfig, resolve
 from onnxprune.prune.core import PruneOptions, PruneReport, prune_model
 from onnxprune.prune.importance import GRAM_CRITERIA
 from onnxprune.prune.measured import measured_allocation
@@ -151,7 +152,7 @@ def _measures_allocation(options: PruneOptions, feeds: list) -> bool:
 def prune_file(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
-    options: PruneOptions,
+    options: PruneConfig | PruneOptions,
     *,
     calib: str | os.PathLike[str] | None = None,
     reconstruct: bool | None = None,
@@ -166,7 +167,19 @@ def prune_file(
     With ``calib`` the data-driven choices are the defaults: ``criterion="auto"`` is
     ``reconstruction``, ``allocation="auto"`` is measured (a MACs target), and
     ``reconstruct=None`` refits (``False`` turns it off).
+
+    ``options`` is a :class:`PruneConfig` (what the CLI and recipes build; it carries
+    ``reconstruct``, ``iterative`` and ``dims`` itself, and the keywords are then ignored
+    but for ``dims``, which override its own) or the algorithm's :class:`PruneOptions`.
     """
+    if isinstance(options, PruneConfig):
+        resolved = resolve(options)
+        options, reconstruct, iterative = (
+            resolved.options,
+            resolved.reconstruct,
+            resolved.iterative,
+        )
+        dims = {**resolved.dims, **(dims or {})}
     options.validate()
     options = resolve_defaults(options, calib is not None)
     if reconstruct is None:  # with data, the refit is the default (kept only where it helps)
