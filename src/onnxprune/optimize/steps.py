@@ -48,7 +48,7 @@ def _quantize(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> An
         src,
         dst,
         calib=run.calib,
-        method=opts.get("method", "minmax"),
+        method=opts.get("method", "auto"),
         per_channel=bool(opts.get("per_channel", True)),
         mode=opts.get("mode", "static"),
         target=opts.get("target", "cpu"),
