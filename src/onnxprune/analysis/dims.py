@@ -76,7 +76,9 @@ def input_dim_defaults(model: ir.Model) -> dict[str, DimDefault]:
     inputs = [v for v in model.graph.inputs if v.name not in initializers and v.shape]
     defaults: dict[str, DimDefault] = {}
     for value in inputs:
-        first = value.shape[0]  # type: ignore[index]
+        shape = value.shape
+        assert shape  # ``inputs`` keeps only values with a non-empty shape
+        first = shape[0]
         if not isinstance(first, int):
             defaults[dim_key(str(value.name), 0, first.value)] = DimDefault(1, BATCH_SOURCE)
     for value in inputs:

@@ -200,7 +200,7 @@ def _bind_inputs(
             if key not in bound and key not in assumed:
                 known = defaults.get(key)
                 derived = known is not None and not known.is_batch
-                assumed[key] = known.value if derived else default_dim  # type: ignore[union-attr]
+                assumed[key] = known.value if known is not None and derived else default_dim
                 sources[key] = known.source if known is not None else None
             size = bound[key] if key in bound else assumed[key]
             shape.append(dim.value if dim.value is not None else size)

@@ -25,7 +25,7 @@ import errno
 import math
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
@@ -78,8 +78,8 @@ def iter_tensor_protos(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.Tenso
             yield sparse.indices.name or f"{sparse.values.name}.indices", sparse.indices
         yield from from_nodes(graph.node)
 
-    def from_nodes(nodes: object) -> Iterator[tuple[str, onnx.TensorProto]]:
-        for node in nodes:  # type: ignore[attr-defined]
+    def from_nodes(nodes: Iterable[onnx.NodeProto]) -> Iterator[tuple[str, onnx.TensorProto]]:
+        for node in nodes:
             for attr in node.attribute:
                 where = f"attribute {attr.name!r} of node {node.name or node.op_type!r}"
                 if attr.HasField("t"):

@@ -160,6 +160,13 @@ def external_initializers(model: ir.Model) -> Iterator[ir.Value]:
                 yield value
 
 
+def _external_tensor(value: ir.Value) -> ir.ExternalTensor:
+    """The tensor of a value that :func:`external_initializers` yielded."""
+    tensor = value.const_value
+    assert isinstance(tensor, ir.ExternalTensor)
+    return tensor
+
+
 def _copy_to_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
     array = np.array(tensor.numpy(), copy=True)
     return ir.Tensor(array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string)
@@ -219,14 +226,14 @@ def rebind_external(copy: ir.Model, original: ir.Model) -> ir.Model:
     holds the same bytes. Returns ``copy``.
     """
     bound = {
-        _region(v.const_value): v.const_value  # type: ignore[arg-type]
+        _region(_external_tensor(v)): v.const_value
         for v in external_initializers(original)
         if not _is_unbound(v.const_value)
     }
     for value in external_initializers(copy):
-        tensor = value.const_value
+        tensor = _external_tensor(value)
         if _is_unbound(tensor):
-            match = bound.get(_region(tensor))  # type: ignore[arg-type]
+            match = bound.get(_region(tensor))
             if match is not None:
                 value.const_value = match
     return copy
@@ -266,10 +273,10 @@ def in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
 @contextlib.contextmanager
 def inlined(model: ir.Model) -> Iterator[ir.Model]:
     """Temporarily replace external initializers by in-memory views (restored after)."""
-    saved = [(value, value.const_value) for value in external_initializers(model)]
+    saved = [(value, _external_tensor(value)) for value in external_initializers(model)]
     try:
         for value, tensor in saved:
-            value.const_value = in_memory(tensor)  # type: ignore[arg-type]
+            value.const_value = in_memory(tensor)
         yield model
     finally:
         for value, tensor in saved:

@@ -192,6 +192,7 @@ def _search_uniform(
 ) -> tuple[PruningPlan, float]:
     """Smallest uniform ratio whose plan meets the MACs/params target (bisection)."""
     target = options.target_macs if options.target_macs is not None else options.target_params
+    assert target is not None  # decide_plan searches only for a MACs or params target
     use_macs = options.target_macs is not None
     before = cost.macs_before if use_macs else cost.params_before
 
@@ -203,12 +204,12 @@ def _search_uniform(
 
     lo, hi = 0.0, options.max_ratio
     best = plan_for(hi)
-    if best[1] > target:  # type: ignore[operator]
+    if best[1] > target:
         return best
     for _ in range(30):
         mid = (lo + hi) / 2
         plan, frac = plan_for(mid)
-        if frac <= target:  # type: ignore[operator]
+        if frac <= target:
             hi, best = mid, (plan, frac)
         else:
             lo = mid
@@ -245,7 +246,8 @@ def decide_plan(
         )
         what = "MACs" if options.target_macs is not None else "parameters"
         target = options.target_macs if options.target_macs is not None else options.target_params
-        if reached > target + 1e-9:  # type: ignore[operator]
+        assert target is not None  # one of the two is set (checked above)
+        if reached > target + 1e-9:
             notes.append(
                 f"target {what} {target:.3f} not reachable within --max-ratio "
                 f"{options.max_ratio}: reached {reached:.3f}"

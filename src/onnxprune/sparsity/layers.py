@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.passes._match import const_shape
+
 __all__ = ["PRUNABLE_OPS", "WeightLayer", "find_layers"]
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -153,7 +155,7 @@ def find_layers(model: ir.Model) -> tuple[list[WeightLayer], dict[str, str]]:
         if reason is not None or value is None or activation is None:
             skipped[name] = str(reason)
             continue
-        shape = tuple(int(d) for d in value.const_value.shape.numpy())  # type: ignore[union-attr]
+        shape = const_shape(value)
         layers.append(
             WeightLayer(
                 name, node.op_type, str(value.name), str(activation.name), shape, _attrs(node)

@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.io.pinned import copy_model
+from onnxprune.passes._match import const_numpy
 from onnxprune.registry.options import option
 from onnxprune.sparsity import masks as masks_mod
 from onnxprune.sparsity.activations import InputStats, collect_stats, stats_support
@@ -137,7 +138,7 @@ def schedule(target: float, step: int, steps: int) -> float:
 
 
 def _weight(model: ir.Model, layer: WeightLayer) -> np.ndarray:
-    return model.graph.initializers[layer.weight].const_value.numpy()  # type: ignore[union-attr]
+    return const_numpy(model.graph.initializers[layer.weight])
 
 
 def _set_weight(model: ir.Model, layer: WeightLayer, array: np.ndarray) -> None:

@@ -42,6 +42,7 @@ import onnx_ir as ir
 
 from onnxprune.errors import BudgetError
 from onnxprune.io.pinned import copy_model, inline_proto
+from onnxprune.passes._match import const_numpy
 from onnxprune.runtime import make_session
 
 __all__ = [
@@ -85,7 +86,7 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 def _reconstruction(graph: ir.Graph, weight: ir.Value, keep: np.ndarray) -> list[ir.Node]:
     """Nodes computing ``weight`` from new ``bits``/``values`` initializers."""
-    array = weight.const_value.numpy()  # type: ignore[union-attr]
+    array = const_numpy(weight)
     name = str(weight.name)
     bits = _const(graph, f"{name}.bits", np.packbits(keep.ravel()))
     values = _const(
@@ -129,7 +130,7 @@ def store_bitmask(model: ir.Model, weights: Sequence[str]) -> list[StoredWeight]
     records = []
     for name in weights:
         value = graph.initializers[name]
-        array = value.const_value.numpy()  # type: ignore[union-attr]
+        array = const_numpy(value)
         keep = array.reshape(-1).view(f"u{array.itemsize}") != 0
         dense = int(array.nbytes)
         packed = bitmask_bytes(array.size, int(keep.sum()), array.itemsize)
@@ -178,7 +179,7 @@ def check_exact(
     got = _run_all(stored, feeds[:1], optimize=False, extra=weights)[0]
     n_out = len(got) - len(weights)
     for name, array in zip(weights, got[n_out:], strict=True):
-        want = masked.graph.initializers[name].const_value.numpy()  # type: ignore[union-attr]
+        want = const_numpy(masked.graph.initializers[name])
         if array.tobytes() != np.ascontiguousarray(want).tobytes():
             raise BudgetError(f"stored weight {name!r} does not reconstruct exactly")
     ref = _run_all(masked, feeds, optimize=True)
