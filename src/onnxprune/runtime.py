@@ -54,6 +54,7 @@ def make_session(
     intra_op_threads: int = 1,
     inter_op_threads: int = 1,
     optimized_model_path: str | None = None,
+    log_severity: int = 3,
 ) -> ort.InferenceSession:
     """Create an InferenceSession.
 
@@ -69,6 +70,8 @@ def make_session(
         intra_op_threads: Threads per operator (0 lets onnxruntime choose).
         inter_op_threads: Threads across operators.
         optimized_model_path: Where ORT writes the graph it actually runs.
+        log_severity: onnxruntime's log level (3: errors; 4: fatal only, for probes whose
+            failure is the answer).
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
@@ -78,7 +81,7 @@ def make_session(
     )
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = inter_op_threads
-    opts.log_severity_level = 3
+    opts.log_severity_level = log_severity
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
     resolved = resolve_provider(provider)

@@ -31,10 +31,10 @@ def _probe(ir_version: int, opsets: tuple[tuple[str, int], ...]) -> str | None:
         opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets],
         ir_version=ir_version,
     )
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
+    from onnxprune.runtime import make_session  # runtime imports io: not at module level
+
     try:
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        make_session(model, log_severity=4)
     except Exception as exc:  # onnxruntime raises several unrelated exception types
         return str(exc).strip().splitlines()[0]
     return None

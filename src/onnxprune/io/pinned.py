@@ -240,8 +240,12 @@ def rebind_external(copy: ir.Model, original: ir.Model) -> ir.Model:
 
 
 def copy_model(model: ir.Model) -> ir.Model:
-    """A deep copy via the proto whose external tensors stay bound to the validated files."""
-    return rebind_external(ir.serde.deserialize_model(ir.serde.serialize_model(model)), model)
+    """A copy of the graph (``ir.Model.clone``): new nodes and values, the same tensors.
+
+    Tensors are immutable here (rewrites assign a new ``const_value``, never write into an
+    array), so sharing them is safe and external tensors stay bound to the validated files.
+    """
+    return model.clone(deep_copy=True)
 
 
 def _is_unbound(tensor: object) -> bool:

@@ -34,10 +34,10 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx_ir.passes.common import ShapeInferencePass
 
 from onnxprune.passes._match import fresh_name
+from onnxprune.passes._match import label as node_label
 from onnxprune.passes._shape_vectors import (
     DEFAULT_DOMAINS,
     DimRef,
@@ -47,6 +47,7 @@ from onnxprune.passes._shape_vectors import (
     resolve_reshape_elems,
 )
 from onnxprune.passes.base import Pass, PassReport
+from onnxprune.runtime import make_session
 
 __all__ = [
     "NONDETERMINISTIC_OPS",
@@ -68,14 +69,6 @@ NONDETERMINISTIC_OPS = frozenset(
         "RandomUniformLike",
     }
 )
-
-
-def node_label(node: ir.Node) -> str:
-    """A readable, stable name for reports: the node name, else ``Op(first output)``."""
-    if node.name:
-        return node.name
-    first = node.outputs[0].name if node.outputs else ""
-    return f"{node.op_type}({first})"
 
 
 def _evaluate(node: ir.Node, arrays: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
@@ -101,13 +94,7 @@ def _evaluate(node: ir.Node, arrays: Sequence[np.ndarray | None], opset: int) ->
     model = onnx.helper.make_model(
         graph, opset_imports=opsets, ir_version=onnx.helper.find_min_ir_version_for(opsets)
     )
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(
-        model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
-    )
+    session = make_session(model)
     return [np.asarray(r) for r in session.run(None, feeds)]
 
 

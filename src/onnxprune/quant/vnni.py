@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 
 import numpy as np
 
+from onnxprune.bench.system import cpu_info
 from onnxprune.quant.params import QParams, quantize, weight_qparams
 
 __all__ = ["REMEDIES", "cpu_isa", "needs_u8s8_remedy", "remedy_params", "saturating_channels"]
@@ -42,20 +42,14 @@ _MAX_BUMPS = 64
 
 @functools.lru_cache(maxsize=1)
 def cpu_isa() -> dict[str, bool]:
-    """Relevant x86 flags of this CPU (from /proc/cpuinfo; all False elsewhere)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    """Relevant x86 flags of this CPU (:func:`onnxprune.bench.system.cpu_info`; all False
+    where they cannot be read)."""
+    _, isa = cpu_info()
     return {
-        "avx2": "avx2" in flags,
-        "avx512_vnni": "avx512_vnni" in flags,
-        "avx_vnni": "avx_vnni" in flags,
-        "amx_int8": "amx_int8" in flags,
+        "avx2": isa["avx2"],
+        "avx512_vnni": isa["avx512_vnni"],
+        "avx_vnni": isa["avx_vnni"],
+        "amx_int8": isa["amx"],
     }
 
 
