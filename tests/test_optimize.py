@@ -11,14 +11,18 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from onnxprune.bench.stats import RatioCI
 from onnxprune.bundled import default_model, digits_calibration, digits_model, digits_test_set
+from onnxprune.calib import load_calibration
 from onnxprune.cli import main
 from onnxprune.errors import UsageError
+from onnxprune.io import load
 from onnxprune.optimize import api
 from onnxprune.optimize.recipe import PRESETS, parse_recipe, preset
+from onnxprune.runtime import run_model
 
 #: Data options for the tiny digits CNN (``digits_model()``), which tests use for speed.
 TINY = ["--calib", str(digits_calibration()), "--eval", str(digits_test_set())]
@@ -271,3 +275,19 @@ def test_progress_is_shown_on_a_terminal(tmp_path: Path, monkeypatch):
     assert "optimize: step 2/3 prune ..." in lines
     assert any(re.fullmatch(r"optimize: step 2/3 prune: applied \(\d+\.\d s\)", x) for x in lines)
     assert "optimize: final check on held-out data ..." in lines
+
+
+def test_exact_recipe_without_data_runs_and_is_exact(tmp_path: Path, capsys):
+    """A canonicalize-only recipe needs no --calib: the step checks itself (it crashed with a
+    traceback in the budget check, which had no data to run on)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - canonicalize: {}\n")
+    out = tmp_path / "o.onnx"
+    argv = ["optimize", str(digits_model()), "--recipe", str(recipe), "-o", str(out)]
+    assert main([*argv, "--bench-seconds", "0"]) == 0
+    assert "steps applied: canonicalize" in capsys.readouterr().out
+    feeds = load_calibration(digits_test_set(), load(out), ignore=("label",))
+    feed = next(iter(feeds.feeds(range(4))))
+    ref, got = run_model(load(digits_model()), feed), run_model(load(out), feed)
+    for name, value in ref.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5)

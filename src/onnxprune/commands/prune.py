@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from onnxprune.commands.common import (
     add_calib_option,
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_namespace(PruneConfig, args)
     dims = parse_dims(args.dim)
 
-    def write(output: str) -> PruneFileResult:
+    def write(output: str | Path) -> PruneFileResult:
         return prune_file(
             args.model, output, config, calib=args.calib, dims=dims, eval_data=args.eval_data
         )

@@ -29,11 +29,11 @@ from onnxprune.errors import BudgetError, SaveError, UsageError
 from onnxprune.fidelity import FidelityResult, compare, overfit_note
 from onnxprune.io import load, save, source_files
 from onnxprune.optimize.data import accuracy, has_labels, split_calibration
-from onnxprune.optimize.recipe import Recipe, load_recipe, preset
+from onnxprune.optimize.recipe import Recipe, Step, load_recipe, preset
 from onnxprune.optimize.report import ModelStats, OptimizeReport, StepRecord
 from onnxprune.optimize.steps import BACKOFF_STEPS, StepRun, StepSkippedError, run_step
 from onnxprune.progress import progress_enabled
-from onnxprune.tolerance import parse_tolerance
+from onnxprune.tolerance import Tolerance, parse_tolerance
 from onnxprune.verification import VerifyResult, verify
 
 __all__ = ["DEFAULT_PRESET", "optimize"]
@@ -85,6 +85,22 @@ class _StepProgress:
         self._write(f"{self._label}: {outcome} ({time.perf_counter() - self._start:.1f} s)")
 
 
+@dataclasses.dataclass
+class _Context:
+    """What every step try and the final phases of one optimize run share."""
+
+    fit: Path | None
+    holdout: Path | None
+    dims: dict[str, int]
+    budget: str | None
+    tolerance: Tolerance
+    input: Path
+    max_tries: int
+    threads: int
+    seconds: float
+    progress: _StepProgress
+
+
 def _resolve(recipe: str | os.PathLike[str] | Recipe | None, preset_name: str | None) -> Recipe:
     if recipe is not None and preset_name is not None:
         raise UsageError("give --recipe or --preset, not both")
@@ -96,53 +112,58 @@ def _resolve(recipe: str | os.PathLike[str] | Recipe | None, preset_name: str | 
 
 
 def _run_with_backoff(
-    step, src: Path, work: Path, index: int, ctx: dict[str, Any]
+    step: Step, src: Path, work: Path, index: int, ctx: _Context
 ) -> tuple[Path | None, StepRecord]:
     strength, tries = 1.0, 0
     reason = ""
-    while tries < ctx["max_tries"]:
+    while tries < ctx.max_tries:
         tries += 1
         dst = work / f"step{index}_{step.name}_{tries}.onnx"
-        run = StepRun(ctx["fit"], ctx["dims"], strength, ctx["budget"])
-        ctx["progress"].start(index, step.name, tries, strength)
+        run = StepRun(ctx.fit, ctx.dims, strength, ctx.budget)
+        ctx.progress.start(index, step.name, tries, strength)
         try:
             result = run_step(step.name, src, dst, step.options, run)
         except StepSkippedError as exc:
-            ctx["progress"].done("skipped")
+            ctx.progress.done("skipped")
             return None, StepRecord(
                 step.name, dict(step.options), "skipped", strength, tries, str(exc)
             )
         except BudgetError as exc:
             reason = str(exc)
         else:
-            check = verify(ctx["input"], dst, ctx["holdout"], tolerance=ctx["tolerance"])
+            note = getattr(result, "target_note", None) or ""
+            if ctx.holdout is None:  # no data: only exact steps run, each checked itself
+                ctx.progress.done("applied")
+                return dst, StepRecord(
+                    step.name, dict(step.options), "applied", strength, tries, note
+                )
+            check = verify(ctx.input, dst, ctx.holdout, tolerance=ctx.tolerance)
             if check.passed:
-                ctx["progress"].done("applied")
-                note = getattr(result, "target_note", None) or ""
+                ctx.progress.done("applied")
                 return dst, StepRecord(
                     step.name, dict(step.options), "applied", strength, tries, note, check.outputs
                 )
             reason = f"budget missed: {check.failure_message()}"
-        ctx["progress"].done("budget missed")
-        if step.name not in BACKOFF_STEPS or tries >= ctx["max_tries"]:
+        ctx.progress.done("budget missed")
+        if step.name not in BACKOFF_STEPS or tries >= ctx.max_tries:
             break
         strength /= 2
     return None, StepRecord(step.name, dict(step.options), "skipped", strength, tries, reason)
 
 
 def _measure(
-    report: OptimizeReport, src: Path, states: list[tuple[int, Path]], ctx: dict[str, Any]
+    report: OptimizeReport, src: Path, states: list[tuple[int, Path]], ctx: _Context
 ) -> tuple[int, Path]:
     """Benchmark the input and every applied state in one interleaved run; return the
     fastest state (the last one unless a later step made the model slower)."""
     feeds: dict[str, Any] = (
-        {"calib": ctx["holdout"]} if ctx["holdout"] is not None else {"dims": ctx["dims"]}
+        {"calib": ctx.holdout} if ctx.holdout is not None else {"dims": ctx.dims}
     )
     result = benchmark(
         [src, *(path for _, path in states)],
         provider=report.provider,
-        threads=ctx["threads"],
-        seconds=ctx["seconds"],
+        threads=ctx.threads,
+        seconds=ctx.seconds,
         warmup=5,
         show_progress=False,
         **feeds,
@@ -249,18 +270,18 @@ def optimize(
             fit, holdout = split_calibration(Path(calib), work)
         elif any(s.name != "canonicalize" for s in plan.steps) or budget:
             raise UsageError("--calib is required to verify the budget of this recipe")
-        ctx = {
-            "fit": fit,
-            "holdout": holdout,
-            "dims": bound,
-            "budget": budget,
-            "tolerance": tolerance,
-            "input": src,
-            "max_tries": max_tries,
-            "threads": threads,
-            "seconds": bench_seconds,
-            "progress": _StepProgress(len(plan.steps)),
-        }
+        ctx = _Context(
+            fit=fit,
+            holdout=holdout,
+            dims=bound,
+            budget=budget,
+            tolerance=tolerance,
+            input=src,
+            max_tries=max_tries,
+            threads=threads,
+            seconds=bench_seconds,
+            progress=_StepProgress(len(plan.steps)),
+        )
         current = src
         states: list[tuple[int, Path]] = []  # (step index in report.steps, model after it)
         for index, step in enumerate(plan.steps, 1):
@@ -270,13 +291,13 @@ def optimize(
                 current = produced
                 states.append((len(report.steps) - 1, produced))
         if states and bench_seconds > 0:
-            ctx["progress"].phase(f"measuring latency ({bench_seconds:g} s)")
+            ctx.progress.phase(f"measuring latency ({bench_seconds:g} s)")
             _, current = _measure(report, src, states, ctx)
         final_data = eval_set if eval_set is not None else holdout
         if final_data is not None:
             # The final judgement is on --eval data when given (never used by any step),
             # else on the held-out part of --calib.
-            ctx["progress"].phase("final check on held-out data")
+            ctx.progress.phase("final check on held-out data")
             final_check = verify(src, current, final_data, tolerance=tolerance)
             report.fidelity = final_check.outputs
             report.fidelity_data = (
@@ -294,7 +315,7 @@ def optimize(
         if ratio is not None and ratio[1] > 1.0 and ratio[0] > _SLOWER:
             report.message = (
                 f"the optimized model is slower than the input on {provider} "
-                f"(latency ratio {report.latency_ratio[0]:.2f}); nothing written"
+                f"(latency ratio {ratio[0]:.2f}); nothing written"
             )
             raise BudgetError(report.message)
         if eval_set is not None and has_labels(eval_set):
