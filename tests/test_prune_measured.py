@@ -16,7 +16,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxprune.cli import main
-from onnxprune.prune import PruneOptions, analyze, prune_model
+from onnxprune.prune import PruneOptions, analyze, measured, prune_model
 from onnxprune.prune.activations import removed_input_means
 from onnxprune.prune.measured import (
     COARSE_RATIOS,
@@ -167,32 +167,46 @@ def test_measured_allocation_without_data_is_refused(tmp_path: Path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("groups", "session_s", "run_s", "expected"),
+    ("groups", "macs", "expected"),
     [
-        # small model: every feed at every ratio fits
-        (2, 0.01, 0.001, (16, RATIOS)),
-        # fewer feeds first: 89 groups x 5 ratios, 0.1 s a run -> 180/445 - 0.2 = 0.2 s -> 2
-        # feeds is below the floor, so the coarse ratios: 180/267 - 0.2 = 0.47 s -> 4 feeds
-        (89, 0.1, 0.1, (4, COARSE_RATIOS)),
-        # 10 groups at 0.2 s a run: 180/50 - 0.2 = 3.4 s -> 17 -> all 16 feeds
-        (10, 0.1, 0.2, (16, RATIOS)),
-        # 40 groups: 180/200 - 0.2 = 0.7 s -> 3 feeds at 0.2 s: coarse, 180/120 - 0.2 -> 6
-        (40, 0.1, 0.2, (6, COARSE_RATIOS)),
-        # hopeless: the floor and the coarse ratios, over budget rather than unmeasured
-        (500, 1.0, 1.0, (MIN_SAMPLES, COARSE_RATIOS)),
+        # small model: every feed at every ratio fits (2 x 5 x 1e6 x 18 << 4e12)
+        (2, 10**6, (16, RATIOS)),
+        # DenseNet-121: 89 groups x 5 ratios of 2.8 GMACs -> 4e12 / 1.25e12 - 2 = 1 feed, below
+        # the floor; coarse: 4e12 / 7.5e11 - 2 = 3, still below: the floor, over budget
+        (89, 2_800_000_000, (MIN_SAMPLES, COARSE_RATIOS)),
+        # 40 groups of 1 GMAC: 4e12 / 2e11 - 2 = 18 -> all 16 feeds
+        (40, 10**9, (16, RATIOS)),
+        # 100 groups of 1 GMAC: 4e12 / 5e11 - 2 = 6 feeds at every ratio
+        (100, 10**9, (6, RATIOS)),
+        # 200 groups of 1 GMAC: 4e12 / 1e12 - 2 = 2 -> coarse: 4e12 / 6e11 - 2 = 4
+        (200, 10**9, (4, COARSE_RATIOS)),
     ],
 )
-def test_measurement_is_sized_to_the_time_budget(groups, session_s, run_s, expected):
-    got = measurement_size(groups, RATIOS, session_s, run_s, available=64, budget=180.0)
-    assert got == expected
+def test_measurement_is_sized_to_the_work_budget(groups, macs, expected):
+    assert measurement_size(groups, RATIOS, macs, available=64, budget=4e12) == expected
     # never more feeds than there are
-    assert measurement_size(groups, RATIOS, session_s, run_s, available=3)[0] <= 3
+    assert measurement_size(groups, RATIOS, macs, available=3, budget=4e12)[0] <= 3
 
 
 def test_a_tight_budget_is_reported_and_still_meets_the_target():
     model, feeds = _model(), _feeds()
     options = PruneOptions(target_macs=0.7, round_to=1)
-    allocation = measured_allocation(model, options, feeds, budget=1e-6)
+    allocation = measured_allocation(model, options, feeds, budget=1.0)
     assert allocation.samples == MIN_SAMPLES
     assert any("to stay near" in note for note in allocation.notes), allocation.notes
     assert allocation.macs[1] <= 0.7 * allocation.macs[0]
+
+
+def test_a_second_target_on_the_same_model_and_data_reuses_the_curves():
+    """optimize's milder retry of a prune step: the curves are not measured again, and the
+    allocation is the one a fresh measurement gives."""
+    model, feeds = _model(), _feeds()
+    first = measured_allocation(model, PruneOptions(target_macs=0.7, round_to=1), feeds)
+    assert not any("reused" in note for note in first.notes)
+    again = measured_allocation(model, PruneOptions(target_macs=0.85, round_to=1), feeds)
+    assert any("reused" in note for note in again.notes)
+    measured._CURVES.clear()
+    fresh = measured_allocation(model, PruneOptions(target_macs=0.85, round_to=1), feeds)
+    assert fresh.ratios == again.ratios and fresh.curves == again.curves
+    other = measured_allocation(model, PruneOptions(target_macs=0.85, round_to=1), _feeds(8, 5))
+    assert not any("reused" in note for note in other.notes)

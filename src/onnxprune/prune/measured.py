@@ -18,16 +18,20 @@ evaluation data: the feeds are the first calibration (fit) feeds.
 
 The cost is about ``groups x ratios`` model runs on ``SAMPLES`` feeds (89 groups x 5 ratios
 x 16 feeds of 2.8 GMACs on DenseNet-121: 15 minutes on 2 cores). The measurement is sized to
-a time budget (:data:`TIME_BUDGET`) from one timed session and run: fewer feeds first (down to
-:data:`MIN_SAMPLES`), then the coarser ratios :data:`COARSE_RATIOS`; the report says which.
+a work budget counted in MACs (:data:`WORK_BUDGET`, about three minutes on 2 cores), so the
+same model and data always get the same measurement (a timed budget would not): fewer feeds
+first (down to :data:`MIN_SAMPLES`), then the coarser ratios :data:`COARSE_RATIOS`; the
+report says which. The curves are kept for the last few models in the process, so
+``optimize``'s milder retries of a prune step reuse them instead of measuring again.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,9 +41,9 @@ import onnx_ir as ir
 from onnxprune.prune.allocate import allocate_ratios
 from onnxprune.prune.analysis import analyze
 from onnxprune.prune.core import PruneOptions, _excluded_groups
+from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import group_scores
-from onnxprune.prune.sensitivity import measure_sensitivity, measured_means
-from onnxprune.runtime import make_session
+from onnxprune.prune.sensitivity import SensitivityResult, measure_sensitivity, measured_means
 
 __all__ = [
     "ALLOCATIONS",
@@ -47,7 +51,7 @@ __all__ = [
     "MIN_SAMPLES",
     "RATIOS",
     "SAMPLES",
-    "TIME_BUDGET",
+    "WORK_BUDGET",
     "MeasuredAllocation",
     "measured_allocation",
     "measurement_size",
@@ -66,41 +70,52 @@ SAMPLES = 16
 MIN_SAMPLES = 4
 COARSE_RATIOS = (0.125, 0.25, 0.5)
 
-#: Seconds the measurements aim to stay within (estimated from one timed run).
-TIME_BUDGET = 180.0
+#: MACs of model runs the measurements aim to stay within (about 3 minutes of onnxruntime
+#: on 2 cores at ~25 GMAC/s).
+WORK_BUDGET = 4e12
 
-#: A probe also copies the model, rewrites it and builds a session: about this many times
-#: the cost of building one session.
-_PROBE_OVERHEAD = 2.0
+#: A probe also copies the model, rewrites it and builds a session: counted as this many
+#: extra runs.
+_PROBE_OVERHEAD_RUNS = 2
+
+
+#: Curves of the last few (model, data, settings) measured in this process.
+_CURVES: collections.OrderedDict[str, SensitivityResult] = collections.OrderedDict()
+_CACHED = 2
+
+
+def _curves_key(
+    model: ir.Model,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    settings: tuple[Any, ...],
+) -> str:
+    """A digest of the model (structure and tensors), the feeds and the settings."""
+    digest = hashlib.sha256(ir.serde.serialize_model(model).SerializeToString())
+    for feed in feeds:
+        for name in sorted(feed):
+            array = np.ascontiguousarray(feed[name])
+            digest.update(f"{name}{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()
 
 
 def _default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _timings(model: ir.Model, feed: Mapping[str, np.ndarray], threads: int) -> tuple[float, float]:
-    """Seconds to build a session of ``model`` and to run it on one feed (second run)."""
-    start = time.perf_counter()
-    session = make_session(model, intra_op_threads=threads)
-    built = time.perf_counter()
-    session.run(None, dict(feed))  # first run: allocations
-    again = time.perf_counter()
-    session.run(None, dict(feed))
-    return built - start, time.perf_counter() - again
-
-
 def measurement_size(
     groups: int,
     ratios: Sequence[float],
-    session_s: float,
-    run_s: float,
+    macs: int,
     *,
     available: int,
-    budget: float = TIME_BUDGET,
+    budget: float = WORK_BUDGET,
 ) -> tuple[int, tuple[float, ...]]:
-    """``(feeds, ratios)`` that keep ``groups`` probes at each ratio within ``budget`` seconds.
+    """``(feeds, ratios)`` that keep ``groups`` probes at each ratio within ``budget`` MACs.
 
-    A probe costs ``_PROBE_OVERHEAD * session_s + feeds * run_s``. Feeds shrink first (from
+    A probe of a model of ``macs`` MACs costs ``(feeds + 2) * macs`` (two runs' worth for
+    copying, rewriting and building the session). Feeds shrink first (from
     ``min(SAMPLES, available)`` down to :data:`MIN_SAMPLES`), then the ratios become the
     coarse ones (those of ``ratios``' range); below that the budget is exceeded, not the
     measurement dropped.
@@ -109,8 +124,7 @@ def measurement_size(
     coarse = tuple(r for r in COARSE_RATIOS if r <= max(ratios) + 1e-9) or tuple(ratios)
     for candidate in (tuple(ratios), coarse):
         probes = max(1, groups * len(candidate))
-        per_probe = budget / probes - _PROBE_OVERHEAD * session_s
-        feeds = math.floor(per_probe / run_s) if run_s > 0 else most
+        feeds = math.floor(budget / (probes * max(macs, 1))) - _PROBE_OVERHEAD_RUNS
         if feeds >= min(MIN_SAMPLES, most):
             return min(most, feeds), candidate
     return min(MIN_SAMPLES, most), coarse
@@ -158,7 +172,7 @@ def measured_allocation(
     *,
     ratios: Sequence[float] = RATIOS,
     threads: int | None = None,
-    budget: float = TIME_BUDGET,
+    budget: float = WORK_BUDGET,
 ) -> MeasuredAllocation:
     """Per-group ratios meeting ``options.target_macs`` with the least measured output error.
 
@@ -166,7 +180,7 @@ def measured_allocation(
     ``feeds`` are calibration feeds (the first :data:`SAMPLES` are used);
     ``activation_stats`` are the criterion's statistics, so the units measured are the ones
     the cut removes. Groups named by ``options.exclude`` are not cut. ``threads``: intra-op
-    threads of the probe sessions (default: up to 4); ``budget``: seconds the measurement is
+    threads of the probe sessions (default: up to 4); ``budget``: MACs the measurement is
     sized to (:func:`measurement_size`).
     """
     if options.target_macs is None:
@@ -177,30 +191,53 @@ def measured_allocation(
     excluded = _excluded_groups(model, analysis, options.exclude)
     wanted = [r for r in ratios if r <= options.max_ratio + 1e-9]
     groups = sum(1 for g in analysis.prunable if g.id not in excluded)
-    session_s, run_s = _timings(model, feeds[0], threads)
+    macs = CostModel(model, analysis, dims).macs_before
     samples, wanted_sized = measurement_size(
-        groups, wanted, session_s, run_s, available=len(feeds), budget=budget
+        groups, wanted, macs, available=len(feeds), budget=budget
     )
     sizing = []
     if samples < min(SAMPLES, len(feeds)) or len(wanted_sized) < len(wanted):
         sizing.append(
             f"measured on {samples} feeds at removed fractions "
-            f"{', '.join(f'{r:g}' for r in wanted_sized)} to stay near {budget:g} s "
-            f"({groups} groups; one run {run_s:.3f} s, one session {session_s:.2f} s)"
+            f"{', '.join(f'{r:g}' for r in wanted_sized)} to stay near {budget:.3g} MACs of "
+            f"probe runs ({groups} groups of a {macs / 1e9:.3g} GMAC model)"
         )
-    feeds, wanted = list(feeds[:samples]), list(wanted_sized)
-    result = measure_sensitivity(
+    key = _curves_key(  # all feeds: the criterion's statistics come from all of them
         model,
         feeds,
-        ratios=wanted,
-        criterion=options.criterion,
-        round_to=options.round_to,
-        activation_stats=activation_stats,
-        dims=dims,
-        threads=threads,
-        measured=measured_means(model, analysis, feeds) if options.compensate else None,
-        skip=excluded,
+        (
+            options.criterion,
+            options.round_to,
+            options.compensate,
+            sorted(excluded),
+            wanted,
+            sorted((dims or {}).items()),
+            activation_stats is not None,
+            samples,
+            wanted_sized,
+        ),
     )
+    feeds, wanted = list(feeds[:samples]), list(wanted_sized)
+    result = _CURVES.get(key)
+    if result is None:
+        result = measure_sensitivity(
+            model,
+            feeds,
+            ratios=wanted,
+            criterion=options.criterion,
+            round_to=options.round_to,
+            activation_stats=activation_stats,
+            dims=dims,
+            threads=threads,
+            measured=measured_means(model, analysis, feeds) if options.compensate else None,
+            skip=excluded,
+        )
+        _CURVES[key] = result
+        while len(_CURVES) > _CACHED:
+            _CURVES.popitem(last=False)
+    else:
+        _CURVES.move_to_end(key)
+        sizing.append("curves reused from an earlier measurement of this model and data")
     allocation = allocate_ratios(
         model,
         result,
