@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 
 from onnxprune.commands.common import (
@@ -11,8 +12,9 @@ from onnxprune.commands.common import (
     model_run_files,
     write_json,
 )
+from onnxprune.errors import UsageError
 from onnxprune.quant import MODES, TARGETS, quantize_file
-from onnxprune.quant.api import EQUALIZE_MODES
+from onnxprune.quant.api import EQUALIZE_MODES, REFINE_MODES
 from onnxprune.quant.bias import BIAS_MODES
 from onnxprune.quant.calibrate import CALIBRATION_METHODS
 from onnxprune.quant.vnni import REMEDIES
@@ -72,6 +74,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"{', '.join(EQUALIZE_MODES)}; auto tries it on depthwise/grouped pairs and keeps it "
         "only if the output SQNR improves",
     )
+    parser.add_argument(
+        "--refine",
+        default="off",
+        help="learned rounding of the int8 weights, scales fixed (AdaRound, static mode, needs "
+        f"torch: pip install onnxprune[recover]): {', '.join(REFINE_MODES)}; auto fits it on 3/4 "
+        "of the calibration samples and keeps it only if the output SQNR on the other 1/4 "
+        "improves (skipped without torch); adaround fits on all and keeps it",
+    )
+    parser.add_argument(
+        "--refine-iterations", type=int, default=None, metavar="N", help="steps per layer (200)"
+    )
+    parser.add_argument(
+        "--refine-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds for the refinement (600); layers after it keep the plain rounding",
+    )
     parser.add_argument("--max-samples", type=int, help="use at most N calibration samples")
     parser.add_argument(
         "--no-calib-cache",
@@ -82,6 +102,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_eval_option(parser)
     add_report_option(parser)
     parser.set_defaults(run=run, files=model_run_files)
+
+
+def _refine_options(args: argparse.Namespace) -> object:
+    """RefineOptions from the flags, None for the defaults (imports torch only when set)."""
+    changes = {}
+    if args.refine_iterations is not None:
+        if args.refine_iterations < 1:
+            raise UsageError("--refine-iterations must be positive")
+        changes["iterations"] = args.refine_iterations
+    if args.refine_budget is not None:
+        if args.refine_budget <= 0:
+            raise UsageError("--refine-budget must be positive")
+        changes["time_budget"] = args.refine_budget
+    if not changes or args.refine == "off" or importlib.util.find_spec("torch") is None:
+        return None
+    from onnxprune.quant.refine import RefineOptions
+
+    return RefineOptions(**changes)  # type: ignore[arg-type]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
         bias_correction=args.bias_correction,
         equalize=args.equalize,
         calib_cache=not args.no_calib_cache,
+        refine=args.refine,
+        refine_options=_refine_options(args),
     )
     print(result.summary())
     if args.report:

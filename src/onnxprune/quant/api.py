@@ -4,7 +4,9 @@ Flow: load -> refuse already-quantized models -> canonicalize (fold BatchNorm/af
 so folded weights are quantized once) -> opset >= 13 -> calibrate -> choose the u8s8 remedy
 -> build -> compare with the float model on the calibration feeds (onnxruntime optimizations
 on, the kernels users get) -> bias correction (kept in ``auto`` only if the output SQNR
-improves) -> keep layers float for ``--budget`` -> save atomically.
+improves) -> learned rounding of the int8 weights (``--refine``, :mod:`onnxprune.quant.refine`,
+same keep rule) -> keep layers float for ``--budget`` (the found model refined again) -> save
+atomically.
 
 A collapsed result (output SQNR < 0 dB or a constant output) raises BudgetError and nothing
 is written; so does an unreachable budget.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import os
 import time
@@ -64,6 +67,8 @@ MODES = ("static", "dynamic")
 TARGETS = ("cpu", "tensorrt")
 DTYPES = ("int8", "fp16")
 EQUALIZE_MODES = ("auto", "on", "off")
+REFINE_MODES = ("off", "auto", "adaround")
+NO_TORCH = "--refine adaround needs torch: pip install onnxprune[recover]"
 _CHOICE_FEEDS = 16
 _RANK_FEEDS = 4
 _SENSITIVITY_FEEDS = 8
@@ -86,6 +91,8 @@ class _Request:
     bias_correction: str = "auto"
     equalize: str = "auto"
     cache: CalibrationCache | None = None
+    refine: str = "off"
+    refine_options: Any = None  # onnxprune.quant.refine.RefineOptions (imports torch)
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
@@ -101,6 +108,12 @@ def _validate(request: _Request, model: ir.Model) -> None:
     _check_choice("--u8s8", request.u8s8, REMEDIES)
     _check_choice("--bias-correction", request.bias_correction, BIAS_MODES)
     _check_choice("--equalize", request.equalize, EQUALIZE_MODES)
+    _check_choice("--refine", request.refine, REFINE_MODES)
+    if request.refine == "adaround":
+        if request.mode != "static" or request.dtype != "int8":
+            raise UsageError("--refine adaround needs static int8 (--mode static --dtype int8)")
+        if importlib.util.find_spec("torch") is None:
+            raise UsageError(NO_TORCH)
     names = {n.name for n in model.graph}
     if request.smooth not in (None, "auto", "off"):
         try:
@@ -238,6 +251,53 @@ def _bias_correction(
         reason = "on" if request.bias_correction == "on" else "auto: held-out SQNR improved"
         new_metrics = compare_outputs(reference, corrected, feeds)
         return corrected, new_metrics, {**info, "applied": True, "reason": reason}
+    return quantized, metrics, {**info, "applied": False, "reason": "auto: no held-out SQNR gain"}
+
+
+def _refine(
+    request: _Request,
+    model: ir.Model,
+    built: tuple[ir.Model, dict[str, dict]],
+    *,
+    nodes: Sequence[str],
+    feeds: list,
+    reference: Reference,
+) -> tuple[ir.Model, dict[str, dict], dict[str, Any]]:
+    """Learned rounding (:mod:`onnxprune.quant.refine`) with bias correction's keep rule:
+    ``adaround`` fits on all calibration feeds and keeps it; ``auto`` fits on three
+    quarters and keeps it only when the worst output SQNR on the other quarter improves,
+    and is skipped, with a note, without torch; ``off`` skips it."""
+    quantized, metrics = built
+    info: dict[str, Any] = {"mode": request.refine}
+    if request.refine == "off":
+        return quantized, metrics, {**info, "applied": False, "reason": "off"}
+    if importlib.util.find_spec("torch") is None:
+        reason = "auto: skipped, torch not installed (pip install onnxprune[recover])"
+        return quantized, metrics, {**info, "applied": False, "reason": reason}
+    from onnxprune.quant.refine import RefineOptions, refine_weights
+
+    fit, check, check_reference = feeds, feeds, reference
+    if request.refine == "auto":
+        fit, check, check_reference = _holdout(feeds, reference)
+    info["fit_feeds"], info["judged_on_feeds"] = len(fit), len(check)
+    refined = copy_model(quantized)
+    options = request.refine_options or RefineOptions()
+    layers, skipped = refine_weights(model, refined, nodes, fit, options)
+    info["layers"] = [dataclasses.asdict(x) for x in layers]
+    info["skipped"] = skipped
+    info["refined"] = sum(x.applied for x in layers)
+    if not info["refined"]:
+        return quantized, metrics, {**info, "applied": False, "reason": "no layer refined"}
+    if check is feeds:
+        before = _min_sqnr(metrics)
+    else:
+        before = _min_sqnr(compare_outputs(check_reference, quantized, check))
+    after = _min_sqnr(compare_outputs(check_reference, refined, check))
+    info["sqnr_db_without"], info["sqnr_db_with"] = before, after
+    if request.refine == "adaround" or after > before:
+        reason = "adaround" if request.refine == "adaround" else "auto: held-out SQNR improved"
+        new_metrics = compare_outputs(reference, refined, feeds)
+        return refined, new_metrics, {**info, "applied": True, "reason": reason}
     return quantized, metrics, {**info, "applied": False, "reason": "auto: no held-out SQNR gain"}
 
 
@@ -404,6 +464,10 @@ def _static(
             request, source, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
         )
     correct = bool(info["bias_correction"]["applied"])
+    with _timed(info, "refine"):
+        quantized, metrics, info["refine"] = _refine(
+            request, source, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
+        )
     # Which layers cost the most SQNR (their own quantization, not inherited error).
     with _timed(info, "rank_layers"):
         ranking = rank_harm(source, quantized, nodes, feeds[:_RANK_FEEDS])
@@ -433,6 +497,17 @@ def _static(
         info["plan"] = found.summary
         info["kept_float"] = found.kept_float
         info["budget_trials"] = found.trials
+        if info["refine"].get("applied"):
+            # The search rebuilt the model with plain rounding: refine the found one.
+            with _timed(info, "refine_after_budget"):
+                quantized, metrics, info["refine"] = _refine(
+                    request,
+                    source,
+                    (quantized, metrics),
+                    nodes=quantizer.plan((*request.exclude, *found.kept_float)).nodes,
+                    feeds=feeds,
+                    reference=reference,
+                )
     return quantized, metrics
 
 
@@ -519,6 +594,8 @@ def quantize_file(
     equalize: str = "auto",
     eval_data: str | os.PathLike[str] | None = None,
     calib_cache: bool | str | os.PathLike[str] = True,
+    refine: str = "off",
+    refine_options: Any = None,
 ) -> QuantizeResult:
     """Quantize ``model_path`` into ``output_path`` (the input file is never modified).
 
@@ -553,6 +630,13 @@ def quantize_file(
         calib_cache: Reuse calibration statistics of the same model and data
             (:mod:`onnxprune.quant.calib_cache`): True for the user cache folder, a folder
             path, or False to calibrate every time.
+        refine: Static int8: learned rounding of the int8 weights with the scales fixed
+            (AdaRound, :mod:`onnxprune.quant.refine`; needs torch): ``adaround`` (fitted on
+            all calibration feeds, kept), ``auto`` (fitted on three quarters, kept only
+            when the worst output SQNR on the other quarter improves; skipped with a note
+            without torch) or ``off`` (the default: it takes minutes on a mobile CNN).
+        refine_options: :class:`onnxprune.quant.refine.RefineOptions` (iterations, time
+            budget, seed, ...); None for the defaults.
 
     Raises:
         UsageError: bad options, an already quantized model (exit 2).
@@ -572,6 +656,8 @@ def quantize_file(
         bias_correction,
         equalize,
         _cache(calib_cache),
+        refine,
+        refine_options,
     )
     model = load(model_path)
     inputs = source_files(model)  # the rebuilt model no longer records them

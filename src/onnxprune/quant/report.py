@@ -112,6 +112,7 @@ class QuantizeResult:
         for key, what in (
             ("equalize", "cross-layer equalization"),
             ("bias_correction", "bias correction"),
+            ("refine", "learned rounding (AdaRound)"),
         ):
             step = self.details.get(key)
             if step and step.get("mode") != "off":
