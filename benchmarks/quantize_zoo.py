@@ -54,6 +54,10 @@ ENTRIES = (
     "silero_vad.op15",
 )
 TOOLS = ("ours", "ours-minmax", "ours-budget", "ort", "ort+pre", "nncf", "onnxsim")
+#: Learned rounding (issue 13 item 3), not in the default run: ``ours-adaround`` is ``ours``
+#: with ``--refine adaround`` (fitted on all of calib, kept), ``ours-refine-auto`` with
+#: ``--refine auto`` (fitted on 3/4 of calib, kept only if its last quarter improves).
+REFINE_TOOLS = ("ours-adaround", "ours-refine-auto")
 #: ``ours-budget``: the issue's fidelity goal as ``--budget`` (layers kept float until it
 #: holds on the calibration data; the held-out check then runs on the eval split).
 BUDGETS = {"top1": "top1_agreement>=0.99", "embedding": "cosine>=0.995"}
@@ -135,6 +139,10 @@ def _child(args: argparse.Namespace) -> None:
             options["method"] = "minmax"
         elif args.tool == "ours-budget":
             options["budget"] = BUDGETS[entry["metric"]]
+        elif args.tool == "ours-adaround":
+            options["refine"] = "adaround"
+        elif args.tool == "ours-refine-auto":
+            options["refine"] = "auto"
         # The budget run is fitted and checked on calib alone (its last quarter held out),
         # so the eval split judges it independently here instead of refusing to write.
         held_out = {} if args.tool == "ours-budget" else {"eval_data": CACHE / entry["eval"]}
@@ -143,6 +151,10 @@ def _child(args: argparse.Namespace) -> None:
         )
         extra_kept = done.details.get("kept_float")
         extra: dict[str, Any] = {"phases": done.details.get("seconds", {})}
+        if "refine" in options:
+            refine = done.details.get("refine", {})
+            extra["refine"] = {k: v for k, v in refine.items() if k != "layers"}
+            extra["refine"]["layers"] = len(refine.get("layers", []))
         if extra_kept is not None:
             extra["kept_float"] = extra_kept
             extra["sensitivity"] = done.details.get("sensitivity", [])[:10]
@@ -303,6 +315,14 @@ def _markdown(payload: dict[str, Any]) -> str:
                 note = "nothing quantized (no Q/DQ or integer op in the output)"
             elif result.get("kept_float") is not None:
                 note = f"{len(result['kept_float'])} layer(s) kept float for the budget"
+            elif result.get("refine"):
+                refine = result["refine"]
+                seconds = _fmt(result["phases"].get("refine"), 0)
+                note = (
+                    f"refine {'applied' if refine.get('applied') else 'not applied'} "
+                    f"({refine.get('reason')}; {refine.get('refined', 0)}/"
+                    f"{refine.get('layers', 0)} layers), {seconds} s"
+                )
             elif tool == "ours" and result.get("islands"):
                 kinds = sorted({i["op_type"] for i in result["islands"]})
                 note = f"{len(result['islands'])} float island(s): {', '.join(kinds)}"
@@ -335,10 +355,15 @@ def _commit() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", default=list(ENTRIES), metavar="ENTRY")
-    parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS + REFINE_TOOLS)
+    parser.add_argument(
+        "--results",
+        default="quantize_zoo",
+        help="results file stem under benchmarks/results (quantize_refine for the refine rows)",
+    )
     parser.add_argument("--runs", type=int, default=20, help="interleaved rounds")
     parser.add_argument("--block", type=int, default=5, help="consecutive runs per round")
-    parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=TOOLS + REFINE_TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--entry", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -358,7 +383,7 @@ def main() -> None:
         "rows": [],
     }
     RESULTS.mkdir(exist_ok=True)
-    json_path, md_path = RESULTS / "quantize_zoo.json", RESULTS / "quantize_zoo.md"
+    json_path, md_path = RESULTS / f"{args.results}.json", RESULTS / f"{args.results}.md"
     if json_path.exists():  # keep other entries' rows from an earlier (partial) run
         old = json.loads(json_path.read_text())
         payload["rows"] = [r for r in old.get("rows", []) if r["entry"] not in args.only]
