@@ -283,9 +283,14 @@ def test_exact_recipe_without_data_runs_and_is_exact(tmp_path: Path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("steps:\n  - canonicalize: {}\n")
     out = tmp_path / "o.onnx"
+    report = tmp_path / "r.json"
     argv = ["optimize", str(digits_model()), "--recipe", str(recipe), "-o", str(out)]
-    assert main([*argv, "--bench-seconds", "0"]) == 0
-    assert "steps applied: canonicalize" in capsys.readouterr().out
+    assert main([*argv, "--bench-seconds", "0", "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "steps applied: canonicalize" in printed
+    (step,) = json.loads(report.read_text())["steps"]
+    assert step["seconds"] > 0  # each step's wall time is in the report and the table
+    assert re.search(rf"step canonicalize +applied \({step['seconds']:.1f} s\)", printed)
     feeds = load_calibration(digits_test_set(), load(out), ignore=("label",))
     feed = next(iter(feeds.feeds(range(4))))
     ref, got = run_model(load(digits_model()), feed), run_model(load(out), feed)

@@ -114,6 +114,16 @@ def _resolve(recipe: str | os.PathLike[str] | Recipe | None, preset_name: str | 
 def _run_with_backoff(
     step: Step, src: Path, work: Path, index: int, ctx: _Context
 ) -> tuple[Path | None, StepRecord]:
+    """Run ``step`` (milder after each budget miss); the record carries its seconds."""
+    start = time.perf_counter()
+    produced, record = _tries(step, src, work, index, ctx)
+    record.seconds = time.perf_counter() - start
+    return produced, record
+
+
+def _tries(
+    step: Step, src: Path, work: Path, index: int, ctx: _Context
+) -> tuple[Path | None, StepRecord]:
     strength, tries = 1.0, 0
     reason = ""
     while tries < ctx.max_tries:

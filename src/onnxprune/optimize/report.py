@@ -21,6 +21,8 @@ class StepRecord:
     tries: int
     reason: str = ""
     fidelity: dict[str, dict[str, float | None]] | None = None
+    #: Wall-clock seconds of all tries of the step, its budget checks included.
+    seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -99,7 +101,8 @@ class OptimizeReport:
         lines += [f"{a:<{width}}  {b:>{left}}  {c}" for a, b, c in rows]
         lines.append("")
         for step in self.steps:
-            detail = f" (strength {step.strength:.2f})" if step.strength < 1 else ""
+            strength = f"strength {step.strength:.2f}, " if step.strength < 1 else ""
+            detail = f" ({strength}{step.seconds:.1f} s)"
             reason = f": {step.reason}" if step.reason else ""
             lines.append(f"step {step.name:<12} {step.status}{detail}{reason}")
         lines.append("")
