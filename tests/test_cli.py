@@ -154,3 +154,17 @@ def test_traceback_only_with_vv(bn_model: Path, capsys, verbose: list[str]):
     err = capsys.readouterr().err
     assert ("Traceback (most recent call last)" in err) == bool(verbose)
     assert err.strip().splitlines()[-1].startswith("onnxprune canonicalize: error:")
+
+
+def test_one_json_writer_is_strict_and_deterministic():
+    """Every report goes through one writer: no Infinity/NaN tokens (strict parsers reject
+    them), numpy scalars as numbers, sorted keys."""
+    import math
+
+    from onnxprune.reporting import json_text
+
+    payload = {"b": np.float32(1.5), "a": [math.inf, -math.inf, math.nan, (1, 2)], "c": {1: 2}}
+    text = json_text(payload)
+    assert json.loads(text) == {"a": ["inf", "-inf", "nan", [1, 2]], "b": 1.5, "c": {"1": 2}}
+    assert "Infinity" not in text and "NaN" not in text
+    assert text == json_text(dict(reversed(payload.items())))

@@ -16,7 +16,8 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from onnxprune.errors import UsageError
-from onnxprune.io.atomic import write_bytes_atomic, write_text_atomic
+from onnxprune.io.atomic import write_bytes_atomic
+from onnxprune.reporting import json_safe, write_json
 
 if TYPE_CHECKING:
     from onnxprune.bench.api import BenchResult, ModelResult
@@ -31,21 +32,9 @@ __all__ = [
 ]
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats replaced by ``"inf"``/``"-inf"``/``"nan"``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def write_json_report(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON with sorted keys, atomically."""
-    text = json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False)
-    write_text_atomic(path, text + "\n")
+    """Write ``payload`` as strict JSON, atomically (:func:`onnxprune.reporting.write_json`)."""
+    write_json(path, payload)
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:

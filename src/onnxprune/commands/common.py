@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
 from onnxprune.errors import UsageError
-from onnxprune.io.atomic import write_text_atomic
 from onnxprune.io.outputs import RunFiles
-from onnxprune.reporting import json_safe
+from onnxprune.reporting import write_json
 
 __all__ = [
     "INPUT_MODEL",
@@ -65,15 +62,6 @@ def parse_dims(items: list[str]) -> dict[str, int]:
             raise UsageError(f"--dim {item!r}: expected NAME=POSITIVE_INT, e.g. batch=1")
         dims[name] = int(value)
     return dims
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write a JSON report atomically (sorted keys, so reruns give identical bytes).
-
-    Infinity and NaN, which JSON does not have, are written as the strings "inf"/"nan".
-    """
-    text = json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False)
-    write_text_atomic(path, text + "\n")
 
 
 def model_run_files(args: argparse.Namespace) -> RunFiles:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from onnxprune.analysis.inspect import inspect_model
@@ -11,6 +10,7 @@ from onnxprune.bundled import default_model
 from onnxprune.commands.common import add_dims_option, parse_dims
 from onnxprune.errors import UsageError
 from onnxprune.io import load
+from onnxprune.reporting import json_text
 
 __all__ = ["register", "run"]
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if notice:
         print(f"onnxprune inspect: note: {notice}", file=sys.stderr)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        print(json_text(report.to_dict()), end="")
     else:
         print(report.to_text())
     return 0

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from onnxprune.errors import BudgetError, UsageError
-from onnxprune.io.atomic import write_text_atomic
 from onnxprune.optimize.api import optimize
 from onnxprune.optimize.recipe import Recipe, Step
+from onnxprune.reporting import write_json
 
 __all__ = ["manifest_path", "optimize_variants", "variant_path", "with_macs_target"]
 
@@ -82,7 +82,6 @@ def optimize_variants(
         "provider": kwargs.get("provider"),
         "variants": entries,
     }
-    import json
 
-    write_text_atomic(manifest_path(output), json.dumps(manifest, indent=2) + "\n")
+    write_json(manifest_path(output), manifest)
     return manifest
