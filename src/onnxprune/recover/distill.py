@@ -46,13 +46,14 @@ from onnxprune.fidelity import FidelityResult, ModelLike, compare
 from onnxprune.intermediates import session_with_outputs
 from onnxprune.io import load
 from onnxprune.output_kinds import class_score_outputs
+from onnxprune.passes._match import name_of
 from onnxprune.progress import Progress
 from onnxprune.recover.replay import GraphReplay, ReplayError
 
 __all__ = ["DistillOptions", "DistillResult", "distill"]
 
 Feed = Mapping[str, np.ndarray]
-_FLOATS = (np.float16, np.float32, np.float64)
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 @dataclasses.dataclass
@@ -423,7 +424,7 @@ def distill(
     if len(feeds) < 2:
         raise UsageError("distillation needs at least 2 calibration samples (1 is held out)")
     t_outputs = {v.name for v in teacher_model.graph.outputs}
-    names = [v.name for v in student.graph.outputs if v.name in t_outputs]
+    names = [name_of(v) for v in student.graph.outputs if v.name in t_outputs]
     if not names:
         raise UsageError("the student has none of the teacher's outputs")
     held_count = max(1, int(len(feeds) * options.holdout))
@@ -467,15 +468,15 @@ def distill(
     )
     if run.best_step == 0:
         reason = "kept the input: no step lowered the held-out loss"
-        return DistillResult(student, False, reason, after=None, **common)  # type: ignore[arg-type]
+        return DistillResult(student, False, reason, after=None, **common)
     candidate = replay.export()
     after = compare(teacher_model, candidate, held, data=held_text, class_scores=scores)
     old, new = _score(before, names), _score(after, names)
     if new > old:
         reason = "kept the distilled weights: held-out fidelity improved"
-        return DistillResult(candidate, True, reason, after=after, **common)  # type: ignore[arg-type]
+        return DistillResult(candidate, True, reason, after=after, **common)
     reason = "kept the input: the distilled weights did not improve held-out fidelity"
-    return DistillResult(student, False, reason, after=after, **common)  # type: ignore[arg-type]
+    return DistillResult(student, False, reason, after=after, **common)
 
 
 class _Deterministic:
@@ -564,10 +565,9 @@ def _train(  # noqa: PLR0917 (one private call site)
             for index in next(batches):
                 key = (0, 0, 0)
                 if options.augment:
-                    key = (
-                        int(rng.integers(2)),
-                        *(int(v) for v in rng.integers(-shift, shift + 1, 2)),
-                    )
+                    flip = int(rng.integers(2))
+                    dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, 2))
+                    key = (flip, dy, dx)
                 items.append((index, key, _augment(fit[index], key)))
             optimizer.zero_grad(set_to_none=True)
             loss = forward_loss(items)

@@ -30,6 +30,7 @@ import onnx_ir as ir
 import torch
 
 from onnxprune.errors import OnnxPruneError
+from onnxprune.passes._match import name_of
 from onnxprune.recover.ops import RULES, TORCH_DTYPES, fake_quantize, has_rule
 from onnxprune.runtime import make_session
 
@@ -117,14 +118,14 @@ def default_trainable(model: ir.Model) -> list[str]:
                     and tensor.dtype in _INTEGER_TYPES
                     and _is_initializer(graph, node.inputs[1])
                 ):
-                    chosen[value.name] = None
+                    chosen[name_of(value)] = None
                 continue
             if tensor.dtype != ir.DataType.FLOAT:
                 continue
             slots = WEIGHT_SLOTS.get(node.op_type, ())
             affine = node.op_type in _AFFINE and tensor.size > 1
             if (slot in slots and tensor.size > 1) or affine:
-                chosen[value.name] = None
+                chosen[name_of(value)] = None
     return list(chosen)
 
 
@@ -142,7 +143,7 @@ def _subgraph_inputs(node: ir.Node) -> list[str]:
             for inner in ir.traversal.RecursiveGraphIterator(graph):
                 local |= {v.name for v in inner.outputs if v is not None}
             for inner in ir.traversal.RecursiveGraphIterator(graph):
-                names += [v.name for v in inner.inputs if v is not None and v.name not in local]
+                names += [name_of(v) for v in inner.inputs if v is not None and v.name not in local]
     return names
 
 
@@ -168,8 +169,8 @@ class GraphReplay(torch.nn.Module):
         self.model = model
         graph = model.graph
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-        self.input_names = [v.name for v in graph.inputs if v.name not in graph.initializers]
-        self.output_names = [v.name for v in graph.outputs]
+        self.input_names = [name_of(v) for v in graph.inputs if v.name not in graph.initializers]
+        self.output_names = [name_of(v) for v in graph.outputs]
         wanted = list(default_trainable(model) if trainable is None else trainable)
         missing = [n for n in wanted if n not in graph.initializers]
         if missing:
@@ -214,12 +215,12 @@ class GraphReplay(torch.nn.Module):
         steps, externals = [], set()
         for index, node in enumerate(graph):
             name = node.name or f"{node.op_type}_{index}"
-            inputs = [v.name if v is not None else "" for v in node.inputs]
+            inputs = [name_of(v) if v is not None else "" for v in node.inputs]
             implicit = _subgraph_inputs(node)
             attrs = {k: _attr_value(a) for k, a in node.attributes.items() if not implicit}
             attrs["_outputs"] = len(node.outputs)
             step = _Step(
-                name, node.op_type, inputs + implicit, [v.name for v in node.outputs], attrs
+                name, node.op_type, inputs + implicit, [name_of(v) for v in node.outputs], attrs
             )
             if implicit or not has_rule(node.op_type, node.domain) or name in external:
                 externals.add(name)
@@ -272,11 +273,13 @@ class GraphReplay(torch.nn.Module):
         value = graph.initializers[name]
         for user, slot in value.uses():
             if user.op_type == "DequantizeLinear" and slot == 0:
-                scale = constants[user.inputs[1].name]  # type: ignore[union-attr]
+                scale = constants[name_of(user.inputs[1])]
                 zero_value = user.inputs[2] if len(user.inputs) > 2 else None
-                zero = constants.get(zero_value.name) if zero_value is not None else None
+                zero = constants.get(name_of(zero_value)) if zero_value is not None else None
                 axis = user.attributes.get_int("axis", 1)
-                qtype = TORCH_DTYPES[int(value.const_value.dtype)]  # type: ignore[union-attr]
+                tensor = value.const_value
+                assert tensor is not None, f"{name!r} is a trainable initializer"
+                qtype = TORCH_DTYPES[int(tensor.dtype)]
                 return _Dequant(scale, zero, axis, qtype)
         return None
 

@@ -259,9 +259,11 @@ def _resize(inputs: list[Any], attrs: dict[str, Any], opset: int) -> list[Any]:
     if sizes_in is not None and sizes_in.numel():
         sizes = _ints(sizes_in)
         scales = [o / n for o, n in zip(sizes, x.shape, strict=True)]
-    else:
+    elif scales_in is not None:
         scales = [float(s) for s in scales_in.reshape(-1).tolist()]
         sizes = [math.floor(n * s) for n, s in zip(x.shape, scales, strict=True)]
+    else:
+        raise ValueError("Resize has neither scales nor sizes")
     mode = attrs.get("mode", "nearest")
     transform = attrs.get(
         "coordinate_transformation_mode", "half_pixel" if opset >= 11 else "asymmetric"

@@ -176,10 +176,10 @@ def _slice(inputs: list[Any], attrs: dict[str, Any], opset: int) -> list[Any]:
         steps = [1] * len(starts)
     else:
         starts, ends = _ints(inputs[1]), _ints(inputs[2])
-        axes = _ints(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
-        axes = axes if axes is not None else list(range(len(starts)))
-        steps = _ints(inputs[4]) if len(inputs) > 4 and inputs[4] is not None else None
-        steps = steps if steps is not None else [1] * len(starts)
+        has_axes = len(inputs) > 3 and inputs[3] is not None
+        axes = _ints(inputs[3]) if has_axes else list(range(len(starts)))
+        has_steps = len(inputs) > 4 and inputs[4] is not None
+        steps = _ints(inputs[4]) if has_steps else [1] * len(starts)
     for start, end, raw_axis, step in zip(starts, ends, axes, steps, strict=True):
         axis = raw_axis % x.dim()
         indices = range(*slice(start, end, step).indices(x.shape[axis]))
@@ -294,8 +294,8 @@ def _pad(inputs: list[Any], attrs: dict[str, Any], opset: int) -> list[Any]:
     else:
         pads = _ints(inputs[1])
         value = inputs[2].reshape(-1)[0].item() if len(inputs) > 2 and inputs[2] is not None else 0
-        axes = _ints(inputs[3]) if len(inputs) > 3 and inputs[3] is not None else None
-        axes = [a % x.dim() for a in axes] if axes is not None else list(range(x.dim()))
+        has_axes = len(inputs) > 3 and inputs[3] is not None
+        axes = [a % x.dim() for a in _ints(inputs[3])] if has_axes else list(range(x.dim()))
     full = [0] * (2 * x.dim())
     for i, axis in enumerate(axes):
         full[axis], full[axis + x.dim()] = pads[i], pads[i + len(axes)]
