@@ -164,7 +164,7 @@ def int8_mac_share(
     int8_inputs = {i for n in proto.graph.node if n.op_type in INT8_OPS for i in n.input}
     int8_names = [n.name for n in proto.graph.node if n.op_type in INT8_OPS]
     int8_macs, total = 0, 0
-    float_nodes = []
+    float_nodes: list[dict[str, str | int]] = []
     for node in quantized.graph:
         if node.op_type not in PRIMARY_OPS:
             continue

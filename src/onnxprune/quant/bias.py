@@ -125,6 +125,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxprune.intermediates import session_with_outputs
+from onnxprune.passes._match import const_numpy, const_shape
 from onnxprune.quant.placement import _after_activation
 from onnxprune.quant.rewrite import values_by_name
 from onnxprune.quant.segments import (
@@ -180,7 +181,9 @@ def _matmul_bias(node: ir.Node) -> tuple[ir.Node, int] | None:
         return None
     add = uses[0].node
     other = add.inputs[1 - uses[0].idx]
-    const = other.const_value if other is not None else None
+    if other is None:
+        return None
+    const = other.const_value
     if const is None or other.producer() is not None or len(const.shape) != 1:
         return None
     return add, 1 - uses[0].idx
@@ -255,8 +258,8 @@ def _readout(quantized: ir.Model, layer: BiasLayer) -> _Readout:
     producer = values[layer.measured].producer()
     if producer is None or producer.op_type != "QuantizeLinear":
         return _Readout()
-    scale = producer.inputs[1].const_value.numpy()  # type: ignore[union-attr]
-    zero = producer.inputs[2].const_value.numpy()  # type: ignore[union-attr]
+    scale = const_numpy(producer.inputs[1])
+    zero = const_numpy(producer.inputs[2])
     info = np.iinfo(zero.dtype)
     return _Readout(float(scale), int(zero), info.min, info.max)
 
@@ -386,7 +389,7 @@ def _shift_bias(
         return "bias is not a constant"
     if len(target.uses()) != 1:
         return "bias is shared with another node"
-    if array.shape != tuple(target.const_value.shape):  # type: ignore[union-attr]
+    if array.shape != const_shape(target):
         return "bias shape does not match the output channels"
     target.const_value = ir.tensor(array, name=target.name)
     if changed is not None:
@@ -482,7 +485,7 @@ def _correct_on_cuts(
     # The float side exposes every layer's tensors wherever computed, as the full-model
     # path does: exposing a tensor blocks onnxruntime's fusions of its producer (a Conv into
     # a following Add, say), which would change the float rounding.
-    ref_targets = [(x.reference, x.activated) for x in layers]
+    ref_targets: list[tuple[str, ...]] = [(x.reference, x.activated) for x in layers]
     exposed = {n for t in ref_targets for n in t}
     sides = (
         Side.build(FLOAT, reference, ref_targets, float_cuts(reference, exposed), exposed),

@@ -26,6 +26,7 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -120,7 +121,9 @@ class CalibrationCache:
         fd, tmp = tempfile.mkstemp(prefix=".calib-", suffix=".npz", dir=self.folder)
         try:
             with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
+                # numpy's stub also matches a **dict against savez's
+                # ``allow_pickle: bool``; the keys here are fixed and never name it
+                np.savez(handle, **cast(dict[str, Any], arrays))
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

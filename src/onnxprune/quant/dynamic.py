@@ -128,8 +128,9 @@ def build(
             params, _ = remedy_params(weight, axis, "MatMul", remedy)
         source = node.inputs[1]
         _rewrite(graph, node, weight, params)
-        if source is not None and not source.uses() and source.name in graph.initializers:
-            graph.initializers.pop(source.name)
+        unused = source.name if source is not None and not source.uses() else None
+        if unused is not None and unused in graph.initializers:
+            graph.initializers.pop(unused)
         done.append(node.name)
     embeddings = quantize_embeddings(result)
     summary = {"quantized_nodes": done, "skipped": skipped, "remedy": remedy}

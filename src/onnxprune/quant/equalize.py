@@ -53,10 +53,15 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxprune.passes._match import const_shape
+
+if TYPE_CHECKING:
+    from onnx_ir._core import Usage  # not re-exported by onnx_ir; for annotations only
 
 __all__ = ["CLIP_MODES", "equalize"]
 
@@ -113,7 +118,7 @@ def _private_constant(value: ir.Value | None, what: str) -> ir.Value:
     return value
 
 
-def _single_consumer(value: ir.Value, what: str) -> ir.Usage:
+def _single_consumer(value: ir.Value, what: str) -> Usage:
     """The one use of ``value``; :class:`_SkipError` when it has several or is a graph output."""
     if value.is_graph_output():
         raise _SkipError(f"{what} {value.name!r} is a graph output")
@@ -184,19 +189,17 @@ def _check_activation(node: ir.Node, clip: str, opset: int) -> ir.Value | None:
 
 def _check_channels(producer: ir.Node, consumer: ir.Node) -> None:
     """:class:`_SkipError` unless A's output channels match B's grouped input channels."""
-    w_a = producer.inputs[1].const_value  # type: ignore[union-attr]
-    w_b = consumer.inputs[1].const_value  # type: ignore[union-attr]
-    assert w_a is not None and w_b is not None
+    a_shape = const_shape(producer.inputs[1])
+    b_shape = const_shape(consumer.inputs[1])
     group = consumer.attributes.get_int("group", 1)
-    if len(w_a.shape) < 3 or len(w_b.shape) < 3:
+    if len(a_shape) < 3 or len(b_shape) < 3:
         raise _SkipError("Conv weight has fewer than 3 dimensions")
-    if group < 1 or w_b.shape[0] % group or w_a.shape[0] != w_b.shape[1] * group:
+    if group < 1 or b_shape[0] % group or a_shape[0] != b_shape[1] * group:
         raise _SkipError(
-            f"channel mismatch: A has {w_a.shape[0]} outputs, B reads "
-            f"{w_b.shape[1]} x {group} groups"
+            f"channel mismatch: A has {a_shape[0]} outputs, B reads {b_shape[1]} x {group} groups"
         )
     bias = producer.inputs[2] if len(producer.inputs) > 2 else None
-    shape = (w_a.shape[0],)
+    shape = (a_shape[0],)
     if bias is not None and bias.const_value is not None and tuple(bias.const_value.shape) != shape:
         raise _SkipError("A's bias does not have one value per output channel")
 
@@ -359,7 +362,9 @@ def _set_clip_max(clip: ir.Node, value: ir.Value, array: np.ndarray) -> None:
         k += 1
         name = f"{clip.name or value.name}_max_equalized_{k}"
     tensor = ir.tensor(array, name=name)
-    fresh = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
+    # ir.tensor builds an ir.Tensor, whose shape is an ir.Shape (typed as the protocol)
+    shape = cast(ir.Shape, tensor.shape)
+    fresh = ir.Value(name=name, shape=shape, type=ir.TensorType(tensor.dtype))
     fresh.const_value = tensor
     graph.register_initializer(fresh)
     clip.replace_input_with(2, fresh)
@@ -368,7 +373,7 @@ def _set_clip_max(clip: ir.Node, value: ir.Value, array: np.ndarray) -> None:
     producer = value.producer()
     if producer is not None:  # a Constant node no one reads any more
         graph.remove(producer, safe=True)
-    elif value.name in graph.initializers:
+    elif value.name is not None and value.name in graph.initializers:
         graph.initializers.pop(value.name)
 
 

@@ -62,8 +62,8 @@ def rank_harm(
     names = sorted(inputs | {p[2] for p in pairs if p[2]})
     sqnr = layer_sqnr(reference, quantized, names, feeds)
     harm = []
-    for name, source, output in pairs:
-        added = _noise(sqnr[output or ""]) - _noise(sqnr.get(source or "", math.inf))
+    for name, source_name, output in pairs:
+        added = _noise(sqnr[output or ""]) - _noise(sqnr.get(source_name or "", math.inf))
         harm.append((name, 10 * math.log10(max(added, 1e-30))))
     return sorted(harm, key=lambda kv: -kv[1])
 

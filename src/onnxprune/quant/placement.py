@@ -92,14 +92,17 @@ def _is_const(value: ir.Value | None) -> bool:
 
 def _empty_weight(node: ir.Node) -> bool:
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    return _is_const(weight) and weight.const_value.size == 0  # type: ignore[union-attr]
+    if not _is_const(weight):
+        return False
+    assert weight is not None and weight.const_value is not None  # checked by _is_const
+    return weight.const_value.size == 0
 
 
 def _is_float(value: ir.Value) -> bool:
     return value.dtype in (None, ir.DataType.FLOAT)
 
 
-def _after_activation(value: ir.Value, graph_outputs: set[str]) -> ir.Value:
+def _after_activation(value: ir.Value, graph_outputs: Collection[str | None]) -> ir.Value:
     """``value`` or, when its only consumer is a Relu/Clip, that consumer's output."""
     uses = list(value.uses())
     if value.name in graph_outputs or len(uses) != 1:
@@ -118,7 +121,7 @@ class _Planner:
     def __init__(self, model: ir.Model, exclude: Collection[str]) -> None:
         self.graph = model.graph
         self.exclude = set(exclude)
-        self.outputs = {v.name for v in self.graph.outputs}
+        self.outputs: set[str | None] = {v.name for v in self.graph.outputs}
         self.plan = QuantPlan()
         self.chosen: dict[str, None] = {}
         self.parent: dict[str, str] = {}
@@ -155,7 +158,7 @@ class _Planner:
                 self.add(value)
         if node.op_type in _QUANTIZED_OUTPUT_PRIMARY:
             self.add(_after_activation(node.outputs[0], self.outputs))
-        self.plan.nodes.append(node.name)
+        self.plan.nodes.append(node.name or "")  # a graph names its nodes
 
     def _weight(self, node: ir.Node, inputs: list[ir.Value | None], weight: ir.Value) -> None:
         from onnxprune.quant.params import weight_axis
@@ -165,11 +168,12 @@ class _Planner:
         bias = inputs[2] if len(inputs) > 2 and node.op_type != "MatMul" else None
         bias_ok = _is_const(bias) and bias is not None and bias.shape is not None
         if bias_ok and node.op_type == "Gemm":
+            assert bias is not None and bias.shape is not None  # checked by bias_ok
             bias_ok = len(bias.shape) == 1 and node.attributes.get_float("beta", 1.0) == 1.0
         activation = inputs[0].name if inputs[0] is not None else None
         self.plan.weights.append(
             WeightUse(
-                node.name,
+                node.name or "",
                 node.op_type,
                 weight.name or "",
                 weight_axis(node.op_type, rank, trans_b),
@@ -185,8 +189,8 @@ class _Planner:
         output = _after_activation(node.outputs[0], self.outputs)
         self.add(output)
         if node.op_type in _SHARED_SCALE_OPS:
-            self.union([*(v.name for v in data), output.name or ""])
-        self.plan.nodes.append(node.name)
+            self.union([*(v.name or "" for v in data), output.name or ""])
+        self.plan.nodes.append(node.name or "")  # a graph names its nodes
         return True
 
 

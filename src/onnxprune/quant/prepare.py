@@ -95,7 +95,7 @@ def refuse_non_float32(model: ir.Model) -> None:
         for node in graph
         if node.domain == ""
         for i in WEIGHT_OPERANDS.get(node.op_type, ())
-        if i < len(node.inputs) and node.inputs[i] is not None and node.inputs[i].is_initializer()
+        if i < len(node.inputs) and (value := node.inputs[i]) is not None and value.is_initializer()
     ]
     for where, values in (
         ("graph input", graph.inputs),

@@ -131,7 +131,7 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, params: QParams, name: str) ->
 
 
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    if not value.uses() and value.name in graph.initializers:
+    if not value.uses() and value.name is not None and value.name in graph.initializers:
         graph.initializers.pop(value.name)
 
 
@@ -159,7 +159,7 @@ class _WeightRewriter:
         _drop_if_unused(self.graph, source)
 
     def bias(self, use: WeightUse, act_params: Mapping[str, QParams]) -> None:
-        if use.bias is None or use.activation not in act_params:
+        if use.bias is None or use.activation is None or use.activation not in act_params:
             return
         node = self.nodes[use.node]
         source = self.values[use.bias]

@@ -6,6 +6,7 @@ tests folder on the path)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -64,7 +65,8 @@ def write(model: ir.Model, folder: Path, name: str = "model.onnx") -> Path:
 def write_calib(folder: Path, name: str = "calib.npz", **arrays: np.ndarray) -> Path:
     """Write a calibration .npz (axis 0 indexes samples)."""
     path = folder / name
-    np.savez(path, **arrays)
+    # numpy's stub matches a str-keyed dict against ``allow_pickle: bool`` as well
+    np.savez(path, **cast(dict[str, Any], arrays))
     return path
 
 
