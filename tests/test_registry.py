@@ -46,7 +46,18 @@ def test_api_fields_cli_flags_and_recipe_keys_are_one_set(name):
 
 def test_generated_commands_include_the_known_ones():
     assert {"canonicalize", "sparsify", "lowrank", "fp16"} <= set(GENERATED)
-    assert "prune" in registry.names()
+    assert {"prune", "quantize"} <= set(registry.names())
+
+
+def test_quantize_flags_keep_their_spellings():
+    args = _subparser("quantize").parse_args(
+        ["m.onnx", "-o", "o.onnx", "--calib", "c.npz", "--per-tensor", "--no-calib-cache"]
+    )
+    config = registry.config_from_namespace(registry.get("quantize").config, args)
+    assert config.per_channel is False and config.calib_cache is False
+    assert config.method == "auto" and config.refine == "off"
+    with pytest.raises(UsageError, match="'fast' is not one of auto, minmax"):
+        parse_recipe({"steps": [{"quantize": {"method": "fast"}}]})
 
 
 def test_prune_recipe_step_takes_the_config_fields():

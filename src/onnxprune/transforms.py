@@ -3,8 +3,9 @@
 Each entry names a capability's config and how it runs; the CLI subcommand, the recipe step
 and the top-level ``*_file`` function are derived from it. ``prune`` keeps its own
 command module for what is not a config field (``--save-plan``, ``--recover``), with its
-flags generated from :class:`~onnxprune.prune.config.PruneConfig`; ``quantize`` is not
-registered yet (its recipe keys are ``optimize.recipe.STEP_OPTIONS``).
+flags generated from :class:`~onnxprune.prune.config.PruneConfig`; ``quantize`` keeps
+one for its required ``--calib``, with its flags generated from
+:class:`~onnxprune.quant.config.QuantizeConfig`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from onnxprune.lowrank.config import _RULES, LowRankConfig
 from onnxprune.passes.pipeline import CanonicalizeConfig, canonicalize_apply, check_config
 from onnxprune.prune.api import prune_file
 from onnxprune.prune.config import PruneConfig
+from onnxprune.quant.config import QuantizeConfig, quantize_config_file
 from onnxprune.quant.fp16 import Fp16Config, fp16_apply
 from onnxprune.registry.transform import Transform, register
 from onnxprune.sparsity.api import sparsify_file
 from onnxprune.sparsity.prune import SparsifyConfig
 
-__all__ = ["CANONICALIZE", "FP16", "LOWRANK", "PRUNE", "SPARSIFY"]
+__all__ = ["CANONICALIZE", "FP16", "LOWRANK", "PRUNE", "QUANTIZE", "SPARSIFY"]
 
 
 def _lowrank_from_cli(config: LowRankConfig) -> LowRankConfig:
@@ -69,6 +71,20 @@ PRUNE = register(
         "and the reason.",
         config=PruneConfig,
         run_file=prune_file,
+        command="own",
+    )
+)
+
+QUANTIZE = register(
+    Transform(
+        name="quantize",
+        help="int8 QDQ quantization (static or dynamic) or float16 conversion",
+        description="Quantize a float model with calibration data, check it against the float "
+        "model on that data (output SQNR/cosine), and write it atomically. Exit 1, nothing "
+        "written, when the output collapses or --budget cannot be met; exit 2 on bad input "
+        "(already quantized model, all-NaN tensor, bad option).",
+        config=QuantizeConfig,
+        run_file=quantize_config_file,
         command="own",
     )
 )

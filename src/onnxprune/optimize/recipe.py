@@ -28,7 +28,6 @@ from onnxprune.tolerance import DEFAULT_TOLERANCE
 
 __all__ = [
     "PRESETS",
-    "STEP_OPTIONS",
     "Recipe",
     "Step",
     "load_recipe",
@@ -37,33 +36,14 @@ __all__ = [
     "step_options",
 ]
 
-#: Options each step accepts, with their types (validated on load).
-#: Options of the steps not yet registered transforms, with their types (validated on load);
-#: a registered transform's options are its config fields (:mod:`onnxprune.registry`).
-STEP_OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "quantize": {
-        "method": str,
-        "mode": str,
-        "target": str,
-        "dtype": str,
-        "per_channel": bool,
-        "exclude": list,
-        "bias_correction": str,
-        "equalize": str,
-        "refine": str,
-    },
-}
-
 
 def step_options(name: str) -> tuple[str, ...]:
-    """The option keys of recipe step ``name``."""
-    if name in STEP_OPTIONS:
-        return tuple(STEP_OPTIONS[name])
+    """The option keys of recipe step ``name``: its transform's config fields."""
     return tuple(s.name for s in field_specs(registry.get(name).config) if s.cli)
 
 
 def step_names() -> tuple[str, ...]:
-    return tuple(dict.fromkeys([*registry.names(), *STEP_OPTIONS]))
+    return registry.names()
 
 
 _TOP_KEYS = {"budget", "provider", "steps", "description"}
@@ -91,15 +71,6 @@ class Recipe:
         }
 
 
-def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> Any:
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-        name = expected.__name__ if isinstance(expected, type) else str(expected)
-        raise UsageError(f"recipe {where}: expected {name}, got {value!r}")
-    return value
-
-
 def _parse_step(index: int, entry: Any) -> Step:
     if not isinstance(entry, Mapping) or len(entry) != 1:
         raise UsageError(f"recipe step {index + 1}: expected one 'name: {{options}}' mapping")
@@ -111,18 +82,9 @@ def _parse_step(index: int, entry: Any) -> Step:
     options = options or {}
     if not isinstance(options, Mapping):
         raise UsageError(f"recipe step {name!r}: options must be a mapping")
-    if name not in STEP_OPTIONS:  # a registered transform validates its own config
-        config_from_mapping(registry.get(name).config, options, f"recipe step {name!r}")
-        return Step(name, dict(options))
-    allowed = STEP_OPTIONS[name]
-    checked = {}
-    for key, value in options.items():
-        if key not in allowed:
-            raise UsageError(
-                f"recipe step {name!r}: unknown option {key!r}; options: {', '.join(allowed)}"
-            )
-        checked[key] = _check_type(f"step {name!r} option {key!r}", value, allowed[key])
-    return Step(name, checked)
+    # the transform's config validates the options (unknown keys, types, choices)
+    config_from_mapping(registry.get(name).config, options, f"recipe step {name!r}")
+    return Step(name, dict(options))
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

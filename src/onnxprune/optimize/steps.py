@@ -10,7 +10,7 @@ spectral energy) becomes ``1 - (1 - t) * strength``; a sparsity ``s`` becomes
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,35 +39,8 @@ def _kept(value: float | None, strength: float) -> float | None:
     return None if value is None else 1 - (1 - value) * strength
 
 
-def _quantize(src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
-    from onnxprune.quant.api import quantize_file
-
-    if run.calib is None:
-        raise _NoBackoffError("quantize needs --calib")
-    return quantize_file(
-        src,
-        dst,
-        calib=run.calib,
-        method=opts.get("method", "auto"),
-        per_channel=bool(opts.get("per_channel", True)),
-        mode=opts.get("mode", "static"),
-        target=opts.get("target", "cpu"),
-        dtype=opts.get("dtype", "int8"),
-        exclude=tuple(opts.get("exclude", ())),
-        budget=run.budget,
-        bias_correction=opts.get("bias_correction", "auto"),
-        equalize=opts.get("equalize", "auto"),
-        refine=opts.get("refine", "off"),
-    )
-
-
 class _NoBackoffError(Exception):
     """The step cannot run at this strength (recorded as a skip)."""
-
-
-_RUNNERS: dict[str, Callable[[Path, Path, Mapping[str, Any], StepRun], Any]] = {
-    "quantize": _quantize,
-}
 
 
 def _weaken(name: str, config: Any, strength: float) -> Any:
@@ -106,14 +79,17 @@ def _run_registered(name: str, src: Path, dst: Path, opts: Mapping[str, Any], ru
     if transform.from_cli is not None:
         config = transform.from_cli(config)
     config = _weaken(name, config, run.strength)
+    if name == "quantize":
+        if run.calib is None:
+            raise _NoBackoffError("quantize needs --calib")
+        if config.budget is None:  # quantize meets the recipe's budget itself (float layers)
+            config = dataclasses.replace(config, budget=run.budget)
     return run_file(transform, src, dst, config, calib=run.calib, dims=run.dims)
 
 
 def run_step(name: str, src: Path, dst: Path, opts: Mapping[str, Any], run: StepRun) -> Any:
     """Run one step; raises ``StepSkippedError`` when it cannot run at ``run.strength``."""
     try:
-        if name in _RUNNERS:
-            return _RUNNERS[name](src, dst, opts, run)
         return _run_registered(name, src, dst, opts, run)
     except _NoBackoffError as exc:
         raise StepSkippedError(str(exc)) from None
