@@ -155,6 +155,7 @@ def _child(args: argparse.Namespace) -> None:
             refine = done.details.get("refine", {})
             extra["refine"] = {k: v for k, v in refine.items() if k != "layers"}
             extra["refine"]["layers"] = len(refine.get("layers", []))
+            extra["refine_layers"] = refine.get("layers", [])
         if extra_kept is not None:
             extra["kept_float"] = extra_kept
             extra["sensitivity"] = done.details.get("sensitivity", [])[:10]

@@ -149,7 +149,7 @@ def test_report(built):
     assert len(info["layers"]) + len(info["skipped"]) == 4  # three Convs and the Gemm
     for layer in info["layers"]:
         if layer["applied"]:
-            assert layer["error_after"] < layer["error_before"]
+            assert layer["held_out_after"] < layer["held_out_before"]
     assert "refine" in built["refined"].details["seconds"]
     assert "learned rounding (AdaRound): applied (adaround)" in built["refined"].summary()
     assert built["plain"].details["refine"] == {"mode": "off", "applied": False, "reason": "off"}
@@ -263,3 +263,18 @@ def test_crop_window_is_the_full_conv_cropped(attrs):
         got = fit.forward(x_window, weight, None, {**attrs, "pads": [0, 0, 0, 0]})
         assert 25 <= got.shape[2] * got.shape[3] <= 60
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_bias_keeps_its_scale(built):
+    """With ``learn_bias`` the int32 biases may change too; their scales may not."""
+    folder = built["folder"]
+    options = RefineOptions(iterations=60, rows=1024, learn_bias=True)
+    result = quantize_file(
+        built["model"], folder / "bias.onnx", refine="adaround", refine_options=options,
+        **built["common"],
+    )  # fmt: skip
+    a = _initializers(_proto(built["plain"].output))
+    b = _initializers(_proto(result.output))
+    differ = {n for n in a if not np.array_equal(a[n], b[n])}
+    assert differ and all(n.endswith("_quantized") for n in differ), differ
+    assert all(b[n].dtype in (np.int8, np.int32) for n in differ)

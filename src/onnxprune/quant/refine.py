@@ -17,19 +17,24 @@ sigmoid ``clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` (``zeta = 1.1``,
 ``gamma = -0.1``), ``V`` initialized so that ``h`` equals the fractional part of
 ``w / s`` (the start is the float weight itself); the regularizer's ``beta`` is annealed
 from 20 to 2 after a warm-up without it, driving every ``h`` to 0 or 1. At the end
-``h = [V >= 0]``. The layer's bias (an int32 with scale ``s_x * s_w``, or a float bias) is
-fitted alongside (AdaQuant's bias term; it absorbs the mean error) and rounded on its own
-fixed scale.
+``h = [V >= 0]``. With ``learn_bias`` the layer's bias (an int32 with scale ``s_x * s_w``,
+or a float bias) is fitted alongside (AdaQuant's bias term) and rounded on its own fixed
+scale; off by default: on MobileNetV2 it raised the calibration SQNR as much and lowered the
+unseen photos' (15.85 dB with it, 16.08 without, 15.92 unrefined), and bias correction
+already removes the mean error.
 
 What stays fixed: scales, zero points, the graph (ops, Q/DQ placement, names, dtypes). Each
 refined weight satisfies ``|q * s - w| < s`` elementwise (plain rounding: ``<= s / 2``), and
 lies in ``[-Q, Q]`` with ``Q`` the largest ``|q|`` the plain rounding used (so the u8s8
 saturation remedy's bound still holds).
 
-Per layer, the refined rounding is kept only when its hard-rounded output error on the
-layer's fitting data is lower than the plain rounding's; the quantizer's ``auto`` mode also
-fits on three quarters of the calibration feeds and keeps the whole refinement only when the
-worst output SQNR on the held-out quarter improves (:func:`onnxprune.quant.api`). A layer
+Per layer, the rounding is fitted on the first three quarters of the layer's samples and
+kept only when its hard-rounded output error on the last quarter is lower than the plain
+rounding's (fitted on 64 images, MobileNetV2's refinement raised the calibration SQNR by
+1.9 dB and left the unseen photos' unchanged: a rounding that fits one set of inputs'
+activation noise does not carry over). The quantizer's ``auto`` mode also fits on three
+quarters of the calibration feeds and keeps the whole refinement only when the worst output
+SQNR on the held-out quarter improves (:func:`onnxprune.quant.api`). A layer
 whose output rows (samples x positions) are fewer than its fan-in (a classifier calibrated on
 a few dozen images) is skipped: its rounding would be fitted to noise.
 
@@ -95,6 +100,9 @@ class RefineOptions:
         warmup: Fraction of the iterations without the regularizer.
         time_budget: Seconds for all layers (checked between layers), None for no limit.
         max_bytes: Bytes of one layer's inputs and targets held (later feeds dropped).
+        learn_bias: Fit the layer's bias alongside its rounding (AdaQuant's bias term).
+        held_out: Fraction of each layer's samples (the last ones) held out of its fit: the
+            layer keeps the learned rounding only if their error drops.
         seed: Seed of the mini-batch order.
         threads: torch threads while refining.
     """
@@ -106,6 +114,8 @@ class RefineOptions:
     warmup: float = 0.2
     time_budget: float | None = 600.0
     max_bytes: int = 192 << 20
+    held_out: float = 0.25
+    learn_bias: bool = False
     seed: int = 0
     threads: int = 2
 
@@ -141,9 +151,11 @@ class LayerOutcome:
         error_before: Normalized output error (noise / signal) of the plain rounding on the
             layer's fitting data.
         error_after: The same with the learned rounding (and bias).
-        error_float_weight: The same with the float weight (and the int8 model's bias) on
-            the same int8 inputs: about what no rounding of this layer's weight can go
-            below (the error its inputs' int8 rounding carries).
+        held_out_before: The plain rounding's error on the layer's held-out samples.
+        held_out_after: The learned rounding's there; the layer keeps it only if lower.
+        error_float_weight: The held-out error with the float weight (and the int8 model's
+            bias) on the same int8 inputs: about what no rounding of this layer's weight
+            can go below (the error its inputs' int8 rounding carries).
         changed: Fraction of the weights whose integer changed.
         rows: Output rows the layer was fitted on (samples x positions).
         seconds: Wall seconds of this layer (data and fit).
@@ -153,6 +165,8 @@ class LayerOutcome:
     applied: bool
     error_before: float
     error_after: float
+    held_out_before: float
+    held_out_after: float
     error_float_weight: float
     changed: float
     rows: int
@@ -321,9 +335,9 @@ class _Fit:
         self.v = torch.nn.Parameter(torch.from_numpy(np.log(soft / (1 - soft))).float())
         self.floor_t = torch.from_numpy(self.floor).float()
         self.scale_t = torch.from_numpy(w.scale).float()
-        self.bias = None
+        self.bias: torch.Tensor | None = None
         if w.bias is not None:
-            self.bias = torch.nn.Parameter(torch.from_numpy(w.bias).float())
+            self.bias = torch.from_numpy(w.bias).float().requires_grad_(options.learn_bias)
 
     def weight(self, hard: bool | None = False, plain: bool = False) -> torch.Tensor:
         """The soft (``hard`` False), learned (True) or plain rounding's dequantized weight,
@@ -386,7 +400,7 @@ class _Fit:
         norm = data.power * max(plain_error, 1e-12)
         generator = torch.Generator().manual_seed(opts.seed)
         params: list[dict[str, Any]] = [{"params": [self.v], "lr": opts.learning_rate}]
-        if self.bias is not None:
+        if self.bias is not None and opts.learn_bias:
             step = opts.learning_rate * 0.1 * float(np.mean(np.abs(self.w.bias)) + 1e-3)
             params.append({"params": [self.bias], "lr": step})
         optimizer = torch.optim.Adam(params, betas=(0.9, 0.99))
@@ -495,6 +509,24 @@ class _Data:
         for x, t in zip(self.xs, self.ts, strict=True):
             for start in range(0, x.shape[0], size):
                 yield x[start : start + size], t[start : start + size]
+
+    def split(self, fraction: float) -> tuple[_Data, _Data]:
+        """The first samples and the last ``fraction`` of them (at least one each; both
+        the same data when there is only one sample)."""
+        if len(self.xs) == 1:
+            count = self.xs[0].shape[0]
+            cut = min(count - 1, max(1, round(count * (1 - fraction))))
+            if cut < 1:
+                return self, self
+            parts = [
+                ([self.xs[0][:cut]], [self.ts[0][:cut]]),
+                ([self.xs[0][cut:]], [self.ts[0][cut:]]),
+            ]
+        else:
+            cut = min(len(self.xs) - 1, max(1, round(len(self.xs) * (1 - fraction))))
+            parts = [(self.xs[:cut], self.ts[:cut]), (self.xs[cut:], self.ts[cut:])]
+        first, second = (_Data.build(x, t, self.channel_axis) for x, t in parts)
+        return first, second
 
     def samples_for(self, rows: int) -> int:
         """Samples (along axis 0) holding about ``rows`` output rows, at least one."""
@@ -661,12 +693,15 @@ def refine_weights(
             if outcome.applied:
                 cache.invalidate(QUANT, invalidated[step])
             logger.info(
-                "refine %d/%d %s: error %.3g -> %.3g (float weight %.3g; %s), %.1f s",
+                "refine %d/%d %s: fit error %.3g -> %.3g, held-out %.3g -> %.3g (float "
+                "weight %.3g; %s), %.1f s",
                 step + 1,
                 len(layers),
                 layer.node,
                 outcome.error_before,
                 outcome.error_after,
+                outcome.held_out_before,
+                outcome.held_out_after,
                 outcome.error_float_weight,
                 "kept" if outcome.applied else "plain rounding kept",
                 time.perf_counter() - began,
@@ -683,17 +718,32 @@ def _refine_layer(
     opset: int,
     options: RefineOptions,
 ) -> LayerOutcome:
+    """Fit on the first samples, keep only if the held-out samples' error drops."""
     torch.manual_seed(options.seed)
+    fitting, held = data.split(options.held_out)
     fit = _Fit(layer, w, opset, options)
-    before = fit.error(data, hard=True, plain=True)
-    floor = fit.error(data, hard=None, plain=True)
-    fit.run(data, before)
-    after = fit.error(data, hard=True)
+    before = fit.error(fitting, hard=True, plain=True)
+    fit.run(fitting, before)
+    after = fit.error(fitting, hard=True)
+    held_before = fit.error(held, hard=True, plain=True)
+    held_after = fit.error(held, hard=True)
+    floor = fit.error(held, hard=None, plain=True)
     weight, bias = fit.integers()
     changed = float(np.mean(weight != w.stored)) if weight.size else 0.0
-    applied = after < before and math.isfinite(after)
+    applied = held_after < held_before and math.isfinite(held_after)
     if applied:
         _write(quantized, layer.weight, weight)
         if bias is not None and layer.bias is not None:
             _write(quantized, layer.bias, bias)
-    return LayerOutcome(layer.node, applied, before, after, floor, changed, data.rows, 0.0)
+    return LayerOutcome(
+        layer.node,
+        applied,
+        before,
+        after,
+        held_before,
+        held_after,
+        floor,
+        changed,
+        fitting.rows,
+        0.0,
+    )
