@@ -34,6 +34,7 @@ def __getattr__(name: str) -> object:
         "SparsifyConfig": "onnxprune.sparsity.prune",
         "PruneConfig": "onnxprune.prune.config",
         "PruneOptions": "onnxprune.prune.core",
+        "QuantizeConfig": "onnxprune.quant.config",
     }
     if name not in lazy:
         raise AttributeError(f"module 'onnxprune' has no attribute {name!r}")
@@ -53,6 +54,7 @@ __all__ = [
     "OnnxPruneError",
     "PruneConfig",
     "PruneOptions",
+    "QuantizeConfig",
     "SaveError",
     "SparsifyConfig",
     "UnsafeExternalDataError",
