@@ -19,6 +19,7 @@ import onnx_ir as ir
 from onnxprune.errors import UsageError
 from onnxprune.intermediates import budget_chunks, iter_intermediates
 from onnxprune.io import pinned
+from onnxprune.progress import Progress
 from onnxprune.quant.calib_cache import CalibrationCache, cache_key
 from onnxprune.quant.calibrate import Calibrator
 from onnxprune.quant.hazards import hazard_node
@@ -111,13 +112,18 @@ class StaticQuantizer:
         names: Sequence[str],
         feeds: Sequence[Mapping[str, np.ndarray]],
     ) -> None:
-        with ThreadPoolExecutor(max_workers=1) as worker:
+        chunks = list(budget_chunks(self.model, names, feeds, budget=CHUNK_BUDGET))
+        with (
+            ThreadPoolExecutor(max_workers=1) as worker,
+            Progress(len(chunks) * len(feeds), "calibrate") as bar,
+        ):
             pending: Future[None] | None = None
-            for chunk in budget_chunks(self.model, names, feeds, budget=CHUNK_BUDGET):
+            for chunk in chunks:
                 for values in iter_intermediates(self.model, chunk, feeds):
                     if pending is not None:
                         pending.result()
                     pending = worker.submit(self._update, calibrator, values)
+                    bar.update()
             if pending is not None:
                 pending.result()
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.progress import Progress
 from onnxprune.quant.analysis import compare_outputs
 
 __all__ = ["rank_sensitivity"]
@@ -54,11 +55,13 @@ def rank_sensitivity(
         feeds: Calibration feeds to measure on.
     """
     ranking: list[dict[str, float | str]] = []
-    for node in nodes:
-        others = [n for n in nodes if n != node]
-        metrics = compare_outputs(reference, build(others), feeds)
-        sqnr = _worst_sqnr(metrics)
-        noise = 0.0 if sqnr == math.inf else 10 ** (-sqnr / 10)
-        ranking.append({"node": node, "sqnr_db": sqnr, "noise": noise})
+    with Progress(len(nodes), "layer sensitivity") as bar:
+        for node in nodes:
+            others = [n for n in nodes if n != node]
+            metrics = compare_outputs(reference, build(others), feeds)
+            sqnr = _worst_sqnr(metrics)
+            noise = 0.0 if sqnr == math.inf else 10 ** (-sqnr / 10)
+            ranking.append({"node": node, "sqnr_db": sqnr, "noise": noise})
+            bar.update()
     ranking.sort(key=lambda r: (-float(r["noise"]), str(r["node"])))
     return ranking
