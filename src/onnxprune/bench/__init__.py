@@ -6,7 +6,7 @@ Public API: :func:`benchmark` returning a :class:`BenchResult`; reports via
 """
 
 from onnxprune.bench.api import BENCH_SCHEMA, BenchResult, BenchSettings, ModelResult, benchmark
-from onnxprune.bench.report import bench_markdown, plot_bench, write_json_report
+from onnxprune.bench.report import bench_markdown, plot_bench
 from onnxprune.bench.stats import (
     LatencyStats,
     RatioCI,
@@ -31,5 +31,4 @@ __all__ = [
     "paired_ratio_ci",
     "plot_bench",
     "system_info",
-    "write_json_report",
 ]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from onnxprune.errors import UsageError
 from onnxprune.io.atomic import write_bytes_atomic
-from onnxprune.reporting import json_safe, write_json
+from onnxprune.reporting import json_safe
 
 if TYPE_CHECKING:
     from onnxprune.bench.api import BenchResult, ModelResult
@@ -28,13 +28,7 @@ __all__ = [
     "import_pyplot",
     "json_safe",
     "plot_bench",
-    "write_json_report",
 ]
-
-
-def write_json_report(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """Write ``payload`` as strict JSON, atomically (:func:`onnxprune.reporting.write_json`)."""
-    write_json(path, payload)
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from onnxprune.bench import bench_markdown, benchmark, plot_bench, write_json_report
+from onnxprune.bench import bench_markdown, benchmark, plot_bench
 from onnxprune.bench.inputs import parse_shape
 from onnxprune.commands.common import add_dims_option, parse_dims
 from onnxprune.errors import UsageError
 from onnxprune.io.atomic import write_text_atomic
 from onnxprune.io.outputs import RunFiles
+from onnxprune.reporting import write_json
 
 __all__ = ["register", "run", "run_files"]
 
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"onnxprune bench: note: {notice}", file=sys.stderr)
     markdown = bench_markdown(result)
     if args.json:
-        write_json_report(args.json, result.to_dict())
+        write_json(args.json, result.to_dict())
     if args.markdown:
         write_text_atomic(args.markdown, markdown)
     if args.plot:

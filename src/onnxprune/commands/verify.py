@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from onnxprune.bench.report import write_json_report
 from onnxprune.errors import BudgetError
 from onnxprune.io.atomic import write_text_atomic
 from onnxprune.io.outputs import RunFiles
+from onnxprune.reporting import write_json
 from onnxprune.tolerance import DEFAULT_TOLERANCE
 from onnxprune.verification import verify, verify_markdown
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     )
     markdown = verify_markdown(result)
     if args.json:
-        write_json_report(args.json, result.to_dict())
+        write_json(args.json, result.to_dict())
     if args.markdown:
         write_text_atomic(args.markdown, markdown)
     print(markdown, end="")
