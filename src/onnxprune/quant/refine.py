@@ -494,7 +494,7 @@ class _Data:
             len({tuple(x.shape[1:]) for x in xs}) == 1
             and len({tuple(t.shape[1:]) for t in ts}) == 1
         )
-        if same and xs:
+        if same and len(xs) > 1:
             xs, ts = [torch.cat(xs)], [torch.cat(ts)]
         signal = sum(float((t.double() ** 2).sum()) for t in ts)
         count = sum(t.numel() for t in ts)
