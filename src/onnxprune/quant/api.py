@@ -117,7 +117,7 @@ def _validate(request: _Request, model: ir.Model) -> None:
     names = {n.name for n in model.graph}
     if request.smooth not in (None, "auto", "off"):
         try:
-            alpha = float(request.smooth)  # type: ignore[arg-type]
+            alpha = float(request.smooth)
         except ValueError:
             alpha = -1.0
         if not 0.0 <= alpha <= 1.0:

@@ -201,7 +201,7 @@ def _layer(node: ir.Node, ref: ir.Node, int8: set[str], outputs: set[str]) -> Re
     source = input_dq.inputs[0] if input_dq is not None else None
     if source is None or source.name not in int8:
         return "input is not an int8 activation"
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) != 0:
         return "Gemm with transA"
     if node.op_type == "MatMul" and float_weight.ndim != 2:
         return "MatMul weight of rank != 2"
@@ -226,7 +226,7 @@ def find_layers(
 ) -> tuple[list[RefineLayer], list[dict[str, str]]]:
     """The refinable layers among quantized ``nodes`` (graph order) and the skipped ones."""
     refs = {n.name: n for n in reference.graph}
-    outputs = {v.name for v in reference.graph.outputs}
+    outputs = {v.name for v in reference.graph.outputs if v.name is not None}
     int8 = int8_outputs(quantized)
     wanted = set(nodes)
     layers: list[RefineLayer] = []
@@ -400,7 +400,7 @@ class _Fit:
         norm = data.power * max(plain_error, 1e-12)
         generator = torch.Generator().manual_seed(opts.seed)
         params: list[dict[str, Any]] = [{"params": [self.v], "lr": opts.learning_rate}]
-        if self.bias is not None and opts.learn_bias:
+        if self.bias is not None and self.w.bias is not None and opts.learn_bias:
             step = opts.learning_rate * 0.1 * float(np.mean(np.abs(self.w.bias)) + 1e-3)
             params.append({"params": [self.bias], "lr": step})
         optimizer = torch.optim.Adam(params, betas=(0.9, 0.99))
@@ -649,7 +649,7 @@ def refine_weights(
     if not layers or not feeds:
         return outcomes, skipped
     opset = quantized.opset_imports.get("", 13)
-    targets = [(layer.target,) for layer in layers]
+    targets: list[tuple[str, ...]] = [(layer.target,) for layer in layers]
     exposed = {layer.target for layer in layers}
     sides = (
         Side.build(FLOAT, reference, targets, float_cuts(reference, exposed), exposed),

@@ -23,7 +23,7 @@ def worst(metrics: Mapping[str, Mapping[str, float | None]]) -> dict[str, float 
     """The worst value of each metric over all outputs."""
 
     def pick(key: str, lowest: bool) -> float | None:
-        values = [float(m[key]) for m in metrics.values() if m.get(key) is not None]
+        values = [float(v) for m in metrics.values() if (v := m.get(key)) is not None]
         if not values:
             return None
         return min(values) if lowest else max(values)
