@@ -587,7 +587,7 @@ def _train(  # noqa: PLR0917 (one private call site)
                     best_state = replay.state()
                 else:
                     stale += 1
-                if stale >= options.patience:
+                if stale >= options.patience and not out_of_time:
                     break
             if out_of_time:
                 run.reproducible = step == options.steps
