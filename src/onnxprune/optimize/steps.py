@@ -58,6 +58,7 @@ def _weaken(name: str, config: Any, strength: float) -> Any:
             ratio=None if ratio is None else ratio * strength,
             target_macs=_kept(config.target_macs, strength),
             target_params=_kept(config.target_params, strength),
+            target_latency=_kept(config.target_latency, strength),
             layer_ratio={k: v * strength for k, v in config.layer_ratio.items()},
         )
     if name == "lowrank":

@@ -5,14 +5,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import onnx_ir as ir
 
 from onnxprune.analysis.dims import feed_dims
 from onnxprune.errors import UsageError
 from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save
+from onnxprune.io.pinned import copy_model
 from onnxprune.io.validate import refuse_unrewritable
 from onnxprune.passes.pipeline import canonicalize
 from onnxprune.prune.activations import (
@@ -21,9 +25,10 @@ from onnxprune.prune.activations import (
     removed_input_means,
 )
 from onnxprune.prune.analysis import analyze
-from onnxprune.prune.config import PruneConfig, resolve
+from onnxprune.prune.config import LatencyTarget, PruneConfig, resolve
 from onnxprune.prune.core import PruneOptions, PruneReport, prune_model
 from onnxprune.prune.importance import GRAM_CRITERIA
+from onnxprune.prune.latency import LatencySearch, search_macs_for_latency
 from onnxprune.prune.measured import measured_allocation
 from onnxprune.prune.recover import refit_consumers
 
@@ -68,6 +73,7 @@ class PruneFileResult:
             f"MACs   {self.macs[0]:,} -> {self.macs[1]:,} ({macs_ratio:.2f}x fewer{missed})",
             f"params {self.params[0]:,} -> {self.params[1]:,}",
         ]
+        lines += [n for n in self.steps[0].notes if n.startswith("--target-latency")]
         lines += self.fidelity.summary()
         blocked = [g for g in self.steps[0].groups if g.get("blocked")]
         lines.append(
@@ -149,6 +155,58 @@ def _measures_allocation(options: PruneOptions, feeds: list) -> bool:
     return bool(feeds) and not options.layer_ratios and options.plan is None
 
 
+def _prune_step(
+    model: ir.Model,
+    options: PruneOptions,
+    feeds: list[dict[str, Any]],
+    dims: Mapping[str, int] | None,
+) -> PruneReport:
+    """One cut of ``model`` in place: the criterion's statistics, the measured allocation
+    (with data and a MACs target), the plan and the removal with compensation."""
+    stats = None
+    if options.criterion in ("activation", "apoz"):
+        stats = activation_stats(model, analyze(model), feeds, options.criterion)
+    elif options.criterion in GRAM_CRITERIA:
+        centered = options.criterion == "flap"
+        stats = reconstruction_stats(model, analyze(model), feeds, centered=centered)
+    means = None
+    if feeds:
+        means = functools.partial(removed_input_means, model, feeds=feeds)
+    allocation = None
+    if _measures_allocation(options, feeds):
+        allocation = measured_allocation(model, options, feeds, stats, dims)
+        options = dataclasses.replace(options, target_macs=None, layer_ratios=allocation.ratios)
+    report = prune_model(model, options, stats, dims, means)
+    if allocation is not None:
+        report.allocation = allocation.to_dict()
+        report.notes.append(allocation.summary())
+    return report
+
+
+def _latency_search(
+    model_path: str | os.PathLike[str],
+    model: ir.Model,
+    options: PruneOptions,
+    target: LatencyTarget,
+    *,
+    feeds: list[dict[str, Any]],
+    dims: Mapping[str, int] | None,
+) -> LatencySearch:
+    """The MACs fraction meeting ``target`` (:mod:`onnxprune.prune.latency`): candidates cut
+    from copies of ``model`` (no refit: it does not change the latency) and timed against the
+    input file in one interleaved run each."""
+    with tempfile.TemporaryDirectory(prefix="onnxprune-latency-") as folder:
+
+        def latency_ratio(fraction: float) -> float:
+            candidate = copy_model(model)
+            _prune_step(candidate, dataclasses.replace(options, target_macs=fraction), feeds, dims)
+            path = Path(folder) / f"candidate_{fraction:.6f}.onnx"
+            save(candidate, path)
+            return target.measure(model_path, path, dims)
+
+        return search_macs_for_latency(target.fraction, latency_ratio)
+
+
 def prune_file(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -172,14 +230,20 @@ def prune_file(
     ``reconstruct``, ``iterative`` and ``dims`` itself, and the keywords are then ignored
     but for ``dims``, which override its own) or the algorithm's :class:`PruneOptions`.
     """
+    latency: LatencyTarget | None = None
     if isinstance(options, PruneConfig):
-        resolved = resolve(options)
+        resolved = resolve(options, calib)
         options, reconstruct, iterative = (
             resolved.options,
             resolved.reconstruct,
             resolved.iterative,
         )
         dims = {**resolved.dims, **(dims or {})}
+        latency = resolved.latency
+    if latency is not None:
+        if iterative > 1:
+            raise UsageError("--target-latency cannot be combined with --iterative")
+        options = dataclasses.replace(options, target_macs=latency.fraction)  # until measured
     options.validate()
     options = resolve_defaults(options, calib is not None)
     if reconstruct is None:  # with data, the refit is the default (kept only where it helps)
@@ -201,29 +265,18 @@ def prune_file(
     dims = {**feed_dims(model, feeds), **(dims or {})} or None
     skip = ("fold-batchnorm",) if options.criterion == "bn" else ()
     canonicalize(model, skip=skip)
+    search = None
+    if latency is not None:
+        search = _latency_search(model_path, model, options, latency, feeds=feeds, dims=dims)
+        options = dataclasses.replace(options, target_macs=search.macs_fraction)
     steps, refits = [], []
     progress = 1.0
     for step in range(1, iterative + 1):
         step_options = _step_options(options, step, iterative, progress)
-        stats = None
-        if options.criterion in ("activation", "apoz"):
-            stats = activation_stats(model, analyze(model), feeds, options.criterion)
-        elif options.criterion in GRAM_CRITERIA:
-            centered = options.criterion == "flap"
-            stats = reconstruction_stats(model, analyze(model), feeds, centered=centered)
-        means = None
-        if feeds:
-            means = functools.partial(removed_input_means, model, feeds=feeds)
-        allocation = None
-        if _measures_allocation(step_options, feeds):
-            allocation = measured_allocation(model, step_options, feeds, stats, dims)
-            step_options = dataclasses.replace(
-                step_options, target_macs=None, layer_ratios=allocation.ratios
-            )
-        report = prune_model(model, step_options, stats, dims, means)
-        if allocation is not None:
-            report.allocation = allocation.to_dict()
-            report.notes.append(allocation.summary())
+        report = _prune_step(model, step_options, feeds, dims)
+        if search is not None:
+            report.notes.append(search.summary())
+            report.latency = search.to_dict()
         steps.append(report)
         progress *= (
             report.macs[1] / max(report.macs[0], 1)

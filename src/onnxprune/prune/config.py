@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ from onnxprune.prune.core import PruneOptions
 from onnxprune.prune.plan import PruningPlan
 from onnxprune.registry.options import option
 
-__all__ = ["PruneConfig", "Resolved", "resolve"]
+__all__ = ["LATENCY_SECONDS", "LatencyTarget", "PruneConfig", "Resolved", "resolve"]
 
 Criterion = Literal[
     "auto", "l1", "l2", "bn", "activation", "apoz", "reconstruction", "wanda", "flap"
@@ -45,6 +46,13 @@ class PruneConfig:
     ratio: float | None = option(None, help="fraction of channels removed per group", metavar="R")
     target_macs: float | None = option(None, help="fraction of MACs kept", metavar="F")
     target_params: float | None = option(None, help="fraction of params kept", metavar="F")
+    target_latency: float | None = option(
+        None,
+        help="fraction of the input's latency measured on this machine (onnxruntime CPU, "
+        "--latency-threads): the MACs fraction is searched by bisection on measured "
+        "candidates; depends on the machine",
+        metavar="F",
+    )
     plan: str | None = option(
         None, help="replay a pruning plan (written by --save-plan)", metavar="P.json"
     )
@@ -77,9 +85,46 @@ class PruneConfig:
         None, help="kept channels are a multiple of N (default 8)", metavar="N"
     )
     exclude: tuple[str, ...] = option((), help="nodes whose groups are never cut", metavar="NODE")
+    latency_threads: int = option(
+        1, help="intra-op threads of the --target-latency measurements (match deployment)"
+    )
     dims: Mapping[str, int] = option(
         help="symbolic dimension values (the shared --dim option)", default_factory=dict, cli=False
     )
+
+
+#: Seconds each --target-latency candidate is timed against the input (interleaved).
+LATENCY_SECONDS = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyTarget:
+    """``--target-latency``: the fraction and how candidates are timed."""
+
+    fraction: float
+    threads: int
+    calib: str | None = None
+
+    def measure(
+        self,
+        reference: str | os.PathLike[str],
+        candidate: str | os.PathLike[str],
+        dims: Mapping[str, int] | None,
+    ) -> float:
+        """Median latency of ``candidate`` over ``reference``, one interleaved run."""
+        from onnxprune.bench import benchmark
+
+        feeds: dict[str, Any] = {"calib": self.calib} if self.calib else {"dims": dict(dims or {})}
+        result = benchmark(
+            [reference, candidate],
+            threads=self.threads,
+            seconds=LATENCY_SECONDS,
+            warmup=3,
+            show_progress=False,
+            **feeds,
+        )
+        first, second = result.models
+        return second.latency_ms.median / first.latency_ms.median
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +135,7 @@ class Resolved:
     reconstruct: bool | None
     iterative: int
     dims: dict[str, int]
+    latency: LatencyTarget | None = None
 
 
 def _ratio_table(data: object, path: str) -> dict[str, float]:
@@ -130,8 +176,23 @@ def _saved_ratios(path: str | None, round_to: int | None) -> tuple[dict[str, flo
     return _ratio_table(data, path), saved
 
 
-def resolve(config: PruneConfig) -> Resolved:
-    """The :class:`PruneOptions` and file-level switches ``config`` describes."""
+def resolve(config: PruneConfig, calib: str | os.PathLike[str] | None = None) -> Resolved:
+    """The :class:`PruneOptions` and file-level switches ``config`` describes (``calib``: the
+    data --target-latency candidates are timed on)."""
+    latency = None
+    if config.target_latency is not None:
+        others = [config.ratio, config.target_macs, config.target_params, config.plan]
+        if any(v is not None for v in others):
+            raise UsageError(
+                "give only one of --ratio, --target-macs, --target-params, --target-latency, --plan"
+            )
+        if not 0 < config.target_latency < 1:
+            raise UsageError(f"--target-latency {config.target_latency}: must be in (0, 1)")
+        if config.latency_threads < 1:
+            raise UsageError(f"--latency-threads {config.latency_threads}: must be >= 1")
+        latency = LatencyTarget(
+            config.target_latency, config.latency_threads, None if calib is None else str(calib)
+        )
     saved, round_to = _saved_ratios(config.layer_ratios, config.round_to)
     options = PruneOptions(
         ratio=config.ratio,
@@ -145,4 +206,4 @@ def resolve(config: PruneConfig) -> Resolved:
         exclude=tuple(config.exclude),
         allocation=config.allocation,
     )
-    return Resolved(options, config.reconstruct, config.iterative, dict(config.dims))
+    return Resolved(options, config.reconstruct, config.iterative, dict(config.dims), latency)

@@ -113,6 +113,8 @@ class PruneReport:
     ranks: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
     #: The measured allocation the ratios came from (``MeasuredAllocation.to_dict``).
     allocation: dict[str, Any] | None = None
+    #: The latency search a --target-latency ran (``LatencySearch.to_dict``).
+    latency: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -126,6 +128,8 @@ class PruneReport:
         }
         if self.allocation is not None:
             data["allocation"] = self.allocation
+        if self.latency is not None:
+            data["latency"] = self.latency
         return data
 
 
