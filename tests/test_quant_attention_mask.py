@@ -78,7 +78,7 @@ def test_minus_inf_mask_quantizes_with_finite_scales_and_close_outputs(tmp_path)
     # pair there would only add round trips (onnxruntime's quantizer puts one there and
     # its range becomes infinite). The softmax output (the -inf turned into exact zeros)
     # and every MatMul are int8.
-    skipped = {s["op_type"] for s in result.details["plan"]["skipped"]}
+    skipped = {s["op_type"] for s in result.details.plan["skipped"]}
     assert {"Add", "Softmax"} <= skipped
     assert {"probs_scale", "ctx_scale", "q_scale", "v_scale", "kt_scale"} <= {
         t.name for t in proto.graph.initializer

@@ -77,22 +77,27 @@ def test_correction_removes_the_mean_error_and_improves_sqnr(files, tmp_path):
     assert np.all(mean_off < 0) and np.min(np.abs(mean_off)) > 0.01
     assert np.max(np.abs(mean_on)) < 0.01 * np.min(np.abs(mean_off))
     assert sqnr_on > sqnr_off + 20
-    info = result.details["bias_correction"]
-    assert info["applied"] and info["reason"] == "on"
-    assert info["corrected"] == ["Conv_0", "Gemm_4"] and info["skipped"] == []
-    assert info["sqnr_db_with"] > info["sqnr_db_without"]
+    info = result.details.bias_correction
+    assert info is not None and info.correction is not None
+    assert info.applied and info.reason == "on"
+    assert info.correction.corrected == ["Conv_0", "Gemm_4"] and info.correction.skipped == []
+    assert info.sqnr_db_with > info.sqnr_db_without
+    payload = info.to_dict()
+    assert payload["corrected"] == ["Conv_0", "Gemm_4"] and payload["skipped"] == []
+    assert payload["largest_offsets"].keys() == {"Conv_0", "Gemm_4"}
 
 
 def test_auto_keeps_it_when_sqnr_improves_and_report_records_it(files, tmp_path):
     result, _ = _quantize(files, tmp_path, "auto")
-    info = result.details["bias_correction"]
-    assert info["mode"] == "auto" and info["applied"]
+    info = result.details.bias_correction
+    assert info is not None
+    assert info.mode == "auto" and info.applied
     # quantize holds out the last 6 of the 24 feeds for its report; bias correction fits on
     # three quarters of the other 18 and is judged on the rest.
-    assert info["reason"] == "auto: held-out SQNR improved"
-    assert (info["fit_feeds"], info["judged_on_feeds"]) == (14, 4)
+    assert info.reason == "auto: held-out SQNR improved"
+    assert (info.fit_feeds, info.judged_on_feeds) == (14, 4)
     assert result.fidelity.held_out.samples == 6
-    assert info["sqnr_db_with"] > info["sqnr_db_without"]
+    assert info.sqnr_db_with > info.sqnr_db_without
 
 
 def test_offsets_within_their_noise_are_shrunk():
@@ -115,7 +120,9 @@ def test_offsets_within_their_noise_are_shrunk():
 
 def test_off_is_the_uncorrected_model_byte_for_byte(files, tmp_path):
     result, out = _quantize(files, tmp_path, "off")
-    assert result.details["bias_correction"] == {"mode": "off", "applied": False, "reason": "off"}
+    report = result.details.bias_correction
+    assert report is not None
+    assert report.to_dict() == {"mode": "off", "applied": False, "reason": "off"}
     # The path before bias correction existed: canonicalize, calibrate, build, save.
     model = load(files[0])
     pipeline.canonicalize(model)
@@ -212,11 +219,11 @@ def test_truncated_measurement_equals_the_full_model_path(make, budget, monkeypa
     full, cut = copy_model(built), copy_model(built)
     expected = bias.correct_biases(model, full, nodes, feeds, truncate=False)
     got = bias.correct_biases(model, cut, nodes, feeds)
-    assert got["corrected"] == expected["corrected"] and len(got["corrected"]) >= 2
-    assert got["skipped"] == expected["skipped"]
-    assert got["largest_offsets"].keys() == expected["largest_offsets"].keys()
-    for node, offset in expected["largest_offsets"].items():
-        np.testing.assert_allclose(got["largest_offsets"][node], offset, rtol=1e-6, atol=1e-9)
+    assert got.corrected == expected.corrected and len(got.corrected) >= 2
+    assert got.skipped == expected.skipped
+    assert got.largest_offsets.keys() == expected.largest_offsets.keys()
+    for node, offset in expected.largest_offsets.items():
+        np.testing.assert_allclose(got.largest_offsets[node], offset, rtol=1e-6, atol=1e-9)
     want = _biases(full)
     for name, value in _biases(cut).items():  # int32 biases: equal, or 1 step off on a tie
         np.testing.assert_allclose(
@@ -311,9 +318,9 @@ def test_feeds_of_other_shapes_and_saved_cut_models(monkeypatch):
     full, cut = copy_model(built), copy_model(built)
     expected = bias.correct_biases(model, full, nodes, feeds, truncate=False)
     got = bias.correct_biases(model, cut, nodes, feeds)
-    assert got["corrected"] == expected["corrected"] == ["Conv_0", "Gemm_4"]
-    for node, offset in expected["largest_offsets"].items():
-        np.testing.assert_allclose(got["largest_offsets"][node], offset, rtol=1e-6, atol=1e-9)
+    assert got.corrected == expected.corrected == ["Conv_0", "Gemm_4"]
+    for node, offset in expected.largest_offsets.items():
+        np.testing.assert_allclose(got.largest_offsets[node], offset, rtol=1e-6, atol=1e-9)
     want = _biases(full)
     for name, value in _biases(cut).items():
         np.testing.assert_allclose(value, want[name], rtol=0, atol=1)

@@ -18,7 +18,7 @@ OPTIONS = {"bias_correction": "off", "equalize": "off", "smooth": "off", "method
 
 def _run(model: Path, calib: Path, out: Path, cache: Path | bool, **kwargs: object) -> str:
     result = quantize_file(model, out, calib=calib, calib_cache=cache, **OPTIONS, **kwargs)
-    return result.details["calibration_cache"]["calibrate"]
+    return result.details.calibration_cache["calibrate"]
 
 
 def test_rerun_with_other_exclusions_hits_and_matches_a_fresh_run(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_rerun_with_other_exclusions_hits_and_matches_a_fresh_run(tmp_path: Path
     assert len(list(cache.glob("*.npz"))) == 2
     mse = {**OPTIONS, "method": "mse"}
     done = quantize_file(model, tmp_path / "e.onnx", calib=calib, calib_cache=cache, **mse)
-    assert done.details["calibration_cache"]["calibrate"] == "hit"
+    assert done.details.calibration_cache["calibrate"] == "hit"
     quantize_file(model, tmp_path / "f.onnx", calib=calib, calib_cache=False, **mse)
     assert (tmp_path / "e.onnx").read_bytes() == (tmp_path / "f.onnx").read_bytes()
 

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.quant.core import copy_model
 from onnxprune.quant.equalize import consumer_ranges, equalize, producer_ranges
+from onnxprune.quant.report import EqualizeReport
 from onnxprune.runtime import run_model
 
 # (input channels, output channels, group, kernel) per Conv.
@@ -394,7 +395,8 @@ def _quantize(tmp_path, model: ir.Model, equalize_mode: str, **options) -> dict:
     result = quantize_file(path, out, calib=calib, equalize=equalize_mode, **options)
     # The equalization decision is made on the fit samples: compare with those metrics.
     fit_sqnr = min(float(m["sqnr_db"]) for m in result.metrics.values())
-    return result.details["equalize"] | {"sqnr": fit_sqnr}
+    assert result.details.equalize is not None
+    return result.details.equalize.to_dict() | {"sqnr": fit_sqnr}
 
 
 def test_quantize_auto_equalizes_a_skewed_depthwise_net_and_gains(tmp_path):
@@ -416,11 +418,11 @@ def test_quantize_auto_equalizes_a_skewed_depthwise_net_and_gains(tmp_path):
 def test_quantize_auto_leaves_plain_conv_chains_alone(tmp_path):
     model = _net([(3, 8, 1, 3), (8, 8, 1, 3), (8, 4, 1, 1)], ["Relu", "Relu"])
     details = _quantize_conv_net(tmp_path, model)
-    assert details["applied"] is False
-    assert details["reason"] == "auto: no grouped or depthwise convolution pair"
+    assert details.applied is False
+    assert details.reason == "auto: no grouped or depthwise convolution pair"
 
 
-def _quantize_conv_net(tmp_path, model: ir.Model) -> dict:
+def _quantize_conv_net(tmp_path, model: ir.Model) -> EqualizeReport:
     from onnxprune.io import save
     from onnxprune.quant import quantize_file
     from onnxprune.quant.testing import write_calib
@@ -429,7 +431,8 @@ def _quantize_conv_net(tmp_path, model: ir.Model) -> dict:
     rng = np.random.default_rng(3)
     calib = write_calib(tmp_path, x=rng.standard_normal((4, 2, 3, 8, 8)).astype(np.float32))
     result = quantize_file(path, tmp_path / "q.onnx", calib=calib, bias_correction="off")
-    return result.details["equalize"]
+    assert result.details.equalize is not None
+    return result.details.equalize
 
 
 def test_quantize_refuses_a_bad_equalize_mode(tmp_path, capsys):

@@ -30,7 +30,7 @@ def test_overflowing_node_stays_float32_and_io_stays_float32(tmp_path):
     out = tmp_path / "h.onnx"
     model_path = write(model_from_text(text, weights), tmp_path)
     result = quantize_file(model_path, out, calib=calib, dtype="fp16")
-    kept = set(result.details["fp16"]["kept_fp32"])
+    kept = set(result.details.fp16["kept_fp32"])
     assert result.worst["cosine"] > 0.9999
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
@@ -53,7 +53,7 @@ def test_fp16_model_halves_the_weights(tmp_path):
     model = model_from_text(text, {"w": rng.standard_normal((64, 64)).astype(np.float32)})
     calib = write_calib(tmp_path, x=rng.standard_normal((4, 1, 64)).astype(np.float32))
     result = quantize_file(write(model, tmp_path), tmp_path / "h.onnx", calib=calib, dtype="fp16")
-    assert result.details["fp16"]["kept_fp32"] == []
+    assert result.details.fp16["kept_fp32"] == []
     assert result.worst["sqnr_db"] > 50
     proto = onnx.load(str(tmp_path / "h.onnx"))
     assert proto.graph.initializer[0].data_type == onnx.TensorProto.FLOAT16

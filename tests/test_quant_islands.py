@@ -41,14 +41,14 @@ def pad_between_convs(folder: Path, mode: str) -> tuple[Path, Path]:
 def test_quantize_reports_the_pad_island_unless_folded(tmp_path: Path, mode: str) -> None:
     model, calib = pad_between_convs(tmp_path, mode)
     result = quantize_file(model, tmp_path / "q.onnx", calib=calib, bias_correction="off")
-    islands = result.details["int8_mac_share"]["islands"]
+    islands = result.details.int8_mac_share["islands"]
     pads = [i for i in islands if i["op_type"] == "Pad"]
     if mode == "reflect":  # no integer Pad kernel for reflect: DQ -> Pad -> Q stays
         assert [i["kind"] for i in pads] == ["float island"]
         assert "float island Pad" in result.summary()
     else:  # folded into the second Conv's pads: both convolutions are QLinearConv
         assert pads == []
-        assert result.details["int8_mac_share"]["int8_mac_share"] == 1.0
+        assert result.details.int8_mac_share["int8_mac_share"] == 1.0
         assert "onnxruntime's graph: none" in result.summary()
 
 
@@ -106,7 +106,7 @@ def test_conv_at_a_graph_output_runs_int8_and_keeps_the_output_name(tmp_path: Pa
     calib = write_calib(tmp_path, x=rng.standard_normal((8, 1, 3, 8, 8)).astype(np.float32))
     out = tmp_path / "q.onnx"
     result = quantize_file(model, out, calib=calib, bias_correction="off")
-    share = result.details["int8_mac_share"]
+    share = result.details.int8_mac_share
     assert share["int8_mac_share"] == 1.0
     assert share["islands"] == []
     proto = onnx.load(str(out))

@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from onnxprune.quant import prepare, quantize_file
+from onnxprune.quant.report import OpsetChange
 from onnxprune.quant.testing import conv_net, image_calib, write
 from onnxprune.runtime import run_model
 
@@ -32,7 +33,8 @@ def test_old_opset_is_upgraded_and_quantized_per_channel(tmp_path: Path, opset: 
     calib = image_calib(tmp_path)
     out = tmp_path / "q.onnx"
     result = quantize_file(model, out, calib=calib, bias_correction="off", equalize="off")
-    assert result.details["opset"] == {"from": opset, "to": 13, "per_channel": True}
+    assert result.details.opset == OpsetChange(opset, 13, True)
+    assert result.to_dict()["details"]["opset"] == {"from": opset, "to": 13, "per_channel": True}
     assert _opset(out) == 13
     assert _weight_scales(out)["w1_scale"] == (8,)  # one scale per output channel
     assert f"opset {opset} -> 13" in result.summary()
@@ -51,9 +53,9 @@ def test_failed_conversion_falls_back_to_per_tensor(
     calib = image_calib(tmp_path)
     out = tmp_path / "q.onnx"
     result = quantize_file(model, out, calib=calib, bias_correction="off", equalize="off")
-    opset = result.details["opset"]
-    assert (opset["from"], opset["to"], opset["per_channel"]) == (11, 11, False)
-    assert "has no shape" in opset["reason"]
+    opset = result.details.opset
+    assert (opset.from_, opset.to, opset.per_channel) == (11, 11, False)
+    assert opset.reason is not None and "has no shape" in opset.reason
     assert _opset(out) == 11
     assert _weight_scales(out)["w1_scale"] == ()  # one scale for the whole tensor
     assert "weights per tensor" in result.summary()

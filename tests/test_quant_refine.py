@@ -143,16 +143,20 @@ def test_graph_unchanged_but_integers(built):
 
 
 def test_report(built):
-    info = built["refined"].details["refine"]
-    assert info["mode"] == "adaround" and info["applied"] and info["reason"] == "adaround"
-    assert info["refined"] >= 1
-    assert len(info["layers"]) + len(info["skipped"]) == 4  # three Convs and the Gemm
-    for layer in info["layers"]:
-        if layer["applied"]:
-            assert layer["held_out_after"] < layer["held_out_before"]
-    assert "refine" in built["refined"].details["seconds"]
+    info = built["refined"].details.refine
+    assert info.mode == "adaround" and info.applied and info.reason == "adaround"
+    assert info.refined >= 1
+    assert len(info.layers) + len(info.skipped) == 4  # three Convs and the Gemm
+    for layer in info.layers:
+        if layer.applied:
+            assert layer.held_out_after < layer.held_out_before
+    payload = info.to_dict()
+    assert len(payload["layers"]) == len(info.layers) and payload["refined"] == info.refined
+    assert all(set(s) == {"node", "reason"} for s in payload["skipped"])
+    assert "refine" in built["refined"].details.seconds
     assert "learned rounding (AdaRound): applied (adaround)" in built["refined"].summary()
-    assert built["plain"].details["refine"] == {"mode": "off", "applied": False, "reason": "off"}
+    off = built["plain"].details.refine.to_dict()
+    assert off == {"mode": "off", "applied": False, "reason": "off"}
 
 
 def test_held_out_error_drops(built):
@@ -185,9 +189,9 @@ def test_auto_keeps_only_a_held_out_gain(built):
     result = quantize_file(
         built["model"], folder / "auto.onnx", refine="auto", refine_options=_FAST, **built["common"]
     )
-    info = result.details["refine"]
-    assert info["fit_feeds"] == 18 and info["judged_on_feeds"] == 6
-    assert info["applied"] == (info["sqnr_db_with"] > info["sqnr_db_without"])
+    info = result.details.refine
+    assert info.fit_feeds == 18 and info.judged_on_feeds == 6
+    assert info.applied == (info.sqnr_db_with > info.sqnr_db_without)
 
 
 def _without_torch(monkeypatch):
@@ -216,9 +220,9 @@ def test_auto_without_torch_is_a_note(built, monkeypatch):
     result = quantize_file(
         built["model"], built["folder"] / "note.onnx", refine="auto", **built["common"]
     )
-    info = result.details["refine"]
-    assert not info["applied"]
-    assert info["reason"] == "auto: skipped, torch not installed (pip install onnxprune[recover])"
+    info = result.details.refine
+    assert not info.applied
+    assert info.reason == "auto: skipped, torch not installed (pip install onnxprune[recover])"
 
 
 def test_refine_needs_static_int8(built, capsys):

@@ -66,8 +66,8 @@ def test_budget_keeps_the_sensitive_layers_float_and_reports_the_ranking(tmp_pat
     result = quantize_file(
         model, out, calib=calib, budget="sqnr_db>=30", bias_correction="off", smooth="off"
     )
-    kept = result.details["kept_float"]
-    ranking = [r["node"] for r in result.details["sensitivity"]]
+    kept = result.details.kept_float
+    ranking = [r["node"] for r in result.details.sensitivity]
     assert kept == ranking[: len(kept)]
     assert "MatMul_2" not in kept
     assert "most sensitive layers" in result.summary()

@@ -36,7 +36,7 @@ def test_smoothquant_improves_sqnr_with_an_outlier_channel(tmp_path):
     calib = write_calib(tmp_path, x=x)
     plain = quantize_file(model_path, tmp_path / "a.onnx", calib=calib, smooth="off")
     smooth = quantize_file(model_path, tmp_path / "b.onnx", calib=calib, smooth=0.5)
-    assert smooth.details["smoothquant"]["alpha"] == 0.5
+    assert smooth.details.smoothquant.alpha == 0.5
     assert smooth.worst["sqnr_db"] > plain.worst["sqnr_db"] + 6
 
 

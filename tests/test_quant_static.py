@@ -215,8 +215,8 @@ def test_tensorrt_target_uses_int8_symmetric_activations(tmp_path):
     inits = _initializers(out)
     assert inits["x_zero_point"].dtype == np.int8 and inits["x_zero_point"] == 0
     assert inits["r1_zero_point"].dtype == np.int8
-    assert result.details["u8s8"]["remedy"] == "none"
-    assert "s8s8" in result.details["u8s8"]["reason"]
+    assert result.details.u8s8.remedy == "none"
+    assert "s8s8" in result.details.u8s8.reason
 
 
 def test_method_auto_keeps_the_best_measured_method_and_matches_it_byte_for_byte(tmp_path):
@@ -224,11 +224,11 @@ def test_method_auto_keeps_the_best_measured_method_and_matches_it_byte_for_byte
     calib = image_calib(tmp_path)
     auto = tmp_path / "auto.onnx"
     result = quantize_file(model_path, auto, calib=calib, method="auto", u8s8="none")
-    scores = result.details["method"]["candidates_sqnr_db"]
-    chosen = result.details["method"]["chosen"]
+    scores = result.details.method.candidates_sqnr_db
+    chosen = result.details.method.chosen
     assert set(scores) == {"minmax", "percentile", "entropy", "mse"}
     assert scores[chosen] == max(scores.values())
-    assert result.method == chosen == result.details["range_method"]
+    assert result.method == chosen == result.details.range_method
     assert result.worst["sqnr_db"] >= scores[chosen] - 1e-9  # bias correction only helps
     explicit = tmp_path / "explicit.onnx"
     quantize_file(model_path, explicit, calib=calib, method=chosen, u8s8="none")

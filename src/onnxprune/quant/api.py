@@ -14,13 +14,11 @@ is written; so does an unreachable budget.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +51,20 @@ from onnxprune.quant.prepare import (
     refuse_non_float32,
     refuse_quantized,
 )
-from onnxprune.quant.report import QuantizeResult, file_bytes, worst
+from onnxprune.quant.report import (
+    BiasCorrectionReport,
+    BudgetSearchReport,
+    EqualizeReport,
+    MethodChoice,
+    OpsetChange,
+    QuantizeDetails,
+    QuantizeResult,
+    RefineReport,
+    RemedyChoice,
+    SmoothQuantReport,
+    file_bytes,
+    worst,
+)
 from onnxprune.quant.sensitivity import rank_sensitivity
 from onnxprune.quant.smooth import smooth_matmuls
 from onnxprune.quant.vnni import REMEDIES, cpu_isa, needs_u8s8_remedy
@@ -136,8 +147,8 @@ class _Choice:
     scores: dict[str, float] = dataclasses.field(default_factory=dict)
     built: dict[str, tuple[ir.Model, dict[str, dict]]] = dataclasses.field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"remedy": self.remedy, "reason": self.reason, "candidates_sqnr_db": self.scores}
+    def record(self) -> RemedyChoice:
+        return RemedyChoice(self.remedy, self.reason, dict(self.scores))
 
 
 def _choose_remedy(
@@ -192,16 +203,6 @@ def _smooth_alpha(smooth: float | str | None, model: ir.Model) -> tuple[float | 
     return None, "auto: not a MatMul-heavy model"
 
 
-@contextlib.contextmanager
-def _timed(info: dict[str, Any], phase: str) -> Iterator[None]:
-    """Record the wall seconds of ``phase`` under ``info["seconds"]``."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        info.setdefault("seconds", {})[phase] = round(time.perf_counter() - start, 3)
-
-
 def _min_sqnr(metrics: Mapping[str, Mapping[str, float | None]]) -> float:
     return min(float(m["sqnr_db"] or 0.0) for m in metrics.values())
 
@@ -224,34 +225,37 @@ def _bias_correction(
     nodes: Sequence[str],
     feeds: list,
     reference: Reference,
-) -> tuple[ir.Model, dict[str, dict], dict[str, Any]]:
+) -> tuple[ir.Model, dict[str, dict], BiasCorrectionReport]:
     """Bias correction (:mod:`onnxprune.quant.bias`): ``on`` fits it on all calibration
     feeds and keeps it; ``auto`` fits it on three quarters of them and keeps it only when
     the worst output SQNR on the held-out quarter improves (it fits one offset per channel:
     judged on the fitting data it would always look better); ``off`` skips it."""
     quantized, metrics = built
-    info: dict[str, Any] = {"mode": request.bias_correction}
+    report = BiasCorrectionReport(request.bias_correction)
     if request.bias_correction == "off":
-        return quantized, metrics, {**info, "applied": False, "reason": "off"}
+        report.reason = "off"
+        return quantized, metrics, report
     fit, check, check_reference = feeds, feeds, reference
     if request.bias_correction == "auto":
         fit, check, check_reference = _holdout(feeds, reference)
-    info["fit_feeds"], info["judged_on_feeds"] = len(fit), len(check)
+    report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
     corrected = copy_model(quantized)
-    info.update(correct_biases(model, corrected, nodes, fit))
-    if not info["corrected"]:
-        return quantized, metrics, {**info, "applied": False, "reason": "no layer to correct"}
+    report.correction = correct_biases(model, corrected, nodes, fit)
+    if not report.correction.changes:
+        report.reason = "no layer to correct"
+        return quantized, metrics, report
     if check is feeds:
         before = _min_sqnr(metrics)
     else:
         before = _min_sqnr(compare_outputs(check_reference, quantized, check))
     after = _min_sqnr(compare_outputs(check_reference, corrected, check))
-    info["sqnr_db_without"], info["sqnr_db_with"] = before, after
+    report.sqnr_db_without, report.sqnr_db_with = before, after
     if request.bias_correction == "on" or after > before:
-        reason = "on" if request.bias_correction == "on" else "auto: held-out SQNR improved"
-        new_metrics = compare_outputs(reference, corrected, feeds)
-        return corrected, new_metrics, {**info, "applied": True, "reason": reason}
-    return quantized, metrics, {**info, "applied": False, "reason": "auto: no held-out SQNR gain"}
+        report.applied = True
+        report.reason = "on" if request.bias_correction == "on" else "auto: held-out SQNR improved"
+        return corrected, compare_outputs(reference, corrected, feeds), report
+    report.reason = "auto: no held-out SQNR gain"
+    return quantized, metrics, report
 
 
 def _refine(
@@ -262,43 +266,45 @@ def _refine(
     nodes: Sequence[str],
     feeds: list,
     reference: Reference,
-) -> tuple[ir.Model, dict[str, dict], dict[str, Any]]:
+) -> tuple[ir.Model, dict[str, dict], RefineReport]:
     """Learned rounding (:mod:`onnxprune.quant.refine`) with bias correction's keep rule:
     ``adaround`` fits on all calibration feeds and keeps it; ``auto`` fits on three
     quarters and keeps it only when the worst output SQNR on the other quarter improves,
     and is skipped, with a note, without torch; ``off`` skips it."""
     quantized, metrics = built
-    info: dict[str, Any] = {"mode": request.refine}
+    report = RefineReport(request.refine)
     if request.refine == "off":
-        return quantized, metrics, {**info, "applied": False, "reason": "off"}
+        report.reason = "off"
+        return quantized, metrics, report
     if importlib.util.find_spec("torch") is None:
-        reason = "auto: skipped, torch not installed (pip install onnxprune[recover])"
-        return quantized, metrics, {**info, "applied": False, "reason": reason}
+        report.reason = "auto: skipped, torch not installed (pip install onnxprune[recover])"
+        return quantized, metrics, report
     from onnxprune.quant.refine import RefineOptions, refine_weights
 
     fit, check, check_reference = feeds, feeds, reference
     if request.refine == "auto":
         fit, check, check_reference = _holdout(feeds, reference)
-    info["fit_feeds"], info["judged_on_feeds"] = len(fit), len(check)
+    report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
     refined = copy_model(quantized)
     options = request.refine_options or RefineOptions()
-    layers, skipped = refine_weights(model, refined, nodes, fit, options)
-    info["layers"] = [dataclasses.asdict(x) for x in layers]
-    info["skipped"] = skipped
-    info["refined"] = sum(x.applied for x in layers)
-    if not info["refined"]:
-        return quantized, metrics, {**info, "applied": False, "reason": "no layer refined"}
+    report.layers, report.skipped = refine_weights(model, refined, nodes, fit, options)
+    report.refined = sum(x.applied for x in report.layers)
+    if not report.refined:
+        report.reason = "no layer refined"
+        return quantized, metrics, report
     if check is feeds:
         before = _min_sqnr(metrics)
     else:
         before = _min_sqnr(compare_outputs(check_reference, quantized, check))
     after = _min_sqnr(compare_outputs(check_reference, refined, check))
-    info["sqnr_db_without"], info["sqnr_db_with"] = before, after
+    report.sqnr_db_without, report.sqnr_db_with = before, after
     if request.refine == "adaround" or after > before:
-        reason = "adaround" if request.refine == "adaround" else "auto: held-out SQNR improved"
-        new_metrics = compare_outputs(reference, refined, feeds)
-        return refined, new_metrics, {**info, "applied": True, "reason": reason}
-    return quantized, metrics, {**info, "applied": False, "reason": "auto: no held-out SQNR gain"}
+        report.applied = True
+        auto = "auto: held-out SQNR improved"
+        report.reason = "adaround" if request.refine == "adaround" else auto
+        return refined, compare_outputs(reference, refined, feeds), report
+    report.reason = "auto: no held-out SQNR gain"
+    return quantized, metrics, report
 
 
 @dataclasses.dataclass
@@ -317,7 +323,7 @@ def _candidate(
     request: _Request,
     source: ir.Model,
     data: tuple[list, Reference],
-    info: dict[str, Any],
+    details: QuantizeDetails,
     *,
     label: str = "",
     remedy: _Choice | None = None,
@@ -331,24 +337,31 @@ def _candidate(
         symmetric_activations=request.target == "tensorrt",
     )
     quantizer = StaticQuantizer(source, options)
-    with _timed(info, f"calibrate{label}"):
+    with details.seconds.timed(f"calibrate{label}"):
         hit = quantizer.calibrate(feeds, request.cache)
-    state = "off" if request.cache is None else ("hit" if hit else "miss")
-    info.setdefault("calibration_cache", {})[f"calibrate{label}"] = state
+    if details.calibration_cache is None:
+        details.calibration_cache = {}
+    details.calibration_cache[f"calibrate{label}"] = (
+        "off" if request.cache is None else ("hit" if hit else "miss")
+    )
     summaries: dict[str, dict] = {}
 
     def build(remedy: str) -> ir.Model:
         built, summaries[remedy] = quantizer.build(request.exclude, remedy)
         return built
 
-    with _timed(info, f"build_and_choose_remedy{label}"):
+    with details.seconds.timed(f"build_and_choose_remedy{label}"):
         choice = remedy or _choose_remedy(request, build, reference, feeds)
         quantized, metrics = _chosen_model(choice, build, reference, feeds)
     if request.method == "auto":
-        with _timed(info, f"choose_method{label}"):
-            quantized, metrics, info[f"method{label}"] = _choose_method(
+        with details.seconds.timed(f"choose_method{label}"):
+            quantized, metrics, method = _choose_method(
                 quantizer, lambda: build(choice.remedy), (quantized, metrics), data
             )
+        if label:
+            details.method_equalized = method
+        else:
+            details.method = method
     return _Candidate(source, quantizer, choice, quantized, metrics, summaries[choice.remedy])
 
 
@@ -357,7 +370,7 @@ def _choose_method(
     build: Callable[[], ir.Model],
     start: tuple[ir.Model, dict[str, dict]],
     data: tuple[list, Reference],
-) -> tuple[ir.Model, dict[str, dict], dict[str, Any]]:
+) -> tuple[ir.Model, dict[str, dict], MethodChoice]:
     """``--method auto``: the range method whose model has the best worst-output SQNR.
 
     One calibration pass collected histograms, so every method's ranges come from the same
@@ -377,7 +390,7 @@ def _choose_method(
     best = max(METHODS, key=lambda m: (scores[m], -METHODS.index(m)))
     quantizer.use_method(best)
     model, metrics = results[best]
-    return model, metrics, {"chosen": best, "candidates_sqnr_db": scores}
+    return model, metrics, MethodChoice(best, scores)
 
 
 def _has_depthwise_pair(report: Mapping[str, Any], model: ir.Model) -> bool:
@@ -393,7 +406,7 @@ def _equalized(
     source: ir.Model,
     plain: _Candidate | None,
     data: tuple[list, Reference],
-    info: dict[str, Any],
+    details: QuantizeDetails,
 ) -> _Candidate | None:
     """The cross-layer-equalized candidate (:mod:`onnxprune.quant.equalize`), or None.
 
@@ -402,86 +415,103 @@ def _equalized(
     where a ReLU6 bound had to be relaxed, so a gain within noise is not worth it); ``on``
     keeps it whenever a pair was found.
     """
-    entry: dict[str, Any] = {"mode": request.equalize, "applied": False}
-    info["equalize"] = entry
+    entry = details.equalize = EqualizeReport(request.equalize)
     if request.equalize == "off":
-        entry["reason"] = "off"
+        entry.reason = "off"
         return None
     copy = copy_model(source)
     report = cross_layer_equalize(copy)
-    entry.update(
-        pairs=len(report["pairs"]),
-        sweeps=report["iterations"],
-        relaxed_clips=report["relaxed_clips"],
-        skipped=report["skipped"],
-    )
+    entry.pairs = len(report["pairs"])
+    entry.sweeps = report["iterations"]
+    entry.relaxed_clips = report["relaxed_clips"]
+    entry.skipped = report["skipped"]
     if not report["pairs"]:
-        entry["reason"] = "no Conv -> activation -> Conv pair to equalize"
+        entry.reason = "no Conv -> activation -> Conv pair to equalize"
         return None
     if request.equalize == "auto" and not _has_depthwise_pair(report, copy):
-        entry["reason"] = "auto: no grouped or depthwise convolution pair"
+        entry.reason = "auto: no grouped or depthwise convolution pair"
         return None
     # The u8s8 remedy measured best on the plain model is reused (one build, not three).
     remedy = None if plain is None else _Choice(plain.choice.remedy, plain.choice.reason)
-    candidate = _candidate(request, copy, data, info, label="_equalized", remedy=remedy)
-    with_eq = _min_sqnr(candidate.metrics)
-    entry["sqnr_db_with"] = with_eq
+    candidate = _candidate(request, copy, data, details, label="_equalized", remedy=remedy)
+    with_eq = entry.sqnr_db_with = _min_sqnr(candidate.metrics)
     if plain is not None:
-        entry["sqnr_db_without"] = _min_sqnr(plain.metrics)
-        if with_eq < entry["sqnr_db_without"] + _EQUALIZE_MIN_GAIN_DB:
-            entry["reason"] = f"auto: SQNR gain below {_EQUALIZE_MIN_GAIN_DB} dB"
+        without = entry.sqnr_db_without = _min_sqnr(plain.metrics)
+        if with_eq < without + _EQUALIZE_MIN_GAIN_DB:
+            entry.reason = f"auto: SQNR gain below {_EQUALIZE_MIN_GAIN_DB} dB"
             return None
-    entry["applied"] = True
-    entry["reason"] = "on" if plain is None else "auto: output SQNR improved"
+    entry.applied = True
+    entry.reason = "on" if plain is None else "auto: output SQNR improved"
     return candidate
 
 
-def _static(
-    request: _Request, model: ir.Model, feeds: list, reference: Reference, info: dict[str, Any]
-) -> tuple[ir.Model, dict[str, dict]]:
-    source = model
+def _smoothed(
+    request: _Request, model: ir.Model, feeds: list, details: QuantizeDetails
+) -> ir.Model:
+    """``model``, or a SmoothQuant-ed copy of it (:mod:`onnxprune.quant.smooth`)."""
     alpha, why = _smooth_alpha(request.smooth, model)
-    info["smoothquant"] = {"alpha": alpha, "reason": why}
-    if alpha is not None:
-        source = copy_model(model)
-        with _timed(info, "smoothquant"):
-            info["smoothquant"].update(smooth_matmuls(source, feeds, alpha))
+    details.smoothquant = SmoothQuantReport(alpha, why)
+    if alpha is None:
+        return model
+    source = copy_model(model)
+    with details.seconds.timed("smoothquant"):
+        done = smooth_matmuls(source, feeds, alpha)
+    details.smoothquant.smoothed = _names(done.get("smoothed"))
+    if "folded_into_layernorm" in done:
+        details.smoothquant.folded_into_layernorm = _names(done["folded_into_layernorm"])
+    return source
+
+
+def _names(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _static(
+    request: _Request,
+    model: ir.Model,
+    feeds: list,
+    reference: Reference,
+    details: QuantizeDetails,
+) -> tuple[ir.Model, dict[str, dict]]:
+    source = _smoothed(request, model, feeds, details)
     data = (feeds, reference)
-    plain = None if request.equalize == "on" else _candidate(request, source, data, info)
-    best = _equalized(request, source, plain, data, info) or plain
+    plain = None if request.equalize == "on" else _candidate(request, source, data, details)
+    best = _equalized(request, source, plain, data, details) or plain
     if best is None:  # equalize "on" found nothing to equalize
-        best = _candidate(request, source, data, info)
+        best = _candidate(request, source, data, details)
     # The float model the quantized one was built from: per-layer references (bias
     # correction, harm ranking) come from it (equalization rescales channels).
     source, quantizer, choice = best.source, best.quantizer, best.choice
     quantized, metrics = best.model, best.metrics
-    info["u8s8"] = choice.to_dict()
-    info["range_method"] = quantizer.method
-    info["plan"] = best.summary
+    details.u8s8 = choice.record()
+    details.range_method = quantizer.method
+    details.plan = best.summary
     nodes = quantizer.plan(request.exclude).nodes
-    with _timed(info, "bias_correction"):
-        quantized, metrics, info["bias_correction"] = _bias_correction(
+    seconds = details.seconds
+    with seconds.timed("bias_correction"):
+        quantized, metrics, details.bias_correction = _bias_correction(
             request, source, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
         )
-    correct = bool(info["bias_correction"]["applied"])
-    with _timed(info, "refine"):
-        quantized, metrics, info["refine"] = _refine(
+    correct = details.bias_correction.applied
+    with seconds.timed("refine"):
+        quantized, metrics, refined = _refine(
             request, source, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
         )
+    details.refine = refined
     # Which layers cost the most SQNR (their own quantization, not inherited error).
-    with _timed(info, "rank_layers"):
+    with seconds.timed("rank_layers"):
         ranking = rank_harm(source, quantized, nodes, feeds[:_RANK_FEEDS])
-    info["worst_layers_harm_db"] = dict(ranking[:10])
+    details.worst_layers_harm_db = dict(ranking[:10])
     if request.budget is not None and request.budget.violations(metrics):
         # Keep float in the order of end-to-end sensitivity (each layer quantized alone).
-        with _timed(info, "sensitivity"):
+        with seconds.timed("sensitivity"):
             sensitivity = rank_sensitivity(
                 lambda kept: quantizer.build((*request.exclude, *kept), choice.remedy)[0],
                 nodes,
                 {k: v[:_SENSITIVITY_FEEDS] for k, v in reference.items()},
                 feeds[:_SENSITIVITY_FEEDS],
             )
-        info["sensitivity"] = sensitivity
+        details.sensitivity = sensitivity
         ranking = [(str(r["node"]), float(r["sqnr_db"])) for r in sensitivity]
 
         def build_kept(kept: Sequence[str]) -> tuple[ir.Model, dict, dict]:
@@ -491,16 +521,15 @@ def _static(
                 correct_biases(source, candidate, quantizer.plan(skip).nodes, feeds)
             return candidate, plan_summary, compare_outputs(reference, candidate, feeds)
 
-        with _timed(info, "budget_search"):
+        with seconds.timed("budget_search"):
             found = search_budget(build_kept, [name for name, _ in ranking], request.budget)
         quantized, metrics = found.model, found.metrics
-        info["plan"] = found.summary
-        info["kept_float"] = found.kept_float
-        info["budget_trials"] = found.trials
-        if info["refine"].get("applied"):
+        details.plan = found.summary
+        details.budget = BudgetSearchReport(found.kept_float, found.trials)
+        if refined.applied:
             # The search rebuilt the model with plain rounding: refine the found one.
-            with _timed(info, "refine_after_budget"):
-                quantized, metrics, info["refine"] = _refine(
+            with seconds.timed("refine_after_budget"):
+                quantized, metrics, details.refine = _refine(
                     request,
                     source,
                     (quantized, metrics),
@@ -512,7 +541,11 @@ def _static(
 
 
 def _dynamic(
-    request: _Request, model: ir.Model, feeds: list, reference: Reference, info: dict[str, Any]
+    request: _Request,
+    model: ir.Model,
+    feeds: list,
+    reference: Reference,
+    details: QuantizeDetails,
 ) -> tuple[ir.Model, dict[str, dict]]:
     summaries: dict[str, dict] = {}
 
@@ -521,25 +554,26 @@ def _dynamic(
         return built
 
     choice = _choose_remedy(request, build, reference, feeds)
-    info["u8s8"] = choice.to_dict()
+    details.u8s8 = choice.record()
     quantized, metrics = _chosen_model(choice, build, reference, feeds)
-    info["dynamic"] = summaries[choice.remedy]
-    info["int8_mac_share"] = converted_mac_share(model, summaries[choice.remedy]["quantized_nodes"])
+    summary = summaries[choice.remedy]
+    details.dynamic = summary
+    details.int8_mac_share = converted_mac_share(model, summary["quantized_nodes"])
     return quantized, metrics
 
 
 def _convert(
-    request: _Request, model: ir.Model, feeds: list, info: dict[str, Any]
+    request: _Request, model: ir.Model, feeds: list, details: QuantizeDetails
 ) -> tuple[ir.Model, dict[str, dict]]:
     """The quantized (or fp16) model and its output metrics against ``model``."""
-    with _timed(info, "reference_run"):
+    with details.seconds.timed("reference_run"):
         reference = reference_outputs(model, feeds)
     if request.dtype == "fp16":
-        converted, info["fp16"] = fp16.convert(model, feeds)
+        converted, details.fp16 = fp16.convert(model, feeds)
         return converted, compare_outputs(reference, converted, feeds)
     if request.mode == "dynamic":
-        return _dynamic(request, model, feeds, reference, info)
-    return _static(request, model, feeds, reference, info)
+        return _dynamic(request, model, feeds, reference, details)
+    return _static(request, model, feeds, reference, details)
 
 
 def _check_result(request: _Request, metrics: dict[str, dict]) -> None:
@@ -676,31 +710,31 @@ def quantize_file(
     model, opset = ensure_opset(model, feeds[:2])
     if not opset["per_channel"] and request.per_channel:
         request = dataclasses.replace(request, per_channel=False)
-    info: dict[str, Any] = {"canonicalize": passes.summary(), "cpu": cpu_isa(), "opset": opset}
-    quantized, metrics = _convert(request, model, feeds, info)
+    details = QuantizeDetails(passes.summary(), cpu_isa(), OpsetChange.from_record(opset))
+    quantized, metrics = _convert(request, model, feeds, details)
     _check_result(request, metrics)
     if dtype == "int8" and mode == "static":
-        info["int8_mac_share"] = int8_mac_share(quantized)
+        details.int8_mac_share = int8_mac_share(quantized)
     fidelity: list[FidelityReport] = []
 
     def check_held_out(path: Path) -> None:
-        with _timed(info, "held-out check"):
+        with details.seconds.timed("held-out check"):
             fidelity.append(measure(model_path, path, split))
         _check_held_out(request, fidelity[0])
 
-    with _timed(info, "save"):
+    with details.seconds.timed("save"):
         dest = save(quantized, output_path, before_commit=check_held_out, protect=inputs)
     return QuantizeResult(
         input=str(model_path),
         output=str(dest),
         mode="fp16" if dtype == "fp16" else mode,
-        method=info.get("range_method", method) if dtype == "int8" and mode == "static" else None,
+        method=(details.range_method or method) if dtype == "int8" and mode == "static" else None,
         target=target,
         samples=count,
         metrics=metrics,
         fidelity=fidelity[0],
         worst=worst(fidelity[0].held_out.outputs),
-        details=info,
+        details=details,
         input_bytes=input_bytes,
         output_bytes=file_bytes(dest),
     )

@@ -138,8 +138,16 @@ from onnxprune.quant.segments import (
     int8_outputs,
     step_run,
 )
+from onnxprune.reports import Change, Skip
 
-__all__ = ["BIAS_MODES", "BiasLayer", "correct_biases", "find_layers", "measure_offsets"]
+__all__ = [
+    "BIAS_MODES",
+    "BiasCorrection",
+    "BiasLayer",
+    "correct_biases",
+    "find_layers",
+    "measure_offsets",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +182,33 @@ class BiasLayer:
     bias_index: int
 
 
+@dataclasses.dataclass
+class BiasCorrection:
+    """What :func:`correct_biases` did: a :class:`Change` per corrected layer (``amount``:
+    its largest per-channel offset ``max_c |mu_c|``) and a :class:`Skip` per skipped one."""
+
+    changes: list[Change] = dataclasses.field(default_factory=list)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+
+    @property
+    def corrected(self) -> list[str]:
+        """The corrected layers, in the order they were corrected."""
+        return [c.node for c in self.changes]
+
+    @property
+    def largest_offsets(self) -> dict[str, float]:
+        """The 10 largest offsets, largest first."""
+        amounts = [(c.node, c.amount or 0.0) for c in self.changes]
+        return dict(sorted(amounts, key=lambda kv: -kv[1])[:10])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "corrected": self.corrected,
+            "skipped": [s.to_dict() for s in self.skipped],
+            "largest_offsets": self.largest_offsets,
+        }
+
+
 def _matmul_bias(node: ir.Node) -> tuple[ir.Node, int] | None:
     out = node.outputs[0]
     uses = list(out.uses())
@@ -191,12 +226,13 @@ def _matmul_bias(node: ir.Node) -> tuple[ir.Node, int] | None:
 
 def find_layers(
     reference: ir.Model, quantized: ir.Model, nodes: Sequence[str]
-) -> tuple[list[BiasLayer], list[dict[str, str]]]:
+) -> tuple[list[BiasLayer], list[Skip]]:
     """The correctable layers among quantized ``nodes`` and the skipped ones with reasons."""
     by_name = {n.name: n for n in reference.graph}
     q_values = values_by_name(quantized.graph)
     outputs = {v.name for v in reference.graph.outputs}
-    layers, skipped = [], []
+    layers: list[BiasLayer] = []
+    skipped: list[Skip] = []
     for name in nodes:
         node = by_name[name]
         if node.op_type not in _CHANNEL_AXIS:
@@ -206,12 +242,12 @@ def find_layers(
         if node.op_type == "MatMul":
             found = _matmul_bias(node)
             if found is None:
-                skipped.append({"node": name, "reason": "MatMul without a constant bias Add"})
+                skipped.append(Skip(name, "MatMul without a constant bias Add"))
                 continue
             bias_node, index = found
             y = bias_node.outputs[0]
         elif len(node.inputs) < 3 or node.inputs[2] is None:
-            skipped.append({"node": name, "reason": "no bias input"})
+            skipped.append(Skip(name, "no bias input"))
             continue
         activated = y
         measured = y.name or ""
@@ -223,7 +259,7 @@ def find_layers(
             if node.op_type != "Gemm" or f"{after.name}_quantized" in q_values:
                 activated, measured = after, f"{after.name}_quantized"
         if measured not in q_values:
-            skipped.append({"node": name, "reason": f"tensor {measured!r} not in quantized model"})
+            skipped.append(Skip(name, f"tensor {measured!r} not in quantized model"))
             continue
         layers.append(
             BiasLayer(
@@ -405,7 +441,7 @@ def correct_biases(
     *,
     sequential: bool = True,
     truncate: bool = True,
-) -> dict[str, Any]:
+) -> BiasCorrection:
     """Shift the biases of ``quantized`` (in place) by their measured mean errors.
 
     Args:
@@ -422,15 +458,12 @@ def correct_biases(
             models per layer (the original path, same results; kept for checks).
 
     Returns:
-        ``{"corrected": [node], "skipped": [{node, reason}],
-        "largest_offsets": {node: max_c |mu_c|}}`` (the 10 largest).
+        The corrected layers (with their largest offsets) and the skipped ones.
     """
     layers, skipped = find_layers(reference, quantized, nodes)
-    corrected: list[str] = []
-    largest: dict[str, float] = {}
+    record = BiasCorrection(skipped=skipped)
     if not layers:
-        return {"corrected": corrected, "skipped": skipped, "largest_offsets": {}}
-    record = (corrected, skipped, largest)
+        return record
     if sequential and truncate:
         stats = _correct_on_cuts(reference, quantized, layers, feeds, record)
         logger.debug("bias correction: cache peak %d bytes", stats["cache_peak_bytes"])
@@ -438,9 +471,12 @@ def correct_biases(
         with session_with_outputs(reference, _reference_names(layers), optimize=True) as session:
             for batch in [[layer] for layer in layers] if sequential else [layers]:
                 _apply(session, quantized, batch, feeds, record)
-    logger.info("bias correction: %d layer(s) corrected, %d skipped", len(corrected), len(skipped))
-    top = sorted(largest.items(), key=lambda kv: -kv[1])[:10]
-    return {"corrected": corrected, "skipped": skipped, "largest_offsets": dict(top)}
+    logger.info(
+        "bias correction: %d layer(s) corrected, %d skipped",
+        len(record.changes),
+        len(record.skipped),
+    )
+    return record
 
 
 def _apply(
@@ -448,7 +484,7 @@ def _apply(
     quantized: ir.Model,
     batch: Sequence[BiasLayer],
     feeds: Sequence[Mapping[str, np.ndarray]],
-    record: tuple[list[str], list[dict[str, str]], dict[str, float]],
+    record: BiasCorrection,
 ) -> None:
     """Measure ``batch`` on the current (full) ``quantized`` model and shift its biases."""
     offsets = measure_offsets(reference, quantized, batch, feeds)
@@ -460,18 +496,17 @@ def _record(
     quantized: ir.Model,
     layer: BiasLayer,
     offset: np.ndarray,
-    record: tuple[list[str], list[dict[str, str]], dict[str, float]],
+    record: BiasCorrection,
     changed: list[ir.Value] | None = None,
 ) -> None:
     """Shift the layer's bias by ``offset`` and note the outcome (the new initializer is
     appended to ``changed``)."""
-    corrected, skipped, largest = record
     why = _shift_bias(quantized, layer, offset, changed)
     if why is not None:
-        skipped.append({"node": layer.node, "reason": why})
+        record.skipped.append(Skip(layer.node, why))
         return
-    corrected.append(layer.node)
-    largest[layer.node] = float(np.max(np.abs(offset), initial=0.0))
+    amount = float(np.max(np.abs(offset), initial=0.0))
+    record.changes.append(Change(layer.node, "bias shifted by the mean error", amount))
 
 
 def _correct_on_cuts(
@@ -479,7 +514,7 @@ def _correct_on_cuts(
     quantized: ir.Model,
     layers: Sequence[BiasLayer],
     feeds: Sequence[Mapping[str, np.ndarray]],
-    record: tuple[list[str], list[dict[str, str]], dict[str, float]],
+    record: BiasCorrection,
 ) -> dict[str, int]:
     """The sequential pass on cut models (see the module docstring); returns cache stats."""
     # The float side exposes every layer's tensors wherever computed, as the full-model

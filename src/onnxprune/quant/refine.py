@@ -76,6 +76,7 @@ from onnxprune.quant.segments import (
 )
 from onnxprune.recover.ops import RULES
 from onnxprune.recover.replay import _attr_value
+from onnxprune.reports import Skip
 
 __all__ = ["LayerOutcome", "RefineLayer", "RefineOptions", "find_layers", "refine_weights"]
 
@@ -223,20 +224,20 @@ def _layer(node: ir.Node, ref: ir.Node, int8: set[str], outputs: set[str]) -> Re
 
 def find_layers(
     reference: ir.Model, quantized: ir.Model, nodes: Sequence[str]
-) -> tuple[list[RefineLayer], list[dict[str, str]]]:
+) -> tuple[list[RefineLayer], list[Skip]]:
     """The refinable layers among quantized ``nodes`` (graph order) and the skipped ones."""
     refs = {n.name: n for n in reference.graph}
     outputs = {v.name for v in reference.graph.outputs if v.name is not None}
     int8 = int8_outputs(quantized)
     wanted = set(nodes)
     layers: list[RefineLayer] = []
-    skipped: list[dict[str, str]] = []
+    skipped: list[Skip] = []
     for node in quantized.graph:
         if node.name not in wanted or node.op_type not in _OPS or node.name not in refs:
             continue
         found = _layer(node, refs[node.name], int8, outputs)
         if isinstance(found, str):
-            skipped.append({"node": node.name or "", "reason": found})
+            skipped.append(Skip(node.name or "", found))
         else:
             layers.append(found)
     return layers, skipped
@@ -630,7 +631,7 @@ def refine_weights(
     nodes: Sequence[str],
     feeds: Sequence[Mapping[str, np.ndarray]],
     options: RefineOptions | None = None,
-) -> tuple[list[LayerOutcome], list[dict[str, str]]]:
+) -> tuple[list[LayerOutcome], list[Skip]]:
     """Learn the int8 rounding of ``quantized``'s weights in place (see module docstring).
 
     Args:
@@ -674,19 +675,13 @@ def refine_weights(
         for step, layer in enumerate(layers):
             began = time.perf_counter()
             if options.time_budget is not None and began - start > options.time_budget:
-                skipped.extend(
-                    {"node": x.node, "reason": "time budget spent"} for x in layers[step:]
-                )
+                skipped.extend(Skip(x.node, "time budget spent") for x in layers[step:])
                 break
             data = _collect(sides, cache, step, layer, feeds, max_bytes=options.max_bytes)
             w = _weights(reference, quantized, layer)
             if data.rows < _fan_in(layer, w):
-                skipped.append(
-                    {
-                        "node": layer.node,
-                        "reason": f"{data.rows} output rows < fan-in {_fan_in(layer, w)}",
-                    }
-                )
+                why = f"{data.rows} output rows < fan-in {_fan_in(layer, w)}"
+                skipped.append(Skip(layer.node, why))
                 continue
             outcome = _refine_layer(quantized, layer, w, data, opset=opset, options=options)
             outcomes.append(dataclasses.replace(outcome, seconds=time.perf_counter() - began))

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from onnxprune.analysis.inspect import disk_bytes
 from onnxprune.heldout import FidelityReport
 from onnxprune.reporting import json_safe
+from onnxprune.reports import FLATTEN, KEEP_NONE, Skip, key, report_dict
 
-__all__ = ["QuantizeResult", "file_bytes", "worst"]
+if TYPE_CHECKING:
+    from onnxprune.quant.bias import BiasCorrection
+    from onnxprune.quant.refine import LayerOutcome
+
+__all__ = [
+    "BiasCorrectionReport",
+    "BudgetSearchReport",
+    "EqualizeReport",
+    "MethodChoice",
+    "OpsetChange",
+    "PhaseSeconds",
+    "QuantizeDetails",
+    "QuantizeResult",
+    "RefineReport",
+    "RemedyChoice",
+    "SmoothQuantReport",
+    "file_bytes",
+    "worst",
+]
+
+CacheState = Literal["off", "hit", "miss"]
 
 
 def file_bytes(path: Path) -> int:
@@ -34,6 +57,191 @@ def worst(metrics: Mapping[str, Mapping[str, float | None]]) -> dict[str, float 
         "top1_agreement": pick("top1_agreement", True),
         "max_abs_error": pick("max_abs_error", False),
     }
+
+
+@dataclasses.dataclass
+class PhaseSeconds:
+    """Wall seconds per phase, in the order the phases ended (``seconds`` in the JSON)."""
+
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        """Record the wall seconds of ``phase``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = round(time.perf_counter() - start, 3)
+
+    def __contains__(self, phase: object) -> bool:
+        return phase in self.phases
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.phases)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpsetChange:
+    """The opset the model came with, the one quantized, whether per-channel weights are
+    allowed, and why an upgrade was not taken (:func:`onnxprune.quant.prepare.ensure_opset`)."""
+
+    from_: int = dataclasses.field(metadata=key("from"))
+    to: int
+    per_channel: bool
+    reason: str | None = None
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> OpsetChange:
+        reason = record.get("reason")
+        return cls(int(record["from"]), int(record["to"]), bool(record["per_channel"]), reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RemedyChoice:
+    """The u8s8 saturation remedy, why, and each measured candidate's worst output SQNR."""
+
+    remedy: str
+    reason: str
+    candidates_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodChoice:
+    """``--method auto``: the range method kept and each method's worst output SQNR."""
+
+    chosen: str
+    candidates_sqnr_db: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
+@dataclasses.dataclass
+class SmoothQuantReport:
+    """SmoothQuant's strength (None: not applied), why, and the smoothed tensors."""
+
+    alpha: float | None = dataclasses.field(metadata=KEEP_NONE)
+    reason: str
+    smoothed: list[str] | None = None
+    folded_into_layernorm: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
+@dataclasses.dataclass
+class EqualizeReport:
+    """Cross-layer equalization: tried or not, kept or not, and why."""
+
+    mode: str
+    applied: bool = False
+    reason: str | None = None
+    pairs: int | None = None
+    sweeps: int | None = None
+    relaxed_clips: Any = None
+    skipped: list[dict[str, str | None]] | None = None
+    sqnr_db_with: float | None = None
+    sqnr_db_without: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
+@dataclasses.dataclass
+class BiasCorrectionReport:
+    """Bias correction: kept or not and why, the feeds it was fitted and judged on, the
+    corrected and skipped layers, the worst output SQNR without and with it."""
+
+    mode: str
+    applied: bool = False
+    reason: str | None = None
+    fit_feeds: int | None = None
+    judged_on_feeds: int | None = None
+    correction: BiasCorrection | None = dataclasses.field(default=None, metadata=FLATTEN)
+    sqnr_db_without: float | None = None
+    sqnr_db_with: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
+@dataclasses.dataclass
+class RefineReport:
+    """Learned rounding: kept or not and why, the feeds it was fitted and judged on, each
+    layer's outcome, the skipped layers, the worst output SQNR without and with it."""
+
+    mode: str
+    applied: bool = False
+    reason: str | None = None
+    fit_feeds: int | None = None
+    judged_on_feeds: int | None = None
+    layers: list[LayerOutcome] | None = None
+    skipped: list[Skip] | None = None
+    refined: int | None = None
+    sqnr_db_without: float | None = None
+    sqnr_db_with: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSearchReport:
+    """Layers kept float for ``--budget`` and the trials of the search (flattened into the
+    details as ``kept_float`` and ``budget_trials``)."""
+
+    kept_float: list[str]
+    budget_trials: list[dict[str, object]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
+@dataclasses.dataclass
+class QuantizeDetails:
+    """How :func:`onnxprune.quant.quantize_file` got there, one record per concern; the
+    JSON (``details``) leaves out what did not happen. ``plan``, ``dynamic``, ``fp16``,
+    ``int8_mac_share`` and ``sensitivity`` are their producers' summaries."""
+
+    canonicalize: str
+    cpu: dict[str, bool]
+    opset: OpsetChange
+    seconds: PhaseSeconds = dataclasses.field(default_factory=PhaseSeconds)
+    calibration_cache: dict[str, CacheState] | None = None
+    smoothquant: SmoothQuantReport | None = None
+    u8s8: RemedyChoice | None = None
+    range_method: str | None = None
+    method: MethodChoice | None = None
+    method_equalized: MethodChoice | None = None
+    equalize: EqualizeReport | None = None
+    plan: dict[str, Any] | None = None
+    bias_correction: BiasCorrectionReport | None = None
+    refine: RefineReport | None = None
+    worst_layers_harm_db: dict[str, float] | None = None
+    sensitivity: list[dict[str, float | str]] | None = None
+    budget: BudgetSearchReport | None = dataclasses.field(default=None, metadata=FLATTEN)
+    dynamic: dict[str, object] | None = None
+    fp16: dict[str, object] | None = None
+    int8_mac_share: dict[str, object] | None = None
+
+    @property
+    def kept_float(self) -> list[str] | None:
+        """Layers kept float for ``--budget`` (None without a budget search)."""
+        return None if self.budget is None else self.budget.kept_float
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The JSON value of ``key`` (for readers of the former dict)."""
+        return self.to_dict().get(key, default)
 
 
 def _islands_line(islands: list[dict[str, Any]]) -> str:
@@ -64,6 +272,7 @@ class QuantizeResult:
             samples never used for fitting (:mod:`onnxprune.heldout`).
         worst: Worst value of each held-out metric over outputs.
         details: Plan, u8s8 remedy and reason, layers kept float, int8 MAC share, ...
+            (:class:`QuantizeDetails`)
         input_bytes: Size of the input model files.
         output_bytes: Size of the written model files.
     """
@@ -77,15 +286,16 @@ class QuantizeResult:
     metrics: dict[str, dict[str, float | None]]
     fidelity: FidelityReport
     worst: dict[str, float | None]
-    details: dict[str, Any]
+    details: QuantizeDetails
     input_bytes: int
     output_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite floats as strings)."""
-        payload = {"schema": "onnxprune.quantize/1", **dataclasses.asdict(self)}
+        payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         payload["fidelity"] = self.fidelity.to_dict()
-        return json_safe(payload)
+        payload["details"] = self.details.to_dict()
+        return json_safe({"schema": "onnxprune.quantize/1", **payload})
 
     def summary(self) -> str:
         """A few human-readable lines."""
@@ -97,44 +307,48 @@ class QuantizeResult:
             f"(worst output there: SQNR {fit['sqnr_db']:.1f} dB)",
             *self.fidelity.summary(),
         ]
-        opset = self.details.get("opset")
-        if opset and opset.get("reason"):
-            lines.append(f"opset {opset['from']}: {opset['reason']}")
-        elif opset and opset["from"] != opset["to"]:
-            lines.append(f"opset {opset['from']} -> {opset['to']} (outputs checked unchanged)")
-        u8s8 = self.details.get("u8s8")
-        if u8s8:
-            lines.append(f"u8s8 remedy: {u8s8['remedy']} ({u8s8['reason']})")
-        method = self.details.get("method")
-        if method:
-            scores = ", ".join(f"{m} {v:.1f} dB" for m, v in method["candidates_sqnr_db"].items())
+        details = self.details
+        opset = details.opset
+        if opset.reason:
+            lines.append(f"opset {opset.from_}: {opset.reason}")
+        elif opset.from_ != opset.to:
+            lines.append(f"opset {opset.from_} -> {opset.to} (outputs checked unchanged)")
+        if details.u8s8:
+            lines.append(f"u8s8 remedy: {details.u8s8.remedy} ({details.u8s8.reason})")
+        if details.method:
+            scores = ", ".join(
+                f"{m} {v:.1f} dB" for m, v in details.method.candidates_sqnr_db.items()
+            )
             lines.append(f"range method chosen by measurement ({scores})")
-        for key, what in (
-            ("equalize", "cross-layer equalization"),
-            ("bias_correction", "bias correction"),
-            ("refine", "learned rounding (AdaRound)"),
-        ):
-            step = self.details.get(key)
-            if step and step.get("mode") != "off":
-                done = "applied" if step.get("applied") else "not applied"
-                lines.append(f"{what}: {done} ({step.get('reason')})")
-        cache = self.details.get("calibration_cache")
+        steps: tuple[tuple[EqualizeReport | BiasCorrectionReport | RefineReport | None, str], ...]
+        steps = (
+            (details.equalize, "cross-layer equalization"),
+            (details.bias_correction, "bias correction"),
+            (details.refine, "learned rounding (AdaRound)"),
+        )
+        for step, what in steps:
+            if step and step.mode != "off":
+                done = "applied" if step.applied else "not applied"
+                lines.append(f"{what}: {done} ({step.reason})")
+        cache = details.calibration_cache
         if cache and any(v != "off" for v in cache.values()):
             states = ", ".join(f"{k} {v}" for k, v in cache.items())
             lines.append(f"calibration cache: {states} (hit: statistics reused, no pass run)")
-        share = self.details.get("int8_mac_share")
+        share = details.int8_mac_share
         if share:
-            lines.append(f"int8 MAC share in onnxruntime: {100 * share['int8_mac_share']:.1f} %")
-            lines.append(_islands_line(share.get("islands", [])))
-        harm = self.details.get("worst_layers_harm_db")
+            value, islands = share["int8_mac_share"], share.get("islands")
+            percent = 100 * float(value) if isinstance(value, int | float) else float("nan")
+            lines.append(f"int8 MAC share in onnxruntime: {percent:.1f} %")
+            lines.append(_islands_line(islands if isinstance(islands, list) else []))
+        harm = details.worst_layers_harm_db
         if harm:
             top = ", ".join(f"{name} {value:.1f} dB" for name, value in list(harm.items())[:3])
             lines.append(f"most harmful layers (added noise / signal): {top}")
-        sensitivity = self.details.get("sensitivity")
+        sensitivity = details.sensitivity
         if sensitivity:
             top = ", ".join(f"{r['node']} {float(r['sqnr_db']):.1f} dB" for r in sensitivity[:5])
             lines.append(f"most sensitive layers (output SQNR when quantized alone): {top}")
-        kept = self.details.get("kept_float")
+        kept = details.kept_float
         if kept:
             more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
             lines.append(f"kept in float for the budget ({len(kept)}): {', '.join(kept[:5])}{more}")
