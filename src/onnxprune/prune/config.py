@@ -111,7 +111,8 @@ class LatencyTarget:
         candidate: str | os.PathLike[str],
         dims: Mapping[str, int] | None,
     ) -> float:
-        """Median latency of ``candidate`` over ``reference``, one interleaved run."""
+        """Latency of ``candidate`` over ``reference`` from one interleaved run: the median of
+        the per-round ratios (the ratio of medians when there is no paired estimate)."""
         from onnxprune.bench import benchmark
 
         feeds: dict[str, Any] = {"calib": self.calib} if self.calib else {"dims": dict(dims or {})}
@@ -124,6 +125,9 @@ class LatencyTarget:
             **feeds,
         )
         first, second = result.models
+        paired = second.paired_ratio_to_first  # per-round ratios: robust to load drifting
+        if paired is not None:
+            return float(paired.ratio)
         return second.latency_ms.median / first.latency_ms.median
 
 
