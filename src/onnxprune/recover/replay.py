@@ -201,7 +201,14 @@ class GraphReplay(torch.nn.Module):
                     )
                 ) * _shape_like(dequant.scale, value, dequant.axis)
             self.params[key] = torch.nn.Parameter(value.to(torch.float32).clone())
-            if value.dim() >= 2 and bool((value == 0).any()):
+            # zeros of a weight are a sparsity mask; so is the zero of a 1-D table read by
+            # Gather (sparsify's bitmask values: its last slot is what every removed weight
+            # reads), while zeros of other 1-D tensors (biases) may be trained
+            table = any(
+                use.node.op_type == "Gather" and use.idx == 0
+                for use in graph.initializers[name].uses()
+            )
+            if (value.dim() >= 2 or table) and bool((value == 0).any()):
                 self._masks[key] = value != 0
         self._steps_all = steps
         self._external = externals

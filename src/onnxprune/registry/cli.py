@@ -9,6 +9,7 @@ are the config's fields (:func:`onnxprune.registry.options.add_config_arguments`
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from onnxprune.commands.common import (
@@ -20,6 +21,7 @@ from onnxprune.commands.common import (
     parse_dims,
     write_json,
 )
+from onnxprune.commands.recover import add_recover_option, recover_after
 from onnxprune.registry.driver import run_file
 from onnxprune.registry.options import (
     add_config_arguments,
@@ -31,7 +33,9 @@ from onnxprune.registry.transform import Transform
 __all__ = ["SHARED_DESTS", "config_from_args", "register_command"]
 
 #: argparse destinations of the shared options (not config fields).
-SHARED_DESTS = frozenset({"model", "output", "calib", "eval_data", "report", "dim"})
+SHARED_DESTS = frozenset(
+    {"model", "output", "calib", "eval_data", "report", "dim", "recover", "recover_budget"}
+)
 
 
 def register_command(sub: argparse._SubParsersAction, transform: Transform) -> None:
@@ -43,24 +47,39 @@ def register_command(sub: argparse._SubParsersAction, transform: Transform) -> N
         add_calib_option(parser, exact=transform.fidelity == "exact")
     if transform.fidelity == "lossy":
         add_eval_option(parser)
+        add_recover_option(parser)
     add_report_option(parser)
     if transform.apply is not None or "dims" in {s.name for s in field_specs(transform.config)}:
         add_dims_option(parser)
     add_config_arguments(parser, transform.config)
 
     def run(args: argparse.Namespace) -> int:
-        result = run_file(
-            transform,
-            args.model,
-            args.output,
-            config_from_args(transform, args),
-            calib=getattr(args, "calib", None),
-            eval_data=getattr(args, "eval_data", None),
-            dims=parse_dims(getattr(args, "dim", [])),
-        )
+        config = config_from_args(transform, args)
+
+        def write(output: str | Path) -> Any:
+            return run_file(
+                transform,
+                args.model,
+                output,
+                config,
+                calib=getattr(args, "calib", None),
+                eval_data=getattr(args, "eval_data", None),
+                dims=parse_dims(getattr(args, "dim", [])),
+            )
+
+        recovered = None
+        if getattr(args, "recover", "none") == "distill":
+            result, recovered = recover_after(args, write)
+        else:
+            result = write(args.output)
         print(result.summary())
+        if recovered is not None:
+            print(recovered.summary())
         if args.report:
-            write_json(args.report, result.to_dict())
+            report = result.to_dict()
+            if recovered is not None:
+                report["recovery"] = recovered.to_dict()
+            write_json(args.report, report)
         return 0
 
     parser.set_defaults(run=run, files=model_run_files)
