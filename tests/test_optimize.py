@@ -296,3 +296,46 @@ def test_exact_recipe_without_data_runs_and_is_exact(tmp_path: Path, capsys):
     ref, got = run_model(load(digits_model()), feed), run_model(load(out), feed)
     for name, value in ref.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_that_misses_the_budget_is_distilled_before_backing_off(
+    tmp_path: Path, capsys, monkeypatch
+):
+    """optimize --recover distill: the failing candidate is distilled from the input (on the
+    fit data) and kept when the distilled model meets the budget on the held-out data; no
+    milder retry. Distillation and the verdicts are stand-ins: this tests the plumbing."""
+    pytest.importorskip("torch")
+    import dataclasses
+    import shutil
+
+    import onnxprune.recover.api as recover_api
+
+    distilled: list[tuple[str, str]] = []
+
+    def fake_recover(student, teacher, out, calib, **kwargs):
+        distilled.append((Path(student).name, str(calib)))
+        shutil.copyfile(student, out)
+
+    real_verify = api.verify
+
+    def fake_verify(reference, candidate, data, tolerance=None):
+        result = real_verify(reference, candidate, data, tolerance=tolerance)
+        missed = Path(candidate).name.startswith("step2_prune") and "distilled" not in str(
+            candidate
+        )
+        stand_in = SimpleNamespace(message=lambda: "logits cosine 0.5 < 0.99 (stand-in)")
+        return dataclasses.replace(result, violations=[stand_in] if missed else [])
+
+    monkeypatch.setattr(recover_api, "recover_file", fake_recover)
+    monkeypatch.setattr(api, "verify", fake_verify)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - canonicalize: {}\n  - prune: {ratio: 0.25}\n")
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    argv = ["optimize", str(digits_model()), *TINY, "-o", str(out), "--recipe", str(recipe)]
+    argv += ["--bench-seconds", "0", "--recover", "distill", "--report", str(report)]
+    assert main(argv) == 0
+    prune = json.loads(report.read_text())["steps"][1]
+    assert prune["status"] == "applied" and prune["tries"] == 1 and prune["strength"] == 1
+    assert "met after distillation from the input" in prune["reason"]
+    ((student, calib),) = distilled
+    assert student == "step2_prune_1.onnx" and "fit" in Path(calib).name

@@ -18,6 +18,7 @@ from onnxprune.commands.common import (
     parse_dims,
     write_json,
 )
+from onnxprune.commands.recover import add_recover_option, check_recover
 from onnxprune.errors import CalibrationError, UsageError
 from onnxprune.io import load
 from onnxprune.io.outputs import RunFiles
@@ -56,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="benchmark time (default 10); 0 skips the latency check (the report says so)",
     )
     add_report_option(parser)
+    add_recover_option(parser, when="when a pruning/sparsity/low-rank step misses the budget, ")
     parser.add_argument(
         "--variants",
         metavar="F1,F2,...",
@@ -102,6 +104,8 @@ def _check_options(args: argparse.Namespace) -> None:
     calibration validator, before any work."""
     if not math.isfinite(args.bench_seconds) or args.bench_seconds < 0:
         raise UsageError(f"--bench-seconds {args.bench_seconds}: must be a number >= 0")
+    if args.recover == "distill":  # the bundled model (no MODEL) comes with its data
+        check_recover(args, needs_calib=args.model is not None)
     if not (args.calib or args.eval_set):
         return
     model = load(_model(args))
@@ -151,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         "dims": parse_dims(args.dim),
         "threads": args.threads,
         "bench_seconds": args.bench_seconds,
+        "recover": args.recover,
+        "recover_budget": args.recover_budget,
     }
     if args.variants:
         return _run_variants(args, common)

@@ -18,7 +18,7 @@ from onnxprune.commands.common import (
 from onnxprune.errors import UsageError
 from onnxprune.io.outputs import RunFiles
 
-__all__ = ["add_recover_option", "recover_after", "register", "run"]
+__all__ = ["add_recover_option", "check_recover", "recover_after", "register", "run"]
 
 NO_TORCH = "recover needs torch: pip install onnxprune[recover]"
 
@@ -112,13 +112,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_recover_option(parser: argparse.ArgumentParser) -> None:
+def add_recover_option(parser: argparse.ArgumentParser, *, when: str = "after the pass, ") -> None:
     """``--recover distill`` for a lossy command (with the distillation defaults)."""
     parser.add_argument(
         "--recover",
         choices=("none", "distill"),
         default="none",
-        help="after the pass, distil the result from the input model on --calib "
+        help=f"{when}distil the result from the input model on --calib "
         "(weights only; kept only if held-out fidelity improves; needs torch)",
     )
     parser.add_argument(
@@ -126,13 +126,18 @@ def add_recover_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_recover(args: argparse.Namespace, *, needs_calib: bool = True) -> None:
+    """``--recover distill`` needs torch and ``--calib`` (one line each, exit 2)."""
+    if importlib.util.find_spec("torch") is None:
+        raise UsageError(NO_TORCH.replace("recover needs", "--recover distill needs"))
+    if needs_calib and not args.calib:
+        raise UsageError("--recover distill needs --calib (unlabeled samples to distil on)")
+
+
 def recover_after(args: argparse.Namespace, write: Callable[[Path], Any]) -> tuple[Any, Any]:
     """Run ``write(tmp)`` (the pass, into a temporary file), then distil that model from
     ``args.model`` into ``args.output``. Returns (the pass's result, the RecoverResult)."""
-    if importlib.util.find_spec("torch") is None:
-        raise UsageError(NO_TORCH.replace("recover needs", "--recover distill needs"))
-    if not args.calib:
-        raise UsageError("--recover distill needs --calib (unlabeled samples to distil on)")
+    check_recover(args)
     from onnxprune.recover.api import recover_file
     from onnxprune.recover.distill import DistillOptions
 

@@ -99,6 +99,10 @@ class _Context:
     threads: int
     seconds: float
     progress: _StepProgress
+    #: ``distill``: a lossy step that misses the budget is distilled before it is made
+    #: milder; ``none``: backed off at once.
+    recover: str = "none"
+    recover_budget: float | None = None
 
 
 def _resolve(recipe: str | os.PathLike[str] | Recipe | None, preset_name: str | None) -> Recipe:
@@ -154,11 +158,41 @@ def _tries(
                     step.name, dict(step.options), "applied", strength, tries, note, check.outputs
                 )
             reason = f"budget missed: {check.failure_message()}"
+            if ctx.recover == "distill" and step.name in BACKOFF_STEPS:
+                distilled = _distilled(dst, ctx)
+                if distilled is not None:
+                    path, outputs = distilled
+                    ctx.progress.done("applied after distillation")
+                    recovered = f"{reason}; met after distillation from the input"
+                    return path, StepRecord(
+                        step.name, dict(step.options), "applied", strength, tries,
+                        "; ".join(x for x in (note, recovered) if x), outputs,
+                    )  # fmt: skip
+                reason += "; distillation did not meet it"
         ctx.progress.done("budget missed")
         if step.name not in BACKOFF_STEPS or tries >= ctx.max_tries:
             break
         strength /= 2
     return None, StepRecord(step.name, dict(step.options), "skipped", strength, tries, reason)
+
+
+def _distilled(
+    candidate: Path, ctx: _Context
+) -> tuple[Path, dict[str, dict[str, float | None]]] | None:
+    """``candidate`` distilled from the input on the fit data (weights only), when that
+    meets the budget on the held-out data: its path and fidelity, else None."""
+    if ctx.fit is None or ctx.holdout is None:
+        return None
+    from onnxprune.recover.api import recover_file
+    from onnxprune.recover.distill import DistillOptions
+
+    out = candidate.with_name(candidate.stem + "_distilled.onnx")
+    ctx.progress.phase(f"distilling {candidate.name} from the input")
+    recover_file(
+        candidate, ctx.input, out, ctx.fit, options=DistillOptions(time_budget=ctx.recover_budget)
+    )
+    check = verify(ctx.input, out, ctx.holdout, tolerance=ctx.tolerance)
+    return (out, check.outputs) if check.passed else None
 
 
 def _measure(
@@ -242,6 +276,8 @@ def optimize(
     max_tries: int = 3,
     threads: int = 2,
     bench_seconds: float = 10.0,
+    recover: str = "none",
+    recover_budget: float | None = None,
 ) -> OptimizeReport:
     """Optimize ``model`` (default: the bundled digits CNN) into ``output``.
 
@@ -249,6 +285,10 @@ def optimize(
         BudgetError: the budget cannot be met, or the result is slower than the input;
             nothing is written (exit code 1).
         UsageError, ModelLoadError, CalibrationError: bad options or input (exit code 2).
+
+    ``recover="distill"`` distils a pruned, sparsified or factorized model from the input
+    (on the fit part of ``calib``; needs torch) when it misses the budget, before the step
+    is retried milder; ``recover_budget`` bounds each distillation in seconds.
     """
     bundled = model is None
     src = Path(model) if model is not None else default_model()
@@ -291,6 +331,8 @@ def optimize(
             threads=threads,
             seconds=bench_seconds,
             progress=_StepProgress(len(plan.steps)),
+            recover=recover,
+            recover_budget=recover_budget,
         )
         current = src
         states: list[tuple[int, Path]] = []  # (step index in report.steps, model after it)
