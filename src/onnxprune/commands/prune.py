@@ -14,7 +14,7 @@ from onnxprune.commands.common import (
     parse_dims,
     write_json,
 )
-from onnxprune.commands.recover import add_recover_option, recover_after
+from onnxprune.commands.recover import add_recover_option, run_pass
 from onnxprune.io.outputs import RunFiles
 from onnxprune.prune.api import PruneFileResult, prune_file
 from onnxprune.prune.config import PruneConfig
@@ -55,19 +55,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, output, config, calib=args.calib, dims=dims, eval_data=args.eval_data
         )
 
-    recovered = None
-    if args.recover == "distill":
-        result, recovered = recover_after(args, write)
-    else:
-        result = write(args.output)
-    print(result.summary())
-    if recovered is not None:
-        print(recovered.summary())
-    if args.report:
-        report = result.to_dict()
-        if recovered is not None:
-            report["recovery"] = recovered.to_dict()
-        write_json(args.report, report)
+    result = run_pass(args, write)
     if args.save_plan:
         write_json(args.save_plan, result.steps[-1].plan.to_dict())
     return 0

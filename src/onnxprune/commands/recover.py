@@ -18,7 +18,7 @@ from onnxprune.commands.common import (
 from onnxprune.errors import UsageError
 from onnxprune.io.outputs import RunFiles
 
-__all__ = ["add_recover_option", "check_recover", "recover_after", "register", "run"]
+__all__ = ["add_recover_option", "check_recover", "recover_after", "register", "run", "run_pass"]
 
 NO_TORCH = "recover needs torch: pip install onnxprune[recover]"
 
@@ -132,6 +132,25 @@ def check_recover(args: argparse.Namespace, *, needs_calib: bool = True) -> None
         raise UsageError(NO_TORCH.replace("recover needs", "--recover distill needs"))
     if needs_calib and not args.calib:
         raise UsageError("--recover distill needs --calib (unlabeled samples to distil on)")
+
+
+def run_pass(args: argparse.Namespace, write: Callable[[str | Path], Any]) -> Any:
+    """The pass into ``args.output`` (distilled after it with ``--recover distill``): both
+    summaries printed, the report (with ``recovery``) written; returns the pass's result."""
+    recovered = None
+    if getattr(args, "recover", "none") == "distill":
+        result, recovered = recover_after(args, write)
+    else:
+        result = write(args.output)
+    print(result.summary())
+    if recovered is not None:
+        print(recovered.summary())
+    if args.report:
+        report = result.to_dict()
+        if recovered is not None:
+            report["recovery"] = recovered.to_dict()
+        write_json(args.report, report)
+    return result
 
 
 def recover_after(args: argparse.Namespace, write: Callable[[Path], Any]) -> tuple[Any, Any]:

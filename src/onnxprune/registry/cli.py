@@ -19,9 +19,8 @@ from onnxprune.commands.common import (
     add_report_option,
     model_run_files,
     parse_dims,
-    write_json,
 )
-from onnxprune.commands.recover import add_recover_option, recover_after
+from onnxprune.commands.recover import add_recover_option, run_pass
 from onnxprune.registry.driver import run_file
 from onnxprune.registry.options import (
     add_config_arguments,
@@ -67,19 +66,7 @@ def register_command(sub: argparse._SubParsersAction, transform: Transform) -> N
                 dims=parse_dims(getattr(args, "dim", [])),
             )
 
-        recovered = None
-        if getattr(args, "recover", "none") == "distill":
-            result, recovered = recover_after(args, write)
-        else:
-            result = write(args.output)
-        print(result.summary())
-        if recovered is not None:
-            print(recovered.summary())
-        if args.report:
-            report = result.to_dict()
-            if recovered is not None:
-                report["recovery"] = recovered.to_dict()
-            write_json(args.report, report)
+        run_pass(args, write)
         return 0
 
     parser.set_defaults(run=run, files=model_run_files)
