@@ -262,7 +262,7 @@ class _Recorder:
             store(cache, feed, produced)
             self.held.append(cache.held())
 
-        monkeypatch.setattr(bias, "step_run", recording_step_run)
+        monkeypatch.setattr(segments, "step_run", recording_step_run)  # via paired_outputs
         monkeypatch.setattr(segments.Cache, "store", recording_store)
 
 

@@ -112,8 +112,6 @@ would block the fusion and measure a float Gemm instead of the deployed kernel).
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import logging
 import math
@@ -136,7 +134,7 @@ from onnxprune.quant.segments import (
     downstream,
     float_cuts,
     int8_outputs,
-    step_run,
+    paired_outputs,
 )
 from onnxprune.reports import Change, Skip
 
@@ -569,25 +567,11 @@ def _measure_step(
     readout = _readout(sides[QUANT].model, layer)
     axis = _CHANNEL_AXIS[layer.op_type]
     sums = _FeedSums()
-    with contextlib.ExitStack() as stack:
-        runs = [stack.enter_context(step_run(side, step, cache)) for side in sides]
-        cache.begin(step, {(r.side.key, c) for r in runs for c in [*r.cuts, *r.cached]})
-        # The float and the quantized cut models run side by side (one thread each).
-        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
-        for i, feed in enumerate(feeds):
-            pending = pool.submit(runs[FLOAT], cache, i, feed)
-            cand = runs[QUANT](cache, i, feed)
-            ref = pending.result()
-            produced = {(FLOAT, n): v for n, v in ref.items()}
-            produced.update(((QUANT, n), v) for n, v in cand.items())
-            if i == 0:
-                cache.admit(produced)
-            cache.store(i, produced)
-            y = ref[layer.reference]
-            linear = None if layer.activated == layer.reference else ref[layer.activated]
-            sums.add(*_masked_error(y, linear, cand[layer.measured], readout, axis))
-            del ref, cand, produced
-        cache.end()
+    for ref, cand in paired_outputs(sides, step, cache, feeds):
+        y = ref[layer.reference]
+        linear = None if layer.activated == layer.reference else ref[layer.activated]
+        sums.add(*_masked_error(y, linear, cand[layer.measured], readout, axis))
+        del ref, cand
     return sums.offset()
 
 

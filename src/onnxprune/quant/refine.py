@@ -49,7 +49,6 @@ budget is checked between layers: layers after it is spent keep the plain roundi
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -72,7 +71,7 @@ from onnxprune.quant.segments import (
     downstream,
     float_cuts,
     int8_outputs,
-    step_run,
+    paired_outputs,
 )
 from onnxprune.recover.ops import RULES
 from onnxprune.recover.replay import _attr_value
@@ -595,28 +594,15 @@ def _collect(
     xs: list[torch.Tensor] = []
     ts: list[torch.Tensor] = []
     held = 0
-    with contextlib.ExitStack() as stack:
-        runs = [stack.enter_context(step_run(side, step, cache)) for side in sides]
-        cache.begin(step, {(r.side.key, c) for r in runs for c in [*r.cuts, *r.cached]})
-        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
-        for i, feed in enumerate(feeds):
-            pending = pool.submit(runs[FLOAT], cache, i, feed)
-            cand = runs[QUANT](cache, i, feed)
-            ref = pending.result()
-            produced = {(FLOAT, n): v for n, v in ref.items()}
-            produced.update(((QUANT, n), v) for n, v in cand.items())
-            if i == 0:
-                cache.admit(produced)
-            cache.store(i, produced)
-            q, t = cand[layer.input], ref[layer.target]
-            size = 4 * q.size + t.nbytes
-            if held + size <= max_bytes or not xs:
-                x = (q.astype(np.float32) - zero) * np.float32(scale)
-                xs.append(torch.from_numpy(x))
-                ts.append(torch.from_numpy(np.array(t, np.float32)))
-                held += size
-            del ref, cand, produced
-        cache.end()
+    for ref, cand in paired_outputs(sides, step, cache, feeds):
+        q, t = cand[layer.input], ref[layer.target]
+        size = 4 * q.size + t.nbytes
+        if held + size <= max_bytes or not xs:
+            x = (q.astype(np.float32) - zero) * np.float32(scale)
+            xs.append(torch.from_numpy(x))
+            ts.append(torch.from_numpy(np.array(t, np.float32)))
+            held += size
+        del ref, cand
     return _Data.build(xs, ts, 1 if layer.op_type in ("Conv", "ConvTranspose") else -1)
 
 

@@ -21,6 +21,7 @@ full model's:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import tempfile
@@ -46,6 +47,7 @@ __all__ = [
     "downstream",
     "float_cuts",
     "int8_outputs",
+    "paired_outputs",
     "step_run",
 ]
 
@@ -473,3 +475,33 @@ def step_run(side: Side, step: int, cache: Cache) -> Iterator[Run]:
     with segment_session(proto, size) as session:
         del proto
         yield Run(side, session, outputs, cuts, cached, inputs)
+
+
+def paired_outputs(
+    sides: Sequence[Side],
+    step: int,
+    cache: Cache,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """``(float outputs, quantized outputs)`` of ``step``'s cut models, feed by feed.
+
+    The two cut models run side by side (the float one on a worker thread); what later
+    steps read is stored in ``cache``. Consume the whole iterator: the cache's step ends
+    after the last feed.
+    """
+    with contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(step_run(side, step, cache)) for side in sides]
+        cache.begin(step, {(r.side.key, c) for r in runs for c in [*r.cuts, *r.cached]})
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        for i, feed in enumerate(feeds):
+            pending = pool.submit(runs[FLOAT], cache, i, feed)
+            cand = runs[QUANT](cache, i, feed)
+            ref = pending.result()
+            produced = {(FLOAT, n): v for n, v in ref.items()}
+            produced.update(((QUANT, n), v) for n, v in cand.items())
+            if i == 0:
+                cache.admit(produced)
+            cache.store(i, produced)
+            del produced
+            yield ref, cand
+        cache.end()
