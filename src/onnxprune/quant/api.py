@@ -244,11 +244,9 @@ def _bias_correction(
     if not report.correction.changes:
         report.reason = "no layer to correct"
         return quantized, metrics, report
-    if check is feeds:
-        before = _min_sqnr(metrics)
-    else:
-        before = _min_sqnr(compare_outputs(check_reference, quantized, check))
-    after = _min_sqnr(compare_outputs(check_reference, corrected, check))
+    before, after = _sqnr_without_and_with(
+        quantized, corrected, metrics, check=check, check_reference=check_reference, feeds=feeds
+    )
     report.sqnr_db_without, report.sqnr_db_with = before, after
     if request.bias_correction == "on" or after > before:
         report.applied = True
@@ -256,6 +254,25 @@ def _bias_correction(
         return corrected, compare_outputs(reference, corrected, feeds), report
     report.reason = "auto: no held-out SQNR gain"
     return quantized, metrics, report
+
+
+def _sqnr_without_and_with(
+    quantized: ir.Model,
+    candidate: ir.Model,
+    metrics: dict[str, dict],
+    *,
+    check: list,
+    check_reference: Reference,
+    feeds: list,
+) -> tuple[float, float]:
+    """Worst output SQNR of ``quantized`` and of ``candidate`` (a correction of it) on the
+    judging feeds ``check`` (``metrics`` already holds ``quantized``'s when they are all the
+    feeds): the keep rule of bias correction and learned rounding."""
+    if check is feeds:
+        before = _min_sqnr(metrics)
+    else:
+        before = _min_sqnr(compare_outputs(check_reference, quantized, check))
+    return before, _min_sqnr(compare_outputs(check_reference, candidate, check))
 
 
 def _refine(
@@ -292,11 +309,9 @@ def _refine(
     if not report.refined:
         report.reason = "no layer refined"
         return quantized, metrics, report
-    if check is feeds:
-        before = _min_sqnr(metrics)
-    else:
-        before = _min_sqnr(compare_outputs(check_reference, quantized, check))
-    after = _min_sqnr(compare_outputs(check_reference, refined, check))
+    before, after = _sqnr_without_and_with(
+        quantized, refined, metrics, check=check, check_reference=check_reference, feeds=feeds
+    )
     report.sqnr_db_without, report.sqnr_db_with = before, after
     if request.refine == "adaround" or after > before:
         report.applied = True
