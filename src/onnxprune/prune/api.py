@@ -155,20 +155,28 @@ def _measures_allocation(options: PruneOptions, feeds: list) -> bool:
     return bool(feeds) and not options.layer_ratios and options.plan is None
 
 
+def _criterion_stats(
+    model: ir.Model, options: PruneOptions, feeds: list[dict[str, Any]]
+) -> Mapping | None:
+    """The statistics a data-driven criterion scores ``model``'s units with (else None)."""
+    if options.criterion in ("activation", "apoz"):
+        return activation_stats(model, analyze(model), feeds, options.criterion)
+    if options.criterion in GRAM_CRITERIA:
+        centered = options.criterion == "flap"
+        return reconstruction_stats(model, analyze(model), feeds, centered=centered)
+    return None
+
+
 def _prune_step(
     model: ir.Model,
     options: PruneOptions,
     feeds: list[dict[str, Any]],
     dims: Mapping[str, int] | None,
+    stats: Mapping | None,
 ) -> PruneReport:
-    """One cut of ``model`` in place: the criterion's statistics, the measured allocation
-    (with data and a MACs target), the plan and the removal with compensation."""
-    stats = None
-    if options.criterion in ("activation", "apoz"):
-        stats = activation_stats(model, analyze(model), feeds, options.criterion)
-    elif options.criterion in GRAM_CRITERIA:
-        centered = options.criterion == "flap"
-        stats = reconstruction_stats(model, analyze(model), feeds, centered=centered)
+    """One cut of ``model`` in place, its units scored with ``stats``
+    (:func:`_criterion_stats` of this model): the measured allocation (with data and a MACs
+    target), the plan and the removal with compensation."""
     means = None
     if feeds:
         means = functools.partial(removed_input_means, model, feeds=feeds)
@@ -195,11 +203,13 @@ def _latency_search(
     """The MACs fraction meeting ``target`` (:mod:`onnxprune.prune.latency`): candidates cut
     from copies of ``model`` (no refit: it does not change the latency) and timed against the
     input file in one interleaved run each."""
+    stats = _criterion_stats(model, options, feeds)  # every candidate is a copy of model
     with tempfile.TemporaryDirectory(prefix="onnxprune-latency-") as folder:
 
         def latency_ratio(fraction: float) -> float:
             candidate = copy_model(model)
-            _prune_step(candidate, dataclasses.replace(options, target_macs=fraction), feeds, dims)
+            cut = dataclasses.replace(options, target_macs=fraction)
+            _prune_step(candidate, cut, feeds, dims, stats)
             path = Path(folder) / f"candidate_{fraction:.6f}.onnx"
             save(candidate, path)
             return target.measure(model_path, path, dims)
@@ -273,7 +283,8 @@ def prune_file(
     progress = 1.0
     for step in range(1, iterative + 1):
         step_options = _step_options(options, step, iterative, progress)
-        report = _prune_step(model, step_options, feeds, dims)
+        stats = _criterion_stats(model, options, feeds)
+        report = _prune_step(model, step_options, feeds, dims, stats)
         if search is not None:
             report.notes.append(search.summary())
             report.latency = search.to_dict()
