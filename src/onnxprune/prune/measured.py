@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.digest import model_feeds_digest
 from onnxprune.prune.allocate import allocate_ratios
 from onnxprune.prune.analysis import analyze
 from onnxprune.prune.core import PruneOptions, _excluded_groups
@@ -90,12 +90,7 @@ def _curves_key(
     settings: tuple[Any, ...],
 ) -> str:
     """A digest of the model (structure and tensors), the feeds and the settings."""
-    digest = hashlib.sha256(ir.serde.serialize_model(model).SerializeToString())
-    for feed in feeds:
-        for name in sorted(feed):
-            array = np.ascontiguousarray(feed[name])
-            digest.update(f"{name}{array.dtype}{array.shape}".encode())
-            digest.update(array.tobytes())
+    digest = model_feeds_digest("onnxprune-measured-curves\n", model, feeds)
     digest.update(repr(settings).encode())
     return digest.hexdigest()
 

@@ -19,7 +19,6 @@ again and rewrites it): the cache can only skip work, never change a result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any, cast
 import numpy as np
 import onnx_ir as ir
 
+from onnxprune.digest import model_feeds_digest
 from onnxprune.quant.calibrate import Calibrator, TensorStats
 
 __all__ = ["CalibrationCache", "cache_key", "default_dir"]
@@ -53,17 +53,9 @@ def default_dir() -> Path:
 
 def cache_key(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], method: str) -> str:
     """The SHA-256 hex key of (format, method family, model, feeds)."""
-    digest = hashlib.sha256()
     family = "minmax" if method == "minmax" else "histogram"
-    digest.update(f"onnxprune-calibration/{FORMAT_VERSION}/{family}\n".encode())
-    proto = ir.serde.serialize_model(model)
-    digest.update(proto.SerializeToString(deterministic=True))
-    for index, feed in enumerate(feeds):
-        for name in sorted(feed):
-            array = np.ascontiguousarray(feed[name])
-            digest.update(f"\n{index}:{name}:{array.dtype.str}:{array.shape}\n".encode())
-            digest.update(array.tobytes())
-    return digest.hexdigest()
+    prefix = f"onnxprune-calibration/{FORMAT_VERSION}/{family}\n"
+    return model_feeds_digest(prefix, model, feeds).hexdigest()
 
 
 class CalibrationCache:
