@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from onnxprune.errors import UsageError
 from onnxprune.io.atomic import write_bytes_atomic
-from onnxprune.reporting import json_safe
 
 if TYPE_CHECKING:
     from onnxprune.bench.api import BenchResult, ModelResult
@@ -26,7 +25,6 @@ if TYPE_CHECKING:
 __all__ = [
     "bench_markdown",
     "import_pyplot",
-    "json_safe",
     "plot_bench",
 ]
 
