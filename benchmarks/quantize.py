@@ -65,7 +65,7 @@ def _child(args: argparse.Namespace) -> None:
         done = quantize_file(
             args.model, args.out, calib=args.calib, method=args.method, smooth=smooth, mode=mode
         )
-        phases = done.details.get("seconds", {})
+        phases = done.details.to_dict().get("seconds", {})
         result["phases"] = phases
         result["calibration_seconds"] = phases.get("calibrate")
     elif args.tool == "onnxruntime-dynamic":

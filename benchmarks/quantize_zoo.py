@@ -149,17 +149,18 @@ def _child(args: argparse.Namespace) -> None:
         done = quantize_file(
             model, args.out, calib=CACHE / entry["calib"], calib_cache=False, **held_out, **options
         )
-        extra_kept = done.details.get("kept_float")
-        extra: dict[str, Any] = {"phases": done.details.get("seconds", {})}
+        details = done.details.to_dict()
+        extra_kept = details.get("kept_float")
+        extra: dict[str, Any] = {"phases": details.get("seconds", {})}
         if "refine" in options:
-            refine = done.details.get("refine", {})
+            refine = details.get("refine", {})
             extra["refine"] = {k: v for k, v in refine.items() if k != "layers"}
             extra["refine"]["layers"] = len(refine.get("layers", []))
             extra["refine_layers"] = refine.get("layers", [])
         if extra_kept is not None:
             extra["kept_float"] = extra_kept
-            extra["sensitivity"] = done.details.get("sensitivity", [])[:10]
-        share = done.details.get("int8_mac_share") or {}
+            extra["sensitivity"] = details.get("sensitivity", [])[:10]
+        share = details.get("int8_mac_share") or {}
         extra["int8_mac_share"] = share.get("int8_mac_share")
         extra["islands"] = share.get("islands")
     else:

@@ -239,10 +239,6 @@ class QuantizeDetails:
     def to_dict(self) -> dict[str, Any]:
         return report_dict(self)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        """The JSON value of ``key`` (for readers of the former dict)."""
-        return self.to_dict().get(key, default)
-
 
 def _islands_line(islands: list[dict[str, Any]]) -> str:
     """One line on the float work left between int8 kernels in onnxruntime's graph."""
