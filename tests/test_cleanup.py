@@ -185,3 +185,57 @@ def test_topological_sort_is_stable_and_reports() -> None:
     assert [n.op_type for n in graph] == ["Neg", "Abs", "Add"]
     assert TopologicalSortPass()(model).changes == []
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+
+
+def test_dead_nodes_pass_leaves_live_nodes_alone() -> None:
+    # Why not onnx-ir's RemoveUnusedNodesPass: it would also drop the unused initializer u and
+    # Dropout's unused mask output; here only the dead Neg goes.
+    model = model_from_text(
+        HEADER
+        + """
+        g (float[2,3] x, float[3] u) => (float[2,3] y) {
+          y, mask = Dropout(x)
+          d = Neg(x)
+        }""",
+        {"u": np.ones(3, np.float32)},
+    )
+    report = run_checked(RemoveDeadNodesPass(), model)
+    assert changes(report) == [("Neg(d)", "removed dead Neg")]
+    (dropout,) = model.graph
+    assert [v.name for v in dropout.outputs] == ["y", "mask"]
+    assert list(model.graph.initializers) == ["u"]
+
+
+def _reverse(graph: ir.Graph | ir.Function) -> None:
+    """Put the nodes of ``graph`` in reverse order (not a valid order when they chain)."""
+    nodes = list(graph)
+    graph.remove(nodes)
+    graph.extend(reversed(nodes))
+
+
+def test_topological_sort_covers_subgraphs_and_functions() -> None:
+    model = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+        g (float[2] x, bool c) => (float[2] y) {
+          f = local.f(x)
+          y = If(c) <
+            then_branch = t () => (float[2] a) { n = Neg(f)  a = Abs(n) },
+            else_branch = e () => (float[2] b) { b = Identity(f) }
+          >
+        }
+        <domain: "local", opset_import: ["" : 17]>
+        f (i) => (o) {
+          t = Abs(i)
+          o = Neg(t)
+        }"""
+    )
+    sorted_proto = ir.serde.serialize_model(model)
+    then_branch = next(n for n in model.graph if n.op_type == "If").attributes["then_branch"]
+    _reverse(then_branch.as_graph())
+    _reverse(next(iter(model.functions.values())))
+    report = TopologicalSortPass()(model)
+    # Two positions in the If branch and two in the function body.
+    assert changes(report) == [("g", "reordered 4 node positions")]
+    assert ir.serde.serialize_model(model) == sorted_proto
+    assert TopologicalSortPass()(model).changes == []
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)

@@ -299,4 +299,6 @@ def test_shared_weight_is_skipped_with_reason() -> None:
     model = model_from_text(text, {"w": np.eye(4, dtype=np.float32)})
     layers, skipped = find_layers(model)
     assert layers == []
-    assert all("shared by 2 nodes" in reason for reason in skipped.values())
+    # Both unnamed MatMuls are addressed by their weight's name.
+    assert [s.node for s in skipped] == ["w", "w"]
+    assert all("shared by 2 nodes" in s.reason for s in skipped)

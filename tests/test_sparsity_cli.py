@@ -16,6 +16,9 @@ from onnxprune.runtime import run_model
 DATA = Path(onnxprune.__file__).parent / "data"
 MODEL = str(DATA / "digits_cnn.onnx")
 CALIB = str(DATA / "digits_calib.npz")
+_LAYERS = [f"/features/features.{i}/Conv" for i in (0, 3)] + [
+    f"/classifier/classifier.{i}/Gemm" for i in (1, 3)
+]
 
 
 def test_sparsify_writes_exact_smaller_model_and_report(tmp_path: Path) -> None:
@@ -66,6 +69,11 @@ def test_same_input_and_seed_give_same_bytes(tmp_path: Path) -> None:
         (["--pattern", "2:4", "--sparsity", "0.7"], "contradicts it"),
         (["--sparsity", "0.5", "--iterative", "0"], "--iterative 0 must be >= 1"),
         ([], "--sparsity is required"),
+        (
+            ["--sparsity", "0.5", "--exclude", *_LAYERS],
+            "nothing to sparsify: every candidate layer is skipped (4; e.g. "
+            "'/classifier/classifier.1/Gemm': excluded (--exclude))",
+        ),
     ],
 )
 def test_refusals_exit_2_and_write_nothing(

@@ -36,9 +36,9 @@ class Change:
         return report_dict(self)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, order=True)
 class Skip:
-    """One node a transform left alone, and why."""
+    """One node a transform left alone, and why (ordered by node, then reason)."""
 
     node: str
     reason: str

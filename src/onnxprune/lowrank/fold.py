@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from onnxprune.lowrank.fold_rules import FOLD_RULES
 from onnxprune.passes.base import Pass, PassReport
+from onnxprune.reports import Change, Skip
 
 __all__ = ["FoldLinearPass"]
 
@@ -42,26 +43,21 @@ class FoldLinearPass(Pass):
     name = "lowrank-fold"
 
     def run(self, model: ir.Model, report: PassReport) -> None:
-        seen_skips: set[tuple[str, str]] = set()
+        seen_skips: set[Skip] = set()
         for _ in range(_MAX_ROUNDS):
             if not self._one_round(model, report, seen_skips):
                 return
         logger.warning("fold stopped after %d rounds", _MAX_ROUNDS)
 
-    def _one_round(
-        self, model: ir.Model, report: PassReport, seen_skips: set[tuple[str, str]]
-    ) -> bool:
+    def _one_round(self, model: ir.Model, report: PassReport, seen_skips: set[Skip]) -> bool:
         """Apply the first rule that matches anywhere; True if the graph changed."""
         for node in list(model.graph):
             for rule in FOLD_RULES:
                 result = rule(model.graph, node)
-                if result is None:
-                    continue
-                changed, where, text = result
-                if changed:
-                    report.change(where, text)
+                if isinstance(result, Change):
+                    report.changes.append(result)
                     return True
-                if (where, text) not in seen_skips:
-                    seen_skips.add((where, text))
-                    report.skip(where, text)
+                if result is not None and result not in seen_skips:
+                    seen_skips.add(result)
+                    report.skips.append(result)
         return False

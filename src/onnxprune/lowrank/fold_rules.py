@@ -1,8 +1,9 @@
 """The matchers behind :class:`onnxprune.lowrank.fold.FoldLinearPass` (math documented there).
 
 Each rule takes ``(graph, node)`` and returns None when the node does not start its
-pattern, ``(True, node, what)`` after rewriting, or ``(False, node, reason)`` when the
-pattern matched but folding would not pay off or is unsafe.
+pattern, a :class:`~onnxprune.reports.Change` after rewriting, or a
+:class:`~onnxprune.reports.Skip` when the pattern matched but folding would not pay off or
+is unsafe.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from onnxprune.passes._match import (
     required,
     scalar_const,
 )
+from onnxprune.reports import Change, Skip
 
 __all__ = ["FOLD_RULES", "Outcome"]
 
-#: ``(changed, node label, description or skip reason)``.
-Outcome = tuple[bool, str, str] | None
+#: What a rule did at a node: rewrote it, left it alone with the reason, or did not match.
+Outcome = Change | Skip | None
 
 
 def _private_const(node: ir.Node | None, index: int) -> np.ndarray | None:
@@ -124,13 +126,13 @@ def fold_matmul_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
     if w2.shape[0] != r or (mid is not first and bias is None):
         return None
     if k * n > k * r + r * n:
-        return False, label(node), _cost_reason("MatMul", k * n, k * r + r * n, f"rank {r}")
+        return Skip(label(node), _cost_reason("MatMul", k * n, k * r + r * n, f"rank {r}"))
     w = (w1.astype(np.float64) @ w2).astype(w2.dtype)
     specs: list[tuple[str, list, dict]] = [("MatMul", [first.inputs[0], w], {})]
     if bias is not None:
         specs.append(("Add", [None, (bias.astype(np.float64) @ w2).astype(w2.dtype)], {}))
     _replace(graph, node, [n for n in (first, mid, node) if n is not None], specs)
-    return True, label(node), f"MatMul chain [{k},{r}]x[{r},{n}] -> [{k},{n}]"
+    return Change(label(node), f"MatMul chain [{k},{r}]x[{r},{n}] -> [{k},{n}]")
 
 
 def _gemm_weight(node: ir.Node) -> np.ndarray | None:
@@ -161,7 +163,7 @@ def fold_gemm_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
     if b2.shape[0] != r:
         return None
     if k * n > k * r + r * n:
-        return False, label(node), _cost_reason("Gemm", k * n, k * r + r * n, f"rank {r}")
+        return Skip(label(node), _cost_reason("Gemm", k * n, k * r + r * n, f"rank {r}"))
     a1, a2 = (float(attr(g, "alpha", 1.0)) for g in (first, node))
     b = a1 * a2 * (b1.astype(np.float64) @ b2)
     c1_rows = np.broadcast_to(c1[0], (*c1[0].shape[:-1], r) if c1[0].ndim == 2 else (1, r))
@@ -173,7 +175,7 @@ def fold_gemm_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
     if c1[1] or c2[1]:
         inputs.append(np.asarray(c, dtype=dtype))
     _replace(graph, node, [first, node], [("Gemm", inputs, {"transA": attr(first, "transA", 0)})])
-    return True, label(node), f"Gemm chain [{k},{r}]x[{r},{n}] -> [{k},{n}]"
+    return Change(label(node), f"Gemm chain [{k},{r}]x[{r},{n}] -> [{k},{n}]")
 
 
 def _pointwise(node: ir.Node | None) -> np.ndarray | None:
@@ -207,7 +209,7 @@ def fold_conv_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
         return None
     spatial = const_array_of(first.inputs[1]).ndim - 2  # _pointwise found it constant
     if any(attr(node, "pads", None) or [0]):
-        return False, label(node), "second 1x1 conv is padded (its padding would see no bias)"
+        return Skip(label(node), "second 1x1 conv is padded (its padding would see no bias)")
     b1, b2 = _conv_bias(first, w1.shape[0]), _conv_bias(node, w2.shape[0])
     if b1 is None or b2 is None:
         return None
@@ -216,7 +218,7 @@ def fold_conv_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
     (o1, c), o2 = w1.shape, w2.shape[0]
     merged, chain = o2 * c, o1 * c * int(np.prod(s2)) + o2 * o1
     if merged > chain:
-        return False, label(node), _cost_reason("Conv", merged, chain, f"{o1} mid channels")
+        return Skip(label(node), _cost_reason("Conv", merged, chain, f"{o1} mid channels"))
     dtype = w2.dtype
     w = (w2.astype(np.float64) @ w1).reshape(o2, c, *([1] * spatial)).astype(dtype)
     attrs: dict = {
@@ -227,7 +229,7 @@ def fold_conv_chain(graph: ir.Graph, node: ir.Node) -> Outcome:
         attrs["pads"] = list(attr(first, "pads"))
     bias = (w2.astype(np.float64) @ b1 + b2).astype(dtype)
     _replace(graph, node, [first, node], [("Conv", [first.inputs[0], w, bias], attrs)])
-    return True, label(node), f"1x1 Conv chain {c}->{o1}->{o2} -> {c}->{o2}"
+    return Change(label(node), f"1x1 Conv chain {c}->{o1}->{o2} -> {c}->{o2}")
 
 
 def _lora_branch(
@@ -291,7 +293,7 @@ def fold_lora(graph: ir.Graph, node: ir.Node) -> Outcome:
         graph.remove([node, *nodes], safe=True)
         for value in consts:
             drop_if_unused(graph, value)
-        return True, label(base), f"LoRA rank {rank} folded into the weight (scale {scale:g})"
+        return Change(label(base), f"LoRA rank {rank} folded into the weight (scale {scale:g})")
     return None
 
 

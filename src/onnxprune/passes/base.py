@@ -1,7 +1,8 @@
 """Pass infrastructure: a pass rewrites an ``ir.Model`` in place and returns a report.
 
 A pass is a small class with a ``name`` and a ``call(model) -> PassReport`` method. The
-report records every change (node, what changed) and every skip (node, reason): "not
+report records every change and every skip as the shared :class:`~onnxprune.reports.Change`
+(node, what changed) and :class:`~onnxprune.reports.Skip` (node, reason) records: "not
 applicable here" is a recorded skip, never an exception and never silence. Passes are
 idempotent: running one twice changes nothing the second time.
 """
@@ -14,23 +15,9 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from onnxprune.reports import Change, Skip, report_dict
+
 __all__ = ["Change", "Pass", "PassReport", "Skip", "graph_stats"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Change:
-    """One rewrite: the node (or tensor) it concerns and a short description."""
-
-    node: str
-    what: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Skip:
-    """A candidate the pass looked at and left alone, with the reason."""
-
-    node: str
-    reason: str
 
 
 @dataclasses.dataclass
@@ -54,7 +41,7 @@ class PassReport:
         self.skips.append(Skip(node, reason))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return report_dict(self)
 
 
 def graph_stats(model: ir.Model) -> dict[str, int]:

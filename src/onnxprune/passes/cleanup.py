@@ -7,8 +7,14 @@
 - :class:`DeduplicateInitializersPass` makes readers of identical initializers (same dtype,
   shape and bytes, compared in full, not only by hash) read the first one, in initializer
   order. Graph inputs and graph outputs are left alone.
-- :class:`TopologicalSortPass` sorts the main graph (and subgraphs) stably, so the order only
-  changes where it must.
+- :class:`TopologicalSortPass` runs onnx-ir's stable ``TopologicalSortPass`` (the main graph,
+  subgraphs, and function bodies, which the checker and onnxruntime already require sorted),
+  so the order only changes where it must, and counts the nodes that moved.
+
+Not onnx-ir's ``RemoveUnusedNodesPass``: it also deletes unused initializers and trims unused
+optional outputs of live nodes (a Dropout mask), in subgraphs and functions too. Not its
+``DeduplicateInitializersPass``: it also merges string tensors and subgraph initializers,
+skips tensors over 1024 elements by default, and does not say what a duplicate became.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import logging
 
 import onnx_ir as ir
+from onnx_ir.passes import common as ir_passes
 
 from onnxprune.passes.base import Pass, PassReport
 from onnxprune.passes.constant_folding import node_label
@@ -148,15 +155,24 @@ class DeduplicateInitializersPass(Pass):
             report.change(str(dup.name), f"duplicate of {keep.name!r}; readers now use it")
 
 
+def _all_nodes(model: ir.Model) -> list[ir.Node]:
+    """Nodes of the main graph, its subgraphs and the model's functions, in order."""
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    return [node for g in graphs for node in ir.traversal.RecursiveGraphIterator(g)]
+
+
 class TopologicalSortPass(Pass):
-    """Stable topological sort of the main graph and its subgraphs."""
+    """Stable topological sort of the main graph, its subgraphs and the model's functions.
+
+    The sort is onnx-ir's ``TopologicalSortPass``; the report counts the node positions
+    that changed.
+    """
 
     name = "topological-sort"
 
     def run(self, model: ir.Model, report: PassReport) -> None:
-        before = [id(n) for n in ir.traversal.RecursiveGraphIterator(model.graph)]
-        model.graph.sort()
-        after = list(ir.traversal.RecursiveGraphIterator(model.graph))
-        moved = sum(1 for a, b in zip(before, after, strict=True) if a != id(b))
+        before = _all_nodes(model)
+        ir_passes.TopologicalSortPass()(model)
+        moved = sum(1 for a, b in zip(before, _all_nodes(model), strict=True) if a is not b)
         if moved:
             report.change(model.graph.name or "graph", f"reordered {moved} node positions")

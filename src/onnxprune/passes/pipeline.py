@@ -37,6 +37,7 @@ from onnxprune.passes.fold_pad import FoldPadPass
 from onnxprune.passes.fuse_activations import FuseActivationsPass
 from onnxprune.passes.reduce_mean_pool import ReduceMeanToPoolPass
 from onnxprune.registry.options import option
+from onnxprune.reports import Skip, to_json_value
 
 __all__ = [
     "DEFAULT_MAX_ITERATIONS",
@@ -109,18 +110,13 @@ class CanonicalizeReport:
         out: dict[str, list[dict[str, Any]]] = {name: [] for name in self.passes}
         for i, round_ in enumerate(self.rounds):
             for name, report in zip(self.passes, round_, strict=True):
-                out[name].extend(
-                    {"round": i, "node": c.node, "what": c.what} for c in report.changes
-                )
+                out[name].extend({"round": i, **c.to_dict()} for c in report.changes)
         return out
 
-    def final_skips(self) -> dict[str, list[dict[str, str]]]:
+    def final_skips(self) -> dict[str, list[Skip]]:
         """Skips of the last round (earlier rounds repeat them), grouped by pass name."""
         last = self.rounds[-1] if self.rounds else []
-        return {
-            name: [{"node": s.node, "reason": s.reason} for s in r.skips]
-            for name, r in zip(self.passes, last, strict=True)
-        }
+        return {name: list(r.skips) for name, r in zip(self.passes, last, strict=True)}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, including the :meth:`summary` text."""
@@ -133,7 +129,7 @@ class CanonicalizeReport:
             "after": dict(self.after),
             "annotations_restored": self.annotations_restored,
             "changes": self.changes_by_pass(),
-            "skips": self.final_skips(),
+            "skips": to_json_value(self.final_skips()),
             "summary": self.summary(),
         }
 

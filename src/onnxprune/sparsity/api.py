@@ -25,6 +25,7 @@ from onnxprune.heldout import FidelityReport, measure, split_data
 from onnxprune.io import load, save
 from onnxprune.io.pinned import copy_model
 from onnxprune.io.validate import refuse_unrewritable
+from onnxprune.reports import Skip
 from onnxprune.sparsity.layers import WeightLayer, find_layers
 from onnxprune.sparsity.prune import (
     COMPARES,
@@ -95,19 +96,20 @@ def validate_config(config: SparsifyConfig, node_names: Sequence[str], has_calib
 
 
 def _eligible(
-    layers: list[WeightLayer], skipped: dict[str, str], config: SparsifyConfig
+    layers: list[WeightLayer], skipped: list[Skip], config: SparsifyConfig
 ) -> list[WeightLayer]:
     """Layers to prune; the others are added to ``skipped`` with the reason."""
     nm = parse_pattern(config.pattern)
     kept = []
     for layer in layers:
         if layer.node in config.exclude:
-            skipped[layer.node] = "excluded (--exclude)"
+            skipped.append(Skip(layer.node, "excluded (--exclude)"))
         elif nm is not None and layer.channel_run % nm[1]:
-            skipped[layer.node] = (
+            reason = (
                 f"{config.pattern} needs groups of {nm[1]} consecutive input channels; "
                 f"the reduction runs over {layer.channel_run} channels"
             )
+            skipped.append(Skip(layer.node, reason))
         else:
             kept.append(layer)
     return kept
@@ -126,7 +128,7 @@ _QUANTIZED_OPS = (
 
 
 def _refuse_nothing_to_prune(
-    model: ir.Model, found: list[WeightLayer], skipped: dict[str, str]
+    model: ir.Model, found: list[WeightLayer], skipped: list[Skip]
 ) -> None:
     """Refuse in one line when no layer is left to sparsify, naming why."""
     if found:
@@ -142,8 +144,11 @@ def _refuse_nothing_to_prune(
             "sparsify the float model before quantizing it"
         )
     elif skipped:
-        name, why = next(iter(sorted(skipped.items())))
-        reason = f"every candidate layer is skipped ({len(skipped)}; e.g. {name!r}: {why})"
+        first = min(skipped)
+        reason = (
+            f"every candidate layer is skipped ({len(skipped)}; e.g. {first.node!r}: "
+            f"{first.reason})"
+        )
     else:
         reason = "the model has no Conv/ConvTranspose/Gemm/MatMul with a float weight"
     raise UsageError(f"nothing to sparsify: {reason}")
@@ -181,7 +186,8 @@ def sparsify_file(
     refuse_unrewritable(model, str(model_path))
     input_bytes = disk_bytes(model_path)
     layers, skipped = find_layers(model)
-    validate_config(config, [layer.node for layer in layers] + list(skipped), calib is not None)
+    names = [layer.node for layer in layers] + [s.node for s in skipped]
+    validate_config(config, names, calib is not None)
     split = split_data(model, calib, eval_data)
     data = split.fit
     layers = _eligible(layers, skipped, config)
@@ -218,7 +224,7 @@ def sparsify_file(
         output=str(dest),
         settings=config.to_dict(),
         layers=results,
-        skipped=dict(sorted(skipped.items())),
+        skipped=sorted(skipped),
         input_bytes=input_bytes,
         output_bytes=disk_bytes(dest),
         fidelity=fidelity[0],

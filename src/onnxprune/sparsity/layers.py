@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.passes._match import const_shape
+from onnxprune.reports import Skip
 
 __all__ = ["PRUNABLE_OPS", "WeightLayer", "find_layers"]
 
@@ -133,14 +134,14 @@ def _check_weight(node: ir.Node, value: ir.Value | None, graph: ir.Graph) -> str
     return None
 
 
-def find_layers(model: ir.Model) -> tuple[list[WeightLayer], dict[str, str]]:
+def find_layers(model: ir.Model) -> tuple[list[WeightLayer], list[Skip]]:
     """Prunable layers of the main graph (in graph order) and skipped nodes with reasons.
 
     Node names must be unique for ``--exclude``/``--layer-sparsity`` to address them; an
     unnamed node is addressed by its weight name.
     """
     layers: list[WeightLayer] = []
-    skipped: dict[str, str] = {}
+    skipped: list[Skip] = []
     graph = model.graph
     for node in graph:
         if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
@@ -153,7 +154,7 @@ def find_layers(model: ir.Model) -> tuple[list[WeightLayer], dict[str, str]]:
         if reason is None and activation is None:
             reason = "node has no data input"
         if reason is not None or value is None or activation is None:
-            skipped[name] = str(reason)
+            skipped.append(Skip(name, str(reason)))
             continue
         shape = const_shape(value)
         layers.append(

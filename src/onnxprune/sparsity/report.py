@@ -7,6 +7,7 @@ from typing import Any
 
 from onnxprune.heldout import FidelityReport
 from onnxprune.reporting import json_safe
+from onnxprune.reports import Skip
 
 __all__ = ["SCHEMA", "SPEEDUP_NOTE", "LayerResult", "SparsifyResult"]
 
@@ -57,13 +58,17 @@ class LayerResult:
 
 @dataclasses.dataclass
 class SparsifyResult:
-    """Report of :func:`onnxprune.sparsity.sparsify_file` (``to_dict()`` is the JSON)."""
+    """Report of :func:`onnxprune.sparsity.sparsify_file` (``to_dict()`` is the JSON).
+
+    ``skipped`` is one :class:`~onnxprune.reports.Skip` per layer left dense, by node name;
+    the JSON writes it as ``{node: reason}``.
+    """
 
     input: str
     output: str
     settings: dict[str, Any]
     layers: list[LayerResult]
-    skipped: dict[str, str]
+    skipped: list[Skip]
     input_bytes: int
     output_bytes: int
     fidelity: FidelityReport
@@ -83,7 +88,7 @@ class SparsifyResult:
                 "output": self.output,
                 "settings": self.settings,
                 "layers": [layer.to_dict() for layer in self.layers],
-                "skipped": self.skipped,
+                "skipped": {s.node: s.reason for s in self.skipped},
                 "overall_sparsity": self.overall_sparsity,
                 "sizes": {
                     "input_bytes": self.input_bytes,
