@@ -209,20 +209,18 @@ def _coverage_one(name: str, exporter: str, tmp: Path) -> dict[str, Any]:
         logger.exception("coverage %s/%s failed", name, exporter)
         return {**row, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     groups = result.steps[0].groups
-    blocked = [g for g in groups if g.get("blocked")]
-    reasons = collections.Counter(g["blocked"]["reason"] for g in blocked)
+    blocked = [(g, g.blocked) for g in groups if g.blocked is not None]
+    reasons = collections.Counter(skip.reason for _, skip in blocked)
     return {
         **row,
         "ok": True,
         "macs": list(result.macs),
         "params": list(result.params),
         "groups": len(groups),
-        "pruned": sum(1 for g in groups if g["kept"] < g["size"]),
+        "pruned": sum(1 for g in groups if g.kept < g.size),
         "blocked": len(blocked),
         "blocked_reasons": dict(reasons.most_common()),
-        "blocked_groups": [
-            [g["id"], g["blocked"]["node"], g["blocked"]["reason"]] for g in blocked
-        ],
+        "blocked_groups": [[g.id, skip.node, skip.reason] for g, skip in blocked],
         "fidelity": result.fidelity,
     }
 

@@ -58,7 +58,7 @@ def test_recovery_beats_no_recovery_on_real_data(tmp_path: Path):
     assert cosine["none"] < cosine["compensated"] < cosine["refit"]
     assert _accuracy(digits_model()) - acc["refit"] <= 0.01  # at most one point lost
     refits = runs["refit"].refits[0]
-    assert refits and all(r["error_after"] <= r["error_before"] for r in refits)
+    assert refits and all(r.error_after <= r.error_before for r in refits)
 
 
 def test_cli_report_plan_replay_and_determinism(chain: Path, tmp_path: Path, capsys):
@@ -83,9 +83,9 @@ def test_cli_report_plan_replay_and_determinism(chain: Path, tmp_path: Path, cap
 def test_exclude_keeps_a_layer(chain: Path, tmp_path: Path):
     out = tmp_path / "x.onnx"
     result = prune_file(chain, out, PruneOptions(ratio=0.5, round_to=1, exclude=["Conv(c2)"]))
-    groups = {g["id"]: g for g in result.steps[0].groups}
-    assert groups["w2:0"]["kept"] == 16 and groups["w2:0"]["excluded"]
-    assert groups["w1:0"]["kept"] == 8
+    groups = {g.id: g for g in result.steps[0].groups}
+    assert groups["w2:0"].kept == 16 and groups["w2:0"].excluded
+    assert groups["w1:0"].kept == 8 and groups["w1:0"].excluded is None
 
 
 def test_iterative_reaches_the_target(chain: Path, tmp_path: Path):

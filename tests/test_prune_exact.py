@@ -62,7 +62,7 @@ def test_attention_prunes_whole_heads_and_rewrites_shapes():
     assert ffn.size == 48 and ("w2", 0) in ffn.initializers
     hidden = next(g for g in analysis.reported if ("wq", 0) in g.initializers)
     assert hidden.blocked is not None
-    assert any("LayerNormalization normalizes over this axis" in r for _, r in hidden.reasons)
+    assert any("LayerNormalization normalizes over this axis" in s.reason for s in hidden.reasons)
     _, pruned, _, _ = _prune_zeroed(model, 0.5)
     inits = pruned.graph.initializers
     assert inits["wq"].const_value.shape == (32, 16)

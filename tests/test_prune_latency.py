@@ -68,12 +68,12 @@ def test_prune_meets_a_latency_target_and_reports_the_search(tmp_path: Path, lat
     config = PruneConfig(target_latency=0.7, round_to=1)
     result = prune_file(model_path, out, config)
     (step,) = result.steps
-    assert step.latency is not None and step.latency["reached"]
-    chosen = step.latency["macs_fraction"]
+    assert step.latency is not None and step.latency.reached
+    chosen = step.latency.macs_fraction
     # the written model is the one the search measured, and it meets the target
     ratio = 0.1 + 0.9 * _macs(out) / _macs(model_path)
     assert ratio <= 0.7 + 1e-9
-    assert {p["macs_fraction"] for p in step.latency["probes"]} >= {0.7, chosen}
+    assert {fraction for fraction, _ in step.latency.probes} >= {0.7, chosen}
     assert any("--target-latency 0.70" in note for note in step.notes)
     # the same plan as --target-macs at the chosen fraction
     again = tmp_path / "again.onnx"

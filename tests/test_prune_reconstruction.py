@@ -217,5 +217,61 @@ def test_refit_never_hurts_held_out_feeds_on_a_pruned_model(tmp_path: Path):
     (refits,) = result.refits
     assert refits
     for r in refits:
-        assert r["heldout_after"] <= r["heldout_before"]
-        assert (r["strength"] is None) == (r["heldout_after"] == r["heldout_before"])
+        assert r.heldout_after <= r.heldout_before
+        assert (r.strength is None) == (r.heldout_after == r.heldout_before)
+    # the JSON keeps every field, None ones too (a declined refit's strength is null)
+    assert result.to_dict()["refits"] == [[dataclasses.asdict(r) for r in refits]]
+
+
+def _refit_loss(h: np.ndarray, w: np.ndarray, removed: tuple[int, ...]) -> float:
+    """What the least-squares refit (weights and bias) of the kept inputs cannot recover."""
+    r, k = list(removed), [u for u in range(h.shape[1]) if u not in removed]
+    target = h[:, r] @ w[r]
+    basis = np.concatenate([h[:, k], np.ones((len(h), 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(basis, target, rcond=None)
+    return float(np.sum((target - basis @ solution) ** 2))
+
+
+def test_obs_order_is_the_brute_force_greedy_on_the_refit_loss(monkeypatch):
+    from onnxprune.prune import reconstruction
+
+    monkeypatch.setattr(reconstruction, "OBS_DAMPING", 1e-12)
+    model, weights = _mlp(6, seed=3)
+    feeds = _feeds(0, count=8)
+    analysis = analyze(model)
+    (group,) = analysis.prunable
+    grams = reconstruction_stats(model, analysis, feeds, centered=True)
+    h, w = _hidden_and_weight(weights, feeds)
+    removed: tuple[int, ...] = ()
+    for _ in range(5):  # the last unit has nothing left to refit with
+        rest = [u for u in range(6) if u not in removed]
+        losses = {u: _refit_loss(h, w, (*removed, u)) for u in rest}
+        best = min(losses.values())
+        assert sorted(losses.values())[1] > best * 1.01  # no near-tie in this example
+        removed = (*removed, min(rest, key=losses.__getitem__))
+    scores, notes = group_scores(model, analysis, "obs", grams)
+    assert not notes
+    assert [int(u) for u in np.argsort(scores[group.id])][:5] == list(removed)
+
+
+def test_obs_prices_a_redundant_channel_at_zero_despite_its_large_weight(monkeypatch):
+    """x3 = x0 + x1: the refit recovers any one of channels 0, 1, 3 from the others, so OBS
+    prices each at zero, while the no-refit reconstruction cost ranks channel 3 (the largest
+    weight) the most important. After removing channel 3, channels 0 and 1 are no longer free."""
+    from onnxprune.prune import reconstruction
+    from onnxprune.prune.reconstruction import Consumer, _obs_state
+
+    monkeypatch.setattr(reconstruction, "OBS_DAMPING", 1e-12)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 4))
+    x[:, 3] = x[:, 0] + x[:, 1]
+    x -= x.mean(0)
+    gram = x.T @ x / len(x)
+    weight = np.array([[0.3, 0.1], [0.2, -0.3], [0.4, 0.2], [3.0, 2.0]])
+    state = _obs_state(Consumer("c", ("x", 1), ((0,), (1,), (2,), (3,)), weight), gram)
+    assert state is not None
+    losses = state.losses() / state.energy
+    assert max(losses[[0, 1, 3]]) < 1e-6 and losses[2] > 1e-3
+    assert int(np.argmax(np.diag(gram * (weight @ weight.T)))) == 3
+    state.remove(3)
+    assert min(state.losses()[[0, 1]]) / state.energy > 1e-3

@@ -60,8 +60,8 @@ def test_refit_passes_do_not_grow_with_the_number_of_layers(
     assert len(passes) <= recover.MAX_PASSES + 1, passes
     # one K x K product per consumer and fold, not one per feed (12 feeds, 5 folds)
     assert len(products) <= ridge.MAX_FOLDS * len(refits) < 12 * len(refits)
-    assert all(r["error_after"] <= r["error_before"] for r in refits)
-    assert sum(r["error_after"] < r["error_before"] for r in refits) >= 10
+    assert all(r.error_after <= r.error_before for r in refits)
+    assert sum(r.error_after < r.error_before for r in refits) >= 10
 
 
 def test_cross_validation_decomposes_once_per_fold(monkeypatch: pytest.MonkeyPatch) -> None:

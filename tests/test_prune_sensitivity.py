@@ -139,6 +139,11 @@ def test_json_schema_and_round_trip(measured):
     assert set(row["points"][1]) >= {"ratio", "kept", "nsr", "macs_saved_fraction", "outputs"}
     with pytest.raises(UsageError, match="not a sensitivity result"):
         SensitivityResult.from_dict({"schema": "other"})
+    # blocked groups are typed records; the JSON round-trips
+    assert data["blocked"] and set(data["blocked"][0]) == {"id", "node", "reason"}
+    assert SensitivityResult.from_dict(data).to_dict() == data
+    with pytest.raises(UsageError, match="'blocked' must list"):
+        SensitivityResult.from_dict({**data, "blocked": [{"id": "x"}]})
 
 
 def test_allocation_meets_target_and_prunes_the_tolerant_group_more(measured):

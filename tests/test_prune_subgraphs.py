@@ -134,9 +134,8 @@ def test_capture_blocks_the_group_naming_the_node(model_path: Path):
     analysis = analyze(onnxprune.load(model_path))
     group = analysis.group("w1:0")
     assert group.blocked is not None
-    node, reason = group.blocked
-    assert node in ("branch", "loop")
-    assert "subgraph" in reason and "'a'" in reason
+    assert group.blocked.node in ("branch", "loop")
+    assert "subgraph" in group.blocked.reason and "'a'" in group.blocked.reason
     assert "w2:0" in {g.id for g in analysis.prunable}
 
 

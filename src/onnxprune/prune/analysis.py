@@ -21,6 +21,7 @@ from onnxprune.prune import rules_shape  # noqa: F401  (registers the shape rule
 from onnxprune.prune.channels import ChannelGraph, Dims, Space, SpaceKey
 from onnxprune.prune.context import RuleContext
 from onnxprune.prune.rules import RULES, UNARY
+from onnxprune.reports import Skip
 
 __all__ = ["Analysis", "Group", "Unit", "analyze"]
 
@@ -50,7 +51,7 @@ class Unit:
 
     root: int
     members: list[tuple[Space, int]]
-    blocked: tuple[str, str] | None = None
+    blocked: Skip | None = None
 
     def position(self, anchor: SpaceKey) -> int:
         return min(i for s, i in self.members if s.key == anchor)
@@ -58,15 +59,18 @@ class Unit:
 
 @dataclasses.dataclass
 class Group:
-    """Units sharing the same initializer axes; pruning keeps a subset of them."""
+    """Units sharing the same initializer axes; pruning keeps a subset of them.
+
+    ``blocked`` is the first block met (the one reported), ``reasons`` every distinct one.
+    """
 
     id: str
     anchor: SpaceKey
     initializers: list[SpaceKey]
     nodes: list[str]
     units: list[Unit]
-    blocked: tuple[str, str] | None = None
-    reasons: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    blocked: Skip | None = None
+    reasons: list[Skip] = dataclasses.field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -75,18 +79,6 @@ class Group:
     @property
     def touches_activations(self) -> bool:
         return any(not s.is_initializer for s, _ in self.units[0].members)
-
-    def to_dict(self) -> dict:
-        return {
-            "id": self.id,
-            "size": self.size,
-            "initializers": [f"{v}:{a}" for v, a in self.initializers],
-            "nodes": self.nodes,
-            "blocked": None
-            if self.blocked is None
-            else {"node": self.blocked[0], "reason": self.blocked[1]},
-            "all_blocking": [{"node": n, "reason": r} for n, r in self.reasons],
-        }
 
 
 @dataclasses.dataclass

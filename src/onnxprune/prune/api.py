@@ -27,10 +27,11 @@ from onnxprune.prune.activations import (
 from onnxprune.prune.analysis import analyze
 from onnxprune.prune.config import LatencyTarget, PruneConfig, resolve
 from onnxprune.prune.core import PruneOptions, PruneReport, prune_model
-from onnxprune.prune.importance import GRAM_CRITERIA
+from onnxprune.prune.importance import CENTERED_CRITERIA, GRAM_CRITERIA
 from onnxprune.prune.latency import LatencySearch, search_macs_for_latency
 from onnxprune.prune.measured import measured_allocation
-from onnxprune.prune.recover import refit_consumers
+from onnxprune.prune.recover import RefitResult, refit_consumers
+from onnxprune.reports import to_json_value
 
 __all__ = ["PruneFileResult", "prune_file"]
 
@@ -47,7 +48,8 @@ class PruneFileResult:
 
     output: str
     steps: list[PruneReport]
-    refits: list[list[dict[str, Any]]]
+    #: The refit layers of each step (when refitting).
+    refits: list[list[RefitResult]]
     fidelity: FidelityReport
     macs: tuple[int, int]
     params: tuple[int, int]
@@ -63,7 +65,7 @@ class PruneFileResult:
             "target_note": self.target_note,
             "fidelity": self.fidelity.to_dict(),
             "steps": [s.to_dict() for s in self.steps],
-            "refits": self.refits,
+            "refits": to_json_value(self.refits),
         }
 
     def summary(self) -> str:
@@ -75,7 +77,7 @@ class PruneFileResult:
         ]
         lines += [n for n in self.steps[0].notes if n.startswith("--target-latency")]
         lines += self.fidelity.summary()
-        blocked = [g for g in self.steps[0].groups if g.get("blocked")]
+        blocked = [g for g in self.steps[0].groups if g.blocked is not None]
         lines.append(
             f"groups: {len(self.steps[0].groups) - len(blocked)} prunable, {len(blocked)} blocked"
         )
@@ -162,7 +164,7 @@ def _criterion_stats(
     if options.criterion in ("activation", "apoz"):
         return activation_stats(model, analyze(model), feeds, options.criterion)
     if options.criterion in GRAM_CRITERIA:
-        centered = options.criterion == "flap"
+        centered = options.criterion in CENTERED_CRITERIA
         return reconstruction_stats(model, analyze(model), feeds, centered=centered)
     return None
 
@@ -186,7 +188,7 @@ def _prune_step(
         options = dataclasses.replace(options, target_macs=None, layer_ratios=allocation.ratios)
     report = prune_model(model, options, stats, dims, means)
     if allocation is not None:
-        report.allocation = allocation.to_dict()
+        report.allocation = allocation
         report.notes.append(allocation.summary())
     return report
 
@@ -287,7 +289,7 @@ def prune_file(
         report = _prune_step(model, step_options, feeds, dims, stats)
         if search is not None:
             report.notes.append(search.summary())
-            report.latency = search.to_dict()
+            report.latency = search
         steps.append(report)
         progress *= (
             report.macs[1] / max(report.macs[0], 1)
@@ -296,7 +298,7 @@ def prune_file(
         )
         if reconstruct:
             results = refit_consumers(teacher, model, report.kept, feeds, report.ranks)
-            refits.append([dataclasses.asdict(r) for r in results])
+            refits.append(results)
     canonicalize(model)
     fidelity: list[FidelityReport] = []
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+from onnxprune.reports import Skip
+
 __all__ = ["ChannelGraph", "Dims", "Space", "SpaceKey"]
 
 SpaceKey = tuple[str, int]
@@ -48,7 +50,7 @@ class ChannelGraph:
         self.shapes = shapes
         self.initializers = frozenset(initializers)
         self.spaces: dict[SpaceKey, Space] = {}
-        self.blocked: dict[SpaceKey, tuple[str, str]] = {}
+        self.blocked: dict[SpaceKey, Skip] = {}
         self._parent: list[int] = []
 
     # -- spaces -------------------------------------------------------------------------
@@ -78,7 +80,7 @@ class ChannelGraph:
         """Mark a space as not prunable; the first reason recorded wins."""
         space = self.space(value, axis)
         if space is not None:
-            self.blocked.setdefault(space.key, (node, reason))
+            self.blocked.setdefault(space.key, Skip(node, reason))
 
     def block_all(self, value: str, node: str, reason: str) -> None:
         for axis in range(self.rank(value) or 0):
@@ -129,13 +131,13 @@ class ChannelGraph:
         if sa is None or sb is None:
             for s in (sa, sb):
                 if s is not None:
-                    self.blocked.setdefault(s.key, (node, "coupled to an axis of unknown size"))
+                    self.blocked.setdefault(s.key, Skip(node, "coupled to an axis of unknown size"))
             return False
         fits = offset + sa.size * block <= sb.size if partial else sa.size * block == sb.size
         if not fits:
             reason = f"sizes do not match ({sa.size} x {block} + {offset} vs {sb.size})"
-            self.blocked.setdefault(sa.key, (node, reason))
-            self.blocked.setdefault(sb.key, (node, reason))
+            self.blocked.setdefault(sa.key, Skip(node, reason))
+            self.blocked.setdefault(sb.key, Skip(node, reason))
             return False
         for i in range(sa.size):
             start = sb.base + offset + i * block

@@ -23,7 +23,7 @@ from onnxprune.registry.options import option
 __all__ = ["LATENCY_SECONDS", "LatencyTarget", "PruneConfig", "Resolved", "resolve"]
 
 Criterion = Literal[
-    "auto", "l1", "l2", "bn", "activation", "apoz", "reconstruction", "wanda", "flap"
+    "auto", "l1", "l2", "bn", "activation", "apoz", "reconstruction", "wanda", "flap", "obs"
 ]
 Allocation = Literal["auto", "measured", "uniform"]
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
 from onnxprune.passes._match import name_of
-from onnxprune.prune.analysis import Analysis, _label, analyze
+from onnxprune.prune.analysis import Analysis, Group, _label, analyze
 from onnxprune.prune.apply import apply_removal, kept_counts, kept_indices
 from onnxprune.prune.compensate import (
     InputMean,
@@ -30,10 +30,15 @@ from onnxprune.prune.compensate import (
 )
 from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import CRITERIA, group_scores
+from onnxprune.prune.latency import LatencySearch
 from onnxprune.prune.plan import PruningPlan
 from onnxprune.prune.select import make_plan
+from onnxprune.reports import KEEP_NONE, Skip, report_dict
 
-__all__ = ["PruneOptions", "PruneReport", "decide_plan", "prune_model"]
+if TYPE_CHECKING:  # measured imports this module
+    from onnxprune.prune.measured import MeasuredAllocation
+
+__all__ = ["GroupRow", "PruneOptions", "PruneReport", "decide_plan", "prune_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +104,45 @@ class PruneOptions:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupRow:
+    """One reported group: its channels, where it is blocked and how many channels it kept."""
+
+    id: str
+    size: int
+    #: ``initializer:axis`` of each weight axis in the group.
+    initializers: tuple[str, ...]
+    nodes: tuple[str, ...]
+    #: The block reported for the group (JSON ``null`` when it is prunable).
+    blocked: Skip | None = dataclasses.field(metadata=KEEP_NONE)
+    #: Every distinct block on the group's channels.
+    all_blocking: tuple[Skip, ...]
+    kept: int
+    #: True when --exclude kept the group whole (the JSON has the key only then).
+    excluded: bool | None = None
+
+    @classmethod
+    def of(cls, group: Group, kept: int, excluded: bool) -> GroupRow:
+        return cls(
+            id=group.id,
+            size=group.size,
+            initializers=tuple(f"{v}:{a}" for v, a in group.initializers),
+            nodes=tuple(group.nodes),
+            blocked=group.blocked,
+            all_blocking=tuple(group.reasons),
+            kept=kept,
+            excluded=True if excluded else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
 @dataclasses.dataclass
 class PruneReport:
     """What was pruned, what was blocked and why, and the cost before and after."""
 
-    groups: list[dict[str, Any]]
+    groups: list[GroupRow]
     plan: PruningPlan
     macs: tuple[int, int]
     params: tuple[int, int]
@@ -111,25 +150,25 @@ class PruneReport:
     notes: list[str]
     kept: dict = dataclasses.field(default_factory=dict, repr=False)
     ranks: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
-    #: The measured allocation the ratios came from (``MeasuredAllocation.to_dict``).
-    allocation: dict[str, Any] | None = None
-    #: The latency search a --target-latency ran (``LatencySearch.to_dict``).
-    latency: dict[str, Any] | None = None
+    #: The measured allocation the ratios came from.
+    allocation: MeasuredAllocation | None = None
+    #: The latency search a --target-latency ran.
+    latency: LatencySearch | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {
             "schema": "onnxprune.prune/1",
             "macs": {"before": self.macs[0], "after": self.macs[1]},
             "params": {"before": self.params[0], "after": self.params[1]},
-            "groups": self.groups,
+            "groups": [g.to_dict() for g in self.groups],
             "plan": self.plan.to_dict(),
             "pruned_axes": self.pruned_axes,
             "notes": self.notes,
         }
         if self.allocation is not None:
-            data["allocation"] = self.allocation
+            data["allocation"] = self.allocation.to_dict()
         if self.latency is not None:
-            data["latency"] = self.latency
+            data["latency"] = self.latency.to_dict()
         return data
 
 
@@ -261,15 +300,15 @@ def decide_plan(
     return make_plan(analysis, scores, ratios, options.round_to), notes
 
 
-def _group_rows(analysis: Analysis, plan: PruningPlan, excluded: set[str]) -> list[dict]:
-    rows = []
-    for group in analysis.reported:
-        row = group.to_dict()
-        row["kept"] = len(plan.keep[group.id]) if group.id in plan.keep else group.size
-        if group.id in excluded:
-            row["excluded"] = True
-        rows.append(row)
-    return rows
+def _group_rows(analysis: Analysis, plan: PruningPlan, excluded: set[str]) -> list[GroupRow]:
+    return [
+        GroupRow.of(
+            group,
+            kept=len(plan.keep[group.id]) if group.id in plan.keep else group.size,
+            excluded=group.id in excluded,
+        )
+        for group in analysis.reported
+    ]
 
 
 def _data_free_means(model: ir.Model) -> dict[str, np.ndarray]:

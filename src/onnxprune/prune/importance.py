@@ -17,6 +17,9 @@ Scores are per unit (a set of coupled channels) and comparable within a group:
   ``|W| * ||x||`` squared, no interaction between units); ``flap``: the same with the
   centered input (``Var(x_u) ||w_u||^2``, FLAP's fluctuation metric, whose mean the bias
   compensation restores). Same statistics and fallback as ``reconstruction``.
+* ``obs``: greedy removal order by what the least-squares refit of the next layers cannot
+  recover (structured Optimal Brain Surgeon on the centered input Gram; see
+  :mod:`onnxprune.prune.reconstruction`). Same fallback.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from onnxprune.prune.analysis import Analysis, Group
 from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.reconstruction import reconstruction_scores
 
-__all__ = ["CRITERIA", "GRAM_CRITERIA", "group_scores", "slice_norms"]
+__all__ = ["CENTERED_CRITERIA", "CRITERIA", "GRAM_CRITERIA", "group_scores", "slice_norms"]
 
-CRITERIA = ("l1", "l2", "bn", "activation", "apoz", "reconstruction", "wanda", "flap")
+CRITERIA = ("l1", "l2", "bn", "activation", "apoz", "reconstruction", "wanda", "flap", "obs")
 
 #: Criteria scored from consumer input Grams (:func:`reconstruction_stats`).
-GRAM_CRITERIA = ("reconstruction", "wanda", "flap")
+GRAM_CRITERIA = ("reconstruction", "wanda", "flap", "obs")
+#: ... of which these use the centered Gram (the covariance).
+CENTERED_CRITERIA = ("flap", "obs")
 
 
 def slice_norms(array: np.ndarray, axis: int, order: int) -> np.ndarray:
@@ -129,7 +134,9 @@ def group_scores(
         elif criterion in GRAM_CRITERIA:
             greedy = criterion == "reconstruction"
             stats = activation_stats or {}
-            scores = reconstruction_scores(model, analysis, group, stats, greedy=greedy)
+            scores = reconstruction_scores(
+                model, analysis, group, stats, greedy=greedy, obs=criterion == "obs"
+            )
         if scores is None and criterion not in ("l1", "l2"):
             notes.append(f"group {group.id}: no {criterion} statistics, scored by l2")
         if scores is None:

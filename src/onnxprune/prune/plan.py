@@ -84,7 +84,7 @@ class PruningPlan:
             if group is None:
                 raise UsageError(f"plan group {gid!r} does not exist in this model")
             if group.blocked is not None:
-                raise UsageError(f"plan group {gid!r} is blocked: {group.blocked[1]}")
+                raise UsageError(f"plan group {gid!r} is blocked: {group.blocked.reason}")
             if group.size != self.sizes[gid]:
                 raise UsageError(
                     f"plan group {gid!r} has {self.sizes[gid]} channels, the model {group.size}"

@@ -23,6 +23,22 @@ Selection is ThiNet's greedy: starting from ``R = {}``, repeatedly remove the un
 minimizing ``M[u, u] + 2 sum_{v in R} M[u, v]`` (the increase of ``1_R^T M 1_R``). The
 removal order is the score (the unit removed first scores lowest), so keeping the
 highest-scoring units keeps the greedy solution at every pruning amount.
+
+``obs`` (:func:`obs_removal_order`) ranks for the refit that follows instead: after removing
+``R`` the consumer is refit by least squares on the kept inputs, so what is lost is only the
+part of ``X_R W_R`` the kept channels cannot predict. With the (centered, since the bias
+absorbs means) Gram ``G`` of the consumer's input channels and ``H = (G + d I)^-1``
+(damping ``d`` = 1% of the mean diagonal), the least-squares loss of removing one more set
+``S`` from the current, already refit weights ``W`` is Optimal Brain Surgeon's
+
+    L_S = tr(W_S^T (H_SS)^-1 W_S),     W <- W - H[:, S] (H_SS)^-1 W[S, :],
+                                       H <- H - H[:, S] (H_SS)^-1 H[S, :]
+
+(the updates are the refit and the inverse Gram of the remaining channels). The greedy
+removes the unit with the least ``sum_consumers L / tr(W0^T G W0)`` one at a time, updating
+``W`` and ``H`` after each: the structured OBS of Frantar & Alistarh's Optimal Brain
+Compression, applied to whole input channels. For a ``k x k`` Conv the channel-level Gram
+is the same approximation as above.
 """
 
 from __future__ import annotations
@@ -38,7 +54,13 @@ from onnxprune.prune.analysis import Analysis, Group
 from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.recover import refittable, weight_input_axis
 
-__all__ = ["Consumer", "greedy_removal_order", "group_consumers", "reconstruction_scores"]
+__all__ = [
+    "Consumer",
+    "greedy_removal_order",
+    "group_consumers",
+    "obs_removal_order",
+    "reconstruction_scores",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +132,79 @@ def greedy_removal_order(m: np.ndarray) -> list[int]:
     return order
 
 
+#: OBS damping: this fraction of the Gram's mean diagonal is added before inverting.
+OBS_DAMPING = 0.01
+
+
+@dataclasses.dataclass
+class _ObsState:
+    """One consumer's refit weights ``w`` and inverse Gram ``h`` of the kept channels."""
+
+    w: np.ndarray
+    h: np.ndarray
+    energy: float
+    channels: tuple[tuple[int, ...], ...]
+
+    def loss(self, unit: int) -> float:
+        s = list(self.channels[unit])
+        if not s:
+            return 0.0
+        ws = self.w[s]
+        return float(np.trace(ws.T @ np.linalg.solve(self.h[np.ix_(s, s)], ws)))
+
+    def losses(self) -> np.ndarray:
+        """``loss(u)`` of every unit (vectorized where units own one channel each)."""
+        if all(len(c) == 1 for c in self.channels):
+            per_channel = (self.w**2).sum(1) / np.maximum(np.diag(self.h), 1e-300)
+            return per_channel[[c[0] for c in self.channels]]
+        return np.array([self.loss(u) for u in range(len(self.channels))])
+
+    def remove(self, unit: int) -> None:
+        s = list(self.channels[unit])
+        if not s:
+            return
+        column = self.h[:, s] @ np.linalg.inv(self.h[np.ix_(s, s)])
+        self.w -= column @ self.w[s]
+        self.h -= column @ self.h[s]
+        self.w[s] = 0.0
+        self.h[s] = 0.0
+        self.h[:, s] = 0.0
+        self.h[s, s] = 1.0  # keeps later divisions finite; removed units are never chosen
+
+
+def _obs_state(consumer: Consumer, gram: np.ndarray) -> _ObsState | None:
+    w = consumer.weight.astype(np.float64)
+    if gram.shape != (len(w), len(w)):
+        return None
+    energy = float(np.sum(w * (gram @ w)))
+    if energy <= 0:
+        return None
+    damping = OBS_DAMPING * max(float(np.mean(np.diag(gram))), 1e-12)
+    h = np.linalg.inv(gram + damping * np.eye(len(gram)))
+    return _ObsState(w.copy(), h, energy, consumer.channels)
+
+
+def obs_removal_order(states: list[_ObsState], units: int) -> list[int]:
+    """Units in greedy OBS removal order (least refit loss first; see the module docstring).
+
+    Ties remove the higher index first, as :func:`greedy_removal_order` does.
+    """
+    removed = np.zeros(units, dtype=bool)
+    order = []
+    for _ in range(units):
+        cost = np.zeros(units)
+        for state in states:
+            cost += state.losses() / state.energy
+        candidates = np.where(removed, np.inf, cost)
+        best = float(candidates.min())
+        u = int(np.flatnonzero(candidates <= best)[-1])
+        order.append(u)
+        removed[u] = True
+        for state in states:
+            state.remove(u)
+    return order
+
+
 def _unit_matrix(consumer: Consumer, gram: np.ndarray) -> np.ndarray | None:
     w = consumer.weight
     if gram.shape != (len(w), len(w)):
@@ -131,6 +226,7 @@ def reconstruction_scores(
     grams: Mapping[SpaceKey, np.ndarray],
     *,
     greedy: bool = True,
+    obs: bool = False,
 ) -> np.ndarray | None:
     """Scores (greedy removal rank + 1) of ``group``'s units; None without a measured consumer.
 
@@ -138,8 +234,21 @@ def reconstruction_scores(
     (see :func:`onnxprune.prune.activations.reconstruction_stats`). Without ``greedy`` the
     score is ``M[u, u]``, each unit's output change removed alone: ``||x_u||^2 ||w_u||^2``,
     the square of the structured Wanda score with the Gram (``|W| * ||x||``), FLAP's
-    fluctuation metric with the covariance.
+    fluctuation metric with the covariance. With ``obs`` the order is
+    :func:`obs_removal_order` (``grams`` should then be centered).
     """
+    if obs:
+        states = [
+            state
+            for consumer in group_consumers(model, analysis, group)
+            if (gram := grams.get(consumer.input)) is not None
+            and (state := _obs_state(consumer, gram)) is not None
+        ]
+        if not states:
+            return None
+        scores = np.empty(group.size)
+        scores[obs_removal_order(states, group.size)] = np.arange(1, group.size + 1.0)
+        return scores
     total = np.zeros((group.size, group.size))
     found = False
     for consumer in group_consumers(model, analysis, group):

@@ -60,12 +60,14 @@ from onnxprune.prune.compensate import (
     expected_input,
 )
 from onnxprune.prune.cost import CostModel
-from onnxprune.prune.importance import CRITERIA, GRAM_CRITERIA, group_scores
+from onnxprune.prune.importance import CENTERED_CRITERIA, CRITERIA, GRAM_CRITERIA, group_scores
 from onnxprune.prune.select import keep_count
+from onnxprune.reports import FLATTEN, Skip, report_dict
 from onnxprune.runtime import make_session
 
 __all__ = [
     "SCHEMA",
+    "BlockedGroup",
     "SensitivityResult",
     "load_canonical",
     "measure_sensitivity",
@@ -80,6 +82,21 @@ SCHEMA = "onnxprune.sensitivity/1"
 _KEPT_METRICS = ("cosine", "sqnr_db", "top1_agreement")
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockedGroup:
+    """A group that is not measured because it cannot be pruned (JSON: id, node, reason)."""
+
+    id: str
+    skip: Skip = dataclasses.field(metadata=FLATTEN)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BlockedGroup:
+        return cls(data["id"], Skip(data["node"], data["reason"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
 @dataclasses.dataclass
 class SensitivityResult:
     """Measured error-versus-ratio curves per prunable group (JSON: ``to_dict``)."""
@@ -90,13 +107,13 @@ class SensitivityResult:
     samples: int
     macs_before: int
     groups: list[dict[str, Any]]
-    blocked: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    blocked: list[BlockedGroup] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
             "error": "nsr = sum (c - r)^2 / sum r^2 over calibration outputs, worst output",
-            **dataclasses.asdict(self),
+            **report_dict(self),
         }
 
     @classmethod
@@ -104,7 +121,12 @@ class SensitivityResult:
         if data.get("schema") != SCHEMA:
             raise UsageError(f"not a sensitivity result (schema {data.get('schema')!r})")
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
+        values = {k: v for k, v in data.items() if k in fields}
+        try:
+            values["blocked"] = [BlockedGroup.from_dict(b) for b in values.get("blocked", [])]
+        except (KeyError, TypeError):
+            raise UsageError("'blocked' must list {id, node, reason} entries") from None
+        return cls(**values)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SensitivityResult:
@@ -285,11 +307,7 @@ def measure_sensitivity(
         for g in measured_groups:
             rows.append(probe.row(g, removal_order(g, scores[g.id]), ratios, round_to))
             bar.update()
-    blocked = [
-        {"id": g.id, "node": g.blocked[0], "reason": g.blocked[1]}
-        for g in analysis.reported
-        if g.blocked is not None
-    ]
+    blocked = [BlockedGroup(g.id, g.blocked) for g in analysis.reported if g.blocked is not None]
     return SensitivityResult(
         criterion, round_to, sorted(ratios), len(feeds), cost.macs_before, rows, blocked
     )
@@ -344,7 +362,7 @@ def sensitivity_file(
     if criterion in ("activation", "apoz"):
         stats = activation_stats(model, analyze(model), feeds, criterion)
     elif criterion in GRAM_CRITERIA:
-        centered = criterion == "flap"
+        centered = criterion in CENTERED_CRITERIA
         stats = reconstruction_stats(model, analyze(model), feeds, centered=centered)
     result = measure_sensitivity(
         model,
