@@ -4,7 +4,8 @@ For every chosen zoo entry (``benchmarks/zoo/.cache/manifest.json``) and MACs ta
 
 * **onnxprune**: the command users run, ``onnxprune prune MODEL -o OUT --target-macs F
   --calib CALIB`` (measured allocation and the reconstruction criterion are its defaults with
-  data), and with ``--variants`` also ``--reconstruct`` (ridge refit) or ``--allocation
+  data), and with ``--variants`` also ``--reconstruct`` (ridge refit), ``--allocation
+  measured-refit`` (refit-probes: each probe refit in closed form) or ``--allocation
   uniform`` (the previous default, one ratio for every group), fitted on the calibration
   split only.
 * **onnxsim 0.8**: ``onnxsim.pruning.apply_structured_pruning`` (uniform sparsity per
@@ -56,6 +57,7 @@ VARIANTS = {
     "default": [],
     "reconstruct": ["--reconstruct"],
     "uniform": ["--allocation", "uniform"],
+    "refit-probes": ["--allocation", "measured-refit"],
 }
 
 

@@ -275,3 +275,40 @@ def test_obs_prices_a_redundant_channel_at_zero_despite_its_large_weight(monkeyp
     assert int(np.argmax(np.diag(gram * (weight @ weight.T)))) == 3
     state.remove(3)
     assert min(state.losses()[[0, 1]]) / state.energy > 1e-3
+
+
+def test_closed_form_refit_leaves_exactly_the_least_squares_residual(monkeypatch):
+    """The measured allocation's refit-aware probe: compensation, closed-form refit from the
+    covariance and zeroing leave the output error of the least-squares refit (weights and
+    bias) of the kept units, and less than the zeroed probe without refit."""
+    from onnxprune.prune import closed_form
+    from onnxprune.prune.apply import kept_indices, zero_units
+    from onnxprune.prune.compensate import compensate_removed_inputs
+    from onnxprune.prune.sensitivity import measured_means
+
+    monkeypatch.setattr(closed_form, "OBS_DAMPING", 1e-12)
+    model, weights = _mlp(6, seed=3)
+    feeds = _feeds(0, count=8)
+    analysis = analyze(model)
+    (group,) = analysis.prunable
+    covariances = reconstruction_stats(model, analysis, feeds, centered=True)
+    means = measured_means(model, analysis, feeds)
+    removed = [group.units[i].root for i in (1, 4)]
+
+    def error(refit: bool) -> float:
+        probe = _copy(model)
+        compensate_removed_inputs(probe, kept_indices(analysis, removed), means, zeroed=True)
+        if refit:
+            done = closed_form.refit_in_closed_form(
+                probe, analysis, group, removed, covariances=covariances, means=means
+            )
+            assert len(done) == 1
+        zero_units(probe, analysis, removed)
+        return sum(
+            float(np.sum((run_model(probe, f)["y"] - run_model(model, f)["y"]) ** 2)) for f in feeds
+        )
+
+    h, w = _hidden_and_weight(weights, feeds)
+    expected = _refit_loss(h, w, (1, 4))
+    assert error(refit=True) == pytest.approx(expected, rel=1e-3)
+    assert error(refit=False) > 1.3 * expected  # 1.47x here

@@ -152,8 +152,8 @@ def _measures_allocation(options: PruneOptions, feeds: list) -> bool:
     """Measured allocation applies to a MACs target with data, unless ratios were given."""
     if options.allocation == "uniform" or options.target_macs is None:
         return False
-    if options.allocation == "measured" and not feeds:
-        raise UsageError("--allocation measured needs --calib")
+    if options.allocation.startswith("measured") and not feeds:
+        raise UsageError(f"--allocation {options.allocation} needs --calib")
     return bool(feeds) and not options.layer_ratios and options.plan is None
 
 
@@ -175,16 +175,20 @@ def _prune_step(
     feeds: list[dict[str, Any]],
     dims: Mapping[str, int] | None,
     stats: Mapping | None,
+    *,
+    refit: bool = False,
 ) -> PruneReport:
     """One cut of ``model`` in place, its units scored with ``stats``
     (:func:`_criterion_stats` of this model): the measured allocation (with data and a MACs
-    target), the plan and the removal with compensation."""
+    target; ``refit``: its probes refit in closed form, as the refit that follows will),
+    the plan and the removal with compensation."""
     means = None
     if feeds:
         means = functools.partial(removed_input_means, model, feeds=feeds)
     allocation = None
     if _measures_allocation(options, feeds):
-        allocation = measured_allocation(model, options, feeds, stats, dims)
+        refit = refit and options.allocation == "measured-refit"
+        allocation = measured_allocation(model, options, feeds, stats, dims, refit=refit)
         options = dataclasses.replace(options, target_macs=None, layer_ratios=allocation.ratios)
     report = prune_model(model, options, stats, dims, means)
     if allocation is not None:
@@ -286,7 +290,7 @@ def prune_file(
     for step in range(1, iterative + 1):
         step_options = _step_options(options, step, iterative, progress)
         stats = _criterion_stats(model, options, feeds)
-        report = _prune_step(model, step_options, feeds, dims, stats)
+        report = _prune_step(model, step_options, feeds, dims, stats, refit=bool(reconstruct))
         if search is not None:
             report.notes.append(search.summary())
             report.latency = search

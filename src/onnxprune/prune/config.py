@@ -25,7 +25,7 @@ __all__ = ["LATENCY_SECONDS", "LatencyTarget", "PruneConfig", "Resolved", "resol
 Criterion = Literal[
     "auto", "l1", "l2", "bn", "activation", "apoz", "reconstruction", "wanda", "flap", "obs"
 ]
-Allocation = Literal["auto", "measured", "uniform"]
+Allocation = Literal["auto", "measured", "measured-refit", "uniform"]
 
 #: Kept channels are a multiple of this unless a saved allocation says otherwise.
 DEFAULT_ROUND_TO = 8
@@ -73,7 +73,8 @@ class PruneConfig:
     allocation: Allocation = option(
         "auto",
         help="how --target-macs is spread over groups; auto: measured with --calib (each "
-        "group cut alone on calibration feeds, fragile ones cut less), else uniform",
+        "group cut alone on calibration feeds, fragile ones cut less), else uniform; "
+        "measured-refit: each cut also refit in closed form before it is measured",
     )
     reconstruct: bool | None = option(
         None,

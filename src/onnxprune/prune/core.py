@@ -98,9 +98,10 @@ class PruneOptions:
             raise UsageError(f"--round-to {self.round_to}: must be >= 1")
         if self.criterion not in (*CRITERIA, "auto"):
             raise UsageError(f"--criterion {self.criterion!r}: choose from {', '.join(CRITERIA)}")
-        if self.allocation not in ("auto", "measured", "uniform"):
+        if self.allocation not in ("auto", "measured", "measured-refit", "uniform"):
             raise UsageError(
-                f"--allocation {self.allocation!r}: choose from auto, measured, uniform"
+                f"--allocation {self.allocation!r}: "
+                "choose from auto, measured, measured-refit, uniform"
             )
 
 

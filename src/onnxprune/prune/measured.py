@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.digest import model_feeds_digest
+from onnxprune.prune.activations import reconstruction_stats
 from onnxprune.prune.allocate import allocate_ratios
 from onnxprune.prune.analysis import analyze
 from onnxprune.prune.core import PruneOptions, _excluded_groups
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 #: ``PruneOptions.allocation``: ``auto`` is ``measured`` with calibration data, else uniform.
-ALLOCATIONS = ("auto", "measured", "uniform")
+ALLOCATIONS = ("auto", "measured", "measured-refit", "uniform")
 
 #: Removed fractions each group is measured at (the allocation never extrapolates beyond).
 RATIOS = (0.0625, 0.125, 0.25, 0.5, 0.75)
@@ -168,6 +169,7 @@ def measured_allocation(
     ratios: Sequence[float] = RATIOS,
     threads: int | None = None,
     budget: float = WORK_BUDGET,
+    refit: bool = False,
 ) -> MeasuredAllocation:
     """Per-group ratios meeting ``options.target_macs`` with the least measured output error.
 
@@ -176,7 +178,10 @@ def measured_allocation(
     ``activation_stats`` are the criterion's statistics, so the units measured are the ones
     the cut removes. Groups named by ``options.exclude`` are not cut. ``threads``: intra-op
     threads of the probe sessions (default: up to 4); ``budget``: MACs the measurement is
-    sized to (:func:`measurement_size`).
+    sized to (:func:`measurement_size`). ``refit``: each probe refits the cut group's
+    consumers in closed form (:mod:`onnxprune.prune.closed_form`) before measuring, with
+    input covariances from the feeds after the measured ones where there are enough of them
+    (so the probe is scored on feeds its refit did not see), else from all feeds.
     """
     if options.target_macs is None:
         raise ValueError("measured allocation needs a MACs target")
@@ -210,11 +215,22 @@ def measured_allocation(
             activation_stats is not None,
             samples,
             wanted_sized,
+            refit and options.compensate,
         ),
     )
+    covariances = None
+    if refit and options.compensate:
+        rest = list(feeds[samples:])
+        fit = rest if len(rest) >= max(samples // 2, 1) else list(feeds)
+        sizing.append(
+            "probes refit in closed form with covariances of "
+            + (f"the {len(fit)} feeds after the measured ones" if fit is rest else "all feeds")
+        )
     feeds, wanted = list(feeds[:samples]), list(wanted_sized)
     result = _CURVES.get(key)
     if result is None:
+        if refit and options.compensate:
+            covariances = reconstruction_stats(model, analysis, fit, centered=True)
         result = measure_sensitivity(
             model,
             feeds,
@@ -226,6 +242,7 @@ def measured_allocation(
             threads=threads,
             measured=measured_means(model, analysis, feeds) if options.compensate else None,
             skip=excluded,
+            covariances=covariances,
         )
         _CURVES[key] = result
         while len(_CURVES) > _CACHED:

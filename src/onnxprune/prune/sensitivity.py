@@ -51,6 +51,8 @@ from onnxprune.prune.activations import (
 )
 from onnxprune.prune.analysis import Analysis, Group, analyze
 from onnxprune.prune.apply import kept_indices, zero_units
+from onnxprune.prune.channels import SpaceKey
+from onnxprune.prune.closed_form import refit_in_closed_form
 from onnxprune.prune.compensate import (
     InputMean,
     add_border_corrections,
@@ -195,14 +197,27 @@ class _Probe:
     #: Measured ``E[x]`` of every consumer input (:func:`measured_means`): compensation as
     #: ``prune --calib`` applies it (means and exact border terms), not the data-free guess.
     measured: Mapping[str, InputMean] | None = None
+    #: Input covariances of the consumers: with ``measured``, each cut is followed by the
+    #: closed-form refit of its consumers (:mod:`onnxprune.prune.closed_form`), so the error
+    #: is the one left after the refit prune applies with ``--calib``.
+    covariances: Mapping[SpaceKey, np.ndarray] | None = None
 
-    def error(self, removed: list[int]) -> tuple[float, dict]:
+    def error(self, removed: list[int], group: Group | None = None) -> tuple[float, dict]:
         if not removed:
             return _compare(self.reference, self.reference)
         if self.compensate and self.measured is not None:
             model = copy_model(self.model)
             kept = kept_indices(self.analysis, removed)
             compensate_removed_inputs(model, kept, self.measured, zeroed=True)
+            if self.covariances is not None and group is not None:
+                refit_in_closed_form(
+                    model,
+                    self.analysis,
+                    group,
+                    removed,
+                    covariances=self.covariances,
+                    means=self.measured,
+                )
             # zeroed (not sliced) outputs keep every channel: residuals over all of them
             inputs_only = {k: v for k, v in kept.items() if k[0] in model.graph.initializers}
             corrections = border_corrections(model, inputs_only, self.measured)
@@ -242,7 +257,7 @@ class _Probe:
             kept = keep_count(group.size, ratio, round_to)
             removed = order[: group.size - kept]
             if kept not in measured:
-                measured[kept] = self.error(removed)
+                measured[kept] = self.error(removed, group)
             nsr, outputs = measured[kept]
             points.append(
                 {
@@ -278,6 +293,7 @@ def measure_sensitivity(
     compensate: bool = True,
     measured: Mapping[str, InputMean] | None = None,
     skip: Collection[str] = (),
+    covariances: Mapping[SpaceKey, np.ndarray] | None = None,
 ) -> SensitivityResult:
     """Prune each prunable group alone at each ratio and measure the output error.
 
@@ -286,7 +302,9 @@ def measure_sensitivity(
     ``PruneOptions.compensate``: the data-free bias compensation prune applies is applied
     before zeroing (on a copy of the model per point), so the error is prune's; with
     ``measured`` (:func:`measured_means` on calibration data) the measured compensation of
-    ``prune --calib`` is applied instead. Groups in ``skip`` are not measured.
+    ``prune --calib`` is applied instead, and with ``covariances`` as well (consumer input
+    covariances) each cut is followed by the closed-form refit of its consumers. Groups in
+    ``skip`` are not measured.
     """
     if not feeds:
         raise UsageError("sensitivity needs at least one calibration sample")
@@ -300,6 +318,7 @@ def measure_sensitivity(
     for note in notes:
         logger.info("%s", note)
     probe = _Probe(model, analysis, cost, feeds, threads, compensate, measured=measured)
+    probe.covariances = covariances
     probe.reference = _run(model, feeds, threads)
     measured_groups = [g for g in analysis.prunable if g.id not in skip]
     rows = []
