@@ -102,10 +102,10 @@ def _variant(src: Path, out: Path, config: LowRankConfig, calib: Path | None) ->
         "rewrite_s": (time.perf_counter_ns() - start) / 1e9,
         "params": data["params"],
         "macs": data["macs"],
-        "layers": len(res.layers),
-        "ranks": {layer.node: layer.ranks for layer in res.layers},
+        "layers": len(res.details.layers),
+        "ranks": {layer.node: layer.ranks for layer in res.details.layers},
         "fidelity": data["fidelity"],
-        "shared_energy": data["shared_energy"],
+        "shared_energy": data["lowrank"]["shared_energy"],
     }
 
 

@@ -70,11 +70,11 @@ def _run_grid(
             row = {
                 "pattern": pattern_name,
                 "method": method_name,
-                "overall_sparsity": round(result.overall_sparsity, 4),
+                "overall_sparsity": round(result.details.overall_sparsity, 4),
                 "size_ratio": round(result.output_bytes / result.input_bytes, 4),
                 "input_bytes": result.input_bytes,
                 "output_bytes": result.output_bytes,
-                "stored_vs_masked_max_abs_error": result.stored_vs_masked_max_abs_error,
+                "stored_vs_masked_max_abs_error": result.details.stored_vs_masked_max_abs_error,
                 "seconds": round(seconds, 2),
                 **score(out),
             }

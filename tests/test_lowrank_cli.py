@@ -44,8 +44,8 @@ def test_lowrank_writes_deterministic_output_and_report(model_path, tmp_path, ca
     assert "factorized 1 layers" in text and "cosine 1.000000" in text
     assert "fidelity on 4 synthetic random samples" in text
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["schema"] == "onnxprune.lowrank/1"
-    assert report["layers"][0]["ranks"] == [4]
+    assert report["schema"] == "onnxprune.lowrank/2"
+    assert report["lowrank"]["layers"][0]["ranks"] == [4]
     assert float(report["fidelity"]["outputs"]["y"]["sqnr_db"]) > 80
 
 

@@ -28,11 +28,12 @@ def test_sparsify_writes_exact_smaller_model_and_report(tmp_path: Path) -> None:
     assert main(argv) == 0
     assert Path(MODEL).read_bytes() == before
     doc = json.loads(report.read_text())
-    assert doc["schema"] == "onnxprune.sparsify/1"
-    assert doc["sizes"]["output_bytes"] < 0.7 * doc["sizes"]["input_bytes"]
-    assert doc["stored_vs_masked_max_abs_error"] == 0.0
-    assert [layer["sparsity"] for layer in doc["layers"]] == [0.5, 0.5, 0.5, 0.5]
-    assert "trt_sparsity_enable" in doc["speedup"]["tensorrt"]
+    assert doc["schema"] == "onnxprune.sparsify/2"
+    assert doc["output_bytes"] < 0.7 * doc["input_bytes"]
+    details = doc["sparsify"]
+    assert details["stored_vs_masked_max_abs_error"] == 0.0
+    assert [layer["sparsity"] for layer in details["layers"]] == [0.5, 0.5, 0.5, 0.5]
+    assert "trt_sparsity_enable" in details["speedup"]["tensorrt"]
     feed = {"input": np.load(CALIB)["input"][:2]}
     assert run_model(load(out), feed)["logits"].shape == (2, 10)
 
@@ -138,7 +139,7 @@ def test_exclude_and_override_and_two_four_skip(tmp_path: Path) -> None:
         str(report),
     ]
     assert main(argv) == 0
-    doc = json.loads(report.read_text())
+    doc = json.loads(report.read_text())["sparsify"]
     assert doc["skipped"]["/classifier/classifier.3/Gemm"] == "excluded (--exclude)"
     assert "groups of 4" in doc["skipped"]["/features/features.0/Conv"]
     assert {layer["pattern"] for layer in doc["layers"]} == {"2:4"}
@@ -156,7 +157,8 @@ def test_exclude_and_override_and_two_four_skip(tmp_path: Path) -> None:
         str(report),
     ]
     assert main(argv) == 0
-    layers = {layer["node"]: layer for layer in json.loads(report.read_text())["layers"]}
+    details = json.loads(report.read_text())["sparsify"]
+    layers = {layer["node"]: layer for layer in details["layers"]}
     assert layers["/features/features.0/Conv"]["zeros"] == 36  # round(0.25 * 144)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from onnxprune.lowrank.api import lowrank_file
+from onnxprune.lowrank import api as lowrank
 from onnxprune.lowrank.config import _RULES, LowRankConfig
 from onnxprune.passes.pipeline import CanonicalizeConfig, canonicalize_apply, check_config
 from onnxprune.prune.api import prune_file
@@ -20,7 +20,7 @@ from onnxprune.prune.config import PruneConfig
 from onnxprune.quant.config import QuantizeConfig, quantize_config_file
 from onnxprune.quant.fp16 import Fp16Config, fp16_apply
 from onnxprune.registry.transform import Transform, register
-from onnxprune.sparsity.api import sparsify_file
+from onnxprune.sparsity import api as sparsity
 from onnxprune.sparsity.prune import SparsifyConfig
 
 __all__ = ["CANONICALIZE", "FP16", "LOWRANK", "PRUNE", "QUANTIZE", "SPARSIFY"]
@@ -98,7 +98,8 @@ SPARSIFY = register(
         "report fidelity against the original, and write the model atomically. onnxruntime "
         "CPU does not run faster on zeros; 2:4 targets TensorRT sparse tensor cores.",
         config=SparsifyConfig,
-        run_file=sparsify_file,
+        apply=sparsity.sparsify_apply,
+        validate=sparsity.validate,
     )
 )
 
@@ -111,7 +112,8 @@ LOWRANK = register(
         "fold chains of linear ops. The result is compared with the original (cosine, SQNR "
         "per output) and written atomically; the input is never modified.",
         config=LowRankConfig,
-        run_file=lowrank_file,
+        apply=lowrank.lowrank_apply,
+        validate=lowrank.validate,
         from_cli=_lowrank_from_cli,
     )
 )

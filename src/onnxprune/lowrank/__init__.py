@@ -1,7 +1,7 @@
 """Low-rank factorization and folding of linear layers and convolutions.
 
-Public API: :func:`lowrank_file` (what ``onnxprune lowrank`` calls), :func:`lowrank_model`
-(in memory), :class:`LowRankConfig`, the passes :class:`FactorizePass` and
+Public API: :func:`lowrank_file` (``onnxprune lowrank`` through the file driver),
+:func:`lowrank_model` (in memory), :class:`LowRankConfig`, the passes :class:`FactorizePass` and
 :class:`FoldLinearPass`, and :func:`collect_input_stats` / :func:`decompose` for
 activation-aware decompositions. The math of each rewrite is in its module docstring
 (``svd``, ``whiten``, ``conv``, ``fold``).
@@ -11,13 +11,11 @@ from onnxprune.lowrank.api import LowRankOutcome, lowrank_file, lowrank_model
 from onnxprune.lowrank.config import CONV_MODES, METHODS, LowRankConfig
 from onnxprune.lowrank.factorize import FactorizePass, LayerRecord
 from onnxprune.lowrank.fold import FoldLinearPass
-from onnxprune.lowrank.report import SCHEMA, LowRankResult
 from onnxprune.lowrank.whiten import Decomposition, InputStats, collect_input_stats, decompose
 
 __all__ = [
     "CONV_MODES",
     "METHODS",
-    "SCHEMA",
     "Decomposition",
     "FactorizePass",
     "FoldLinearPass",
@@ -25,7 +23,6 @@ __all__ = [
     "LayerRecord",
     "LowRankConfig",
     "LowRankOutcome",
-    "LowRankResult",
     "collect_input_stats",
     "decompose",
     "lowrank_file",

@@ -1,47 +1,35 @@
-"""Low-rank API: the in-memory rewrite and the file-level command behind ``onnxprune lowrank``."""
+"""Low-rank API: the in-memory rewrite behind ``onnxprune lowrank`` (the file driver,
+:mod:`onnxprune.registry.driver`, loads, measures and writes)."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
-from pathlib import Path
+from collections.abc import Mapping
 
 import onnx_ir as ir
 
-from onnxprune.analysis import count_costs, total_params
+from onnxprune import registry
 from onnxprune.calib import CalibrationData
 from onnxprune.errors import UsageError
-from onnxprune.heldout import FidelityReport, measure, split_data
-from onnxprune.io import load, save
-from onnxprune.io.validate import refuse_unrewritable
+from onnxprune.heldout import DataSplit
 from onnxprune.lowrank.config import LowRankConfig
 from onnxprune.lowrank.factorize import FactorizePass, LayerRecord, linear_inputs
 from onnxprune.lowrank.fold import FoldLinearPass
 from onnxprune.lowrank.latency import ConvLatencyProbe, LatencyProbe
-from onnxprune.lowrank.report import LowRankResult
+from onnxprune.lowrank.report import LowRankOutcome
 from onnxprune.lowrank.whiten import InputStats, collect_input_stats
 from onnxprune.passes._match import label
-from onnxprune.passes.base import PassReport
+from onnxprune.registry.driver import FileResult, run_file
 
-__all__ = ["LowRankOutcome", "lowrank_file", "lowrank_model"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["LowRankOutcome", "lowrank_apply", "lowrank_file", "lowrank_model", "validate"]
 
 
-@dataclasses.dataclass
-class LowRankOutcome:
-    """What :func:`lowrank_model` did to the model."""
-
-    factorize: PassReport | None
-    fold: PassReport | None
-    layers: list[LayerRecord]
-    shared_energy: float
-
-
-def _check_exclude(model: ir.Model, exclude: tuple[str, ...]) -> None:
+def validate(model: ir.Model, config: LowRankConfig, has_calib: bool) -> None:
+    """Raise UsageError on bad options (:meth:`LowRankConfig.validate`) or an unknown
+    ``exclude`` node."""
+    config.validate(has_calib=has_calib)
     known = {label(node) for node in model.graph} | {node.name for node in model.graph}
-    for name in exclude:
+    for name in config.exclude:
         if name not in known:
             raise UsageError(f"--exclude {name!r}: no node of that name in the model")
 
@@ -73,8 +61,7 @@ def lowrank_model(
         UsageError: bad options (see :meth:`LowRankConfig.validate`) or an unknown
             ``exclude`` node.
     """
-    config.validate(has_calib=calib is not None)
-    _check_exclude(model, config.exclude)
+    validate(model, config, calib is not None)
     factorize = fold = None
     layers: list[LayerRecord] = []
     shared = float("nan")
@@ -88,6 +75,11 @@ def lowrank_model(
     return LowRankOutcome(factorize, fold, layers, shared)
 
 
+def lowrank_apply(model: ir.Model, config: LowRankConfig, data: DataSplit) -> LowRankOutcome:
+    """Transform ``lowrank``: whitening statistics from the fit part of the data."""
+    return lowrank_model(model, config, calib=data.fit)
+
+
 def lowrank_file(
     model_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -95,38 +87,12 @@ def lowrank_file(
     *,
     calib: str | os.PathLike[str] | None = None,
     eval_data: str | os.PathLike[str] | None = None,
-) -> LowRankResult:
-    """Rewrite ``model_path`` into ``output_path`` (atomically; the input is never modified).
-
-    The options are validated before anything is read or written. Whitening statistics use
-    the fit part of ``calib``; after the rewrite the written file is compared with the
-    original on ``eval_data``, else on the held-out part of ``calib``
-    (:mod:`onnxprune.heldout`); this is a lossy rewrite, so no tolerance is enforced here.
-    """
-    config.validate(has_calib=calib is not None)
-    model = load(model_path)
-    refuse_unrewritable(model, str(model_path))
-    _check_exclude(model, config.exclude)
-    split = split_data(model, calib, eval_data, dims=config.dims)
-    calibration = split.fit
-    params_before = total_params(model)
-    macs_before = count_costs(model, dims=config.dims).total_macs
-    outcome = lowrank_model(model, config, calib=calibration)
-    fidelity: list[FidelityReport] = []
-
-    def check(tmp_path: Path) -> None:
-        fidelity.append(measure(model_path, tmp_path, split))
-
-    dest = save(model, output_path, before_commit=check)
-    return LowRankResult(
-        input=str(model_path),
-        output=str(dest),
-        config=dataclasses.asdict(config),
-        factorize=outcome.factorize,
-        fold=outcome.fold,
-        layers=outcome.layers,
-        shared_energy=outcome.shared_energy,
-        params=(params_before, total_params(model)),
-        macs=(macs_before, count_costs(model, dims=config.dims).total_macs),
-        fidelity=fidelity[0],
+    dims: Mapping[str, int] | None = None,
+) -> FileResult:
+    """Rewrite ``model_path`` into ``output_path`` through the file driver (atomically; the
+    input is never modified; fidelity measured on ``eval_data``, else on the held-out part of
+    ``calib``; lossy, so no tolerance is enforced here). ``dims`` default to ``config.dims``."""
+    transform = registry.get("lowrank")
+    return run_file(
+        transform, model_path, output_path, config, calib=calib, eval_data=eval_data, dims=dims
     )

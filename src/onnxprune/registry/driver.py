@@ -95,7 +95,8 @@ def run_file(
     eval_data: str | os.PathLike[str] | None = None,
     dims: Mapping[str, int] | None = None,
 ) -> Any:
-    """Run ``transform`` on ``model_path`` and write ``output_path`` (see the module docstring).
+    """Run ``transform`` on ``model_path`` and write ``output_path`` (see the module docstring);
+    ``dims`` default to the config's ``dims`` field where it has one.
 
     Raises:
         UsageError, CalibrationError, ModelLoadError: bad options, data or model (nothing
@@ -103,7 +104,7 @@ def run_file(
         BudgetError: an exact transform changed the outputs (nothing written).
     """
     config = transform.config() if config is None else config
-    dims = dict(dims or {})
+    dims = dict(dims or getattr(config, "dims", None) or {})
     config = _with_dims(config, dims)
     if transform.run_file is not None:
         return transform.run_file(model_path, output_path, config, calib=calib, eval_data=eval_data)

@@ -1,24 +1,24 @@
 """Weight sparsity: magnitude / Wanda scores, OBS (SparseGPT) update, N:M, compact storage.
 
-Public API: :func:`sparsify_file` (what ``onnxprune sparsify`` calls) with a
-:class:`SparsifyConfig`, returning a :class:`SparsifyResult` (``to_dict()`` is the
-``onnxprune.sparsify/1`` JSON); the in-memory algorithm :func:`apply_sparsity`.
+Public API: :func:`sparsify_file` (``onnxprune sparsify`` through the file driver) with a
+:class:`SparsifyConfig`, its in-memory transform :func:`sparsify_apply` (reporting a
+:class:`SparsifyReport`), and the algorithm :func:`apply_sparsity`.
 """
 
-from onnxprune.sparsity.api import sparsify_file, validate_config
+from onnxprune.sparsity.api import sparsify_apply, sparsify_file, validate_config
 from onnxprune.sparsity.layers import WeightLayer, find_layers
 from onnxprune.sparsity.prune import PATTERNS, SparsifyConfig, apply_sparsity
-from onnxprune.sparsity.report import SCHEMA, LayerResult, SparsifyResult
+from onnxprune.sparsity.report import LayerResult, SparsifyReport
 
 __all__ = [
     "PATTERNS",
-    "SCHEMA",
     "LayerResult",
     "SparsifyConfig",
-    "SparsifyResult",
+    "SparsifyReport",
     "WeightLayer",
     "apply_sparsity",
     "find_layers",
+    "sparsify_apply",
     "sparsify_file",
     "validate_config",
 ]

@@ -1,30 +1,26 @@
-"""File-level API of ``onnxprune sparsify``: validate, sparsify, store compactly, check, save.
+"""Transform ``sparsify``: validate, sparsify, store compactly (the file driver does the rest).
 
-The input file is never modified. Statistics and OBS updates use the fit part of the
-calibration data; the written model is compared with the original on ``--eval`` data, else on
-the held-out part of the calibration data (:mod:`onnxprune.heldout`), for the fidelity
-report. The compact (bitmask) model must equal the masked model exactly or nothing is
-written. The output is written
-atomically; the same input, settings and seed give byte-identical files.
+Statistics and OBS updates use (at most :data:`STATS_SAMPLES` of) the fit part of the
+calibration data; the driver (:mod:`onnxprune.registry.driver`) measures the written model
+against the original on ``--eval`` data, else on the held-out part (:mod:`onnxprune.heldout`).
+The compact (bitmask) model must equal the masked model exactly or nothing is written; the
+same input, settings and seed give byte-identical files.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxprune.analysis.inspect import disk_bytes
+from onnxprune import registry
 from onnxprune.errors import UsageError
-from onnxprune.heldout import FidelityReport, measure, split_data
-from onnxprune.io import load, save
+from onnxprune.heldout import DataSplit
 from onnxprune.io.pinned import copy_model
-from onnxprune.io.validate import refuse_unrewritable
+from onnxprune.registry.driver import FileResult, run_file
 from onnxprune.reports import Skip
 from onnxprune.sparsity.layers import WeightLayer, find_layers
 from onnxprune.sparsity.prune import (
@@ -36,12 +32,13 @@ from onnxprune.sparsity.prune import (
     apply_sparsity,
     parse_pattern,
 )
-from onnxprune.sparsity.report import SparsifyResult
+from onnxprune.sparsity.report import SparsifyReport
 from onnxprune.sparsity.storage import check_exact, store_bitmask
 
-__all__ = ["sparsify_file", "validate_config"]
+__all__ = ["STATS_SAMPLES", "sparsify_apply", "sparsify_file", "validate", "validate_config"]
 
-logger = logging.getLogger(__name__)
+#: At most this many fit samples feed the activation statistics.
+STATS_SAMPLES = 128
 
 
 def _check_fraction(what: str, value: float) -> None:
@@ -154,56 +151,33 @@ def _refuse_nothing_to_prune(
     raise UsageError(f"nothing to sparsify: {reason}")
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return copy_model(model)
+def validate(model: ir.Model, config: SparsifyConfig, has_calib: bool) -> None:
+    """The driver's check of the options against ``model`` (:func:`validate_config`)."""
+    layers, skipped = find_layers(model)
+    validate_config(config, [layer.node for layer in layers] + [s.node for s in skipped], has_calib)
 
 
-def sparsify_file(
-    model_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
-    config: SparsifyConfig,
-    *,
-    calib: str | os.PathLike[str] | None = None,
-    calib_samples: int = 128,
-    eval_data: str | os.PathLike[str] | None = None,
-) -> SparsifyResult:
-    """Sparsify ``model_path`` into ``output_path`` (see the module docstring).
-
-    Args:
-        model_path: Input model (never modified).
-        output_path: Output model, written atomically.
-        config: What to prune and how.
-        calib: Calibration data (required for Wanda and ``update``).
-        calib_samples: At most this many fit samples feed activation statistics.
-        eval_data: Held-out data the fidelity is reported on (default: the held-out part
-            of ``calib``).
+def sparsify_apply(model: ir.Model, config: SparsifyConfig, data: DataSplit) -> SparsifyReport:
+    """Transform ``sparsify``: prune and store compactly, in place (module docstring).
 
     Raises:
-        UsageError, CalibrationError: bad settings or data (nothing written).
-        BudgetError: the compact model does not equal the masked one (nothing written).
+        UsageError: nothing left to sparsify.
+        BudgetError: the compact model does not equal the masked one.
     """
-    model = load(model_path)
-    refuse_unrewritable(model, str(model_path))
-    input_bytes = disk_bytes(model_path)
     layers, skipped = find_layers(model)
-    names = [layer.node for layer in layers] + [s.node for s in skipped]
-    validate_config(config, names, calib is not None)
-    split = split_data(model, calib, eval_data)
-    data = split.fit
     layers = _eligible(layers, skipped, config)
     _refuse_nothing_to_prune(model, layers, skipped)
+    fit = data.fit
 
     def feeds() -> Iterator[dict[str, np.ndarray]]:
-        assert data is not None
-        return data.feeds(range(min(len(data), calib_samples)))
+        assert fit is not None
+        return fit.feeds(range(min(len(fit), STATS_SAMPLES)))
 
-    results, steps = apply_sparsity(model, layers, config, feeds if data is not None else None)
-    check = split.held_feeds(4) if split.held is not None else split.synthetic
-    masked = _copy(model)
+    results, steps = apply_sparsity(model, layers, config, feeds if fit is not None else None)
+    masked = copy_model(model)
     stored = {s.weight: s for s in store_bitmask(model, [layer.weight for layer in layers])}
-    error = check_exact(
-        masked, model, check[:4], [w for w, s in stored.items() if s.format == "bitmask"]
-    )
+    bitmasks = [w for w, s in stored.items() if s.format == "bitmask"]
+    error = check_exact(masked, model, data.held_feeds(4)[:4], bitmasks)
     for result in results:
         record = stored[result.weight]
         result.storage, result.dense_bytes, result.stored_bytes = (
@@ -213,21 +187,26 @@ def sparsify_file(
         )
         if record.reason:
             result.notes.append(f"stored dense: {record.reason}")
-    fidelity: list[FidelityReport] = []
+    return SparsifyReport(results, sorted(skipped), steps, error)
 
-    def measure_written(path: Path) -> None:
-        fidelity.append(measure(model_path, path, split))
 
-    dest = save(model, output_path, before_commit=measure_written)
-    return SparsifyResult(
-        input=str(model_path),
-        output=str(dest),
-        settings=config.to_dict(),
-        layers=results,
-        skipped=sorted(skipped),
-        input_bytes=input_bytes,
-        output_bytes=disk_bytes(dest),
-        fidelity=fidelity[0],
-        steps=steps,
-        stored_vs_masked_max_abs_error=error,
+def sparsify_file(
+    model_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    config: SparsifyConfig,
+    *,
+    calib: str | os.PathLike[str] | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> FileResult:
+    """Sparsify ``model_path`` into ``output_path`` through the file driver
+    (:func:`onnxprune.registry.driver.run_file`; the input is never modified).
+
+    Raises:
+        UsageError, CalibrationError: bad settings or data (nothing written).
+        BudgetError: the compact model does not equal the masked one (nothing written).
+    """
+    transform = registry.get("sparsify")
+    return run_file(
+        transform, model_path, output_path, config, calib=calib, eval_data=eval_data, dims=dims
     )

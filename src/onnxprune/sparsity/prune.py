@@ -113,12 +113,6 @@ class SparsifyConfig:
         if self.sparsity is None and nm is not None:
             object.__setattr__(self, "sparsity", 1 - nm[0] / nm[1])
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["exclude"] = list(self.exclude)
-        data["layer_sparsity"] = dict(sorted(self.layer_sparsity.items()))
-        return data
-
     @property
     def data_aware(self) -> bool:
         return self.method == "wanda" or self.update

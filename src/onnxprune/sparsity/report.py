@@ -1,17 +1,15 @@
-"""The ``onnxprune.sparsify/1`` report: per-layer sparsity, sizes, fidelity, what speeds up."""
+"""The ``sparsify`` report: per-layer sparsity and storage, what speeds up (the driver's
+envelope adds sizes and fidelity)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from onnxprune.heldout import FidelityReport
 from onnxprune.reporting import json_safe
 from onnxprune.reports import Skip
 
-__all__ = ["SCHEMA", "SPEEDUP_NOTE", "LayerResult", "SparsifyResult"]
-
-SCHEMA = "onnxprune.sparsify/1"
+__all__ = ["SPEEDUP_NOTE", "LayerResult", "SparsifyReport"]
 
 SPEEDUP_NOTE = {
     "onnxruntime_cpu": "no speed-up: ORT CPU kernels (Conv/Gemm/MatMul) are dense and do the "
@@ -57,21 +55,16 @@ class LayerResult:
 
 
 @dataclasses.dataclass
-class SparsifyResult:
-    """Report of :func:`onnxprune.sparsity.sparsify_file` (``to_dict()`` is the JSON).
+class SparsifyReport:
+    """What :func:`~onnxprune.sparsity.api.sparsify_apply` did (the ``sparsify`` key of the
+    driver's report).
 
     ``skipped`` is one :class:`~onnxprune.reports.Skip` per layer left dense, by node name;
     the JSON writes it as ``{node: reason}``.
     """
 
-    input: str
-    output: str
-    settings: dict[str, Any]
     layers: list[LayerResult]
     skipped: list[Skip]
-    input_bytes: int
-    output_bytes: int
-    fidelity: FidelityReport
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stored_vs_masked_max_abs_error: float = 0.0
 
@@ -83,19 +76,9 @@ class SparsifyResult:
     def to_dict(self) -> dict[str, Any]:
         return json_safe(
             {
-                "schema": SCHEMA,
-                "input": self.input,
-                "output": self.output,
-                "settings": self.settings,
                 "layers": [layer.to_dict() for layer in self.layers],
                 "skipped": {s.node: s.reason for s in self.skipped},
                 "overall_sparsity": self.overall_sparsity,
-                "sizes": {
-                    "input_bytes": self.input_bytes,
-                    "output_bytes": self.output_bytes,
-                    "ratio": self.output_bytes / self.input_bytes if self.input_bytes else None,
-                },
-                "fidelity": {"reference": "original model", **self.fidelity.to_dict()},
                 "stored_vs_masked_max_abs_error": self.stored_vs_masked_max_abs_error,
                 "steps": self.steps,
                 "speedup": SPEEDUP_NOTE,
@@ -103,15 +86,8 @@ class SparsifyResult:
         )
 
     def summary(self) -> str:
-        lines = [
+        return (
             f"pruned {len(self.layers)} layers to {self.overall_sparsity:.1%} overall "
-            f"({len(self.skipped)} skipped)"
-        ]
-        lines += self.fidelity.summary()
-        ratio = self.output_bytes / self.input_bytes if self.input_bytes else 0.0
-        lines.append(
-            f"wrote {self.output} ({self.input_bytes} -> {self.output_bytes} bytes, {ratio:.2f}x); "
-            "stored model equals the masked model exactly"
+            f"({len(self.skipped)} skipped); stored model equals the masked model exactly\n"
+            f"speed: {SPEEDUP_NOTE['onnxruntime_cpu']}"
         )
-        lines.append("speed: " + SPEEDUP_NOTE["onnxruntime_cpu"])
-        return "\n".join(lines)
