@@ -232,15 +232,21 @@ def _refit_loss(h: np.ndarray, w: np.ndarray, removed: tuple[int, ...]) -> float
     return float(np.sum((target - basis @ solution) ** 2))
 
 
-def test_obs_order_is_the_brute_force_greedy_on_the_refit_loss(monkeypatch):
-    from onnxprune.prune import reconstruction
-
-    monkeypatch.setattr(reconstruction, "OBS_DAMPING", 1e-12)
+def _centered_mlp():
+    """The 6-unit MLP, 8 feeds, its analysis and group, and the centered consumer Grams."""
     model, weights = _mlp(6, seed=3)
     feeds = _feeds(0, count=8)
     analysis = analyze(model)
     (group,) = analysis.prunable
     grams = reconstruction_stats(model, analysis, feeds, centered=True)
+    return model, weights, feeds, analysis, group, grams
+
+
+def test_obs_order_is_the_brute_force_greedy_on_the_refit_loss(monkeypatch):
+    from onnxprune.prune import reconstruction
+
+    monkeypatch.setattr(reconstruction, "OBS_DAMPING", 1e-12)
+    model, weights, feeds, analysis, group, grams = _centered_mlp()
     h, w = _hidden_and_weight(weights, feeds)
     removed: tuple[int, ...] = ()
     for _ in range(5):  # the last unit has nothing left to refit with
@@ -287,11 +293,7 @@ def test_closed_form_refit_leaves_exactly_the_least_squares_residual(monkeypatch
     from onnxprune.prune.sensitivity import measured_means
 
     monkeypatch.setattr(closed_form, "OBS_DAMPING", 1e-12)
-    model, weights = _mlp(6, seed=3)
-    feeds = _feeds(0, count=8)
-    analysis = analyze(model)
-    (group,) = analysis.prunable
-    covariances = reconstruction_stats(model, analysis, feeds, centered=True)
+    model, weights, feeds, analysis, group, covariances = _centered_mlp()
     means = measured_means(model, analysis, feeds)
     removed = [group.units[i].root for i in (1, 4)]
 
