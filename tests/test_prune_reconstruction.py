@@ -314,3 +314,64 @@ def test_closed_form_refit_leaves_exactly_the_least_squares_residual(monkeypatch
     expected = _refit_loss(h, w, (1, 4))
     assert error(refit=True) == pytest.approx(expected, rel=1e-3)
     assert error(refit=False) > 1.3 * expected  # 1.47x here
+
+
+def test_closed_form_refit_of_a_3x3_conv_leaves_the_patch_least_squares_residual(monkeypatch):
+    """x -> Conv3x3 -> Relu -> Conv3x3 (y, no padding): the probe's closed-form refit over
+    im2col patch columns (all positions sampled) leaves exactly the least-squares residual of
+    refitting the kept channels' taps and the bias on the removed channels' contribution.
+    (With zero padding the mean compensation works per channel, the refit per patch column:
+    exact up to that border term.)"""
+    from onnxprune.intermediates import iter_intermediates
+    from onnxprune.passes._match import const_numpy
+    from onnxprune.prune import closed_form
+    from onnxprune.prune.apply import kept_indices, zero_units
+    from onnxprune.prune.compensate import compensate_removed_inputs
+    from onnxprune.prune.recover import conv_rows
+    from onnxprune.prune.sensitivity import measured_means
+
+    monkeypatch.setattr(closed_form, "OBS_DAMPING", 1e-12)
+    rng = np.random.default_rng(0)
+    text = f"""{HEADER}
+g (float[1,3,8,8] x, float[6,3,3,3] w1, float[6] b1, float[4,6,3,3] w2, float[4] b2)
+  => (float[1,4,6,6] y) {{
+  c1 = Conv <pads=[1,1,1,1]> (x, w1, b1)
+  r1 = Relu (c1)
+  y = Conv (r1, w2, b2)
+}}"""
+    shapes = {"w1": (6, 3, 3, 3), "b1": (6,), "w2": (4, 6, 3, 3), "b2": (4,)}
+    model = model_from_text(
+        text, {k: rng.standard_normal(v).astype(np.float32) * 0.5 for k, v in shapes.items()}
+    )
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
+    analysis = analyze(model)
+    (group,) = analysis.prunable
+    stats = closed_form.patch_statistics(model, analysis, feeds, rows=64)
+    (consumer,) = stats
+    means = measured_means(model, analysis, feeds)
+    removed = [group.units[i].root for i in (0, 3)]
+
+    probe = _copy(model)
+    compensate_removed_inputs(probe, kept_indices(analysis, removed), means, zeroed=True)
+    done = closed_form.refit_in_closed_form(
+        probe, analysis, group, removed, covariances={}, means=means, patches=stats
+    )
+    assert done == [consumer]
+    zero_units(probe, analysis, removed)
+    error = sum(
+        float(np.sum((run_model(probe, f)["y"] - run_model(model, f)["y"]) ** 2)) for f in feeds
+    )
+
+    node = next(n for n in model.graph if n.outputs[0].name == "y")
+    hidden = [o["r1"].astype(np.float64) for o in iter_intermediates(model, ["r1"], feeds)]
+    grid = np.stack(np.meshgrid(np.arange(6), np.arange(6), indexing="ij"), -1).reshape(-1, 2)
+    pos = np.concatenate([np.zeros((36, 1), int), grid], axis=1)
+    rows = np.concatenate([conv_rows(h, node, (3, 3), pos) for h in hidden])
+    w = const_numpy(node.inputs[1]).astype(np.float64).reshape(4, -1).T
+    r = [c * 9 + t for c in (0, 3) for t in range(9)]
+    k = [i for i in range(len(w)) if i not in r]
+    target = rows[:, r] @ w[r]
+    basis = np.concatenate([rows[:, k], np.ones((len(rows), 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(basis, target, rcond=None)
+    expected = float(np.sum((target - basis @ solution) ** 2))
+    assert error == pytest.approx(expected, rel=1e-3)

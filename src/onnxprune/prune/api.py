@@ -187,7 +187,7 @@ def _prune_step(
         means = functools.partial(removed_input_means, model, feeds=feeds)
     allocation = None
     if _measures_allocation(options, feeds):
-        refit = refit and options.allocation == "measured-refit"
+        refit = refit and options.allocation in ("auto", "measured-refit")
         allocation = measured_allocation(model, options, feeds, stats, dims, refit=refit)
         options = dataclasses.replace(options, target_macs=None, layer_ratios=allocation.ratios)
     report = prune_model(model, options, stats, dims, means)
@@ -239,8 +239,8 @@ def prune_file(
     Statistics and refits use the fit part of ``calib``; fidelity is reported on
     ``eval_data``, else on the held-out part of ``calib`` (:mod:`onnxprune.heldout`).
     With ``calib`` the data-driven choices are the defaults: ``criterion="auto"`` is
-    ``reconstruction``, ``allocation="auto"`` is measured (a MACs target), and
-    ``reconstruct=None`` refits (``False`` turns it off).
+    ``reconstruction``, ``allocation="auto"`` is measured (a MACs target; with the refit,
+    ``measured-refit``), and ``reconstruct=None`` refits (``False`` turns it off).
 
     ``options`` is a :class:`PruneConfig` (what the CLI and recipes build; it carries
     ``reconstruct``, ``iterative`` and ``dims`` itself, and the keywords are then ignored

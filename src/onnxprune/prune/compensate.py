@@ -40,7 +40,7 @@ from onnxprune.passes._match import (
     uses_of,
 )
 from onnxprune.prune.channels import SpaceKey
-from onnxprune.prune.recover import _conv_rows
+from onnxprune.prune.recover import conv_rows
 
 __all__ = [
     "InputMean",
@@ -243,7 +243,7 @@ def _conv_output(node: ir.Node, maps: np.ndarray, kernel: np.ndarray) -> np.ndar
     oh = (maps.shape[1] + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
     ow = (maps.shape[2] + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
     pos = np.stack(np.unravel_index(np.arange(oh * ow), (1, oh, ow)), axis=1)
-    rows = _conv_rows(maps[None], node, (kh, kw), pos)
+    rows = conv_rows(maps[None], node, (kh, kw), pos)
     return (rows @ kernel.reshape(len(kernel), -1).T).T.reshape(-1, oh, ow)
 
 

@@ -39,7 +39,8 @@ class PruneConfig:
     amount (or only per-group ratios, ``layer_ratio`` / ``layer_ratios``). With calibration
     data the data-driven choices are the defaults: ``criterion="auto"`` ranks units by their
     consumers' output change, ``allocation="auto"`` spreads a MACs target by measured
-    per-group error, ``reconstruct=None`` refits the next layers where that helps held-out
+    per-group error (each cut refit in closed form before it is measured, as the refit that
+    follows will), ``reconstruct=None`` refits the next layers where that helps held-out
     feeds.
     """
 
@@ -72,9 +73,10 @@ class PruneConfig:
     )
     allocation: Allocation = option(
         "auto",
-        help="how --target-macs is spread over groups; auto: measured with --calib (each "
-        "group cut alone on calibration feeds, fragile ones cut less), else uniform; "
-        "measured-refit: each cut also refit in closed form before it is measured",
+        help="how --target-macs is spread over groups; measured: each group cut alone on "
+        "calibration feeds, fragile ones cut less; measured-refit: each cut also refit in "
+        "closed form before it is measured (the error left after the refit); auto: "
+        "measured-refit with --calib and the refit, measured without the refit, else uniform",
     )
     reconstruct: bool | None = option(
         None,

@@ -41,6 +41,7 @@ from onnxprune.digest import model_feeds_digest
 from onnxprune.prune.activations import reconstruction_stats
 from onnxprune.prune.allocate import allocate_ratios
 from onnxprune.prune.analysis import analyze
+from onnxprune.prune.closed_form import patch_statistics
 from onnxprune.prune.core import PruneOptions, _excluded_groups
 from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import group_scores
@@ -218,7 +219,7 @@ def measured_allocation(
             refit and options.compensate,
         ),
     )
-    covariances = None
+    covariances = patches = None
     if refit and options.compensate:
         rest = list(feeds[samples:])
         fit = rest if len(rest) >= max(samples // 2, 1) else list(feeds)
@@ -231,6 +232,7 @@ def measured_allocation(
     if result is None:
         if refit and options.compensate:
             covariances = reconstruction_stats(model, analysis, fit, centered=True)
+            patches = patch_statistics(model, analysis, fit)
         result = measure_sensitivity(
             model,
             feeds,
@@ -243,6 +245,7 @@ def measured_allocation(
             measured=measured_means(model, analysis, feeds) if options.compensate else None,
             skip=excluded,
             covariances=covariances,
+            patches=patches,
         )
         _CURVES[key] = result
         while len(_CURVES) > _CACHED:

@@ -48,6 +48,9 @@ __all__ = [
     "MAX_PASSES",
     "RefitResult",
     "consumers",
+    "conv_output_shape",
+    "conv_rows",
+    "positions",
     "refit_chunks",
     "refit_consumers",
     "refittable",
@@ -163,7 +166,7 @@ def _bias_add(node: ir.Node) -> ir.Node | None:
     return add if len(other.uses()) == 1 else None
 
 
-def _conv_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], pos: np.ndarray):
+def conv_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], pos: np.ndarray):
     """im2col rows ``[R, C*kh*kw]`` (weight layout order) at output positions (n, oh, ow)."""
     kh, kw = kernel
     sh, sw = _attr(node, "strides", [1, 1])
@@ -178,7 +181,23 @@ def _conv_rows(x: np.ndarray, node: ir.Node, kernel: tuple[int, int], pos: np.nd
     return patches.reshape(len(pos), -1)
 
 
-def _positions(shape: tuple[int, ...], kind: str, count: int, rng: np.random.Generator):
+def conv_output_shape(
+    shape: tuple[int, ...], node: ir.Node, kernel: tuple[int, ...]
+) -> tuple[int, int, int, int]:
+    """``(n, 0, oh, ow)`` of a 2-D Conv on an input of ``shape`` (the channel count is not
+    needed by :func:`positions`)."""
+    kh, kw = kernel
+    sh, sw = _attr(node, "strides", [1, 1])
+    dh, dw = _attr(node, "dilations", [1, 1])
+    t, left, b, r = _attr(node, "pads", [0, 0, 0, 0])
+    oh = (shape[2] + t + b - dh * (kh - 1) - 1) // sh + 1
+    ow = (shape[3] + left + r - dw * (kw - 1) - 1) // sw + 1
+    return (shape[0], 0, oh, ow)
+
+
+def positions(shape: tuple[int, ...], kind: str, count: int, rng: np.random.Generator):
+    """Sampled rows: ``(n, oh, ow)`` output positions of a Conv (``kind="conv"``, ``shape``
+    its output shape), else flat token indices."""
     if kind == "conv":
         n, _, h, w = shape
         total = n * h * w
@@ -191,7 +210,7 @@ def _positions(shape: tuple[int, ...], kind: str, count: int, rng: np.random.Gen
 def _rows(c: _Consumer, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
     if c.kind == "conv":
         kh, kw = const_shape(c.weight)[2:]
-        return _conv_rows(x, c.node, (kh, kw), pos)
+        return conv_rows(x, c.node, (kh, kw), pos)
     return x.reshape(-1, x.shape[-1])[pos]
 
 
@@ -293,14 +312,14 @@ def refit_consumers(
     per_feed = max(1, max_rows // len(feeds))
     teacher_names = [c.target for c in layers]
     teacher: dict[str, list[np.ndarray]] = {n: [] for n in teacher_names}
-    positions: dict[str, list[np.ndarray]] = {n: [] for n in teacher_names}
+    sampled: dict[str, list[np.ndarray]] = {n: [] for n in teacher_names}
     rng = np.random.default_rng(seed)
     for outputs in iter_intermediates(original, teacher_names, feeds):
         for c in layers:
             name = c.target
             y = outputs[name]
-            pos = _positions(y.shape, c.kind, per_feed, rng)
-            positions[name].append(pos)
+            pos = positions(y.shape, c.kind, per_feed, rng)
+            sampled[name].append(pos)
             teacher[name].append(_targets(c, y, pos).astype(np.float32))
     folds = fold_of(len(feeds))
     # A chunk holds its consumers' sampled input rows (float32); the normal equations of one
@@ -314,7 +333,7 @@ def refit_consumers(
     with Progress(len(layers), "refit") as bar:
         for chunk in chunks:
             results += _refit_chunk(
-                pruned, [layers[i] for i in chunk], feeds, teacher, positions, folds
+                pruned, [layers[i] for i in chunk], feeds, teacher, sampled, folds
             )
             bar.update(len(chunk))
     return results

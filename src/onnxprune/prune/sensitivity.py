@@ -201,6 +201,8 @@ class _Probe:
     #: closed-form refit of its consumers (:mod:`onnxprune.prune.closed_form`), so the error
     #: is the one left after the refit prune applies with ``--calib``.
     covariances: Mapping[SpaceKey, np.ndarray] | None = None
+    #: ... and the im2col patch statistics of its ``k x k`` Conv consumers.
+    patches: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     def error(self, removed: list[int], group: Group | None = None) -> tuple[float, dict]:
         if not removed:
@@ -217,6 +219,7 @@ class _Probe:
                     removed,
                     covariances=self.covariances,
                     means=self.measured,
+                    patches=self.patches,
                 )
             # zeroed (not sliced) outputs keep every channel: residuals over all of them
             inputs_only = {k: v for k, v in kept.items() if k[0] in model.graph.initializers}
@@ -294,6 +297,7 @@ def measure_sensitivity(
     measured: Mapping[str, InputMean] | None = None,
     skip: Collection[str] = (),
     covariances: Mapping[SpaceKey, np.ndarray] | None = None,
+    patches: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> SensitivityResult:
     """Prune each prunable group alone at each ratio and measure the output error.
 
@@ -303,7 +307,8 @@ def measure_sensitivity(
     before zeroing (on a copy of the model per point), so the error is prune's; with
     ``measured`` (:func:`measured_means` on calibration data) the measured compensation of
     ``prune --calib`` is applied instead, and with ``covariances`` as well (consumer input
-    covariances) each cut is followed by the closed-form refit of its consumers. Groups in
+    covariances; ``patches`` for ``k x k`` Conv consumers) each cut is followed by the
+    closed-form refit of its consumers. Groups in
     ``skip`` are not measured.
     """
     if not feeds:
@@ -318,7 +323,7 @@ def measure_sensitivity(
     for note in notes:
         logger.info("%s", note)
     probe = _Probe(model, analysis, cost, feeds, threads, compensate, measured=measured)
-    probe.covariances = covariances
+    probe.covariances, probe.patches = covariances, patches
     probe.reference = _run(model, feeds, threads)
     measured_groups = [g for g in analysis.prunable if g.id not in skip]
     rows = []
