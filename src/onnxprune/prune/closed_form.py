@@ -22,7 +22,10 @@ taps) with the patch covariance and mean of :func:`patch_statistics` (sampled po
 most :data:`MAX_PATCH_COLUMNS` columns); the bias also moves the removed taps' mean from the
 channel mean the compensation used to the patch mean (exact without padding; with zero
 padding the probe's border corrections make this an approximation). Other consumers are
-left as they are.
+left as they are. The damping is fixed: with few rows for many columns (a classifier after a
+Flatten) the solve overfits, and the probe, scored on other feeds, shows that as error, while
+the ridge refit that follows picks its strength by cross-validation and may do better: for
+such groups the probe errs on the cautious side.
 """
 
 from __future__ import annotations
