@@ -73,6 +73,11 @@ ROWS = [
 BUDGET_CAP = {"keras_cnn": 120.0}
 #: Learning rate per model (Adam), chosen on the calibration hold-out, never on eval.
 LR = {"mobilenet_v2.dynamo": 3e-4, "keras_cnn": 1e-3}
+#: Per-row learning rate and extra recover flags where the model's default did not lower the
+#: calibration hold-out loss: MobileNetV2 pruned to 0.75 and refit starts close to the
+#: teacher (3e-4: no step improved the hold-out; 3e-5 with intermediate matching did).
+ROW_LR = {"mobilenet_v2.dynamo/prune75": 3e-5}
+ROW_FLAGS = {"mobilenet_v2.dynamo/prune75": ["--match", "auto"]}
 
 
 def _cpu() -> float:
@@ -131,16 +136,19 @@ def _judge(model: str, candidate: Path, feeds: list[dict[str, np.ndarray]]) -> d
 
 
 def _distil(
-    model: str, student: Path, calib: Path, budget: float, args: argparse.Namespace
+    row: str, student: Path, calib: Path, budget: float, args: argparse.Namespace
 ) -> dict[str, Any]:
     """``onnxprune recover`` of ``student``: eval-split metrics, times and its report."""
+    model = row.split("/", maxsplit=1)[0]
     original = str(MODELS[model])
     out = student.with_suffix(".distilled.onnx")
     report = student.with_suffix(".recover.json")
     recover = ["recover", str(student), "--teacher", original, "--calib", str(calib)]
     recover += ["--eval", str(EVAL[model]), "-o", str(out), "--report", str(report)]
     recover += ["--augment", "--time-budget", str(budget), "--budget-clock", "cpu"]
-    recover += ["--steps", str(args.steps), "--lr", str(LR[model]), "--batch-size", "16"]
+    lr = ROW_LR.get(row, LR[model])
+    recover += ["--steps", str(args.steps), "--lr", str(lr), "--batch-size", "16"]
+    recover += ROW_FLAGS.get(row, [])
     seconds, cpu = _cli(recover)
     data = json.loads(report.read_text())
     details = data["distillation"]
@@ -182,7 +190,7 @@ def run_row(row: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     starts = {"before": before, "refit": refit}
     for start in args.distill_from:
         key = "distilled" if start == "before" else "refit_distilled"
-        result[key] = _distil(model, starts[start], calib, budget, args)
+        result[key] = _distil(row, starts[start], calib, budget, args)
     return result
 
 

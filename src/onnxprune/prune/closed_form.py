@@ -55,7 +55,8 @@ def _exact(node: ir.Node) -> bool:
     """A consumer whose output is linear in its input channels through one weight column."""
     if node.op_type in ("Gemm", "MatMul"):
         return True
-    return node.op_type == "Conv" and not _spatial(node)
+    shape = const_numpy(node.inputs[1]).shape
+    return node.op_type == "Conv" and all(k == 1 for k in shape[2:])
 
 
 def _spatial(node: ir.Node) -> bool:
