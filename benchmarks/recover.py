@@ -283,7 +283,7 @@ def main() -> int:
             try:
                 payload["rows"].append(run_row(row, Path(tmp), args))
             except RuntimeError as exc:
-                payload["rows"].append({"row": row, "error": " ".join(str(exc).split())[:300]})
+                payload["rows"].append({"row": row, "error": " ".join(str(exc).split())[-600:]})
             print(json.dumps(payload["rows"][-1]), flush=True)
             payload["load_end"] = [round(v, 1) for v in os.getloadavg()]
             Path(args.out + ".json").write_text(
