@@ -267,3 +267,26 @@ def test_time_budget_stops_early_and_says_so() -> None:
     assert 0 < result.steps < 100000
     assert not result.reproducible
     assert "the time budget ended the run" in result.summary()
+
+
+def test_teacher_cache_is_bounded_and_recomputes_the_same_values():
+    """Augmented (feed, key) pairs are unbounded: the cache keeps at most its byte budget
+    (least recently used evicted) and an evicted entry comes back identical."""
+    from onnxprune.recover.distill import _Teacher
+
+    class Session:
+        runs = 0
+
+        def run(self, names, feed):
+            Session.runs += 1
+            return [feed["x"] * 2.0]
+
+    teacher = _Teacher(Session(), ["y"], budget=3 * 4 * 8)  # three [8] float32 entries
+    feeds = [{"x": np.full(8, i, np.float32)} for i in range(5)]
+    first = [teacher(i, (0, 0, 0), f)["y"].copy() for i, f in enumerate(feeds)]
+    assert len(teacher.cache) == 3 and teacher.bytes == 3 * 32
+    assert Session.runs == 5
+    again = teacher(0, (0, 0, 0), feeds[0])["y"]  # evicted: recomputed, same values
+    assert Session.runs == 6 and np.array_equal(again, first[0])
+    teacher(0, (0, 0, 0), feeds[0])  # now cached
+    assert Session.runs == 6
