@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import onnx_ir as ir
 
@@ -207,10 +207,11 @@ def _min_sqnr(metrics: Mapping[str, Mapping[str, float | None]]) -> float:
     return min(float(m["sqnr_db"] or 0.0) for m in metrics.values())
 
 
-def _holdout(feeds: list, reference: Reference) -> tuple[list, list, Reference]:
-    """Split the calibration feeds into a fitting part and a held-out quarter (none when
-    fewer than 8 feeds: the fit is then judged on the data it was fitted on)."""
-    held = len(feeds) // 4 if len(feeds) >= _MIN_HOLDOUT_FEEDS else 0
+def _holdout(feeds: list, reference: Reference, mode: str) -> tuple[list, list, Reference]:
+    """``auto``: split the calibration feeds into a fitting part and a held-out quarter (none
+    when fewer than 8 feeds: the fit is then judged on the data it was fitted on); any other
+    mode fits and judges on all of them."""
+    held = len(feeds) // 4 if mode == "auto" and len(feeds) >= _MIN_HOLDOUT_FEEDS else 0
     if not held:
         return feeds, feeds, reference
     cut = len(feeds) - held
@@ -235,44 +236,55 @@ def _bias_correction(
     if request.bias_correction == "off":
         report.reason = "off"
         return quantized, metrics, report
-    fit, check, check_reference = feeds, feeds, reference
-    if request.bias_correction == "auto":
-        fit, check, check_reference = _holdout(feeds, reference)
+    fit, check, check_reference = _holdout(feeds, reference, request.bias_correction)
     report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
     corrected = copy_model(quantized)
     report.correction = correct_biases(model, corrected, nodes, fit)
     if not report.correction.changes:
         report.reason = "no layer to correct"
         return quantized, metrics, report
-    before, after = _sqnr_without_and_with(
-        quantized, corrected, metrics, check=check, check_reference=check_reference, feeds=feeds
+    return _keep_rule(
+        report,
+        "on",
+        (quantized, metrics),
+        corrected,
+        check=(check, check_reference),
+        feeds=feeds,
+        reference=reference,
     )
-    report.sqnr_db_without, report.sqnr_db_with = before, after
-    if request.bias_correction == "on" or after > before:
-        report.applied = True
-        report.reason = "on" if request.bias_correction == "on" else "auto: held-out SQNR improved"
-        return corrected, compare_outputs(reference, corrected, feeds), report
-    report.reason = "auto: no held-out SQNR gain"
-    return quantized, metrics, report
 
 
-def _sqnr_without_and_with(
-    quantized: ir.Model,
+_Judged = TypeVar("_Judged", BiasCorrectionReport, RefineReport)
+
+
+def _keep_rule(
+    report: _Judged,
+    forced: str,
+    built: tuple[ir.Model, dict[str, dict]],
     candidate: ir.Model,
-    metrics: dict[str, dict],
     *,
-    check: list,
-    check_reference: Reference,
+    check: tuple[list, Reference],
     feeds: list,
-) -> tuple[float, float]:
-    """Worst output SQNR of ``quantized`` and of ``candidate`` (a correction of it) on the
-    judging feeds ``check`` (``metrics`` already holds ``quantized``'s when they are all the
-    feeds): the keep rule of bias correction and learned rounding."""
-    if check is feeds:
+    reference: Reference,
+) -> tuple[ir.Model, dict[str, dict], _Judged]:
+    """The keep rule of bias correction and learned rounding: ``candidate`` (a correction of
+    the quantized model in ``built``) is kept in mode ``forced``, else only when its worst
+    output SQNR on the judging feeds ``check`` beats the uncorrected one's (``built`` already
+    holds that when they are all the feeds). Records both SQNRs and the reason."""
+    quantized, metrics = built
+    judged, judged_reference = check
+    if judged is feeds:
         before = _min_sqnr(metrics)
     else:
-        before = _min_sqnr(compare_outputs(check_reference, quantized, check))
-    return before, _min_sqnr(compare_outputs(check_reference, candidate, check))
+        before = _min_sqnr(compare_outputs(judged_reference, quantized, judged))
+    after = _min_sqnr(compare_outputs(judged_reference, candidate, judged))
+    report.sqnr_db_without, report.sqnr_db_with = before, after
+    if report.mode == forced or after > before:
+        report.applied = True
+        report.reason = forced if report.mode == forced else "auto: held-out SQNR improved"
+        return candidate, compare_outputs(reference, candidate, feeds), report
+    report.reason = "auto: no held-out SQNR gain"
+    return quantized, metrics, report
 
 
 def _refine(
@@ -298,9 +310,7 @@ def _refine(
         return quantized, metrics, report
     from onnxprune.quant.refine import RefineOptions, refine_weights
 
-    fit, check, check_reference = feeds, feeds, reference
-    if request.refine == "auto":
-        fit, check, check_reference = _holdout(feeds, reference)
+    fit, check, check_reference = _holdout(feeds, reference, request.refine)
     report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
     refined = copy_model(quantized)
     options = request.refine_options or RefineOptions()
@@ -309,17 +319,15 @@ def _refine(
     if not report.refined:
         report.reason = "no layer refined"
         return quantized, metrics, report
-    before, after = _sqnr_without_and_with(
-        quantized, refined, metrics, check=check, check_reference=check_reference, feeds=feeds
+    return _keep_rule(
+        report,
+        "adaround",
+        (quantized, metrics),
+        refined,
+        check=(check, check_reference),
+        feeds=feeds,
+        reference=reference,
     )
-    report.sqnr_db_without, report.sqnr_db_with = before, after
-    if request.refine == "adaround" or after > before:
-        report.applied = True
-        auto = "auto: held-out SQNR improved"
-        report.reason = "adaround" if request.refine == "adaround" else auto
-        return refined, compare_outputs(reference, refined, feeds), report
-    report.reason = "auto: no held-out SQNR gain"
-    return quantized, metrics, report
 
 
 @dataclasses.dataclass
