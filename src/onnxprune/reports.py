@@ -13,7 +13,16 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["FLATTEN", "KEEP_NONE", "Change", "Skip", "key", "report_dict", "to_json_value"]
+__all__ = [
+    "FLATTEN",
+    "KEEP_NONE",
+    "Change",
+    "Record",
+    "Skip",
+    "key",
+    "report_dict",
+    "to_json_value",
+]
 
 KEEP_NONE: Mapping[str, bool] = {"keep_none": True}
 FLATTEN: Mapping[str, bool] = {"flatten": True}
@@ -24,16 +33,20 @@ def key(name: str) -> Mapping[str, str]:
     return {"key": name}
 
 
+class Record:
+    """Base of the report dataclasses: ``to_dict`` is :func:`report_dict` of their fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return report_dict(self)
+
+
 @dataclasses.dataclass(frozen=True)
-class Change:
+class Change(Record):
     """One node a transform changed: what it did and, where there is one, by how much."""
 
     node: str
     what: str
     amount: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
 
 
 @dataclasses.dataclass(frozen=True, order=True)

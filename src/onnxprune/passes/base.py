@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import onnx_ir as ir
 
-from onnxprune.reports import Change, Skip, report_dict
+from onnxprune.reports import Change, Record, Skip
 
 __all__ = ["Change", "Pass", "PassReport", "Skip", "graph_stats"]
 
 
 @dataclasses.dataclass
-class PassReport:
+class PassReport(Record):
     """What a pass did: changes, skips, and graph statistics before and after."""
 
     name: str
@@ -39,9 +39,6 @@ class PassReport:
 
     def skip(self, node: str, reason: str) -> None:
         self.skips.append(Skip(node, reason))
-
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
 
 
 def graph_stats(model: ir.Model) -> dict[str, int]:

@@ -33,7 +33,7 @@ from onnxprune.prune.importance import CRITERIA, group_scores
 from onnxprune.prune.latency import LatencySearch
 from onnxprune.prune.plan import PruningPlan
 from onnxprune.prune.select import make_plan
-from onnxprune.reports import KEEP_NONE, Skip, report_dict
+from onnxprune.reports import KEEP_NONE, Record, Skip
 
 if TYPE_CHECKING:  # measured imports this module
     from onnxprune.prune.measured import MeasuredAllocation
@@ -106,7 +106,7 @@ class PruneOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class GroupRow:
+class GroupRow(Record):
     """One reported group: its channels, where it is blocked and how many channels it kept."""
 
     id: str
@@ -134,9 +134,6 @@ class GroupRow:
             kept=kept,
             excluded=True if excluded else None,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
 
 
 @dataclasses.dataclass

@@ -64,7 +64,7 @@ from onnxprune.prune.compensate import (
 from onnxprune.prune.cost import CostModel
 from onnxprune.prune.importance import CENTERED_CRITERIA, CRITERIA, GRAM_CRITERIA, group_scores
 from onnxprune.prune.select import keep_count
-from onnxprune.reports import FLATTEN, Skip, report_dict
+from onnxprune.reports import FLATTEN, Record, Skip, report_dict
 from onnxprune.runtime import make_session
 
 __all__ = [
@@ -85,7 +85,7 @@ _KEPT_METRICS = ("cosine", "sqnr_db", "top1_agreement")
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockedGroup:
+class BlockedGroup(Record):
     """A group that is not measured because it cannot be pruned (JSON: id, node, reason)."""
 
     id: str
@@ -94,9 +94,6 @@ class BlockedGroup:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockedGroup:
         return cls(data["id"], Skip(data["node"], data["reason"]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from onnxprune.analysis.inspect import disk_bytes
 from onnxprune.heldout import FidelityReport
 from onnxprune.reporting import json_safe
-from onnxprune.reports import FLATTEN, KEEP_NONE, Skip, key, report_dict
+from onnxprune.reports import FLATTEN, KEEP_NONE, Record, Skip, key
 
 if TYPE_CHECKING:
     from onnxprune.quant.bias import BiasCorrection
@@ -82,7 +82,7 @@ class PhaseSeconds:
 
 
 @dataclasses.dataclass(frozen=True)
-class OpsetChange:
+class OpsetChange(Record):
     """The opset the model came with, the one quantized, whether per-channel weights are
     allowed, and why an upgrade was not taken (:func:`onnxprune.quant.prepare.ensure_opset`)."""
 
@@ -96,35 +96,26 @@ class OpsetChange:
         reason = record.get("reason")
         return cls(int(record["from"]), int(record["to"]), bool(record["per_channel"]), reason)
 
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class RemedyChoice:
+class RemedyChoice(Record):
     """The u8s8 saturation remedy, why, and each measured candidate's worst output SQNR."""
 
     remedy: str
     reason: str
     candidates_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class MethodChoice:
+class MethodChoice(Record):
     """``--method auto``: the range method kept and each method's worst output SQNR."""
 
     chosen: str
     candidates_sqnr_db: dict[str, float]
 
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
 
 @dataclasses.dataclass
-class SmoothQuantReport:
+class SmoothQuantReport(Record):
     """SmoothQuant's strength (None: not applied), why, and the smoothed tensors."""
 
     alpha: float | None = dataclasses.field(metadata=KEEP_NONE)
@@ -132,12 +123,9 @@ class SmoothQuantReport:
     smoothed: list[str] | None = None
     folded_into_layernorm: list[str] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
 
 @dataclasses.dataclass
-class EqualizeReport:
+class EqualizeReport(Record):
     """Cross-layer equalization: tried or not, kept or not, and why."""
 
     mode: str
@@ -150,12 +138,9 @@ class EqualizeReport:
     sqnr_db_with: float | None = None
     sqnr_db_without: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
 
 @dataclasses.dataclass
-class BiasCorrectionReport:
+class BiasCorrectionReport(Record):
     """Bias correction: kept or not and why, the feeds it was fitted and judged on, the
     corrected and skipped layers, the worst output SQNR without and with it."""
 
@@ -168,12 +153,9 @@ class BiasCorrectionReport:
     sqnr_db_without: float | None = None
     sqnr_db_with: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
 
 @dataclasses.dataclass
-class RefineReport:
+class RefineReport(Record):
     """Learned rounding: kept or not and why, the feeds it was fitted and judged on, each
     layer's outcome, the skipped layers, the worst output SQNR without and with it."""
 
@@ -188,24 +170,18 @@ class RefineReport:
     sqnr_db_without: float | None = None
     sqnr_db_with: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class BudgetSearchReport:
+class BudgetSearchReport(Record):
     """Layers kept float for ``--budget`` and the trials of the search (flattened into the
     details as ``kept_float`` and ``budget_trials``)."""
 
     kept_float: list[str]
     budget_trials: list[dict[str, object]]
 
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
-
 
 @dataclasses.dataclass
-class QuantizeDetails:
+class QuantizeDetails(Record):
     """How :func:`onnxprune.quant.quantize_file` got there, one record per concern; the
     JSON (``details``) leaves out what did not happen. ``plan``, ``dynamic``, ``fp16``,
     ``int8_mac_share`` and ``sensitivity`` are their producers' summaries."""
@@ -235,9 +211,6 @@ class QuantizeDetails:
     def kept_float(self) -> list[str] | None:
         """Layers kept float for ``--budget`` (None without a budget search)."""
         return None if self.budget is None else self.budget.kept_float
-
-    def to_dict(self) -> dict[str, Any]:
-        return report_dict(self)
 
 
 def _islands_line(islands: list[dict[str, Any]]) -> str:
