@@ -287,12 +287,12 @@ def test_closed_form_refit_leaves_exactly_the_least_squares_residual(monkeypatch
     """The measured allocation's refit-aware probe: compensation, closed-form refit from the
     covariance and zeroing leave the output error of the least-squares refit (weights and
     bias) of the kept units, and less than the zeroed probe without refit."""
-    from onnxprune.prune import closed_form
+    from onnxprune.prune import closed_form, reconstruction
     from onnxprune.prune.apply import kept_indices, zero_units
     from onnxprune.prune.compensate import compensate_removed_inputs
     from onnxprune.prune.sensitivity import measured_means
 
-    monkeypatch.setattr(closed_form, "OBS_DAMPING", 1e-12)
+    monkeypatch.setattr(reconstruction, "OBS_DAMPING", 1e-12)
     model, weights, feeds, analysis, group, covariances = _centered_mlp()
     means = measured_means(model, analysis, feeds)
     removed = [group.units[i].root for i in (1, 4)]
@@ -324,13 +324,13 @@ def test_closed_form_refit_of_a_3x3_conv_leaves_the_patch_least_squares_residual
     exact up to that border term.)"""
     from onnxprune.intermediates import iter_intermediates
     from onnxprune.passes._match import const_numpy
-    from onnxprune.prune import closed_form
+    from onnxprune.prune import closed_form, reconstruction
     from onnxprune.prune.apply import kept_indices, zero_units
     from onnxprune.prune.compensate import compensate_removed_inputs
     from onnxprune.prune.recover import conv_rows
     from onnxprune.prune.sensitivity import measured_means
 
-    monkeypatch.setattr(closed_form, "OBS_DAMPING", 1e-12)
+    monkeypatch.setattr(reconstruction, "OBS_DAMPING", 1e-12)
     rng = np.random.default_rng(0)
     text = f"""{HEADER}
 g (float[1,3,8,8] x, float[6,3,3,3] w1, float[6] b1, float[4,6,3,3] w2, float[4] b2)

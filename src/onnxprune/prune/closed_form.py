@@ -40,7 +40,7 @@ from onnxprune.passes._match import const_numpy, name_of, required
 from onnxprune.prune.analysis import Analysis, Group
 from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.compensate import InputMean, _add_to_bias, _bias_value
-from onnxprune.prune.reconstruction import OBS_DAMPING, group_consumers
+from onnxprune.prune.reconstruction import damped, group_consumers
 from onnxprune.prune.recover import conv_output_shape, conv_rows, positions
 
 __all__ = ["MAX_PATCH_COLUMNS", "PATCH_ROWS", "patch_statistics", "refit_in_closed_form"]
@@ -76,11 +76,10 @@ def patch_statistics(
     """Mean and covariance of the im2col patches of every ``k x k`` Conv consumer of a
     prunable group (node name -> (mean, covariance)), from ``rows`` sampled output
     positions per feed (seeded)."""
-    nodes = {node.name or name_of(node.outputs[0]): node for node in model.graph}
     convs: dict[str, ir.Node] = {}
     for group in analysis.prunable:
         for consumer in group_consumers(model, analysis, group):
-            node = nodes.get(consumer.node)
+            node = consumer.layer
             if node is None or not _spatial(node):
                 continue
             weight = const_numpy(node.inputs[1])
@@ -144,17 +143,17 @@ def refit_in_closed_form(
     of the refit consumers.
     """
     removed_units = {i for i, unit in enumerate(group.units) if unit.root in removed_roots}
-    nodes = {node.name or name_of(node.outputs[0]): node for node in model.graph}
     done = []
     for consumer in group_consumers(model, analysis, group):
-        node = nodes.get(consumer.node)
+        node = consumer.layer
         if node is None or len(required(node.inputs[1]).uses()) > 1:
             continue
         if node.op_type == "MatMul" and _bias_value(node)[0] is None:
             continue  # no bias to take the mean shift
         channels = sorted({c for u in removed_units for c in consumer.channels[u]})
         correction: np.ndarray | float = 0.0
-        if _spatial(node):
+        spatial = _spatial(node)
+        if spatial:
             found = (patches or {}).get(consumer.node)
             if found is None:
                 continue
@@ -181,7 +180,7 @@ def refit_in_closed_form(
         delta = _least_squares(cov, w, k, r)
         columns = w.copy()
         columns[k] += delta
-        if _spatial(node):
+        if spatial:
             _store(node, columns.T.reshape(weight.shape))
         else:
             _write_columns(node, columns)
@@ -194,9 +193,7 @@ def refit_in_closed_form(
 
 def _least_squares(cov: np.ndarray, w: np.ndarray, k: np.ndarray, r: np.ndarray) -> np.ndarray:
     """``(C_KK + d I)^-1 C_KR W_R``: the kept columns' correction for the removed ones."""
-    damping = OBS_DAMPING * max(float(np.mean(np.diag(cov))), 1e-12)
-    c_kk = cov[np.ix_(k, k)] + damping * np.eye(len(k))
-    return np.linalg.solve(c_kk, cov[np.ix_(k, r)] @ w[r])
+    return np.linalg.solve(damped(cov)[np.ix_(k, k)], cov[np.ix_(k, r)] @ w[r])
 
 
 def _store(node: ir.Node, array: np.ndarray) -> None:

@@ -38,9 +38,13 @@ from onnxprune.reports import KEEP_NONE, Record, Skip
 if TYPE_CHECKING:  # measured imports this module
     from onnxprune.prune.measured import MeasuredAllocation
 
-__all__ = ["GroupRow", "PruneOptions", "PruneReport", "decide_plan", "prune_model"]
+__all__ = ["ALLOCATIONS", "GroupRow", "PruneOptions", "PruneReport", "decide_plan", "prune_model"]
 
 logger = logging.getLogger(__name__)
+
+#: ``PruneOptions.allocation``: ``auto`` is ``measured-refit`` with calibration data and the
+#: refit, ``measured`` with data only, else uniform.
+ALLOCATIONS = ("auto", "measured", "measured-refit", "uniform")
 
 #: Measures removed input channels ``{value: (axis, channels)}`` on calibration data.
 Measure = Callable[[Mapping[str, tuple[int, np.ndarray]]], Mapping[str, InputMean]]
@@ -98,10 +102,9 @@ class PruneOptions:
             raise UsageError(f"--round-to {self.round_to}: must be >= 1")
         if self.criterion not in (*CRITERIA, "auto"):
             raise UsageError(f"--criterion {self.criterion!r}: choose from {', '.join(CRITERIA)}")
-        if self.allocation not in ("auto", "measured", "measured-refit", "uniform"):
+        if self.allocation not in ALLOCATIONS:
             raise UsageError(
-                f"--allocation {self.allocation!r}: "
-                "choose from auto, measured, measured-refit, uniform"
+                f"--allocation {self.allocation!r}: choose from {', '.join(ALLOCATIONS)}"
             )
 
 

@@ -48,7 +48,6 @@ from onnxprune.prune.importance import group_scores
 from onnxprune.prune.sensitivity import SensitivityResult, measure_sensitivity, measured_means
 
 __all__ = [
-    "ALLOCATIONS",
     "COARSE_RATIOS",
     "MIN_SAMPLES",
     "RATIOS",
@@ -58,9 +57,6 @@ __all__ = [
     "measured_allocation",
     "measurement_size",
 ]
-
-#: ``PruneOptions.allocation``: ``auto`` is ``measured`` with calibration data, else uniform.
-ALLOCATIONS = ("auto", "measured", "measured-refit", "uniform")
 
 #: Removed fractions each group is measured at (the allocation never extrapolates beyond).
 RATIOS = (0.0625, 0.125, 0.25, 0.5, 0.75)
@@ -187,6 +183,7 @@ def measured_allocation(
     if options.target_macs is None:
         raise ValueError("measured allocation needs a MACs target")
     threads = _default_threads() if threads is None else threads
+    refit = refit and options.compensate  # the refit corrects the compensated cut
     analysis = analyze(model)
     scores, _ = group_scores(model, analysis, options.criterion, activation_stats)
     excluded = _excluded_groups(model, analysis, options.exclude)
@@ -216,11 +213,11 @@ def measured_allocation(
             activation_stats is not None,
             samples,
             wanted_sized,
-            refit and options.compensate,
+            refit,
         ),
     )
     covariances = patches = None
-    if refit and options.compensate:
+    if refit:
         rest = list(feeds[samples:])
         fit = rest if len(rest) >= max(samples // 2, 1) else list(feeds)
         sizing.append(
@@ -230,7 +227,7 @@ def measured_allocation(
     feeds, wanted = list(feeds[:samples]), list(wanted_sized)
     result = _CURVES.get(key)
     if result is None:
-        if refit and options.compensate:
+        if refit:
             covariances = reconstruction_stats(model, analysis, fit, centered=True)
             patches = patch_statistics(model, analysis, fit)
         result = measure_sensitivity(

@@ -56,6 +56,7 @@ from onnxprune.prune.recover import refittable, weight_input_axis
 
 __all__ = [
     "Consumer",
+    "damped",
     "greedy_removal_order",
     "group_consumers",
     "obs_removal_order",
@@ -73,6 +74,8 @@ class Consumer:
     channels: tuple[tuple[int, ...], ...]
     #: the weight as ``[input channels, everything else]`` (alpha folded in for Gemm)
     weight: np.ndarray
+    #: the layer itself, in the model the consumer was found in
+    layer: ir.Node | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def _weight_columns(node: ir.Node) -> np.ndarray:
@@ -108,7 +111,9 @@ def group_consumers(model: ir.Model, analysis: Analysis, group: Group) -> list[C
             continue
         channels = tuple(tuple(i for s, i in unit.members if s.key == key) for unit in group.units)
         found.append(
-            Consumer(node.name or name_of(node.outputs[0]), key, channels, _weight_columns(node))
+            Consumer(
+                node.name or name_of(node.outputs[0]), key, channels, _weight_columns(node), node
+            )
         )
     return found
 
@@ -172,6 +177,12 @@ class _ObsState:
         self.h[s, s] = 1.0  # keeps later divisions finite; removed units are never chosen
 
 
+def damped(gram: np.ndarray) -> np.ndarray:
+    """``gram + d I`` with ``d`` = :data:`OBS_DAMPING` of its mean diagonal."""
+    damping = OBS_DAMPING * max(float(np.mean(np.diag(gram))), 1e-12)
+    return gram + damping * np.eye(len(gram))
+
+
 def _obs_state(consumer: Consumer, gram: np.ndarray) -> _ObsState | None:
     w = consumer.weight.astype(np.float64)
     if gram.shape != (len(w), len(w)):
@@ -179,8 +190,7 @@ def _obs_state(consumer: Consumer, gram: np.ndarray) -> _ObsState | None:
     energy = float(np.sum(w * (gram @ w)))
     if energy <= 0:
         return None
-    damping = OBS_DAMPING * max(float(np.mean(np.diag(gram))), 1e-12)
-    h = np.linalg.inv(gram + damping * np.eye(len(gram)))
+    h = np.linalg.inv(damped(gram))
     return _ObsState(w.copy(), h, energy, consumer.channels)
 
 

@@ -319,8 +319,17 @@ def measure_sensitivity(
     scores, notes = group_scores(model, analysis, criterion, activation_stats)
     for note in notes:
         logger.info("%s", note)
-    probe = _Probe(model, analysis, cost, feeds, threads, compensate, measured=measured)
-    probe.covariances, probe.patches = covariances, patches
+    probe = _Probe(
+        model,
+        analysis,
+        cost,
+        feeds,
+        threads,
+        compensate,
+        measured=measured,
+        covariances=covariances,
+        patches=patches,
+    )
     probe.reference = _run(model, feeds, threads)
     measured_groups = [g for g in analysis.prunable if g.id not in skip]
     rows = []
