@@ -112,8 +112,13 @@ WHEEL_PHOTOS: dict[str, tuple[str, str]] = {
     "luispedro": (_MAHOTAS, "mahotas/demos/data/luispedro.jpg"),
 }
 # Crop seeds use a photo's place in this order (v1 photos first, so their crops are unchanged).
-_V1 = 8
-ALL_PHOTOS = (*CALIB_PHOTOS[:_V1], *EVAL_PHOTOS[:9], *CALIB_PHOTOS[_V1:], *EVAL_PHOTOS[9:])
+_V1_CALIB, _V1_EVAL = 8, 9  # photos of each split before the wheel photos (v2) joined
+ALL_PHOTOS = (
+    *CALIB_PHOTOS[:_V1_CALIB],
+    *EVAL_PHOTOS[:_V1_EVAL],
+    *CALIB_PHOTOS[_V1_CALIB:],
+    *EVAL_PHOTOS[_V1_EVAL:],
+)
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
