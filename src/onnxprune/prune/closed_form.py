@@ -39,7 +39,7 @@ from onnxprune.intermediates import iter_intermediates
 from onnxprune.passes._match import const_numpy, name_of, required
 from onnxprune.prune.analysis import Analysis, Group
 from onnxprune.prune.channels import SpaceKey
-from onnxprune.prune.compensate import InputMean, _add_to_bias, _bias_value
+from onnxprune.prune.compensate import InputMean, add_to_bias, bias_value
 from onnxprune.prune.reconstruction import damped, group_consumers
 from onnxprune.prune.recover import conv_output_shape, conv_rows, positions
 
@@ -148,7 +148,7 @@ def refit_in_closed_form(
         node = consumer.layer
         if node is None or len(required(node.inputs[1]).uses()) > 1:
             continue
-        if node.op_type == "MatMul" and _bias_value(node)[0] is None:
+        if node.op_type == "MatMul" and bias_value(node)[0] is None:
             continue  # no bias to take the mean shift
         channels = sorted({c for u in removed_units for c in consumer.channels[u]})
         correction: np.ndarray | float = 0.0
@@ -186,7 +186,7 @@ def refit_in_closed_form(
             _write_columns(node, columns)
         shift = correction - mean[k].astype(np.float64) @ delta
         if np.any(shift):
-            _add_to_bias(model, node, shift, None, zeroed=True)
+            add_to_bias(model, node, shift, None, zeroed=True)
         done.append(consumer.node)
     return done
 

@@ -45,6 +45,8 @@ from onnxprune.prune.recover import conv_rows
 __all__ = [
     "InputMean",
     "add_border_corrections",
+    "add_to_bias",
+    "bias_value",
     "compensate_removed_inputs",
     "compensation_requests",
     "expected_input",
@@ -222,7 +224,7 @@ def compensate_removed_inputs(
         if not np.any(delta):
             continue
         out_kept = kept.get((name_of(node.outputs[0]), 1 if node.op_type != "MatMul" else -1))
-        _add_to_bias(model, node, delta, out_kept, zeroed=zeroed)
+        add_to_bias(model, node, delta, out_kept, zeroed=zeroed)
         adjusted.append(node.name or name_of(node.outputs[0]))
     return adjusted
 
@@ -300,7 +302,7 @@ def add_border_corrections(model: ir.Model, corrections: Mapping[str, np.ndarray
     return len(corrections)
 
 
-def _bias_value(node: ir.Node) -> tuple[ir.Value | None, float]:
+def bias_value(node: ir.Node) -> tuple[ir.Value | None, float]:
     """The layer's bias value and the scale it is multiplied by (Gemm ``beta``)."""
     if node.op_type == "MatMul":
         return _matmul_bias(node), 1.0
@@ -311,7 +313,7 @@ def _bias_value(node: ir.Node) -> tuple[ir.Value | None, float]:
     return None, 1.0
 
 
-def _add_to_bias(
+def add_to_bias(
     model: ir.Model,
     node: ir.Node,
     delta: np.ndarray,
@@ -323,7 +325,7 @@ def _add_to_bias(
     analysis, so the removal that follows would not touch it: it is created already cut to
     the kept output channels, or (``zeroed``) full size with the removed channels at zero."""
     dtype = const_numpy(node.inputs[1]).dtype
-    bias, scale = _bias_value(node)
+    bias, scale = bias_value(node)
     if bias is not None:
         new = const_numpy(bias).astype(np.float64) + delta / scale
         if len(bias.uses()) > 1:
