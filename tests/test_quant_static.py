@@ -138,7 +138,9 @@ def test_cli_writes_report_and_budget_keeps_layers_float(tmp_path):
     full = quantize_file(
         model_path, tmp_path / "full.onnx", calib=calib, u8s8="none", method="minmax"
     )
-    budget = full.worst["sqnr_db"] + 3  # unreachable with every layer int8
+    # Unreachable with every layer int8, on the calibration samples (where the search runs)
+    # and on the held-out ones (where the result is checked): CPUs differ in which is lower.
+    budget = max(full.worst["sqnr_db"], full.metrics["y"]["sqnr_db"]) + 3
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
     code = main(
         [
