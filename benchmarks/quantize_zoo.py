@@ -7,11 +7,12 @@ embeddings, decoded-sequence agreement for OCR, decision agreement for voice act
 pooled cosine and SQNR). Rows:
 
 * ``ours``: ``onnxprune quantize`` with its defaults (``--eval`` given, so the fit uses all
-  of calib; calibration cache off), ``ours-minmax`` the same with ``--method minmax`` (the
-  default before issue 16), ``ours-budget`` with the fidelity goal as ``--budget``
-  (``top1_agreement>=0.99`` / ``cosine>=0.995``; layers kept float in order of measured
-  sensitivity; fitted on the first 3/4 of calib and checked on its last quarter, then
-  judged on eval like the others);
+  of calib; calibration cache off), ``ours-nearest`` the same with ``--rounding nearest``
+  (plain rounding of the weights, the default before GPTQ rounding), ``ours-minmax`` the
+  same with ``--method minmax`` (the default before issue 16), ``ours-budget`` with the
+  fidelity goal as ``--budget`` (``top1_agreement>=0.99`` / ``cosine>=0.995``; layers kept
+  float in order of measured sensitivity; fitted on the first 3/4 of calib and checked on
+  its last quarter, then judged on eval like the others);
 * ``ort``: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, uint8
   activations / int8 weights, MinMax), and ``ort+pre`` the same after ``quant_pre_process``;
 * ``nncf``: ``nncf.quantize`` with its defaults (``ModelType.TRANSFORMER`` for the sentence
@@ -53,7 +54,16 @@ ENTRIES = (
     "ddddocr.beta",
     "silero_vad.op15",
 )
-TOOLS = ("ours", "ours-minmax", "ours-budget", "ort", "ort+pre", "nncf", "onnxsim")
+TOOLS = (
+    "ours",
+    "ours-nearest",
+    "ours-minmax",
+    "ours-budget",
+    "ort",
+    "ort+pre",
+    "nncf",
+    "onnxsim",
+)
 #: Learned rounding (issue 13 item 3), not in the default run: ``ours-adaround`` is ``ours``
 #: with ``--refine adaround`` (fitted on all of calib, kept), ``ours-refine-auto`` with
 #: ``--refine auto`` (fitted on 3/4 of calib, kept only if its last quarter improves).
@@ -137,6 +147,8 @@ def _child(args: argparse.Namespace) -> None:
         options: dict[str, Any] = {}
         if args.tool == "ours-minmax":
             options["method"] = "minmax"
+        elif args.tool == "ours-nearest":
+            options["rounding"] = "nearest"
         elif args.tool == "ours-budget":
             options["budget"] = BUDGETS[entry["metric"]]
         elif args.tool == "ours-adaround":
@@ -152,6 +164,8 @@ def _child(args: argparse.Namespace) -> None:
         details = done.details.to_dict()
         extra_kept = details.get("kept_float")
         extra: dict[str, Any] = {"phases": details.get("seconds", {})}
+        rounding = details.get("rounding", {})
+        extra["rounding"] = {k: v for k, v in rounding.items() if k != "skipped"}
         if "refine" in options:
             refine = details.get("refine", {})
             extra["refine"] = {k: v for k, v in refine.items() if k != "layers"}
@@ -328,6 +342,10 @@ def _markdown(payload: dict[str, Any]) -> str:
             elif tool == "ours" and result.get("islands"):
                 kinds = sorted({i["op_type"] for i in result["islands"]})
                 note = f"{len(result['islands'])} float island(s): {', '.join(kinds)}"
+            elif tool == "ours" and result.get("rounding", {}).get("reason"):
+                rounding = result["rounding"]
+                done = "applied" if rounding.get("applied") else "not applied"
+                note = f"GPTQ rounding {done} ({rounding['reason']})"
             lines.append(
                 f"| {row['entry']} | {tool} | {_fmt(fid.get('agreement'))} "
                 f"| {_fmt(fid.get('cosine'), 4)} | {_fmt(fid.get('sqnr_db'), 1)} | {speed} "

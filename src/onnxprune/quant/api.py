@@ -43,6 +43,7 @@ from onnxprune.quant.calib_cache import CalibrationCache
 from onnxprune.quant.calibrate import CALIBRATION_METHODS, METHODS
 from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
 from onnxprune.quant.equalize import equalize as cross_layer_equalize
+from onnxprune.quant.gptq import collect_moments
 from onnxprune.quant.mixed import rank_harm, search_budget
 from onnxprune.quant.placement import PRIMARY_OPS
 from onnxprune.quant.prepare import (
@@ -61,6 +62,7 @@ from onnxprune.quant.report import (
     QuantizeResult,
     RefineReport,
     RemedyChoice,
+    RoundingReport,
     SmoothQuantReport,
     file_bytes,
     worst,
@@ -68,6 +70,7 @@ from onnxprune.quant.report import (
 from onnxprune.quant.sensitivity import rank_sensitivity
 from onnxprune.quant.smooth import smooth_matmuls
 from onnxprune.quant.vnni import REMEDIES, cpu_isa, needs_u8s8_remedy
+from onnxprune.reports import Skip
 from onnxprune.tolerance import Tolerance, parse_tolerance
 
 __all__ = ["MODES", "TARGETS", "QuantizeResult", "quantize_file"]
@@ -79,6 +82,7 @@ TARGETS = ("cpu", "tensorrt")
 DTYPES = ("int8", "fp16")
 EQUALIZE_MODES = ("auto", "on", "off")
 REFINE_MODES = ("off", "auto", "adaround")
+ROUNDING_MODES = ("auto", "nearest", "gptq")
 NO_TORCH = "--refine adaround needs torch: pip install onnxprune[recover]"
 _CHOICE_FEEDS = 16
 _RANK_FEEDS = 4
@@ -104,6 +108,7 @@ class _Request:
     cache: CalibrationCache | None = None
     refine: str = "off"
     refine_options: Any = None  # onnxprune.quant.refine.RefineOptions (imports torch)
+    rounding: str = "auto"
 
 
 def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
@@ -120,6 +125,7 @@ def _validate(request: _Request, model: ir.Model) -> None:
     _check_choice("--bias-correction", request.bias_correction, BIAS_MODES)
     _check_choice("--equalize", request.equalize, EQUALIZE_MODES)
     _check_choice("--refine", request.refine, REFINE_MODES)
+    _check_choice("--rounding", request.rounding, ROUNDING_MODES)
     if request.refine == "adaround":
         if request.mode != "static" or request.dtype != "int8":
             raise UsageError("--refine adaround needs static int8 (--mode static --dtype int8)")
@@ -254,7 +260,7 @@ def _bias_correction(
     )
 
 
-_Judged = TypeVar("_Judged", BiasCorrectionReport, RefineReport)
+_Judged = TypeVar("_Judged", BiasCorrectionReport, RefineReport, RoundingReport)
 
 
 def _keep_rule(
@@ -285,6 +291,51 @@ def _keep_rule(
         return candidate, compare_outputs(reference, candidate, feeds), report
     report.reason = "auto: no held-out SQNR gain"
     return quantized, metrics, report
+
+
+def _rounding(
+    request: _Request,
+    quantizer: StaticQuantizer,
+    remedy: str,
+    built: tuple[ir.Model, dict[str, dict]],
+    *,
+    feeds: list,
+    reference: Reference,
+) -> tuple[ir.Model, dict[str, dict], RoundingReport]:
+    """Error-compensated rounding (:mod:`onnxprune.quant.gptq`) with bias correction's keep
+    rule. ``built`` was made with it (the moments were collected in :func:`_candidate`, on
+    three quarters of the feeds in ``auto``); ``auto`` rebuilds the model with nearest
+    rounding and keeps the compensated one only when the worst output SQNR on the held-out
+    quarter improves; ``gptq`` keeps it; ``nearest`` never collected moments. When nearest
+    rounding is kept, the quantizer forgets the moments, so later builds (``--budget``)
+    round the same way."""
+    report = RoundingReport(request.rounding)
+    moments = quantizer.moments
+    if moments is None:
+        report.reason = "nearest"
+        return built[0], built[1], report
+    report.layers = len(moments.moments)
+    report.skipped = [Skip(name, why) for name, why in sorted(moments.skipped.items())]
+    if not moments.moments:
+        quantizer.moments = None
+        report.reason = "no layer covered"
+        return quantizer.build(request.exclude, remedy)[0], built[1], report
+    fit, check, check_reference = _holdout(feeds, reference, request.rounding)
+    report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
+    quantizer.moments = None
+    nearest = quantizer.build(request.exclude, remedy)[0]
+    kept, metrics, report = _keep_rule(
+        report,
+        "gptq",
+        (nearest, compare_outputs(reference, nearest, feeds)),
+        built[0],
+        check=(check, check_reference),
+        feeds=feeds,
+        reference=reference,
+    )
+    if report.applied:
+        quantizer.moments = moments
+    return kept, metrics, report
 
 
 def _refine(
@@ -367,6 +418,10 @@ def _candidate(
     details.calibration_cache[f"calibrate{label}"] = (
         "off" if request.cache is None else ("hit" if hit else "miss")
     )
+    if request.rounding != "nearest":
+        fit = _holdout(feeds, reference, request.rounding)[0]
+        with details.seconds.timed(f"input_moments{label}"):
+            quantizer.moments = collect_moments(source, quantizer.full_plan.weights, fit)
     summaries: dict[str, dict] = {}
 
     def build(remedy: str) -> ir.Model:
@@ -511,6 +566,15 @@ def _static(
     details.plan = best.summary
     nodes = quantizer.plan(request.exclude).nodes
     seconds = details.seconds
+    with seconds.timed("rounding"):
+        quantized, metrics, details.rounding = _rounding(
+            request,
+            quantizer,
+            choice.remedy,
+            (quantized, metrics),
+            feeds=feeds,
+            reference=reference,
+        )
     with seconds.timed("bias_correction"):
         quantized, metrics, details.bias_correction = _bias_correction(
             request, source, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
@@ -653,6 +717,7 @@ def quantize_file(
     calib_cache: bool | str | os.PathLike[str] = True,
     refine: str = "off",
     refine_options: Any = None,
+    rounding: str = "auto",
 ) -> QuantizeResult:
     """Quantize ``model_path`` into ``output_path`` (the input file is never modified).
 
@@ -694,6 +759,10 @@ def quantize_file(
             without torch) or ``off`` (the default: it takes minutes on a mobile CNN).
         refine_options: :class:`onnxprune.quant.refine.RefineOptions` (iterations, time
             budget, seed, ...); None for the defaults.
+        rounding: Static int8 weight rounding: ``nearest``, ``gptq`` (each layer's
+            rounding error compensated on its calibration inputs, :mod:`onnxprune.quant.gptq`)
+            or ``auto`` (gptq fitted on three quarters of the calibration feeds, kept only
+            when the worst output SQNR on the other quarter improves).
 
     Raises:
         UsageError: bad options, an already quantized model (exit 2).
@@ -715,6 +784,7 @@ def quantize_file(
         _cache(calib_cache),
         refine,
         refine_options,
+        rounding,
     )
     model = load(model_path)
     inputs = source_files(model)  # the rebuilt model no longer records them

@@ -22,6 +22,7 @@ from onnxprune.io import pinned
 from onnxprune.progress import Progress
 from onnxprune.quant.calib_cache import CalibrationCache, cache_key
 from onnxprune.quant.calibrate import Calibrator
+from onnxprune.quant.gptq import WeightMoments
 from onnxprune.quant.hazards import hazard_node
 from onnxprune.quant.params import QParams, activation_qparams, weight_qparams
 from onnxprune.quant.placement import QuantPlan, plan_quantization
@@ -73,6 +74,8 @@ class StaticQuantizer:
         self.calibrator: Calibrator | None = None
         self.method = options.method
         self.non_float: list[str] = []
+        # Error-compensated weight rounding (:mod:`.gptq`) when set; nearest otherwise.
+        self.moments: WeightMoments | None = None
 
     def calibrate(
         self, feeds: Sequence[Mapping[str, np.ndarray]], cache: CalibrationCache | None = None
@@ -212,7 +215,19 @@ class StaticQuantizer:
         act = self.activation_params(plan)
         weights, changed = self.weight_params(plan, remedy)
         model = copy_model(self.model)
-        notes = apply_plan(model, plan, act, weights)
+        moments = self.moments
+        if moments is None:
+            notes = apply_plan(model, plan, act, weights)
+        else:
+            notes = apply_plan(
+                model,
+                plan,
+                act,
+                weights,
+                lambda use, array, params: moments.round(
+                    use.weight, array, params, use.op_type, remedy
+                ),
+            )
         embeddings = quantize_embeddings(model) if self.options.embeddings else []
         summary = {
             "quantized_nodes": len(plan.nodes),

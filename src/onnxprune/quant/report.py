@@ -29,6 +29,7 @@ __all__ = [
     "QuantizeResult",
     "RefineReport",
     "RemedyChoice",
+    "RoundingReport",
     "SmoothQuantReport",
     "file_bytes",
     "worst",
@@ -171,6 +172,24 @@ class RefineReport(Record):
     sqnr_db_with: float | None = None
 
 
+@dataclasses.dataclass
+class RoundingReport(Record):
+    """Error-compensated weight rounding (GPTQ, :mod:`onnxprune.quant.gptq`): kept or not
+    and why, the layers rounded that way and the ones left to plain rounding (and why), the
+    feeds the moments came from and the feeds it was judged on, the worst output SQNR with
+    nearest rounding and with it."""
+
+    mode: str
+    applied: bool = False
+    reason: str | None = None
+    fit_feeds: int | None = None
+    judged_on_feeds: int | None = None
+    layers: int | None = None
+    skipped: list[Skip] | None = None
+    sqnr_db_without: float | None = None
+    sqnr_db_with: float | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class BudgetSearchReport(Record):
     """Layers kept float for ``--budget`` and the trials of the search (flattened into the
@@ -198,6 +217,7 @@ class QuantizeDetails(Record):
     method_equalized: MethodChoice | None = None
     equalize: EqualizeReport | None = None
     plan: dict[str, Any] | None = None
+    rounding: RoundingReport | None = None
     bias_correction: BiasCorrectionReport | None = None
     refine: RefineReport | None = None
     worst_layers_harm_db: dict[str, float] | None = None
@@ -289,9 +309,10 @@ class QuantizeResult:
                 f"{m} {v:.1f} dB" for m, v in details.method.candidates_sqnr_db.items()
             )
             lines.append(f"range method chosen by measurement ({scores})")
-        steps: tuple[tuple[EqualizeReport | BiasCorrectionReport | RefineReport | None, str], ...]
-        steps = (
+        Step = EqualizeReport | RoundingReport | BiasCorrectionReport | RefineReport
+        steps: tuple[tuple[Step | None, str], ...] = (
             (details.equalize, "cross-layer equalization"),
+            (details.rounding, "error-compensated rounding (GPTQ)"),
             (details.bias_correction, "bias correction"),
             (details.refine, "learned rounding (AdaRound)"),
         )

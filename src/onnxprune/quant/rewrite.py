@@ -14,7 +14,7 @@ New values are named from the source value plus a suffix, so the output is deter
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnxprune.quant.params import QParams, bias_int32, quantize, weight_qparams
 from onnxprune.quant.placement import QuantPlan, WeightUse
 
-__all__ = ["apply_plan", "quantize_embeddings", "values_by_name"]
+__all__ = ["WeightRounder", "apply_plan", "quantize_embeddings", "values_by_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +135,24 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         graph.initializers.pop(value.name)
 
 
+WeightRounder = Callable[[WeightUse, np.ndarray, QParams], np.ndarray]
+"""Integer values of a weight under its parameters (the default is :func:`quantize`)."""
+
+
+def _nearest(use: WeightUse, array: np.ndarray, params: QParams) -> np.ndarray:
+    return quantize(array, params)
+
+
 class _WeightRewriter:
-    def __init__(self, graph: ir.Graph, weight_params: Mapping[str, QParams]) -> None:
+    def __init__(
+        self,
+        graph: ir.Graph,
+        weight_params: Mapping[str, QParams],
+        rounder: WeightRounder = _nearest,
+    ) -> None:
         self.graph = graph
         self.params = weight_params
+        self.rounder = rounder
         self.values = values_by_name(graph)
         self.nodes = {node.name: node for node in graph}
         self.done: dict[str, ir.Value] = {}
@@ -151,7 +165,9 @@ class _WeightRewriter:
             params = self.params[use.weight]
             array = source.const_value.numpy() if source.const_value is not None else None
             assert array is not None
-            stored = _constant(self.graph, f"{use.weight}_quantized", quantize(array, params))
+            stored = _constant(
+                self.graph, f"{use.weight}_quantized", self.rounder(use, array, params)
+            )
             dq = _dq_node(self.graph, stored, use.weight, params)
             self.graph.insert_before(node, dq)
             self.done[use.weight] = dq.outputs[0]
@@ -194,10 +210,12 @@ def apply_plan(
     plan: QuantPlan,
     act_params: Mapping[str, QParams],
     weight_params: Mapping[str, QParams],
+    rounder: WeightRounder = _nearest,
 ) -> list[dict[str, str]]:
-    """Rewrite ``model`` in place; returns notes (biases left float and why)."""
+    """Rewrite ``model`` in place; returns notes (biases left float and why). ``rounder``
+    gives each weight's integer values (nearest rounding by default)."""
     graph = model.graph
-    rewriter = _WeightRewriter(graph, weight_params)
+    rewriter = _WeightRewriter(graph, weight_params, rounder)
     for use in plan.weights:
         rewriter.bias(use, act_params)
         rewriter.weight(use)
