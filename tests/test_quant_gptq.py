@@ -13,6 +13,7 @@ from onnxprune.cli import main
 from onnxprune.io import load
 from onnxprune.quant import quantize_file
 from onnxprune.quant.gptq import _layer, _rows, gptq_round
+from onnxprune.quant.params import QParams, dequantize
 from onnxprune.quant.testing import write, write_calib
 from onnxprune.quant.vnni import saturating_channels
 from onnxprune.runtime import run_model
@@ -173,13 +174,12 @@ def _weight_error_sqnr(model_path, quantized_path, x: np.ndarray) -> float:
             q = node.inputs[0].const_value.numpy()
             if q.dtype != np.int8:
                 continue
-            scale = node.inputs[1].const_value.numpy()
-            axis = node.attributes.get_int("axis", 1)
-            shape = [1] * q.ndim
-            shape[axis] = -1
-            float_weights[node.inputs[0].name.removesuffix("_quantized")] = q.astype(
-                np.float32
-            ) * scale.reshape(shape)
+            params = QParams(
+                node.inputs[1].const_value.numpy(),
+                node.inputs[2].const_value.numpy(),
+                node.attributes.get_int("axis", 1),
+            )
+            float_weights[node.inputs[0].name.removesuffix("_quantized")] = dequantize(q, params)
     original = load(model_path)
     for name, value in original.graph.initializers.items():
         if name in float_weights:

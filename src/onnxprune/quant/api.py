@@ -316,10 +316,10 @@ def _rounding(
         return built[0], built[1], report
     report.layers = len(moments.moments)
     report.skipped = [Skip(name, why) for name, why in sorted(moments.skipped.items())]
-    if not moments.moments:
+    if not moments.moments:  # every weight was rounded to nearest already
         quantizer.moments = None
         report.reason = "no layer covered"
-        return quantizer.build(request.exclude, remedy)[0], built[1], report
+        return built[0], built[1], report
     fit, check, check_reference = _holdout(feeds, reference, request.rounding)
     report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
     quantizer.moments = None

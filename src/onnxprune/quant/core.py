@@ -215,19 +215,8 @@ class StaticQuantizer:
         act = self.activation_params(plan)
         weights, changed = self.weight_params(plan, remedy)
         model = copy_model(self.model)
-        moments = self.moments
-        if moments is None:
-            notes = apply_plan(model, plan, act, weights)
-        else:
-            notes = apply_plan(
-                model,
-                plan,
-                act,
-                weights,
-                lambda use, array, params: moments.round(
-                    use.weight, array, params, use.op_type, remedy
-                ),
-            )
+        rounder = None if self.moments is None else self.moments.rounder(remedy)
+        notes = apply_plan(model, plan, act, weights, rounder)
         embeddings = quantize_embeddings(model) if self.options.embeddings else []
         summary = {
             "quantized_nodes": len(plan.nodes),

@@ -18,6 +18,8 @@ product). ``H`` is damped by ``0.01 * mean(diag H)`` and an input that is zero o
 calibration sample gets ``H_jj = 1``: its weights keep the plain rounding and nothing is
 pushed into or out of them. All output channels of a group share ``H`` and are rounded
 together; depthwise convolutions have one ``K x K`` moment per channel (``K = kh * kw``).
+Layers that read the same input the same way (a transformer's q, k and v projections) share
+one moment, computed once.
 
 What stays fixed: the scales and zero points (so int32 biases and the u8s8 remedy's scales
 are untouched), the graph. What changes: the int8 values of each weight, within
@@ -36,7 +38,9 @@ a fixed seed, so the result is reproducible.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -47,7 +51,7 @@ from onnxprune.intermediates import budget_chunks, iter_intermediates
 from onnxprune.progress import Progress
 from onnxprune.quant.params import QParams, quantize
 from onnxprune.quant.placement import WeightUse
-from onnxprune.quant.rewrite import values_by_name
+from onnxprune.quant.rewrite import WeightRounder, values_by_name
 from onnxprune.quant.vnni import saturating_channels
 
 __all__ = ["DAMPING", "WeightMoments", "collect_moments", "gptq_round"]
@@ -60,11 +64,11 @@ _BLOCK = 128
 _PAIR_REMEDIES = ("coarsen", "reduce-range")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Layer:
-    """How a weight's layer turns its input into rows: kind, conv geometry, groups."""
+    """How a weight's layer turns its input into rows: kind, conv geometry, groups (layers
+    equal in all of these read the same rows and share one moment)."""
 
-    node: str
     op_type: str
     input: str
     groups: int
@@ -89,7 +93,6 @@ def _layer(node: ir.Node, weight: np.ndarray) -> _Layer | None:
         if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             return None
         return _Layer(
-            node.name or "",
             "Conv",
             source.name,
             node.attributes.get_int("group", 1),
@@ -102,7 +105,7 @@ def _layer(node: ir.Node, weight: np.ndarray) -> _Layer | None:
         trans_a = node.attributes.get("transA")
         if node.op_type == "Gemm" and trans_a is not None and trans_a.as_int():
             return None
-        return _Layer(node.name or "", node.op_type, source.name, 1)
+        return _Layer(node.op_type, source.name, 1)
     return None
 
 
@@ -139,17 +142,21 @@ class WeightMoments:
 
     def __init__(self) -> None:
         self.moments: dict[str, np.ndarray] = {}
-        self.rows: dict[str, int] = {}
         self.skipped: dict[str, str] = {}
 
+    def rounder(self, remedy: str) -> WeightRounder:
+        """:meth:`round` under the u8s8 ``remedy``, for :func:`~.rewrite.apply_plan`."""
+        return functools.partial(self.round, remedy=remedy)
+
     def round(
-        self, weight_name: str, array: np.ndarray, params: QParams, op_type: str, remedy: str
+        self, use: WeightUse, array: np.ndarray, params: QParams, *, remedy: str
     ) -> np.ndarray:
         """The int8 values of ``array`` under ``params``: error-compensated where a moment
         was collected, plain rounding otherwise (and per channel where compensation would
         create a saturating u8s8 pair under a pair-bounding remedy)."""
         plain = quantize(array, params)
-        moment = self.moments.get(weight_name)
+        op_type = use.op_type
+        moment = self.moments.get(use.weight)
         if moment is None or params.axis is None or params.zero_point.any():
             return plain
         axis = params.axis
@@ -182,9 +189,7 @@ def collect_moments(
     result = WeightMoments()
     values = values_by_name(model.graph)
     nodes = {node.name: node for node in model.graph}
-    users: dict[str, int] = {}
-    for use in weights:
-        users[use.weight] = users.get(use.weight, 0) + 1
+    users = collections.Counter(use.weight for use in weights)
     layers: dict[str, _Layer] = {}
     for use in weights:
         if users[use.weight] > 1:
@@ -200,9 +205,11 @@ def collect_moments(
     inputs = sorted({layer.input for layer in layers.values()})
     if not inputs:
         return result
-    by_input: dict[str, list[str]] = {}
-    for name, layer in layers.items():
-        by_input.setdefault(layer.input, []).append(name)
+    by_input: dict[str, list[_Layer]] = {}
+    for layer in dict.fromkeys(layers.values()):
+        by_input.setdefault(layer.input, []).append(layer)
+    moments: dict[_Layer, np.ndarray] = {}
+    rows_seen: dict[_Layer, int] = {}
     rng = np.random.default_rng(seed)
     chunks = budget_chunks(model, inputs, feeds)
     with Progress(len(chunks) * len(feeds), "input moments") as bar:
@@ -210,24 +217,24 @@ def collect_moments(
             for tensors in iter_intermediates(model, chunk, feeds):
                 for name in chunk:
                     x = np.asarray(tensors[name], np.float64)
-                    for weight in by_input[name]:
-                        rows = _rows(layers[weight], x)
+                    for layer in by_input[name]:
+                        rows = _rows(layer, x)
                         if rows.shape[1] > _ROWS_PER_FEED:
                             pick = np.sort(rng.choice(rows.shape[1], _ROWS_PER_FEED, False))
                             rows = rows[:, pick]
                         h = np.einsum("gri,grj->gij", rows, rows)
-                        if weight in result.moments:
-                            result.moments[weight] += h
+                        if layer in moments:
+                            moments[layer] += h
                         else:
-                            result.moments[weight] = h
-                        result.rows[weight] = result.rows.get(weight, 0) + rows.shape[1]
+                            moments[layer] = h
+                        rows_seen[layer] = rows_seen.get(layer, 0) + rows.shape[1]
                 bar.update()
-    for weight, moment in list(result.moments.items()):
-        if result.rows[weight] < moment.shape[-1]:
-            del result.moments[weight]
-            result.skipped[weight] = (
-                f"{result.rows[weight]} calibration rows for fan-in {moment.shape[-1]}"
-            )
+    for weight, layer in layers.items():
+        moment, count = moments[layer], rows_seen[layer]
+        if count < moment.shape[-1]:
+            result.skipped[weight] = f"{count} calibration rows for fan-in {moment.shape[-1]}"
+        else:
+            result.moments[weight] = moment
     return result
 
 

@@ -136,11 +136,7 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 WeightRounder = Callable[[WeightUse, np.ndarray, QParams], np.ndarray]
-"""Integer values of a weight under its parameters (the default is :func:`quantize`)."""
-
-
-def _nearest(use: WeightUse, array: np.ndarray, params: QParams) -> np.ndarray:
-    return quantize(array, params)
+"""Integer values of a weight under its parameters (None: nearest, :func:`quantize`)."""
 
 
 class _WeightRewriter:
@@ -148,7 +144,7 @@ class _WeightRewriter:
         self,
         graph: ir.Graph,
         weight_params: Mapping[str, QParams],
-        rounder: WeightRounder = _nearest,
+        rounder: WeightRounder | None = None,
     ) -> None:
         self.graph = graph
         self.params = weight_params
@@ -165,9 +161,12 @@ class _WeightRewriter:
             params = self.params[use.weight]
             array = source.const_value.numpy() if source.const_value is not None else None
             assert array is not None
-            stored = _constant(
-                self.graph, f"{use.weight}_quantized", self.rounder(use, array, params)
+            values = (
+                quantize(array, params)
+                if self.rounder is None
+                else self.rounder(use, array, params)
             )
+            stored = _constant(self.graph, f"{use.weight}_quantized", values)
             dq = _dq_node(self.graph, stored, use.weight, params)
             self.graph.insert_before(node, dq)
             self.done[use.weight] = dq.outputs[0]
@@ -210,7 +209,7 @@ def apply_plan(
     plan: QuantPlan,
     act_params: Mapping[str, QParams],
     weight_params: Mapping[str, QParams],
-    rounder: WeightRounder = _nearest,
+    rounder: WeightRounder | None = None,
 ) -> list[dict[str, str]]:
     """Rewrite ``model`` in place; returns notes (biases left float and why). ``rounder``
     gives each weight's integer values (nearest rounding by default)."""
