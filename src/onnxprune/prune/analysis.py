@@ -17,7 +17,10 @@ import onnx_ir as ir
 
 from onnxprune.analysis.shapes import infer_shapes, shape_tuple
 from onnxprune.passes._match import name_of
-from onnxprune.prune import rules_shape  # noqa: F401  (registers the shape rules)
+from onnxprune.prune import (
+    rules_shape,  # noqa: F401  (registers the shape rules)
+    shape_flow,
+)
 from onnxprune.prune.channels import ChannelGraph, Dims, Space, SpaceKey
 from onnxprune.prune.context import RuleContext
 from onnxprune.prune.rules import RULES, UNARY
@@ -165,12 +168,12 @@ def _block_captures(node: ir.Node, ctx: RuleContext) -> None:
     """Channels read across a subgraph boundary must not change: block them."""
     for attr_name, body in _subgraphs(node):
         for name, reader in _captures(body):
-            ctx.graph.block_all(
-                name,
-                ctx.node_name,
+            reason = (
                 f"{name!r} is read inside its subgraph {attr_name!r} (by {reader}), "
-                "which pruning does not rewrite",
+                "which pruning does not rewrite"
             )
+            ctx.graph.block_all(name, ctx.node_name, reason)
+            shape_flow.block_sources(name, ctx, reason)
 
 
 def _run_rules(model: ir.Model, ctx: RuleContext) -> None:
@@ -181,6 +184,7 @@ def _run_rules(model: ir.Model, ctx: RuleContext) -> None:
         ctx.touched = set()
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx", "com.microsoft") else None
         values = [v.name for v in (*node.inputs, *node.outputs) if v is not None and v.name]
+        shape_flow.follow(node, ctx)
         if rule is None:
             for name in values:
                 graph.block_all(name, ctx.node_name, f"no pruning rule for {node.op_type}")
@@ -193,8 +197,10 @@ def _run_rules(model: ir.Model, ctx: RuleContext) -> None:
     for value in model.graph.inputs:
         if value.name not in model.graph.initializers:
             graph.block_all(name_of(value), "graph input", "channels come from a graph input")
+    ctx.node_name = "graph output"
     for value in model.graph.outputs:
         graph.block_all(name_of(value), "graph output", "graph output shapes must not change")
+        shape_flow.block_sources(name_of(value), ctx, "a graph output is read from this size")
 
 
 def _units(graph: ChannelGraph) -> list[Unit]:

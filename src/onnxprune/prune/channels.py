@@ -30,7 +30,12 @@ Dims = tuple[int | str | None, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Space:
-    """A static axis of a tensor: ``size`` elements with ids ``base .. base + size - 1``."""
+    """A static axis of a tensor: ``size`` elements with ids ``base .. base + size - 1``.
+
+    A *periodic* axis (a symbolic ``batch*heads`` merged by a reshape, see
+    :attr:`ChannelGraph.periods`) is a space of the inner size: element ``h`` stands for
+    indices ``h, size + h, 2*size + h, ..`` of the tensor.
+    """
 
     value: str
     axis: int
@@ -51,6 +56,9 @@ class ChannelGraph:
         self.initializers = frozenset(initializers)
         self.spaces: dict[SpaceKey, Space] = {}
         self.blocked: dict[SpaceKey, Skip] = {}
+        #: symbolic dims that merge a batch-like axis with a static inner axis of this size
+        #: (``(batch, heads) -> batch*heads``): their spaces stand for that inner axis
+        self.periods: dict[str, int] = {}
         self._parent: list[int] = []
 
     # -- spaces -------------------------------------------------------------------------
@@ -69,6 +77,8 @@ class ChannelGraph:
         if existing is not None:
             return existing
         size = shape[axis]
+        if isinstance(size, str):
+            size = self.periods.get(size)
         if not isinstance(size, int) or size <= 0:
             return None
         created = Space(value, axis, size, len(self._parent), value in self.initializers)

@@ -55,6 +55,9 @@ class RuleContext:
         self.shape_rewrites: list[ShapeRewrite] = []
         self.slice_rewrites: list[SliceRewrite] = []
         self.touched: set[SpaceKey] = set()
+        #: where each entry of a runtime shape vector comes from: ``(value, axis)`` for a
+        #: size read by a Shape op, an int for a constant, None when unknown
+        self.shape_sources: dict[str, list[SpaceKey | int | None]] = {}
         self.node_name = ""
 
     # Relations made through the context are recorded as "touched", so the driver can
@@ -73,6 +76,10 @@ class RuleContext:
     def block_all(self, value: str, reason: str) -> None:
         for axis in range(self.rank(value) or 0):
             self.block(value, axis, reason)
+
+    def touch(self, key: SpaceKey) -> None:
+        """Account for an axis without relating or blocking it."""
+        self._touch(key)
 
     def _touch(self, key: SpaceKey) -> None:
         rank = self.graph.rank(key[0])

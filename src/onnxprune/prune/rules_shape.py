@@ -24,6 +24,7 @@ from onnxprune.passes._match import name_of, required
 from onnxprune.prune.channels import Dims
 from onnxprune.prune.context import RuleContext, ShapeRewrite
 from onnxprune.prune.rules import RULES, _attr, _broadcast_into, _rule
+from onnxprune.prune.shape_flow import read_shape
 
 __all__ = ["match_axis_groups"]
 
@@ -145,14 +146,76 @@ def _packed_split(
     return True
 
 
+def _batch_like(dims: Dims) -> bool:
+    """Leading axes that may be merged around channels: symbolic (a batch) or of size 1."""
+    return bool(dims) and all(not isinstance(d, int) or d == 1 for d in dims)
+
+
+def _periodic(
+    ctx: RuleContext,
+    source: tuple[str, Dims],
+    dest: tuple[str, Dims],
+    node: ir.Node,
+    *,
+    target_index: int | None,
+    target: list[int] | None,
+) -> None:
+    """Merge symbolic leading axes with a static inner axis into one symbolic axis, or split
+    such an axis back: ``(batch, H, ..) <-> (batch*H, ..)`` with the other axes equal.
+
+    Row-major, index ``b*H + h`` of the merged axis is element ``h`` of the inner axis for
+    every ``b``, so the merged axis is a *periodic* space of size ``H`` (its symbol is
+    recorded in :attr:`ChannelGraph.periods`) and relates one-to-one to the inner axis.
+    """
+    (x, src), (y, dst) = source, dest
+    periods = ctx.graph.periods
+    if len(src) > len(dst):  # merge
+        k = len(src) - len(dst)
+        merged, inner, lead = dst[0], src[k], src[:k]
+        if (
+            not isinstance(merged, str)
+            or not isinstance(inner, int)
+            or inner <= 1
+            or merged in src
+            or not _batch_like(lead)
+            or src[k + 1 :] != dst[1:]
+            or periods.setdefault(merged, inner) != inner
+        ):
+            return
+        ctx.unite((x, k), (y, 0))
+        for a in range(k):
+            ctx.block(x, a, "merged into another axis by a reshape")
+        for a in range(1, len(dst)):
+            ctx.unite((x, k + a), (y, a))
+        return
+    k = len(dst) - len(src)  # split
+    merged, inner, lead = src[0], dst[k] if k < len(dst) else None, dst[:k]
+    if (
+        k < 1
+        or not isinstance(merged, str)
+        or periods.get(merged) != inner
+        or not _batch_like(lead)
+        or src[1:] != dst[k + 1 :]
+    ):
+        return
+    ctx.unite((x, 0), (y, k))
+    for a in range(k):
+        ctx.block(y, a, "split off another axis by a reshape")
+    for a in range(1, len(src)):
+        ctx.unite((x, a), (y, k + a))
+    if target is not None and target_index is not None and k < len(target) and target[k] > 0:
+        ctx.shape_rewrites.append(ShapeRewrite(node, target_index, k, (y, k)))
+
+
 def _map_reshape(ctx: RuleContext, x: str, y: str, node: ir.Node, target_index: int | None) -> None:
     src, dst = ctx.dims(x), ctx.dims(y)
     if src is None or dst is None:
         return
     groups = match_axis_groups(src, dst)
-    if groups is None:
-        return  # everything stays unmapped (blocked)
     target = ctx.const_ints(node.inputs[target_index]) if target_index is not None else None
+    if groups is None:
+        _periodic(ctx, (x, src), (y, dst), node, target_index=target_index, target=target)
+        return  # anything else stays unmapped (blocked)
     for gi, gj in groups:
         li, lj = _leading(gi, src), _leading(gj, dst)
         if len([a for a in gi if src[a] != 1]) > 1 and len([a for a in gj if dst[a] != 1]) > 1:
@@ -296,9 +359,14 @@ def _expand(node: ir.Node, ctx: RuleContext) -> None:
             ctx.shape_rewrites.append(ShapeRewrite(node, 1, k, (y, axis)))
 
 
-@_rule("Shape", "Size")
+@_rule("Shape")
 def _shape(node: ir.Node, ctx: RuleContext) -> None:
-    ctx.block_all(name_of(node.inputs[0]), f"{node.op_type} reads the size of this axis")
+    read_shape(node, ctx)  # where the sizes go is followed (shape_flow)
+
+
+@_rule("Size")
+def _size(node: ir.Node, ctx: RuleContext) -> None:
+    ctx.block_all(name_of(node.inputs[0]), "Size reads the size of this axis")
 
 
 assert "Reshape" in RULES
