@@ -9,7 +9,14 @@ import onnx_ir as ir
 
 from onnxprune.prune.channels import ChannelGraph, Dims, SpaceKey
 
-__all__ = ["AttrRewrite", "RuleContext", "ShapeRewrite", "SliceRewrite"]
+__all__ = [
+    "AttrRewrite",
+    "RuleContext",
+    "ShapeConstant",
+    "ShapeEntry",
+    "ShapeRewrite",
+    "SliceRewrite",
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -45,6 +52,22 @@ class SliceRewrite:
     end: int
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShapeConstant:
+    """A constant entry of a runtime shape vector and where it sits: element ``index`` of
+    input ``input_index`` of ``node`` (the Concat that put it in), so it can be rewritten."""
+
+    value: int
+    node: ir.Node
+    input_index: int
+    index: int
+
+
+#: An entry of a runtime shape vector: ``(value, axis)`` for a size read by a Shape op, a
+#: constant, or None when unknown (see :mod:`onnxprune.prune.shape_flow`).
+ShapeEntry = SpaceKey | ShapeConstant | None
+
+
 class RuleContext:
     """Shared state while rules run over the graph."""
 
@@ -55,9 +78,8 @@ class RuleContext:
         self.shape_rewrites: list[ShapeRewrite] = []
         self.slice_rewrites: list[SliceRewrite] = []
         self.touched: set[SpaceKey] = set()
-        #: where each entry of a runtime shape vector comes from: ``(value, axis)`` for a
-        #: size read by a Shape op, an int for a constant, None when unknown
-        self.shape_sources: dict[str, list[SpaceKey | int | None]] = {}
+        #: where each entry of a runtime shape vector comes from
+        self.shape_sources: dict[str, list[ShapeEntry]] = {}
         self.node_name = ""
 
     # Relations made through the context are recorded as "touched", so the driver can

@@ -249,7 +249,14 @@ def _map_reshape(ctx: RuleContext, x: str, y: str, node: ir.Node, target_index: 
 
 @_rule("Reshape")
 def _reshape(node: ir.Node, ctx: RuleContext) -> None:
-    _map_reshape(ctx, name_of(node.inputs[0]), name_of(node.outputs[0]), node, 1)
+    y = name_of(node.outputs[0])
+    _map_reshape(ctx, name_of(node.inputs[0]), y, node, 1)
+    target = node.inputs[1]
+    if ctx.const_ints(target) is None and name_of(target) not in ctx.shape_sources:
+        # A target computed otherwise: the sizes it gives would not follow a cut.
+        for axis, size in enumerate(ctx.dims(y) or ()):
+            if isinstance(size, int) and size > 1:
+                ctx.block(y, axis, "the reshape's target is computed at run time")
 
 
 @_rule("Flatten")

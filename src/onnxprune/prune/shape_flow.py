@@ -11,6 +11,10 @@ and Concat on axis 0 with constant indices, Unsqueeze, Squeeze, Identity, Cast):
 
 * entry ``j`` of a Reshape target read from axis ``a`` of ``v``: output axis ``j`` has the
   size of ``v``'s axis ``a``, so the two spaces are related (pruned together);
+* entry ``j`` that is a constant concatenated into the target (torchscript exports write
+  ``view(b, s, heads, d)`` as ``Concat(Shape(x)[0], Shape(x)[1], 12, 32)``): the constant is
+  rewritten to the kept size when output axis ``j`` is pruned; an entry of unknown origin
+  blocks output axis ``j`` (its size would not follow the cut);
 * the same for an Expand shape, right-aligned to the output;
 * any other use (arithmetic, Range, ConstantOfShape, a Slice bound, a graph output, a read
   inside a subgraph) blocks every axis the vector was read from: the size enters a
@@ -24,12 +28,9 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from onnxprune.passes._match import name_of
-from onnxprune.prune.channels import SpaceKey
-from onnxprune.prune.context import RuleContext
+from onnxprune.prune.context import RuleContext, ShapeConstant, ShapeEntry, ShapeRewrite
 
 __all__ = ["block_sources", "follow", "read_shape"]
-
-Entry = SpaceKey | int | None
 
 _PASS_THROUGH = frozenset(["Unsqueeze", "Squeeze", "Identity", "Cast"])
 
@@ -60,8 +61,9 @@ def block_sources(value: str, ctx: RuleContext, reason: str) -> None:
             ctx.graph.block(entry[0], entry[1], ctx.node_name, reason)
 
 
-def _entries(value: ir.Value | None, ctx: RuleContext) -> list[Entry] | None:
-    """A Concat part: followed entries, constant ints, or unknowns of a static length."""
+def _entries(node: ir.Node, input_index: int, ctx: RuleContext) -> list[ShapeEntry] | None:
+    """A Concat part: followed entries, constants, or unknowns of a static length."""
+    value = node.inputs[input_index]
     if value is None:
         return None
     name = name_of(value)
@@ -69,22 +71,32 @@ def _entries(value: ir.Value | None, ctx: RuleContext) -> list[Entry] | None:
         return ctx.shape_sources[name]
     constant = ctx.const_ints(value)
     if constant is not None:
-        return list(constant)
+        return [ShapeConstant(v, node, input_index, i) for i, v in enumerate(constant)]
     dims = ctx.dims(name)
     if dims is not None and len(dims) == 1 and isinstance(dims[0], int):
         return [None] * dims[0]
     return None
 
 
-def _relate(ctx: RuleContext, entries: Sequence[Entry], y: str, shift: int) -> None:
-    """Output axis ``j + shift`` of ``y`` has the size of the axis entry ``j`` was read from."""
+def _relate(ctx: RuleContext, entries: Sequence[ShapeEntry], y: str, shift: int) -> None:
+    """Output axis ``j + shift`` of ``y`` has the size of the axis entry ``j`` was read from,
+    or the constant's (rewritten when the axis is pruned); unknown entries block it."""
     rank = ctx.rank(y)
     for j, entry in enumerate(entries):
-        if isinstance(entry, tuple) and rank is not None and 0 <= j + shift < rank:
-            ctx.unite(entry, (y, j + shift))
+        axis = j + shift
+        if rank is None or not 0 <= axis < rank:
+            continue
+        if isinstance(entry, tuple):
+            ctx.unite(entry, (y, axis))
+        elif isinstance(entry, ShapeConstant):
+            if entry.value > 0:
+                rewrite = ShapeRewrite(entry.node, entry.input_index, entry.index, (y, axis))
+                ctx.shape_rewrites.append(rewrite)
+        else:
+            ctx.block(y, axis, "the target size of this axis is computed at run time")
 
 
-def _moved(node: ir.Node, index: int, ctx: RuleContext) -> list[Entry] | None:
+def _moved(node: ir.Node, index: int, ctx: RuleContext) -> list[ShapeEntry] | None:
     """The entries of ``node``'s output when input ``index`` is a followed vector and the
     node only moves entries; None when it uses them otherwise."""
     source = ctx.shape_sources[name_of(node.inputs[index])]
@@ -105,7 +117,7 @@ def _moved(node: ir.Node, index: int, ctx: RuleContext) -> list[Entry] | None:
             return None
         return [source[i] for i in indices]
     if op == "Concat" and (_int_attr(node, "axis", 0) or 0) in (0, -1):
-        parts = [_entries(v, ctx) for v in node.inputs]
+        parts = [_entries(node, k, ctx) for k in range(len(node.inputs))]
         if any(p is None for p in parts):
             return None
         return [e for p in parts if p is not None for e in p]
