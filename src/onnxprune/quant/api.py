@@ -69,6 +69,7 @@ from onnxprune.quant.report import (
 )
 from onnxprune.quant.sensitivity import rank_sensitivity
 from onnxprune.quant.smooth import smooth_matmuls
+from onnxprune.quant.speed import speed_check as check_speed
 from onnxprune.quant.vnni import REMEDIES, cpu_isa, needs_u8s8_remedy
 from onnxprune.reports import Skip
 from onnxprune.tolerance import Tolerance, parse_tolerance
@@ -718,6 +719,7 @@ def quantize_file(
     refine: str = "off",
     refine_options: Any = None,
     rounding: str = "auto",
+    speed_check: float = 0.0,
 ) -> QuantizeResult:
     """Quantize ``model_path`` into ``output_path`` (the input file is never modified).
 
@@ -763,6 +765,9 @@ def quantize_file(
             rounding error compensated on its calibration inputs, :mod:`onnxprune.quant.gptq`)
             or ``auto`` (gptq fitted on three quarters of the calibration feeds, kept only
             when the worst output SQNR on the other quarter improves).
+        speed_check: Static or dynamic int8 for the CPU: seconds the written model is timed
+            against the input on this machine (:mod:`onnxprune.quant.speed`); 0 for none.
+            The written model does not depend on it, only the report.
 
     Raises:
         UsageError: bad options, an already quantized model (exit 2).
@@ -786,6 +791,8 @@ def quantize_file(
         refine_options,
         rounding,
     )
+    if not speed_check >= 0:
+        raise UsageError(f"--speed-check {speed_check}: seconds must be >= 0")
     model = load(model_path)
     inputs = source_files(model)  # the rebuilt model no longer records them
     refuse_unrewritable(model, str(model_path))
@@ -817,6 +824,10 @@ def quantize_file(
 
     with details.seconds.timed("save"):
         dest = save(quantized, output_path, before_commit=check_held_out, protect=inputs)
+    speed = None
+    if speed_check > 0 and dtype == "int8" and target == "cpu":
+        with details.seconds.timed("speed check"):
+            speed = check_speed(model_path, dest, calib=calib, seconds=speed_check)
     return QuantizeResult(
         input=str(model_path),
         output=str(dest),
@@ -830,4 +841,5 @@ def quantize_file(
         details=details,
         input_bytes=input_bytes,
         output_bytes=file_bytes(dest),
+        speed=speed,
     )

@@ -97,6 +97,12 @@ class QuantizeConfig:
         help="reuse calibration statistics of the same model and data (from "
         "$ONNXPRUNE_CACHE_DIR or ~/.cache/onnxprune/calibration)",
     )
+    speed_check: float = option(
+        1.0,
+        help="seconds the written int8 model is timed against the input on this machine "
+        "(onnxruntime CPU, interleaved; the report warns when it is slower); 0: off",
+        metavar="S",
+    )
 
 
 def _refine_options(config: QuantizeConfig) -> object:
@@ -151,4 +157,5 @@ def quantize_config_file(
         refine=config.refine,
         refine_options=_refine_options(config),
         rounding=config.rounding,
+        speed_check=config.speed_check,
     )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from onnxprune.analysis.inspect import disk_bytes
 from onnxprune.heldout import FidelityReport
+from onnxprune.quant.speed import SpeedCheck
 from onnxprune.reporting import json_safe
 from onnxprune.reports import FLATTEN, KEEP_NONE, Record, Skip, key
 
@@ -264,6 +265,8 @@ class QuantizeResult:
             (:class:`QuantizeDetails`)
         input_bytes: Size of the input model files.
         output_bytes: Size of the written model files.
+        speed: The written model timed against the input on this machine (int8 for the
+            CPU, ``--speed-check``), None when not measured.
     """
 
     input: str
@@ -278,12 +281,14 @@ class QuantizeResult:
     details: QuantizeDetails
     input_bytes: int
     output_bytes: int
+    speed: SpeedCheck | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite floats as strings)."""
         payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         payload["fidelity"] = self.fidelity.to_dict()
         payload["details"] = self.details.to_dict()
+        payload["speed"] = None if self.speed is None else self.speed.to_dict()
         return json_safe({"schema": "onnxprune.quantize/1", **payload})
 
     def summary(self) -> str:
@@ -343,4 +348,6 @@ class QuantizeResult:
             more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
             lines.append(f"kept in float for the budget ({len(kept)}): {', '.join(kept[:5])}{more}")
         lines.append(f"wrote {self.output} ({self.input_bytes} -> {self.output_bytes} bytes)")
+        if self.speed is not None:
+            lines.append(self.speed.summary())
         return "\n".join(lines)
