@@ -36,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.errors import UsageError
+from onnxprune.intervals import fidelity_intervals
 from onnxprune.io import load
 from onnxprune.metrics import HIGHER_IS_BETTER, output_metrics, rows
 from onnxprune.output_kinds import class_score_outputs
@@ -58,6 +59,9 @@ class FidelityResult:
     graph_optimizations: bool
     outputs: dict[str, dict[str, float | None]]
     worst_feed: dict[str, dict[str, float | None]]
+    #: 95 % intervals of the pooled metrics, ``{output: {metric: [low, high]}}``
+    #: (:mod:`onnxprune.intervals`)
+    intervals: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,21 +71,37 @@ class FidelityResult:
         return _worst([self.outputs[n] for n in self.outputs])
 
     def summary(self) -> list[str]:
-        """One line per output: ``output logits: top-1 0.9219, cosine 0.995612, SQNR 20.1 dB``."""
-        return [f"output {name}: {describe(m)}" for name, m in self.outputs.items()]
+        """One line per output: ``output logits: top-1 0.9219, cosine 0.995612, SQNR 20.1 dB``,
+        with the 95 % intervals where there are several samples."""
+        return [
+            f"output {name}: {describe(m, self.intervals.get(name))}"
+            for name, m in self.outputs.items()
+        ]
 
 
-def describe(metrics: Mapping[str, float | None]) -> str:
-    """``top-1 agreement 0.9219, cosine 0.995612, SQNR 20.13 dB`` (metrics that apply)."""
+def describe(
+    metrics: Mapping[str, float | None], intervals: Mapping[str, Sequence[float]] | None = None
+) -> str:
+    """``top-1 agreement 0.9219 [0.89, 0.95], cosine 0.995612, SQNR 20.13 dB`` (metrics that
+    apply; ``[low, high]`` where ``intervals`` has one)."""
+    spans = intervals or {}
+
+    def span(key: str, spec: str) -> str:
+        if key not in spans:
+            return ""
+        low, high = spans[key]
+        return f" [{low:{spec}}, {high:{spec}}]"
+
     parts = []
     if metrics.get("top1_agreement") is not None:
-        parts.append(f"top-1 agreement {metrics['top1_agreement']:.4f}")
+        top1 = metrics["top1_agreement"]
+        parts.append(f"top-1 agreement {top1:.4f}{span('top1_agreement', '.2f')}")
     if metrics.get("nn_agreement") is not None:
         parts.append(f"nearest-neighbour agreement {metrics['nn_agreement']:.4f}")
     if metrics.get("cosine") is not None:
-        parts.append(f"cosine {metrics['cosine']:.6f}")
+        parts.append(f"cosine {metrics['cosine']:.6f}{span('cosine', '.4f')}")
     if metrics.get("sqnr_db") is not None:
-        parts.append(f"SQNR {metrics['sqnr_db']:.2f} dB")
+        parts.append(f"SQNR {metrics['sqnr_db']:.2f} dB{span('sqnr_db', '.1f')}")
     if metrics.get("max_abs_error") is not None:
         parts.append(f"max abs error {metrics['max_abs_error']:.4g}")
     return ", ".join(parts)
@@ -229,6 +249,7 @@ def compare(
     cand = run_outputs(candidate, feeds, optimize=optimize, provider=provider, names=names)
     pooled: dict[str, dict[str, float | None]] = {}
     worst: dict[str, dict[str, float | None]] = {}
+    spans: dict[str, dict[str, list[float]]] = {}
     for name in names:
         refs, cands = list(reference[name])[: len(feeds)], cand[name]
         for index, (r, c) in enumerate(zip(refs, cands, strict=True)):
@@ -242,7 +263,10 @@ def compare(
         worst[name] = _worst(
             [metrics_of(r, c, pooled=False, top1=top1) for r, c in zip(refs, cands, strict=True)]
         )
-    return FidelityResult(data, len(feeds), optimize, pooled, worst)
+        found = fidelity_intervals(refs, cands, top1_agreement=pooled[name].get("top1_agreement"))
+        if found:
+            spans[name] = found
+    return FidelityResult(data, len(feeds), optimize, pooled, worst, spans)
 
 
 def _class_scores(model: ModelLike) -> frozenset[str]:

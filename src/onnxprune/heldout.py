@@ -133,6 +133,7 @@ class FidelityReport:
             "graph_optimizations": self.held_out.graph_optimizations,
             "outputs": self.held_out.outputs,
             "worst_feed": self.held_out.worst_feed,
+            "intervals": self.held_out.intervals,
             "fit_samples": None if self.fit is None else self.fit.to_dict(),
             "overfit": self.overfit,
         }
