@@ -82,3 +82,19 @@ def test_without_torch_names_the_extra(
     err = capsys.readouterr().err
     assert err == "onnxprune recover: error: recover needs torch: pip install onnxprune[recover]\n"
     assert not out.exists()
+
+
+def test_lr_auto_reports_its_trials(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    teacher, student, calib = _files(tmp_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    argv = ["recover", str(student), "--teacher", str(teacher), "--calib", str(calib)]
+    argv += ["-o", str(out), "--steps", "20", "--threads", "1", "--report", str(report)]
+    assert main([*argv, "--lr", "auto"]) == 0
+    assert "learning rate" in capsys.readouterr().out
+    distilled = json.loads(report.read_text())["distillation"]
+    trials = dict(distilled["lr_trials"])
+    assert sorted(trials) == [3e-5, 1e-4, 3e-4, 1e-3]
+    assert distilled["lr"] == min(trials, key=lambda rate: trials[rate])
+    assert main([*argv[:-2], "-o", str(tmp_path / "x.onnx"), "--lr", "fast"]) == 2
+    assert "--lr 'fast': a positive number or auto" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

@@ -290,3 +290,27 @@ def test_teacher_cache_is_bounded_and_recomputes_the_same_values():
     assert Session.runs == 6 and np.array_equal(again, first[0])
     teacher(0, (0, 0, 0), feeds[0])  # now cached
     assert Session.runs == 6
+
+
+def test_learning_rate_search_picks_the_best_trial_and_restarts_from_the_input() -> None:
+    teacher, feeds = _cnn(_weights(0)), _feeds(24)
+    common = {"steps": 12, "batch_size": 4, "eval_every": 4, "threads": 1}
+    searched = distill(
+        _cnn(_damaged(_weights(0))),
+        teacher,
+        feeds,
+        DistillOptions(lr=1e-7, lr_search=(1e-7, 3e-3), lr_trial_steps=6, **common),
+    )
+    assert [rate for rate, _ in searched.lr_trials] == [1e-7, 3e-3]
+    losses = dict(searched.lr_trials)
+    assert losses[3e-3] < losses[1e-7]  # a rate of 1e-7 barely moves in 6 steps
+    assert searched.lr == 3e-3 and searched.kept
+    assert "learning rate 3e-03" in searched.summary()
+    # The run restarts from the input weights with the chosen rate and the same batches:
+    # the same bytes as a run given that rate directly.
+    direct = distill(_cnn(_damaged(_weights(0))), teacher, feeds, DistillOptions(lr=3e-3, **common))
+    assert direct.lr == 3e-3 and not direct.lr_trials
+    searched_bytes, direct_bytes = (
+        ir.to_proto(r.model).SerializeToString() for r in (searched, direct)
+    )
+    assert searched_bytes == direct_bytes

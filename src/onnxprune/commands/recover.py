@@ -23,6 +23,11 @@ __all__ = ["add_recover_option", "check_recover", "recover_after", "register", "
 NO_TORCH = "recover needs torch: pip install onnxprune[recover]"
 
 
+#: ``--lr auto``: the rates tried, and the steps each is tried for.
+LR_CANDIDATES = (3e-5, 1e-4, 3e-4, 1e-3)
+LR_TRIAL_STEPS = 20
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "recover",
@@ -48,7 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="wall",
         help="what --time-budget counts: wall seconds or this process's CPU seconds (wall)",
     )
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (1e-4)")
+    parser.add_argument(
+        "--lr",
+        default="1e-4",
+        metavar="RATE",
+        help="Adam learning rate (1e-4), or auto: the best of 3e-5, 1e-4, 3e-4 and 1e-3 after "
+        f"{LR_TRIAL_STEPS} steps each on the held-out loss",
+    )
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="samples a step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2)")
@@ -77,14 +88,21 @@ def _options(args: argparse.Namespace) -> object:
 
     if args.steps < 1 or args.batch_size < 1 or args.threads < 1:
         raise UsageError("--steps, --batch-size and --threads must be positive")
-    if not args.lr > 0 or (args.time_budget is not None and not args.time_budget > 0):
+    search = args.lr == "auto"
+    try:
+        lr = 1e-4 if search else float(args.lr)
+    except ValueError:
+        raise UsageError(f"--lr {args.lr!r}: a positive number or auto") from None
+    if not lr > 0 or (args.time_budget is not None and not args.time_budget > 0):
         raise UsageError("--lr and --time-budget must be positive")
     match = "auto" if args.match == ["auto"] else (args.match or None)
     return DistillOptions(
         steps=args.steps,
         time_budget=args.time_budget,
         budget_clock=args.budget_clock,
-        lr=args.lr,
+        lr=lr,
+        lr_search=LR_CANDIDATES if search else (),
+        lr_trial_steps=LR_TRIAL_STEPS,
         batch_size=args.batch_size,
         seed=args.seed,
         threads=args.threads,

@@ -24,6 +24,12 @@ the student and the trained model against the teacher on those feeds with the pa
 comparator (:func:`onnxprune.fidelity.compare`, onnxruntime): the trained weights are kept
 only if held-out fidelity improves, else the input student is returned unchanged.
 
+Learning rate: ``lr``, or with ``lr_search`` (``--lr auto``) the best of a few candidates:
+each is tried for ``lr_trial_steps`` steps from the same starting weights on the same batch
+sequence, and the one with the lowest held-out loss after its trial is used for the run, which
+restarts from the starting weights (a tie goes to the smaller rate). The held-out feeds thus
+choose the rate as well as the best step; the report lists every trial.
+
 Reproducible: seeded (torch, numpy), a fixed torch thread count, deterministic algorithms;
 the same inputs, options and seed give the same bytes. A ``time_budget`` that ends the run
 early makes the step count, and so the result, depend on the machine (the report says so).
@@ -65,6 +71,9 @@ class DistillOptions:
     time_budget: float | None = None
     budget_clock: str = "wall"  # or "cpu": the process's CPU seconds (fair on a shared machine)
     lr: float = 1e-4
+    #: candidate learning rates tried before the run (empty: ``lr`` is used as given)
+    lr_search: tuple[float, ...] = ()
+    lr_trial_steps: int = 20
     batch_size: int = 8
     temperature: float = 2.0
     logit_mse: float = 0.1  # weight of the squared-error term added to KL for logits
@@ -101,6 +110,9 @@ class DistillResult:
     held_losses: list[tuple[int, float]]
     reproducible: bool
     options: DistillOptions
+    #: the learning rate used, and ``(rate, held-out loss after its trial)`` when searched
+    lr: float = 0.0
+    lr_trials: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         options = dataclasses.asdict(self.options)
@@ -120,6 +132,8 @@ class DistillResult:
             "frozen": self.frozen_note,
             "matched_intermediates": self.matched,
             "held_losses": [[s, v] for s, v in self.held_losses],
+            "lr": self.lr,
+            "lr_trials": [[r, v] for r, v in self.lr_trials],
             "reproducible": self.reproducible,
             "options": options,
         }
@@ -132,6 +146,12 @@ class DistillResult:
             "trained",
             f"  {self.reason}",
         ]
+        if self.lr_trials:
+            tried = ", ".join(f"{r:.0e} {v:.4g}" for r, v in self.lr_trials)
+            lines.append(
+                f"  learning rate {self.lr:.0e}, the lowest held-out loss after "
+                f"{self.options.lr_trial_steps} steps of each ({tried})"
+            )
         for name, metrics in self.before.outputs.items():
             after = self.after.outputs.get(name, {}) if self.after is not None else {}
             lines.append(f"  {name}: {_brief(metrics)} -> {_brief(after) if after else 'n/a'}")
@@ -425,6 +445,8 @@ class _Run:
     best_loss: float = math.inf
     reproducible: bool = True
     held_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    lr: float = 0.0
+    lr_trials: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
 
 def distill(
@@ -441,6 +463,8 @@ def distill(
     options = options or DistillOptions()
     if options.budget_clock not in ("wall", "cpu"):
         raise UsageError(f"budget clock {options.budget_clock!r}: expected wall or cpu")
+    if not all(r > 0 for r in (options.lr, *options.lr_search)) or options.lr_trial_steps < 1:
+        raise UsageError("learning rates and the trial step count must be positive")
     teacher_model = teacher if isinstance(teacher, ir.Model) else load(teacher)
     if len(feeds) < 2:
         raise UsageError("distillation needs at least 2 calibration samples (1 is held out)")
@@ -486,6 +510,8 @@ def distill(
         held_losses=run.held_losses,
         reproducible=run.reproducible,
         options=options,
+        lr=run.lr,
+        lr_trials=run.lr_trials,
     )
     if run.best_step == 0:
         reason = "kept the input: no step lowered the held-out loss"
@@ -570,36 +596,52 @@ def _train(  # noqa: PLR0917 (one private call site)
             ]
             return float(np.mean([forward_loss(c).item() for c in chunks]))
 
-    run = _Run()
+    def step_once(optimizer: torch.optim.Optimizer, batches: Iterator[list[int]]) -> float:
+        items = []
+        for index in next(batches):
+            key = (0, 0, 0)
+            if options.augment:
+                flip = int(rng.integers(2))
+                dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, 2))
+                key = (flip, dy, dx)
+            items.append((index, key, _augment(fit[index], key)))
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward_loss(items)
+        loss.backward()
+        replay.mask_gradients()
+        optimizer.step()
+        replay.apply_masks()
+        return float(loss.item())
+
+    run = _Run(lr=options.lr)
     run.best_loss = held_loss()
     run.held_losses.append((0, run.best_loss))
     best_state = replay.state()
     params = list(replay.params.values())
     if not params or options.steps <= 0:
         return run
-    optimizer = torch.optim.Adam(params, lr=options.lr)
+    if options.lr_search:
+        for lr in sorted(options.lr_search):  # same start, same batches for every rate
+            replay.load(best_state)
+            rng = np.random.default_rng(options.seed)
+            trial = torch.optim.Adam(params, lr=lr)
+            batches = _batches(len(fit), max(1, options.batch_size), rng)
+            for _ in range(options.lr_trial_steps):
+                step_once(trial, batches)
+            run.lr_trials.append((lr, held_loss()))
+        run.lr = min(run.lr_trials, key=lambda t: t[1])[0]  # min keeps the smaller on ties
+        replay.load(best_state)
+        rng = np.random.default_rng(options.seed)
+    optimizer = torch.optim.Adam(params, lr=run.lr)
     batches = _batches(len(fit), max(1, options.batch_size), rng)
     stale = 0
     with Progress(options.steps, "distill", enabled=options.progress) as bar:
         for step in range(1, options.steps + 1):
-            items = []
-            for index in next(batches):
-                key = (0, 0, 0)
-                if options.augment:
-                    flip = int(rng.integers(2))
-                    dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, 2))
-                    key = (flip, dy, dx)
-                items.append((index, key, _augment(fit[index], key)))
-            optimizer.zero_grad(set_to_none=True)
-            loss = forward_loss(items)
-            loss.backward()
-            replay.mask_gradients()
-            optimizer.step()
-            replay.apply_masks()
+            loss = step_once(optimizer, batches)
             run.steps = step
             elapsed = _elapsed(options, start_ns, start_cpu)
             out_of_time = options.time_budget is not None and elapsed >= options.time_budget
-            bar.update(note=f"loss {loss.item():.4g}")
+            bar.update(note=f"loss {loss:.4g}")
             if step % options.eval_every == 0 or step == options.steps or out_of_time:
                 current = held_loss()
                 run.held_losses.append((step, current))
