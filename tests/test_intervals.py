@@ -65,3 +65,19 @@ def test_compare_reports_the_intervals_in_its_summary(tmp_path):
     result = compare(path, path, feeds, data="eight samples")
     assert set(result.intervals["y"]) >= {"cosine"}
     assert "cosine 1.000000 [1.0000, 1.0000]" in result.summary()[0]
+
+
+def test_all_zero_outputs_keep_cosine_one_in_the_interval():
+    zeros = [np.zeros((1, 4), np.float32) for _ in range(5)]
+    assert fidelity_intervals(zeros, zeros, top1_agreement=None)["cosine"] == [1.0, 1.0]
+
+
+def test_rows_of_one_sample_are_resampled_together():
+    """Four samples of 128 token rows, two agreeing fully and two never: Wilson over 512 rows
+    would claim [0.46, 0.54]; over samples the interval is as wide as four samples allow."""
+    rng = np.random.default_rng(0)
+    refs = [rng.standard_normal((128, 5)).astype(np.float32) for _ in range(4)]
+    cands = [r.copy() if i < 2 else -r for i, r in enumerate(refs)]
+    spans = fidelity_intervals(refs, cands, top1_agreement=0.5)
+    low, high = spans["top1_agreement"]
+    assert low <= 0.25 and high >= 0.75

@@ -19,9 +19,12 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
+from onnxprune.analysis.run_shapes import refine_symbolic_dims
 from onnxprune.io import load
 from onnxprune.io.pinned import copy_model
+from onnxprune.passes.pipeline import canonicalize
 from onnxprune.prune import PruneOptions, analyze, prune_model
+from onnxprune.prune import analysis as analysis_module
 from onnxprune.runtime import run_model
 
 EMBED, HEADS, DEAD = 16, 4, 1
@@ -212,3 +215,163 @@ def test_a_target_computed_by_arithmetic_blocks_the_axes_it_sizes():
     node.outputs[0].dtype = ir.DataType.FLOAT
     group = analyze(model).group("W1:1")
     assert group.blocked is not None and "computed at run time" in group.blocked.reason
+
+
+def _torchscript_export(path: Path) -> ir.Model:
+    """Attention with a broadcast mask, exported by torchscript with dynamic axes (the way
+    HF Optimum exports BERT): the mask's head axis and the head reshapes come out of shape
+    inference as fresh symbols."""
+    torch = pytest.importorskip("torch")
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(EMBED, EMBED) for _ in range(4))
+
+        def forward(self, x, mask):
+            b, s, _ = x.shape
+
+            def split(t):
+                return t.view(b, s, HEADS, EMBED // HEADS).transpose(1, 2)
+
+            keep = mask[:, None, None, :].expand(b, 1, s, s).to(torch.bool)
+            y = torch.nn.functional.scaled_dot_product_attention(
+                split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=keep
+            )
+            return self.o(y.transpose(1, 2).reshape(b, s, EMBED))
+
+    torch.manual_seed(0)
+    module = Attention().eval()
+    dead = slice(DEAD * (EMBED // HEADS), (DEAD + 1) * (EMBED // HEADS))
+    with torch.no_grad():
+        for layer in (module.q, module.k, module.v):
+            layer.weight[dead] = 0
+            layer.bias[dead] = 0
+        module.o.weight[:, dead] = 0
+    axes = {0: "batch", 1: "seq"}
+    torch.onnx.export(
+        module,
+        (torch.randn(2, 5, EMBED), torch.ones(2, 5, dtype=torch.int64)),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x", "mask"],
+        output_names=["y"],
+        dynamic_axes={"x": axes, "mask": axes, "y": axes},
+    )
+    model = load(path)
+    canonicalize(model)
+    return model
+
+
+def test_torchscript_attention_heads_need_the_measured_dims(tmp_path: Path, monkeypatch):
+    model = _torchscript_export(tmp_path / "ts.onnx")
+    heads = [g for g in analyze(model).prunable if g.size == HEADS]
+    assert len(heads) == 1, [(g.id, g.size, g.blocked) for g in analyze(model).groups]
+    reference = copy_model(model)
+    prune_model(model, PruneOptions(layer_ratios={heads[0].id: 0.25}, round_to=1))
+    rng = np.random.default_rng(4)
+    for batch, seq in ((1, 5), (3, 8)):
+        mask = np.ones((batch, seq), np.int64)
+        mask[-1, -2:] = 0
+        feed = {"x": rng.standard_normal((batch, seq, EMBED), np.float32), "mask": mask}
+        np.testing.assert_allclose(
+            run_model(model, feed)["y"], run_model(reference, feed)["y"], rtol=1e-5, atol=1e-6
+        )
+    # Without the measured dims the mask's head axis is a symbol of unknown size.
+    monkeypatch.setattr(analysis_module, "refine_symbolic_dims", lambda _m, shapes: dict(shapes))
+    blocked = analyze(reference).group(heads[0].id).blocked
+    assert blocked is not None and "unknown size" in blocked.reason
+
+
+def test_measured_dims_name_sizes_that_change_alike():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("ReduceProd", ["shape"], ["count"], keepdims=1),
+        helper.make_node("Reshape", ["x", "count"], ["flat"]),  # (b*s*4,): a fresh symbol
+        helper.make_node("Identity", ["flat"], ["y"]),
+    ]
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 18)]
+    )
+    model = ir.serde.deserialize_model(proto)
+    shapes = {"x": ("b", "s", 4), "flat": ("unk__0",), "y": ("unk__1",), "shape": (3,)}
+    refined = refine_symbolic_dims(model, shapes)
+    # b, s = 2, 5 then 3, 7: 40 then 84 elements, the same symbol for both values.
+    assert refined["flat"] == refined["y"] == ("dim_40_84",)
+    assert refined["x"] == ("b", "s", 4) and refined["shape"] == (3,)
+
+
+def _graph(nodes, inputs, outputs, inits) -> ir.Model:
+    proto = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, inits),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    onnx.checker.check_model(proto, full_check=True)
+    return ir.serde.deserialize_model(proto)
+
+
+def _ints(name: str, values: list[int]) -> onnx.TensorProto:
+    return helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+
+
+def _floats(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return helper.make_tensor(name, TensorProto.FLOAT, list(array.shape), array.ravel().tolist())
+
+
+def test_sizes_read_in_another_order_block_the_axes():
+    """(B, 5, 6) reshaped to (B, 6, 5) with Gather(Shape(x), [0, 2, 1]) is a view, not a
+    transpose: the 6 channels are not the reshape's axis 1 (found by review: it was pruned
+    and the outputs changed)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["x"]),
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Gather", ["xs", "order"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+        helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["yt", "W2"], ["out"]),
+    ]
+    inits = [
+        _floats("W1", rng.standard_normal((4, 6)).astype(np.float32)),
+        _floats("W2", rng.standard_normal((6, 3)).astype(np.float32)),
+        _ints("order", [0, 2, 1]),
+    ]
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", 5, 4])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 5, 3])
+    group = analyze(_graph(nodes, [x], [out], inits)).group("W1:1")
+    assert group.blocked is not None
+
+
+def test_a_constant_shared_by_two_targets_blocks_unless_both_are_cut_alike():
+    """One Concat(Shape(x)[:2], [2, 4]) target reshapes two independent projections: cutting
+    one branch's heads would rewrite the other's target too (found by review)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["xs"]),
+        helper.make_node("Slice", ["xs", "zero", "two"], ["bs"]),
+        helper.make_node("Concat", ["bs", "heads"], ["split"], axis=0),
+        helper.make_node("Concat", ["bs", "width"], ["merge"], axis=0),
+    ]
+    inits = [_ints("zero", [0]), _ints("two", [2]), _ints("heads", [2, 4]), _ints("width", [8])]
+    for i in range(2):
+        nodes += [
+            helper.make_node("MatMul", ["x", f"Wa{i}"], [f"h{i}"]),
+            helper.make_node("Reshape", [f"h{i}", "split"], [f"p{i}"]),
+            helper.make_node("Relu", [f"p{i}"], [f"a{i}"]),
+            helper.make_node("Reshape", [f"a{i}", "merge"], [f"b{i}"]),
+            helper.make_node("MatMul", [f"b{i}", f"Wb{i}"], [f"y{i}"]),
+        ]
+        inits += [
+            _floats(f"Wa{i}", rng.standard_normal((8, 8)).astype(np.float32)),
+            _floats(f"Wb{i}", rng.standard_normal((8, 3)).astype(np.float32)),
+        ]
+    nodes.append(helper.make_node("Add", ["y0", "y1"], ["y"]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 3])
+    analysis = analyze(_graph(nodes, [x], [y], inits))
+    for i in range(2):
+        group = analysis.group(f"Wa{i}:1")
+        assert group.blocked is not None and "constant size" in group.blocked.reason

@@ -36,7 +36,8 @@ def _spaces(model: ir.Model, analysis: Analysis, criterion: str) -> list[SpaceKe
     keys = set()
     for group in analysis.prunable:
         for space, _ in group.units[0].members:
-            if not space.is_initializer and space.value in produced:
+            periodic = analysis.graph.periodic(space.key)  # batch*heads rows: not per channel
+            if not space.is_initializer and space.value in produced and not periodic:
                 keys.add(space.key)
     return sorted(keys)
 

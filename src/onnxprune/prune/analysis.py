@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
+from onnxprune.analysis.run_shapes import refine_symbolic_dims
 from onnxprune.analysis.shapes import infer_shapes, shape_tuple
 from onnxprune.passes._match import name_of
 from onnxprune.prune import (
@@ -125,6 +126,8 @@ def _shapes(model: ir.Model) -> dict[str, Dims]:
         shape = shape_tuple(value.shape)
         if shape is not None:
             shapes.setdefault(name_of(value), shape)
+    # Dims inference lost track of (fresh symbols, unknowns) are measured from two runs.
+    shapes = refine_symbolic_dims(model, shapes)
     # onnx cannot infer some function ops (GroupNormalization-21): their output has the
     # input's shape.
     for node in inferred.graph:
@@ -201,6 +204,7 @@ def _run_rules(model: ir.Model, ctx: RuleContext) -> None:
     for value in model.graph.outputs:
         graph.block_all(name_of(value), "graph output", "graph output shapes must not change")
         shape_flow.block_sources(name_of(value), ctx, "a graph output is read from this size")
+    shape_flow.check_links(ctx)
 
 
 def _units(graph: ChannelGraph) -> list[Unit]:

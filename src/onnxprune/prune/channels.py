@@ -59,6 +59,9 @@ class ChannelGraph:
         #: symbolic dims that merge a batch-like axis with a static inner axis of this size
         #: (``(batch, heads) -> batch*heads``): their spaces stand for that inner axis
         self.periods: dict[str, int] = {}
+        #: blocks of axes that had no space yet (a symbolic dim whose period a later
+        #: reshape registers): applied when the space is created
+        self._pending: dict[SpaceKey, Skip] = {}
         self._parent: list[int] = []
 
     # -- spaces -------------------------------------------------------------------------
@@ -84,13 +87,24 @@ class ChannelGraph:
         created = Space(value, axis, size, len(self._parent), value in self.initializers)
         self._parent.extend(range(created.base, created.base + size))
         self.spaces[key] = created
+        if key in self._pending:
+            self.blocked.setdefault(key, self._pending.pop(key))
         return created
+
+    def periodic(self, key: SpaceKey) -> bool:
+        """Whether the space stands for a symbolic ``batch*inner`` axis (not its real size)."""
+        shape = self.shapes.get(key[0])
+        return shape is not None and isinstance(shape[key[1]], str)
 
     def block(self, value: str, axis: int, node: str, reason: str) -> None:
         """Mark a space as not prunable; the first reason recorded wins."""
         space = self.space(value, axis)
         if space is not None:
             self.blocked.setdefault(space.key, Skip(node, reason))
+            return
+        rank = self.rank(value)
+        if rank and -rank <= axis < rank:
+            self._pending.setdefault((value, axis % rank), Skip(node, reason))
 
     def block_all(self, value: str, node: str, reason: str) -> None:
         for axis in range(self.rank(value) or 0):

@@ -80,6 +80,12 @@ class RuleContext:
         self.touched: set[SpaceKey] = set()
         #: where each entry of a runtime shape vector comes from
         self.shape_sources: dict[str, list[ShapeEntry]] = {}
+        #: (size source, axis it sizes, node): checked once every rule has run
+        #: (:func:`onnxprune.prune.shape_flow.check_links`); a source is an axis read by a
+        #: Shape op or a constant's slot ``(id(node), input index, index)``
+        self.size_links: list[tuple[SpaceKey | tuple[int, int, int], SpaceKey, str]] = []
+        #: constant slots of shape vectors that also reach a use pruning does not rewrite
+        self.poisoned_slots: set[tuple[int, int, int]] = set()
         self.node_name = ""
 
     # Relations made through the context are recorded as "touched", so the driver can

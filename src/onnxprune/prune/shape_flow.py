@@ -9,12 +9,18 @@ to fold ``batch*heads`` together and split it back around a transpose.)
 Each 1-D shape vector is followed entry by entry through pure index plumbing (Slice, Gather
 and Concat on axis 0 with constant indices, Unsqueeze, Squeeze, Identity, Cast):
 
-* entry ``j`` of a Reshape target read from axis ``a`` of ``v``: output axis ``j`` has the
-  size of ``v``'s axis ``a``, so the two spaces are related (pruned together);
+* entry ``j`` of a Reshape target read from axis ``a`` of ``v``: output axis ``j`` gets the
+  size of ``v``'s axis ``a``, which is right after a cut only if the two axes are cut alike.
+  That is checked once every rule has run (:func:`check_links`): the data rules must have
+  put each element of one axis in the same unit as the same element of the other, else both
+  are blocked (a reshape that reads sizes in another order, say). The link itself relates
+  nothing, so an axis the data rule left unmapped stays blocked;
 * entry ``j`` that is a constant concatenated into the target (torchscript exports write
   ``view(b, s, heads, d)`` as ``Concat(Shape(x)[0], Shape(x)[1], 12, 32)``): the constant is
-  rewritten to the kept size when output axis ``j`` is pruned; an entry of unknown origin
-  blocks output axis ``j`` (its size would not follow the cut);
+  rewritten to the kept size when output axis ``j`` is pruned. Every axis one constant sizes
+  (a target shared by two reshapes, an entry gathered twice) must be cut alike, and a vector
+  that also reaches a use pruning does not rewrite blocks the axes its constants size; an
+  entry of unknown origin blocks output axis ``j`` (its size would not follow the cut);
 * the same for an Expand shape, right-aligned to the output;
 * any other use (arithmetic, Range, ConstantOfShape, a Slice bound, a graph output, a read
   inside a subgraph) blocks every axis the vector was read from: the size enters a
@@ -23,14 +29,13 @@ and Concat on axis 0 with constant indices, Unsqueeze, Squeeze, Identity, Cast):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import onnx_ir as ir
 
 from onnxprune.passes._match import name_of
+from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.context import RuleContext, ShapeConstant, ShapeEntry, ShapeRewrite
 
-__all__ = ["block_sources", "follow", "read_shape"]
+__all__ = ["block_sources", "check_links", "follow", "read_shape"]
 
 _PASS_THROUGH = frozenset(["Unsqueeze", "Squeeze", "Identity", "Cast"])
 
@@ -54,11 +59,18 @@ def read_shape(node: ir.Node, ctx: RuleContext) -> None:
     ctx.shape_sources[y] = [(x, a) for a in axes]
 
 
+def _slot(constant: ShapeConstant) -> tuple[int, int, int]:
+    return (id(constant.node), constant.input_index, constant.index)
+
+
 def block_sources(value: str, ctx: RuleContext, reason: str) -> None:
-    """Block every axis whose size entered the shape vector ``value``."""
+    """Block every axis whose size entered the shape vector ``value``, and every axis sized
+    by one of its constants (which would be rewritten for a use that cannot follow)."""
     for entry in ctx.shape_sources.get(value, ()):
         if isinstance(entry, tuple):
             ctx.graph.block(entry[0], entry[1], ctx.node_name, reason)
+        elif isinstance(entry, ShapeConstant):
+            ctx.poisoned_slots.add(_slot(entry))
 
 
 def _entries(node: ir.Node, input_index: int, ctx: RuleContext) -> list[ShapeEntry] | None:
@@ -78,22 +90,66 @@ def _entries(node: ir.Node, input_index: int, ctx: RuleContext) -> list[ShapeEnt
     return None
 
 
-def _relate(ctx: RuleContext, entries: Sequence[ShapeEntry], y: str, shift: int) -> None:
-    """Output axis ``j + shift`` of ``y`` has the size of the axis entry ``j`` was read from,
-    or the constant's (rewritten when the axis is pruned); unknown entries block it."""
+def _relate(ctx: RuleContext, value: str, y: str, align_right: bool) -> None:
+    """Output axis ``j`` of ``y`` gets the size entry ``j`` was read from (checked later), or
+    the constant's (rewritten when the axis is pruned); unknown entries block it."""
+    entries = ctx.shape_sources[value]
     rank = ctx.rank(y)
+    if rank is None:  # where the sizes land is unknown: nothing they size may change
+        block_sources(value, ctx, f"{ctx.node_name}'s output rank is unknown")
+        return
+    shift = rank - len(entries) if align_right else 0
     for j, entry in enumerate(entries):
         axis = j + shift
-        if rank is None or not 0 <= axis < rank:
+        if not 0 <= axis < rank:
             continue
         if isinstance(entry, tuple):
-            ctx.unite(entry, (y, axis))
+            ctx.size_links.append((entry, (y, axis), ctx.node_name))
         elif isinstance(entry, ShapeConstant):
             if entry.value > 0:
                 rewrite = ShapeRewrite(entry.node, entry.input_index, entry.index, (y, axis))
                 ctx.shape_rewrites.append(rewrite)
+                ctx.size_links.append((_slot(entry), (y, axis), ctx.node_name))
         else:
             ctx.block(y, axis, "the target size of this axis is computed at run time")
+
+
+def _cut_alike(ctx: RuleContext, a: SpaceKey, b: SpaceKey) -> bool:
+    """Whether every element of axis ``a`` is in the same unit as that of axis ``b``."""
+    graph = ctx.graph
+    sa, sb = graph.space(*a), graph.space(*b)
+    if sa is None or sb is None:
+        return sa is None and sb is None  # two sizes pruning never changes
+    if sa.size != sb.size:
+        return False
+    return all(graph.find(sa.base + i) == graph.find(sb.base + i) for i in range(sa.size))
+
+
+def check_links(ctx: RuleContext) -> None:
+    """Block the axes whose run-time size would not follow a cut (see the module docstring)."""
+    graph = ctx.graph
+    by_slot: dict[tuple[int, int, int], list[tuple[SpaceKey, str]]] = {}
+    for source, axis, node in ctx.size_links:
+        if isinstance(source[0], str):
+            key = (source[0], int(source[1]))
+            if not _cut_alike(ctx, key, axis):
+                reason = "a reshape reads this size from an axis that is not cut alike"
+                graph.block(key[0], key[1], node, reason)
+                graph.block(axis[0], axis[1], node, reason)
+        else:
+            slot = (int(source[0]), int(source[1]), int(source[2]))
+            by_slot.setdefault(slot, []).append((axis, node))
+    for slot, axes in by_slot.items():
+        first = axes[0][0]
+        alike = all(_cut_alike(ctx, first, other) for other, _ in axes[1:])
+        if alike and slot not in ctx.poisoned_slots:
+            continue
+        reason = (
+            "a constant size in a computed target also sizes another axis or a use pruning "
+            "does not rewrite"
+        )
+        for axis, node in axes:
+            graph.block(axis[0], axis[1], node, reason)
 
 
 def _moved(node: ir.Node, index: int, ctx: RuleContext) -> list[ShapeEntry] | None:
@@ -130,12 +186,8 @@ def follow(node: ir.Node, ctx: RuleContext) -> None:
         if value is None or name_of(value) not in ctx.shape_sources:
             continue
         y = name_of(node.outputs[0]) if node.outputs else ""
-        if node.op_type == "Reshape" and index == 1:
-            _relate(ctx, ctx.shape_sources[name_of(value)], y, 0)
-            continue
-        if node.op_type == "Expand" and index == 1:
-            entries = ctx.shape_sources[name_of(value)]
-            _relate(ctx, entries, y, (ctx.rank(y) or 0) - len(entries))
+        if node.op_type in ("Reshape", "Expand") and index == 1:
+            _relate(ctx, name_of(value), y, align_right=node.op_type == "Expand")
             continue
         moved = _moved(node, index, ctx)
         if moved is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -791,8 +792,8 @@ def quantize_file(
         refine_options,
         rounding,
     )
-    if not speed_check >= 0:
-        raise UsageError(f"--speed-check {speed_check}: seconds must be >= 0")
+    if not (speed_check >= 0 and math.isfinite(speed_check)):
+        raise UsageError(f"--speed-check {speed_check}: seconds must be finite and >= 0")
     model = load(model_path)
     inputs = source_files(model)  # the rebuilt model no longer records them
     refuse_unrewritable(model, str(model_path))
@@ -827,7 +828,10 @@ def quantize_file(
     speed = None
     if speed_check > 0 and dtype == "int8" and target == "cpu":
         with details.seconds.timed("speed check"):
-            speed = check_speed(model_path, dest, calib=calib, seconds=speed_check)
+            try:
+                speed = check_speed(model_path, dest, calib=calib, seconds=speed_check)
+            except Exception as error:
+                logger.warning("speed check failed, the model is written: %s", error)
     return QuantizeResult(
         input=str(model_path),
         output=str(dest),
