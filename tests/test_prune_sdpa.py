@@ -299,8 +299,8 @@ def test_measured_dims_name_sizes_that_change_alike():
     model = ir.serde.deserialize_model(proto)
     shapes = {"x": ("b", "s", 4), "flat": ("unk__0",), "y": ("unk__1",), "shape": (3,)}
     refined = refine_symbolic_dims(model, shapes)
-    # b, s = 2, 5 then 3, 7: 40 then 84 elements, the same symbol for both values.
-    assert refined["flat"] == refined["y"] == ("dim_40_84",)
+    # b, s = 2, 5 then 3, 7 then 25, 57: 40, 84 and 5700 elements, one symbol for both.
+    assert refined["flat"] == refined["y"] == ("dim_40_84_5700",)
     assert refined["x"] == ("b", "s", 4) and refined["shape"] == (3,)
 
 
