@@ -30,7 +30,10 @@ from onnxprune.runtime import run_model
 EMBED, HEADS, DEAD = 16, 4, 1
 
 
-def _export(path: Path) -> ir.Model:
+def _dead_head_attention(*, expand_mask: bool):
+    """q/k/v/o attention through ``scaled_dot_product_attention`` whose head DEAD has zero
+    weights; ``expand_mask`` writes the mask and head split as HF BERT's torchscript path
+    does (explicit sizes, mask expanded to ``(b, 1, s, s)``), else as its dynamo path."""
     torch = pytest.importorskip("torch")
 
     class Attention(torch.nn.Module):
@@ -40,15 +43,17 @@ def _export(path: Path) -> ir.Model:
 
         def forward(self, x, mask):
             b, s, _ = x.shape
+            heads = HEADS if expand_mask else -1
 
             def split(t):
-                return t.view(b, s, -1, EMBED // HEADS).transpose(1, 2)
+                return t.view(b, s, heads, EMBED // HEADS).transpose(1, 2)
 
-            keep = mask[:, None, None, :].to(torch.bool)
+            keep = mask[:, None, None, :]
+            keep = (keep.expand(b, 1, s, s) if expand_mask else keep).to(torch.bool)
             y = torch.nn.functional.scaled_dot_product_attention(
                 split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=keep
             )
-            return self.o(y.transpose(1, 2).reshape(b, s, -1))
+            return self.o(y.transpose(1, 2).reshape(b, s, EMBED))
 
     torch.manual_seed(0)
     module = Attention().eval()
@@ -59,10 +64,15 @@ def _export(path: Path) -> ir.Model:
             layer.weight[dead] = 0
             layer.bias[dead] = 0
         module.o.weight[:, dead] = 0
-    x, mask = torch.randn(2, 5, EMBED), torch.ones(2, 5, dtype=torch.int64)
+    return module, (torch.randn(2, 5, EMBED), torch.ones(2, 5, dtype=torch.int64))
+
+
+def _export(path: Path) -> ir.Model:
+    torch = pytest.importorskip("torch")
+    module, example = _dead_head_attention(expand_mask=False)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     dims = {0: batch, 1: seq}
-    torch.onnx.export(module, (x, mask), str(path), dynamo=True, dynamic_shapes=(dims, dims))
+    torch.onnx.export(module, example, str(path), dynamo=True, dynamic_shapes=(dims, dims))
     return load(path)
 
 
@@ -218,40 +228,14 @@ def test_a_target_computed_by_arithmetic_blocks_the_axes_it_sizes():
 
 
 def _torchscript_export(path: Path) -> ir.Model:
-    """Attention with a broadcast mask, exported by torchscript with dynamic axes (the way
-    HF Optimum exports BERT): the mask's head axis and the head reshapes come out of shape
-    inference as fresh symbols."""
+    """Exported by torchscript with dynamic axes (the way HF Optimum exports BERT): the
+    mask's head axis and the head reshapes come out of shape inference as fresh symbols."""
     torch = pytest.importorskip("torch")
-
-    class Attention(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.q, self.k, self.v, self.o = (torch.nn.Linear(EMBED, EMBED) for _ in range(4))
-
-        def forward(self, x, mask):
-            b, s, _ = x.shape
-
-            def split(t):
-                return t.view(b, s, HEADS, EMBED // HEADS).transpose(1, 2)
-
-            keep = mask[:, None, None, :].expand(b, 1, s, s).to(torch.bool)
-            y = torch.nn.functional.scaled_dot_product_attention(
-                split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=keep
-            )
-            return self.o(y.transpose(1, 2).reshape(b, s, EMBED))
-
-    torch.manual_seed(0)
-    module = Attention().eval()
-    dead = slice(DEAD * (EMBED // HEADS), (DEAD + 1) * (EMBED // HEADS))
-    with torch.no_grad():
-        for layer in (module.q, module.k, module.v):
-            layer.weight[dead] = 0
-            layer.bias[dead] = 0
-        module.o.weight[:, dead] = 0
+    module, example = _dead_head_attention(expand_mask=True)
     axes = {0: "batch", 1: "seq"}
     torch.onnx.export(
         module,
-        (torch.randn(2, 5, EMBED), torch.ones(2, 5, dtype=torch.int64)),
+        example,
         str(path),
         dynamo=False,
         opset_version=17,
