@@ -52,10 +52,11 @@ class SliceRewrite:
     end: int
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class ShapeConstant:
     """A constant entry of a runtime shape vector and where it sits: element ``index`` of
-    input ``input_index`` of ``node`` (the Concat that put it in), so it can be rewritten."""
+    input ``input_index`` of ``node`` (the Concat that put it in), so it can be rewritten.
+    Equal (and hashed) by that place: the node compares by identity."""
 
     value: int
     node: ir.Node
@@ -82,10 +83,10 @@ class RuleContext:
         self.shape_sources: dict[str, list[ShapeEntry]] = {}
         #: (size source, axis it sizes, node): checked once every rule has run
         #: (:func:`onnxprune.prune.shape_flow.check_links`); a source is an axis read by a
-        #: Shape op or a constant's slot ``(id(node), input index, index)``
-        self.size_links: list[tuple[SpaceKey | tuple[int, int, int], SpaceKey, str]] = []
-        #: constant slots of shape vectors that also reach a use pruning does not rewrite
-        self.poisoned_slots: set[tuple[int, int, int]] = set()
+        #: Shape op or a constant
+        self.size_links: list[tuple[SpaceKey | ShapeConstant, SpaceKey, str]] = []
+        #: constants of shape vectors that also reach a use pruning does not rewrite
+        self.poisoned: set[ShapeConstant] = set()
         self.node_name = ""
 
     # Relations made through the context are recorded as "touched", so the driver can
@@ -93,12 +94,12 @@ class RuleContext:
     def unite(
         self, a: SpaceKey, b: SpaceKey, *, offset: int = 0, block: int = 1, partial: bool = False
     ) -> bool:
-        self._touch(a)
-        self._touch(b)
+        self.touch(a)
+        self.touch(b)
         return self.graph.unite(a, b, self.node_name, offset=offset, block=block, partial=partial)
 
     def block(self, value: str, axis: int, reason: str) -> None:
-        self._touch((value, axis))
+        self.touch((value, axis))
         self.graph.block(value, axis, self.node_name, reason)
 
     def block_all(self, value: str, reason: str) -> None:
@@ -107,9 +108,6 @@ class RuleContext:
 
     def touch(self, key: SpaceKey) -> None:
         """Account for an axis without relating or blocking it."""
-        self._touch(key)
-
-    def _touch(self, key: SpaceKey) -> None:
         rank = self.graph.rank(key[0])
         if rank:
             self.touched.add((key[0], key[1] % rank))

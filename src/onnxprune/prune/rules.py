@@ -363,8 +363,8 @@ def _slice(node: ir.Node, ctx: RuleContext) -> None:
         if out is not None and out.size == end - start:
             src = ctx.graph.space(x, a)
             assert src is not None  # x's axis a has the static size ``size`` (checked above)
-            ctx._touch((x, a))
-            ctx._touch((y, a))
+            ctx.touch((x, a))
+            ctx.touch((y, a))
             for j in range(out.size):
                 ctx.graph._union(src.base + start + j, out.base + j)
             ctx.slice_rewrites.append(SliceRewrite(node, i, (x, a), start, end))

@@ -34,15 +34,11 @@ import onnx_ir as ir
 from onnxprune.passes._match import name_of
 from onnxprune.prune.channels import SpaceKey
 from onnxprune.prune.context import RuleContext, ShapeConstant, ShapeEntry, ShapeRewrite
+from onnxprune.prune.rules import _attr
 
 __all__ = ["block_sources", "check_links", "follow", "read_shape"]
 
 _PASS_THROUGH = frozenset(["Unsqueeze", "Squeeze", "Identity", "Cast"])
-
-
-def _int_attr(node: ir.Node, name: str, default: int | None) -> int | None:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.value)
 
 
 def read_shape(node: ir.Node, ctx: RuleContext) -> None:
@@ -51,16 +47,13 @@ def read_shape(node: ir.Node, ctx: RuleContext) -> None:
     rank = ctx.rank(x)
     if rank is None:
         return
-    start = _int_attr(node, "start", 0) or 0
-    end = _int_attr(node, "end", None)
+    start = int(_attr(node, "start", 0))
+    end = _attr(node, "end")
+    end = None if end is None else int(end)
     axes = list(range(rank))[slice(start, end)]
     for axis in range(rank):
         ctx.touch((x, axis))
     ctx.shape_sources[y] = [(x, a) for a in axes]
-
-
-def _slot(constant: ShapeConstant) -> tuple[int, int, int]:
-    return (id(constant.node), constant.input_index, constant.index)
 
 
 def block_sources(value: str, ctx: RuleContext, reason: str) -> None:
@@ -70,7 +63,7 @@ def block_sources(value: str, ctx: RuleContext, reason: str) -> None:
         if isinstance(entry, tuple):
             ctx.graph.block(entry[0], entry[1], ctx.node_name, reason)
         elif isinstance(entry, ShapeConstant):
-            ctx.poisoned_slots.add(_slot(entry))
+            ctx.poisoned.add(entry)
 
 
 def _entries(node: ir.Node, input_index: int, ctx: RuleContext) -> list[ShapeEntry] | None:
@@ -109,7 +102,7 @@ def _relate(ctx: RuleContext, value: str, y: str, align_right: bool) -> None:
             if entry.value > 0:
                 rewrite = ShapeRewrite(entry.node, entry.input_index, entry.index, (y, axis))
                 ctx.shape_rewrites.append(rewrite)
-                ctx.size_links.append((_slot(entry), (y, axis), ctx.node_name))
+                ctx.size_links.append((entry, (y, axis), ctx.node_name))
         else:
             ctx.block(y, axis, "the target size of this axis is computed at run time")
 
@@ -128,21 +121,18 @@ def _cut_alike(ctx: RuleContext, a: SpaceKey, b: SpaceKey) -> bool:
 def check_links(ctx: RuleContext) -> None:
     """Block the axes whose run-time size would not follow a cut (see the module docstring)."""
     graph = ctx.graph
-    by_slot: dict[tuple[int, int, int], list[tuple[SpaceKey, str]]] = {}
+    by_constant: dict[ShapeConstant, list[tuple[SpaceKey, str]]] = {}
     for source, axis, node in ctx.size_links:
-        if isinstance(source[0], str):
-            key = (source[0], int(source[1]))
-            if not _cut_alike(ctx, key, axis):
-                reason = "a reshape reads this size from an axis that is not cut alike"
-                graph.block(key[0], key[1], node, reason)
-                graph.block(axis[0], axis[1], node, reason)
-        else:
-            slot = (int(source[0]), int(source[1]), int(source[2]))
-            by_slot.setdefault(slot, []).append((axis, node))
-    for slot, axes in by_slot.items():
+        if isinstance(source, ShapeConstant):
+            by_constant.setdefault(source, []).append((axis, node))
+        elif not _cut_alike(ctx, source, axis):
+            reason = "a reshape reads this size from an axis that is not cut alike"
+            graph.block(source[0], source[1], node, reason)
+            graph.block(axis[0], axis[1], node, reason)
+    for constant, axes in by_constant.items():
         first = axes[0][0]
         alike = all(_cut_alike(ctx, first, other) for other, _ in axes[1:])
-        if alike and slot not in ctx.poisoned_slots:
+        if alike and constant not in ctx.poisoned:
             continue
         reason = (
             "a constant size in a computed target also sizes another axis or a use pruning "
@@ -167,12 +157,12 @@ def _moved(node: ir.Node, index: int, ctx: RuleContext) -> list[ShapeEntry] | No
             return None
         step = steps[0] if steps else 1
         return list(source)[slice(starts[0], ends[0], step)] if step else None
-    if op == "Gather" and index == 0 and (_int_attr(node, "axis", 0) or 0) == 0:
+    if op == "Gather" and index == 0 and int(_attr(node, "axis", 0)) == 0:
         indices = ctx.const_ints(node.inputs[1])
         if indices is None or not all(-len(source) <= i < len(source) for i in indices):
             return None
         return [source[i] for i in indices]
-    if op == "Concat" and (_int_attr(node, "axis", 0) or 0) in (0, -1):
+    if op == "Concat" and int(_attr(node, "axis", 0)) in (0, -1):
         parts = [_entries(node, k, ctx) for k in range(len(node.inputs))]
         if any(p is None for p in parts):
             return None
