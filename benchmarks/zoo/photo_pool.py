@@ -16,8 +16,9 @@ adds the real photographs inside pinned archives that apt and pip can fetch here
 * ``foolbox==3.3.4`` (PyPI): 20 ImageNet validation images, used for evaluation only.
 
 Drawings, icons and renders inside those folders are dropped by a fixed photo test on a
-256-pixel thumbnail of the opaque pixels (ImageNet's images are not screened; at least 2,000 distinct colours, at most 30 % of
-horizontally adjacent pixel pairs exactly equal, short side at least 96 pixels).
+256-pixel thumbnail of the opaque pixels: at least 2,000 distinct colours, at most 30 % of
+horizontally adjacent pixel pairs exactly equal, short side at least 96 pixels (the ImageNet
+images are not screened: three of them fail the test and are photos all the same).
 
 Split: near-duplicates (the same monument cropped twice in GCompris, ``rubberwhale1/2`` in
 Tux Paint) sit in one folder or activity, so whole *groups* (a folder, an activity, a source)
