@@ -139,6 +139,19 @@ def test_pow_and_where_and_prelu() -> None:
     check("Clip", [f32(3, 4), scalar(-0.5), scalar(0.5)])
     check("Clip", [f32(3, 4), None, scalar(0.0)])
     check("Clip", [f32(3, 4)], {"min": -0.2, "max": 0.3}, opset=6)
+    check("Clip", [np.arange(-6, 6, dtype=np.int64).reshape(3, 4), scalar(-2, np.int64)])
+
+
+def test_clip_gradient_is_the_in_range_mask() -> None:
+    """Constant bounds replay as one fused op: gradient 1 inside (min, max), 0 outside."""
+    x = np.array([[-1.0, 0.25, 0.5, 3.0, 5.5, 7.5]], dtype=np.float32)
+    model, _ = _model("Clip", [x, scalar(0.0), scalar(6.0)], {}, 1, 18)
+    data = torch.tensor(x, requires_grad=True)
+    out = GraphReplay(model, trainable=[])({"in0": data})["out0"]
+    out.sum().backward()
+    assert data.grad is not None
+    np.testing.assert_array_equal(data.grad.numpy(), [[0, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(out.detach().numpy(), np.clip(x, 0, 6))
 
 
 CONV_CASES = [
