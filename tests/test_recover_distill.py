@@ -314,3 +314,15 @@ def test_learning_rate_search_picks_the_best_trial_and_restarts_from_the_input()
         ir.to_proto(r.model).SerializeToString() for r in (searched, direct)
     )
     assert searched_bytes == direct_bytes
+
+
+def test_retained_heap_is_active_on_glibc_and_a_no_op_elsewhere(monkeypatch) -> None:
+    from onnxprune.recover import allocator
+
+    with allocator.retained_heap() as active:
+        assert active is (allocator._glibc() is not None)
+        block = bytearray(64 << 20)  # served from the heap while active; freed normally
+        del block
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    with allocator.retained_heap() as active:
+        assert active is False

@@ -55,6 +55,7 @@ from onnxprune.io import load
 from onnxprune.output_kinds import class_score_outputs
 from onnxprune.passes._match import name_of
 from onnxprune.progress import Progress
+from onnxprune.recover.allocator import retained_heap
 from onnxprune.recover.replay import GraphReplay, ReplayError
 
 __all__ = ["DistillOptions", "DistillResult", "distill"]
@@ -479,6 +480,7 @@ def distill(
     start, start_cpu = time.perf_counter_ns(), time.process_time()
     with (
         _Deterministic(options),
+        retained_heap(),
         session_with_outputs(teacher_model, names + matched, threads=options.threads) as session,
     ):
         teacher_run = _Teacher(session, names + matched)

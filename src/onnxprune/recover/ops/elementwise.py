@@ -142,8 +142,9 @@ def _clip(inputs: list[Any], attrs: dict[str, Any], opset: int) -> list[Any]:
     high = attrs.get("max") if opset < 11 else (inputs[2] if len(inputs) > 2 else None)
     bounds = [None if b is None else _constant_bound(b, x.dtype) for b in (low, high)]
     if all(b is not None or v is None for b, v in zip(bounds, (low, high), strict=True)):
-        if x.is_floating_point() and None not in bounds:
-            return [F.hardtanh(x, bounds[0], bounds[1])]
+        lo, hi = bounds
+        if x.is_floating_point() and lo is not None and hi is not None:
+            return [F.hardtanh(x, float(lo), float(hi))]
         return [torch.clamp(x, bounds[0], bounds[1]) if bounds != [None, None] else x]
     if low is not None:
         x = torch.maximum(x, torch.as_tensor(low, dtype=x.dtype))
