@@ -17,10 +17,10 @@ evaluation split (data no step ever saw), all through the CLI as a user runs it:
 
 Calibration data: MobileNetV2 uses ``--calib-crops`` crops of the zoo's CALIBRATION photos
 (``images.imagenet_feeds("calib", ...)``, seed 0: the first 512 are exactly ``calib.npz``,
-the rest more random crops of the same 385 photos of photos v3; never an evaluation photo); the Keras CNN uses
-its ``calib.npz`` (256 training digits). Metrics: top-1 agreement and SQNR on the evaluation
-split through :func:`onnxprune.fidelity.compare`; wall time of each CLI call; the machine's
-load average (the CPU is shared, so times are indicative). Writes
+the rest more random crops of the same 385 photos of photos v3; never an evaluation photo);
+the Keras CNN uses its ``calib.npz`` (256 training digits). Metrics: top-1 agreement and
+SQNR on the evaluation split through :func:`onnxprune.fidelity.compare`; wall time of each
+CLI call; the machine's load average (the CPU is shared, so times are indicative). Writes
 ``benchmarks/results/recover.{json,md}``.
 """
 
