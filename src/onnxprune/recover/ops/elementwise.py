@@ -125,7 +125,7 @@ def _where(inputs: list[Any], attrs: dict[str, Any], opset: int) -> list[Any]:
 
 
 def _constant_bound(value: Any, dtype: torch.dtype) -> float | int | None:
-    """A Clip bound as a Python number, or None when it is absent or must stay a tensor."""
+    """A present Clip bound as a Python number, or None when it must stay a tensor."""
     if isinstance(value, Tensor) and (value.requires_grad or value.numel() != 1):
         return None
     number = value.item() if isinstance(value, Tensor) else value
@@ -140,12 +140,14 @@ def _clip(inputs: list[Any], attrs: dict[str, Any], opset: int) -> list[Any]:
     x = inputs[0]
     low = attrs.get("min") if opset < 11 else (inputs[1] if len(inputs) > 1 else None)
     high = attrs.get("max") if opset < 11 else (inputs[2] if len(inputs) > 2 else None)
-    bounds = [None if b is None else _constant_bound(b, x.dtype) for b in (low, high)]
-    if all(b is not None or v is None for b, v in zip(bounds, (low, high), strict=True)):
-        lo, hi = bounds
+    lo = None if low is None else _constant_bound(low, x.dtype)
+    hi = None if high is None else _constant_bound(high, x.dtype)
+    if (lo is None) == (low is None) and (hi is None) == (high is None):  # all constant
+        if lo is None and hi is None:
+            return [x]
         if x.is_floating_point() and lo is not None and hi is not None:
             return [F.hardtanh(x, float(lo), float(hi))]
-        return [torch.clamp(x, bounds[0], bounds[1]) if bounds != [None, None] else x]
+        return [torch.clamp(x, lo, hi)]
     if low is not None:
         x = torch.maximum(x, torch.as_tensor(low, dtype=x.dtype))
     if high is not None:
