@@ -33,6 +33,14 @@ def test_rerun_with_other_exclusions_hits_and_matches_a_fresh_run(tmp_path: Path
     assert "calibration cache: calibrate hit" in again.summary()
     assert _run(model, calib, tmp_path / "c.onnx", False, **excluded) == "off"
     assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
+    # mean-minmax needs no histogram either: it shares minmax's entry (per-feed extremes
+    # are stored with it) and gives the bytes of an uncached run.
+    mean = {**OPTIONS, "method": "mean-minmax"}
+    done = quantize_file(model, tmp_path / "m.onnx", calib=calib, calib_cache=cache, **mean)
+    assert done.details.calibration_cache["calibrate"] == "hit"
+    quantize_file(model, tmp_path / "m2.onnx", calib=calib, calib_cache=False, **mean)
+    assert (tmp_path / "m.onnx").read_bytes() == (tmp_path / "m2.onnx").read_bytes()
+    assert (tmp_path / "m.onnx").read_bytes() != (tmp_path / "a.onnx").read_bytes()
     # Histogram methods are another entry (minmax keeps no histograms), reused across them.
     hist = {**OPTIONS, "method": "percentile"}
     assert quantize_file(model, tmp_path / "d.onnx", calib=calib, calib_cache=cache, **hist)

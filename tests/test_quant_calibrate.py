@@ -143,3 +143,29 @@ def test_auto_calibration_gives_every_method_from_one_pass():
         for batch in batches:
             single.update({"t": batch})
         assert auto.ranges(method=method) == single.ranges(), method
+
+
+def test_mean_minmax_averages_each_feeds_extremes():
+    # Feed f holds [-f, 2f]: the range is the mean of those extremes. One outlier feed moves
+    # it by its excess over the number of feeds, where minmax takes all of it.
+    feeds = [np.array([-f, 0.5, 2.0 * f], np.float32) for f in (1.0, 2.0, 3.0)]
+    calibrator = Calibrator(["t"], "mean-minmax")
+    for feed in feeds:
+        calibrator.update({"t": feed})
+    stats = calibrator.stats["t"]
+    assert stats.hist is None  # no histogram needed
+    assert stats.feeds == 3
+    assert calibrator.ranges()["t"] == pytest.approx((-2.0, 4.0))
+    calibrator.update({"t": np.array([0.0, 404.0], np.float32)})
+    lo, hi = calibrator.ranges()["t"]
+    assert (lo, hi) == pytest.approx(((-6.0 + 0.0) / 4, (12.0 + 404.0) / 4))
+    assert select_range(stats, "minmax") == (-3.0, 404.0)
+
+
+def test_mean_minmax_ignores_non_finite_values_and_empty_feeds():
+    calibrator = Calibrator(["t"], "mean-minmax")
+    calibrator.update({"t": np.array([np.nan, -1.0, 3.0, np.inf], np.float32)})
+    calibrator.update({"t": np.array([np.nan], np.float32)})  # no finite value: not a feed
+    calibrator.update({"t": np.array([-3.0, 1.0], np.float32)})
+    assert calibrator.stats["t"].feeds == 2
+    assert calibrator.ranges()["t"] == pytest.approx((-2.0, 2.0))

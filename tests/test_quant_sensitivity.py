@@ -11,6 +11,7 @@ import pytest
 from onnxprune.errors import BudgetError
 from onnxprune.quant import quantize_file
 from onnxprune.quant.analysis import reference_outputs
+from onnxprune.quant.calibrate import METHODS
 from onnxprune.quant.core import QuantOptions, StaticQuantizer
 from onnxprune.quant.prepare import name_nodes
 from onnxprune.quant.sensitivity import rank_sensitivity
@@ -87,6 +88,36 @@ def test_budget_keeps_the_sensitive_layers_float_and_reports_the_ranking(tmp_pat
     assert "MatMul_2" not in kept
     assert "most sensitive layers" in result.summary()
     assert result.fidelity.held_out.outputs["y"]["sqnr_db"] >= 30
+
+
+def test_budget_tries_the_other_range_methods_before_refusing(tmp_path: Path) -> None:
+    # With every layer quantized y is wrecked whatever the ranges, and mean-minmax (which
+    # clips x) scores best there; keeping h's layers float fixes y but leaves z's clipped
+    # input, so the budget is only met after going back to an unclipped method.
+    model = write(cancelling_model(), tmp_path)
+    calib = write_calib(tmp_path, x=feeds_for(16))
+    result = quantize_file(
+        model,
+        tmp_path / "q.onnx",
+        calib=calib,
+        budget="sqnr_db>=30",
+        bias_correction="off",
+        smooth="off",
+        u8s8="reduce-range" if needs_u8s8_remedy() else "auto",
+    )
+    assert result.details.method is not None
+    assert result.details.method.chosen == "mean-minmax"
+    assert result.details.budget is not None
+    used = result.details.budget.budget_range_method
+    assert used not in (None, "mean-minmax")
+    assert result.details.range_method == used
+    assert f"range method {used} used instead" in result.summary()
+    assert min(m["sqnr_db"] for m in result.fidelity.held_out.outputs.values()) >= 30
+    with pytest.raises(BudgetError, match="range methods tried: ") as refused:
+        quantize_file(model, tmp_path / "r.onnx", calib=calib, budget="sqnr_db>=200", smooth="off")
+    tried = str(refused.value).rpartition("range methods tried: ")[2].rstrip(")").split(", ")
+    assert sorted(tried) == sorted(METHODS)
+    assert not (tmp_path / "r.onnx").exists()
 
 
 def test_unreachable_budget_writes_nothing(tmp_path: Path) -> None:

@@ -228,7 +228,7 @@ def test_method_auto_keeps_the_best_measured_method_and_matches_it_byte_for_byte
     result = quantize_file(model_path, auto, calib=calib, method="auto", u8s8="none")
     scores = result.details.method.candidates_sqnr_db
     chosen = result.details.method.chosen
-    assert set(scores) == {"minmax", "percentile", "entropy", "mse"}
+    assert set(scores) == {"minmax", "percentile", "entropy", "mse", "mean-minmax"}
     assert scores[chosen] == max(scores.values())
     assert result.method == chosen == result.details.range_method
     assert result.worst["sqnr_db"] >= scores[chosen] - 1e-9  # bias correction only helps

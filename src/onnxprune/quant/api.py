@@ -45,7 +45,7 @@ from onnxprune.quant.calibrate import CALIBRATION_METHODS, METHODS
 from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
 from onnxprune.quant.equalize import equalize as cross_layer_equalize
 from onnxprune.quant.gptq import collect_moments
-from onnxprune.quant.mixed import rank_harm, search_budget
+from onnxprune.quant.mixed import BudgetSearch, rank_harm, search_budget
 from onnxprune.quant.placement import PRIMARY_OPS
 from onnxprune.quant.prepare import (
     ensure_opset,
@@ -457,7 +457,7 @@ def _choose_method(
     statistics; each method's model is built (with the chosen u8s8 remedy) and run against
     fp32 on the calibration feeds. Clipping is model-specific (MSE can help a recognizer
     and break a detector), hence measured, not assumed. Ties go to the earlier method in
-    ``minmax, percentile, entropy, mse``.
+    ``minmax, percentile, entropy, mse, mean-minmax``.
     """
     feeds, reference = data
     results = {quantizer.method: start}
@@ -601,7 +601,7 @@ def _static(
                 feeds[:_SENSITIVITY_FEEDS],
             )
         details.sensitivity = sensitivity
-        ranking = [(str(r["node"]), float(r["sqnr_db"])) for r in sensitivity]
+        order = [str(r["node"]) for r in sensitivity]
 
         def build_kept(kept: Sequence[str]) -> tuple[ir.Model, dict, dict]:
             skip = (*request.exclude, *kept)
@@ -610,11 +610,15 @@ def _static(
                 correct_biases(source, candidate, quantizer.plan(skip).nodes, feeds)
             return candidate, plan_summary, compare_outputs(reference, candidate, feeds)
 
+        budget = request.budget
         with seconds.timed("budget_search"):
-            found = search_budget(build_kept, [name for name, _ in ranking], request.budget)
+            found = _search_methods(
+                request, quantizer, lambda: search_budget(build_kept, order, budget)
+            )
         quantized, metrics = found.model, found.metrics
         details.plan = found.summary
-        details.budget = BudgetSearchReport(found.kept_float, found.trials)
+        details.range_method = quantizer.method
+        details.budget = BudgetSearchReport(found.kept_float, found.trials, quantizer.method)
         if refined.applied:
             # The search rebuilt the model with plain rounding: refine the found one.
             with seconds.timed("refine_after_budget"):
@@ -627,6 +631,31 @@ def _static(
                     reference=reference,
                 )
     return quantized, metrics
+
+
+def _search_methods(
+    request: _Request, quantizer: StaticQuantizer, search: Callable[[], BudgetSearch]
+) -> BudgetSearch:
+    """``search`` with the quantizer's range method; under ``--method auto``, when the budget
+    cannot be met with it, with each other method in turn (the choice was made with every
+    layer quantized: a method that clips a tensor the kept-float layers do not fix can win
+    there and still make the budget unreachable). Raises the first method's error, naming
+    the methods tried, when none meets it."""
+    methods = [quantizer.method]
+    if request.method == "auto":
+        methods += [m for m in METHODS if m != quantizer.method]
+    first: BudgetError | None = None
+    for method in methods:
+        quantizer.use_method(method)
+        try:
+            return search()
+        except BudgetError as exc:
+            first = first or exc
+            logger.info("budget: not met with range method %s", method)
+    assert first is not None
+    if len(methods) == 1:
+        raise first
+    raise BudgetError(f"{first} (range methods tried: {', '.join(methods)})") from first
 
 
 def _dynamic(
@@ -728,8 +757,9 @@ def quantize_file(
         model_path: Float ONNX model.
         output_path: Where the quantized model is written (atomically).
         calib: Calibration ``.npz`` file or folder of ``.npz`` files (shapes may vary).
-        method: Range method: minmax, percentile, entropy, mse, or auto (the default: each
-            one's model measured against fp32 on the calibration data, the best kept).
+        method: Range method: minmax, percentile, entropy, mse, mean-minmax, or auto (the
+            default: each one's model measured against fp32 on the calibration data, the
+            best kept).
         per_channel: Per-output-channel weight scales.
         mode: ``static`` (QDQ, calibrated activations) or ``dynamic`` (MatMul/Gemm weights
             int8, activations quantized at run time).

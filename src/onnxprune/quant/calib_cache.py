@@ -6,7 +6,8 @@ kept in float (``--exclude``, ``--budget``): the statistics do not depend on tha
 calibration pass. The key is a SHA-256 over
 
 * a format version (bump it when :class:`~onnxprune.quant.calibrate.TensorStats` changes),
-* the calibration method family (``minmax`` keeps no histograms; every other method does),
+* the calibration method family (``minmax`` and ``mean-minmax`` keep no histograms; every
+  other method does),
 * the float model the statistics were collected on, serialized deterministically (so an
   equalized or smoothed copy gets its own entry),
 * every feed: input names, dtypes, shapes and bytes, in order.
@@ -37,8 +38,8 @@ __all__ = ["CalibrationCache", "cache_key", "default_dir"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-_FIELDS = ("count", "nan", "inf", "min", "max", "edge")
+FORMAT_VERSION = 2
+_FIELDS = ("count", "nan", "inf", "min", "max", "edge", "feeds", "feed_min_sum", "feed_max_sum")
 
 
 def default_dir() -> Path:
@@ -53,7 +54,7 @@ def default_dir() -> Path:
 
 def cache_key(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], method: str) -> str:
     """The SHA-256 hex key of (format, method family, model, feeds)."""
-    family = "minmax" if method == "minmax" else "histogram"
+    family = "extremes" if method in ("minmax", "mean-minmax") else "histogram"
     prefix = f"onnxprune-calibration/{FORMAT_VERSION}/{family}\n"
     return model_feeds_digest(prefix, model, feeds).hexdigest()
 
@@ -83,9 +84,14 @@ class CalibrationCache:
                 scalars = data["scalars"]
                 for i, name in enumerate(names):
                     stats: TensorStats = calibrator.stats[name]
-                    count, nan, inf, lo, hi, edge = scalars[i].tolist()
+                    count, nan, inf, lo, hi, edge, feeds, lo_sum, hi_sum = scalars[i].tolist()
                     stats.count, stats.nan, stats.inf = int(count), int(nan), int(inf)
                     stats.min, stats.max, stats.edge = float(lo), float(hi), float(edge)
+                    stats.feeds, stats.feed_min_sum, stats.feed_max_sum = (
+                        int(feeds),
+                        float(lo_sum),
+                        float(hi_sum),
+                    )
                     key_hist = f"hist_{i}"
                     stats.hist = data[key_hist].copy() if key_hist in data.files else None
                 return list(header["non_float"])

@@ -17,7 +17,7 @@ from onnxprune.registry.options import option
 
 __all__ = ["QuantizeConfig", "quantize_config_file"]
 
-Method = Literal["auto", "minmax", "percentile", "entropy", "mse"]
+Method = Literal["auto", "minmax", "percentile", "entropy", "mse", "mean-minmax"]
 Mode = Literal["static", "dynamic"]
 Target = Literal["cpu", "tensorrt"]
 Dtype = Literal["int8", "fp16"]

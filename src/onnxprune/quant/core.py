@@ -43,8 +43,9 @@ class QuantOptions:
     """Options of static quantization.
 
     Attributes:
-        method: Calibration method (minmax, percentile, entropy, mse, or auto: histograms
-            are collected and the caller picks a method with :meth:`StaticQuantizer.use_method`).
+        method: Calibration method (minmax, percentile, entropy, mse, mean-minmax, or auto:
+            histograms are collected and the caller picks a method with
+            :meth:`StaticQuantizer.use_method`).
         per_channel: Per-output-channel weight scales (else one per tensor).
         symmetric_activations: int8 symmetric activations (TensorRT) instead of uint8.
         percentile: Percentile for the ``percentile`` method.

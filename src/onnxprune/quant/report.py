@@ -198,6 +198,9 @@ class BudgetSearchReport(Record):
 
     kept_float: list[str]
     budget_trials: list[dict[str, object]]
+    #: The range method the budget was met with: ``--method auto`` chooses with every layer
+    #: quantized, and when the budget cannot be met with that choice the others are tried.
+    budget_range_method: str | None = None
 
 
 @dataclasses.dataclass
@@ -347,6 +350,12 @@ class QuantizeResult:
         if kept:
             more = f" and {len(kept) - 5} more" if len(kept) > 5 else ""
             lines.append(f"kept in float for the budget ({len(kept)}): {', '.join(kept[:5])}{more}")
+        budget = details.budget
+        if budget and details.method and budget.budget_range_method != details.method.chosen:
+            lines.append(
+                f"range method {budget.budget_range_method} used instead: the budget cannot be "
+                f"met with {details.method.chosen}"
+            )
         lines.append(f"wrote {self.output} ({self.input_bytes} -> {self.output_bytes} bytes)")
         if self.speed is not None:
             lines.append(self.speed.summary())
