@@ -327,3 +327,23 @@ def test_feeds_of_other_shapes_and_saved_cut_models(monkeypatch):
     want = _biases(full)
     for name, value in _biases(cut).items():
         np.testing.assert_allclose(value, want[name], rtol=0, atol=1)
+
+
+def test_mask_is_on_the_float_value_not_the_noisy_quantized_one():
+    # Zero-mean +-1 errors around float values at both bounds of a uint8 readout (scale 1,
+    # zero point 0): at 254 the +1 error reaches 255 (= qmax), at 1 the -1 error reaches 0
+    # (= qmin). Masking on the quantized value drops exactly those, so the mean would be
+    # -1/3 and +1/3; masked on the float value every pair is kept and the mean is 0.
+    readout = bias._Readout(scale=1.0, zero=0, qmin=0, qmax=255)
+    y = np.array([[254.0, 254.0, 100.0, 100.0, 1.0, 1.0]], np.float32).reshape(1, 6, 1)
+    y = np.repeat(y, 2, axis=2)  # two channels on the last axis
+    q = np.array([[255, 253, 101, 99, 2, 0]], np.uint8).reshape(1, 6, 1)
+    q = np.repeat(q, 2, axis=2)
+    total, count = bias._masked_error(y, None, q, readout, axis=-1)
+    np.testing.assert_array_equal(count, [6, 6])
+    np.testing.assert_array_equal(total, [0.0, 0.0])
+    # A float value outside the representable range (clipping, not rounding) is left out.
+    y[0, 0, :] = 300.0
+    total, count = bias._masked_error(y, None, q, readout, axis=-1)
+    np.testing.assert_array_equal(count, [5, 5])
+    np.testing.assert_array_equal(total, [-1.0, -1.0])

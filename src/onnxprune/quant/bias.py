@@ -23,14 +23,21 @@ then be of the float fallback kernel). So the first tensor that survives the fus
 * Gemm with a float output, MatMul (QGemm / MatMulIntegerToFloat): the layer's output.
 
 ``t_q = Q(a(y_q))`` differs from ``y_q`` by the activation ``a`` and by the output rounding.
-The rounding is zero-mean; the activation is masked out: only positions where the float
-activation is the identity (``a(y) == y``, e.g. ``y > 0`` for Relu) and the quantized value is
-not saturated (``qmin < q < qmax``, i.e. inside Relu's/Clip's linear part and the Q range)
-are averaged, where ``t_q - y = y_q - y + rounding``. So
-``mu_c = sum_mask (t_q - y) / |mask|`` per channel (0 when no position qualifies). The mask
-is slightly biased near the Relu knee (a position with ``y > 0`` and ``y_q <= 0`` is dropped);
-that bias is of the order of the noise mass at the knee, small next to ``mu_c`` where it
-matters.
+The rounding is zero-mean; the activation and the Q range are masked out on the float side:
+only positions where the float activation is the identity (``a(y) == y``, e.g. ``y > 0`` for
+Relu) and the float value is representable (``qmin < y / s + zp < qmax``) are averaged, where
+``t_q - y = y_q - y + rounding`` up to the few positions that the error itself pushes past a
+bound. So ``mu_c = sum_mask (t_q - y) / |mask|`` per channel (0 when no position qualifies).
+
+The mask is a function of the float value only. Masking on the quantized value instead
+(``qmin < q < qmax``) selects on the error being measured: near the top of the range it keeps
+the positions whose error pulled them down and drops those pushed into saturation, near a
+Relu knee the reverse, so the mean is biased by the noise mass at the bounds. That was small
+with wide ranges and is not with tight ones (mean-minmax puts many values near the top): on
+the zoo's MobileNetV2 (512 calibration samples, mean-minmax, held-out eval split) the
+corrected model measured 15.32 dB masked on ``q``, 16.51 dB masked on ``y``; a margin
+inside the bounds was worse (2 steps 16.04 dB, 8 steps 14.19 dB), no range mask at all
+15.20 dB.
 
 MatMul has no bias input: a following ``Add`` of a 1-D float constant over the output
 channels is its bias (shifted, read after the Add); a MatMul without one is skipped with the
@@ -282,9 +289,17 @@ class _Readout:
     qmin: float = -math.inf
     qmax: float = math.inf
 
-    def dequantize(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        inside = (q > self.qmin) & (q < self.qmax)
-        return (q.astype(np.float64) - self.zero) * self.scale, inside
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return (q.astype(np.float64) - self.zero) * self.scale
+
+    def representable(self, y: np.ndarray) -> np.ndarray:
+        """Where the float value ``y`` lies strictly inside the readout's integer range (the
+        mask is on the reference, never on the noisy quantized value: see the module
+        docstring); everywhere for a float readout."""
+        if self.qmax == math.inf:
+            return np.ones(y.shape, bool)
+        level = y.astype(np.float64) / self.scale + self.zero
+        return (level > self.qmin) & (level < self.qmax)
 
 
 def _readout(quantized: ir.Model, layer: BiasLayer) -> _Readout:
@@ -384,8 +399,9 @@ def _accumulate(
         axis = _CHANNEL_AXIS[layer.op_type]
         y = _channels(ref[layer.reference], axis).astype(np.float64)
         linear = _channels(ref[layer.activated], axis) == y
-        t_q, inside = readouts[layer.node].dequantize(_channels(cand[layer.measured], axis))
-        mask = linear & inside & np.isfinite(y)
+        readout = readouts[layer.node]
+        t_q = readout.dequantize(_channels(cand[layer.measured], axis))
+        mask = linear & readout.representable(y) & np.isfinite(y)
         err = np.where(mask, t_q - y, 0.0)
         sums[layer.node] = sums.get(layer.node, 0.0) + err.sum(axis=0)
         counts[layer.node] = counts.get(layer.node, 0) + mask.sum(axis=0)
@@ -588,8 +604,7 @@ def _masked_error(
     mask = np.ones(y.shape, bool) if activated is None else activated == y
     y = _finite(y, mask)
     if readout.qmax != math.inf:
-        mask &= measured > readout.qmin
-        mask &= measured < readout.qmax
+        mask &= readout.representable(y)
     else:
         measured = _finite(measured, mask)
     axis = axis % y.ndim
