@@ -97,10 +97,17 @@ def test_auto_keeps_it_when_sqnr_improves_and_report_records_it(files, tmp_path)
     assert info.mode == "auto" and info.applied
     # quantize holds out the last 6 of the 24 feeds for its report; bias correction fits on
     # three quarters of the other 18 and is judged on the rest.
-    assert info.reason == "auto: held-out SQNR improved"
+    shrunk = "" if info.evidence is None else f"; offsets shrunk as if from {info.evidence} "
+    assert info.reason == "auto: held-out SQNR improved" + (shrunk and shrunk + "independent feeds")
     assert (info.fit_feeds, info.judged_on_feeds) == (14, 4)
     assert result.fidelity.held_out.samples == 6
     assert info.sqnr_db_with > info.sqnr_db_without
+    # Every shrinkage strength was fitted and judged; the best held-out one was kept.
+    assert info.candidates_sqnr_db is not None
+    assert set(info.candidates_sqnr_db) == {"4", "16", "all"}
+    chosen = "all" if info.evidence is None else str(info.evidence)
+    assert info.candidates_sqnr_db[chosen] == max(info.candidates_sqnr_db.values())
+    assert info.candidates_sqnr_db[chosen] == pytest.approx(info.sqnr_db_with)
 
 
 def test_offsets_within_their_noise_are_shrunk():
@@ -119,6 +126,21 @@ def test_offsets_within_their_noise_are_shrunk():
     assert offset[0] == pytest.approx(0.5, rel=1e-4)
     assert offset[1] == 0.0
     assert offset[2] == pytest.approx(0.7)
+
+
+def test_evidence_caps_the_feeds_counted_as_independent():
+    # One channel, 100 feeds whose means alternate 1 +- 2 (mean 1, spread ~2): counting
+    # every feed, se^2 = var / 100 ~ 0.04 and the offset is kept at ~0.96; counted as 4
+    # feeds, se^2 = var / 4 ~ 1.01 > mu^2 and it is dropped; as 16, kept at 1 - var / 16.
+    sums = bias._FeedSums()
+    for i in range(100):
+        mean = 1.0 + (2.0 if i % 2 else -2.0)
+        sums.add(np.array([mean * 10]), np.array([10]))
+    var = 4.0 * 100 / 99  # sample variance of the per-feed means
+    assert sums.offset()[0] == pytest.approx(1.0 - var / 100)
+    assert sums.offset(16)[0] == pytest.approx(1.0 - var / 16)
+    assert sums.offset(4)[0] == 0.0
+    assert sums.offset(1000)[0] == sums.offset()[0]  # a cap above the feeds changes nothing
 
 
 def test_off_is_the_uncorrected_model_byte_for_byte(files, tmp_path):

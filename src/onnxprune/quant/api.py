@@ -39,7 +39,7 @@ from onnxprune.quant.analysis import (
     is_collapsed,
     reference_outputs,
 )
-from onnxprune.quant.bias import BIAS_MODES, correct_biases
+from onnxprune.quant.bias import BIAS_MODES, BiasCorrection, correct_biases
 from onnxprune.quant.calib_cache import CalibrationCache
 from onnxprune.quant.calibrate import CALIBRATION_METHODS, METHODS
 from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
@@ -236,9 +236,16 @@ def _bias_correction(
     reference: Reference,
 ) -> tuple[ir.Model, dict[str, dict], BiasCorrectionReport]:
     """Bias correction (:mod:`onnxprune.quant.bias`): ``on`` fits it on all calibration
-    feeds and keeps it; ``auto`` fits it on three quarters of them and keeps it only when
-    the worst output SQNR on the held-out quarter improves (it fits one offset per channel:
-    judged on the fitting data it would always look better); ``off`` skips it."""
+    feeds and keeps it; ``auto`` fits it on three quarters of them, once per shrinkage
+    strength in :data:`_BIAS_EVIDENCE` (how many feeds count as independent evidence for an
+    offset), takes the strength whose worst output SQNR on the held-out quarter is best and
+    keeps it only when that beats no correction (it fits one offset per channel: judged on
+    the fitting data it would always look better); ``off`` skips it.
+
+    Shrinking as if from 4 feeds on the zoo's MobileNetV2 (512 calibration photos, eval
+    split of other photo sources never fitted on): eval SQNR 16.5 dB with every feed
+    counted, 16.7 with 128, 16.9 with 32, 18.3 with 4, 18.1 with 2; the held-out quarter
+    ranked them the same way (16.2, 16.3, 16.6, 17.9, 17.6)."""
     quantized, metrics = built
     report = BiasCorrectionReport(request.bias_correction)
     if request.bias_correction == "off":
@@ -246,12 +253,24 @@ def _bias_correction(
         return quantized, metrics, report
     fit, check, check_reference = _holdout(feeds, reference, request.bias_correction)
     report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
-    corrected = copy_model(quantized)
-    report.correction = correct_biases(model, corrected, nodes, fit)
+    strengths = _BIAS_EVIDENCE if request.bias_correction == "auto" else (None,)
+    tried: dict[int | None, tuple[ir.Model, BiasCorrection, float]] = {}
+    for evidence in strengths:
+        corrected = copy_model(quantized)
+        done = correct_biases(model, corrected, nodes, fit, evidence=evidence)
+        score = _min_sqnr(compare_outputs(check_reference, corrected, check))
+        tried[evidence] = (corrected, done, score)
+        if not done.changes:
+            break  # no layer to correct: no strength changes anything
+    best = max(tried, key=lambda k: tried[k][2])
+    corrected, report.correction, _ = tried[best]
+    report.evidence = best
+    if len(tried) > 1:
+        report.candidates_sqnr_db = {"all" if k is None else str(k): v[2] for k, v in tried.items()}
     if not report.correction.changes:
         report.reason = "no layer to correct"
         return quantized, metrics, report
-    return _keep_rule(
+    kept = _keep_rule(
         report,
         "on",
         (quantized, metrics),
@@ -260,7 +279,14 @@ def _bias_correction(
         feeds=feeds,
         reference=reference,
     )
+    if report.applied and best is not None:
+        report.reason = f"{report.reason}; offsets shrunk as if from {best} independent feeds"
+    return kept
 
+
+#: Shrinkage strengths ``auto`` bias correction compares (feeds counted as independent
+#: evidence for an offset; None: every feed), strongest first.
+_BIAS_EVIDENCE: tuple[int | None, ...] = (4, 16, None)
 
 _Judged = TypeVar("_Judged", BiasCorrectionReport, RefineReport, RoundingReport)
 
@@ -582,6 +608,7 @@ def _static(
             request, source, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
         )
     correct = details.bias_correction.applied
+    evidence = details.bias_correction.evidence
     with seconds.timed("refine"):
         quantized, metrics, refined = _refine(
             request, source, (quantized, metrics), nodes=nodes, feeds=feeds, reference=reference
@@ -607,7 +634,8 @@ def _static(
             skip = (*request.exclude, *kept)
             candidate, plan_summary = quantizer.build(skip, choice.remedy)
             if correct:
-                correct_biases(source, candidate, quantizer.plan(skip).nodes, feeds)
+                nodes = quantizer.plan(skip).nodes
+                correct_biases(source, candidate, nodes, feeds, evidence=evidence)
             return candidate, plan_summary, compare_outputs(reference, candidate, feeds)
 
         budget = request.budget

@@ -327,6 +327,7 @@ def measure_offsets(
     quantized: ir.Model,
     layers: Sequence[BiasLayer],
     feeds: Sequence[Mapping[str, np.ndarray]],
+    evidence: int | None = None,
 ) -> dict[str, np.ndarray]:
     """``{node: mu_c}``, the masked mean error per output channel (see module docstring).
 
@@ -345,7 +346,7 @@ def measure_offsets(
             _accumulate(layers, readouts, (ref, cand), (sums, counts))
             for node, total in sums.items():
                 per_feed[node].add(total, counts[node])
-    return {node: sums.offset() for node, sums in per_feed.items()}
+    return {node: sums.offset(evidence) for node, sums in per_feed.items()}
 
 
 @dataclasses.dataclass
@@ -359,7 +360,7 @@ class _FeedSums:
         self.sums.append(np.asarray(total, np.float64))
         self.counts.append(np.asarray(count, np.int64))
 
-    def offset(self) -> np.ndarray:
+    def offset(self, evidence: int | None = None) -> np.ndarray:
         """``mu_c``, shrunk by its noise: ``mu_c * max(0, 1 - se_c^2 / mu_c^2)``.
 
         ``se_c`` is the standard error of ``mu_c`` with the feeds as the independent
@@ -369,6 +370,11 @@ class _FeedSums:
         one position per image) is left nearly alone instead of being shifted by noise
         that does not generalize; a clear offset is removed in full. With fewer than 2
         feeds holding the channel, nothing is known about the noise and ``mu_c`` is used.
+
+        ``evidence`` caps the number of feeds counted as independent (``se_c^2 =
+        var_c / min(feeds, evidence)``): calibration feeds are rarely independent draws of
+        what the model will see (crops of one photo, photos of one source), and an offset
+        that varies from feed to feed is the part of the error that does not carry over.
         """
         sums, counts = np.stack(self.sums), np.stack(self.counts)
         total = counts.sum(axis=0)
@@ -380,7 +386,8 @@ class _FeedSums:
             seen, means - np.where(feeds > 0, means.sum(0) / np.maximum(feeds, 1), 0), 0
         )
         var = (spread**2).sum(axis=0) / np.maximum(feeds - 1, 1)
-        se2 = np.where(feeds >= 2, var / np.maximum(feeds, 1), 0.0)
+        units = feeds if evidence is None else np.minimum(feeds, evidence)
+        se2 = np.where(feeds >= 2, var / np.maximum(units, 1), 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             keep = np.where(mu != 0, np.clip(1.0 - se2 / mu**2, 0.0, 1.0), 0.0)
         return mu * keep
@@ -455,6 +462,7 @@ def correct_biases(
     *,
     sequential: bool = True,
     truncate: bool = True,
+    evidence: int | None = None,
 ) -> BiasCorrection:
     """Shift the biases of ``quantized`` (in place) by their measured mean errors.
 
@@ -470,6 +478,8 @@ def correct_biases(
             to the ancestors of the layer's tensors back to tensors cached at earlier
             layers (within ``CACHE_BYTES``, see the module docstring). False runs the full
             models per layer (the original path, same results; kept for checks).
+        evidence: At most this many feeds count as independent when an offset is shrunk
+            by its standard error (:meth:`_FeedSums.offset`); None: every feed.
 
     Returns:
         The corrected layers (with their largest offsets) and the skipped ones.
@@ -479,12 +489,12 @@ def correct_biases(
     if not layers:
         return record
     if sequential and truncate:
-        stats = _correct_on_cuts(reference, quantized, layers, feeds, record)
+        stats = _correct_on_cuts(reference, quantized, layers, feeds, record, evidence=evidence)
         logger.debug("bias correction: cache peak %d bytes", stats["cache_peak_bytes"])
     else:
         with session_with_outputs(reference, _reference_names(layers), optimize=True) as session:
             for batch in [[layer] for layer in layers] if sequential else [layers]:
-                _apply(session, quantized, batch, feeds, record)
+                _apply(session, quantized, batch, feeds, record, evidence=evidence)
     logger.info(
         "bias correction: %d layer(s) corrected, %d skipped",
         len(record.changes),
@@ -499,9 +509,11 @@ def _apply(
     batch: Sequence[BiasLayer],
     feeds: Sequence[Mapping[str, np.ndarray]],
     record: BiasCorrection,
+    *,
+    evidence: int | None,
 ) -> None:
     """Measure ``batch`` on the current (full) ``quantized`` model and shift its biases."""
-    offsets = measure_offsets(reference, quantized, batch, feeds)
+    offsets = measure_offsets(reference, quantized, batch, feeds, evidence)
     for layer in batch:
         _record(quantized, layer, offsets[layer.node], record)
 
@@ -529,6 +541,8 @@ def _correct_on_cuts(
     layers: Sequence[BiasLayer],
     feeds: Sequence[Mapping[str, np.ndarray]],
     record: BiasCorrection,
+    *,
+    evidence: int | None,
 ) -> dict[str, int]:
     """The sequential pass on cut models (see the module docstring); returns cache stats."""
     # The float side exposes every layer's tensors wherever computed, as the full-model
@@ -553,7 +567,7 @@ def _correct_on_cuts(
     for side in sides:
         side.fixed_shapes = fixed
     for step, layer in enumerate(layers):
-        offset = _measure_step(sides, cache, step, layer, feeds)
+        offset = _measure_step(sides, cache, step, layer, feeds, evidence=evidence)
         changed: list[ir.Value] = []
         _record(quantized, layer, offset, record, changed)
         for value in changed:
@@ -578,6 +592,8 @@ def _measure_step(
     step: int,
     layer: BiasLayer,
     feeds: Sequence[Mapping[str, np.ndarray]],
+    *,
+    evidence: int | None,
 ) -> np.ndarray:
     """``mu_c`` of ``layer``: both cut models run feed by feed, the error accumulated."""
     readout = _readout(sides[QUANT].model, layer)
@@ -588,7 +604,7 @@ def _measure_step(
         linear = None if layer.activated == layer.reference else ref[layer.activated]
         sums.add(*_masked_error(y, linear, cand[layer.measured], readout, axis))
         del ref, cand
-    return sums.offset()
+    return sums.offset(evidence)
 
 
 def _masked_error(

@@ -154,6 +154,10 @@ class BiasCorrectionReport(Record):
     correction: BiasCorrection | None = dataclasses.field(default=None, metadata=FLATTEN)
     sqnr_db_without: float | None = None
     sqnr_db_with: float | None = None
+    #: Feeds counted as independent when offsets were shrunk (None: every feed).
+    evidence: int | None = None
+    #: ``auto``: held-out worst output SQNR per shrinkage strength tried.
+    candidates_sqnr_db: dict[str, float] | None = None
 
 
 @dataclasses.dataclass
