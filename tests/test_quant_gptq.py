@@ -87,9 +87,24 @@ def test_conv_rows_times_the_weight_is_the_convolution():
     node = next(iter(model.graph))
     layer = _layer(node, w)
     assert layer is not None
-    rows = _rows(layer, x.astype(np.float64))  # (2 groups, 15 positions, 3 * 3 * 2)
+    rows = _rows(layer, x.astype(np.float64), rng)  # (2 groups, 15 positions, 3 * 3 * 2)
     got = np.einsum("grk,gok->gor", rows, w.reshape(2, 2, -1))  # (group, out, position)
     np.testing.assert_allclose(got.reshape(4, 5, 3), expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_conv_rows_are_the_drawn_rows_of_all_positions():
+    """Gathering patches only at drawn positions gives exactly those rows of the full
+    im2col (batch of 2: positions are drawn over batch and space together)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    layer = _layer(next(iter(model_from_text(_CONV, {"w": w}).graph)), w)
+    assert layer is not None
+    x = rng.standard_normal((2, 6, 9, 8))
+    full = _rows(layer, x, np.random.default_rng(0))  # 2 * 15 = 30 rows, all kept
+    sampled = _rows(layer, x, np.random.default_rng(1), limit=7)
+    pick = np.sort(np.random.default_rng(1).choice(30, 7, False))
+    assert full.shape == (2, 30, 18)
+    np.testing.assert_array_equal(sampled, full[:, pick])
 
 
 def _smooth_images(count: int, seed: int) -> np.ndarray:

@@ -42,6 +42,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -109,10 +110,17 @@ def _layer(node: ir.Node, weight: np.ndarray) -> _Layer | None:
     return None
 
 
-def _rows(layer: _Layer, x: np.ndarray) -> np.ndarray:
-    """``x`` as rows of the layer's inputs: ``(groups, rows, K)``."""
+def _rows(
+    layer: _Layer, x: np.ndarray, rng: np.random.Generator, limit: int = _ROWS_PER_FEED
+) -> np.ndarray:
+    """``x`` as rows of the layer's inputs: ``(groups, rows, K)``, at most ``limit`` rows
+    (positions drawn with ``rng`` without replacement, in order, when there are more).
+
+    A Conv's im2col patches are gathered at the drawn positions only (building every
+    position's patch and then sampling cost as much as the moments themselves)."""
     if layer.op_type != "Conv":
-        return x.reshape(1, -1, x.shape[-1])
+        rows = x.reshape(1, -1, x.shape[-1])
+        return rows[:, _pick(rows.shape[1], rng, limit)]
     spatial = len(layer.kernel)
     lo, hi = layer.pads[:spatial], layer.pads[spatial:]
     padded = np.pad(x, [(0, 0), (0, 0), *zip(lo, hi, strict=True)])
@@ -122,19 +130,32 @@ def _rows(layer: _Layer, x: np.ndarray) -> np.ndarray:
         + 1
         for i in range(spatial)
     ]
-    taps = []
-    for offset in np.ndindex(*layer.kernel):
-        index = tuple(
-            slice(o * d, o * d + s * (m - 1) + 1, s)
-            for o, d, s, m in zip(offset, layer.dilations, layer.strides, outs, strict=True)
-        )
-        key = (slice(None), slice(None), *index)
-        taps.append(padded[key])
-    cols = np.stack(taps, axis=-1)  # (n, C, *outs, taps)
+    batch, *places = np.unravel_index(_pick(n * math.prod(outs), rng, limit), (n, *outs))
+    last = np.ascontiguousarray(np.moveaxis(padded, 1, -1))  # channels last: one gather per tap
+    taps = [
+        last[
+            (
+                batch,
+                *(
+                    p * s + o * d
+                    for p, s, o, d in zip(
+                        places, layer.strides, offset, layer.dilations, strict=True
+                    )
+                ),
+            )
+        ]
+        for offset in np.ndindex(*layer.kernel)
+    ]
+    cols = np.stack(taps, axis=-1)  # (R, C, taps)
     g = layer.groups
-    cols = cols.reshape(n, g, channels // g, -1, len(taps))  # (n, g, Cg, P, taps)
-    cols = np.moveaxis(cols, 3, 1)  # (n, P, g, Cg, taps)
-    return np.moveaxis(cols.reshape(-1, g, (channels // g) * len(taps)), 1, 0)
+    return np.moveaxis(cols.reshape(len(batch), g, (channels // g) * len(taps)), 1, 0)
+
+
+def _pick(total: int, rng: np.random.Generator, limit: int) -> np.ndarray:
+    """Row indices: all of ``total``, or ``limit`` of them drawn without replacement, sorted."""
+    if total <= limit:
+        return np.arange(total)
+    return np.sort(rng.choice(total, limit, False))
 
 
 class WeightMoments:
@@ -218,11 +239,8 @@ def collect_moments(
                 for name in chunk:
                     x = np.asarray(tensors[name], np.float64)
                     for layer in by_input[name]:
-                        rows = _rows(layer, x)
-                        if rows.shape[1] > _ROWS_PER_FEED:
-                            pick = np.sort(rng.choice(rows.shape[1], _ROWS_PER_FEED, False))
-                            rows = rows[:, pick]
-                        h = np.einsum("gri,grj->gij", rows, rows)
+                        rows = _rows(layer, x, rng)
+                        h = np.matmul(rows.transpose(0, 2, 1), rows)
                         if layer in moments:
                             moments[layer] += h
                         else:
