@@ -324,6 +324,7 @@ def _keep_rule(
 def _rounding(
     request: _Request,
     quantizer: StaticQuantizer,
+    source: ir.Model,
     remedy: str,
     built: tuple[ir.Model, dict[str, dict]],
     *,
@@ -331,32 +332,35 @@ def _rounding(
     reference: Reference,
 ) -> tuple[ir.Model, dict[str, dict], RoundingReport]:
     """Error-compensated rounding (:mod:`onnxprune.quant.gptq`) with bias correction's keep
-    rule. ``built`` was made with it (the moments were collected in :func:`_candidate`, on
-    three quarters of the feeds in ``auto``); ``auto`` rebuilds the model with nearest
-    rounding and keeps the compensated one only when the worst output SQNR on the held-out
-    quarter improves; ``gptq`` keeps it; ``nearest`` never collected moments. When nearest
-    rounding is kept, the quantizer forgets the moments, so later builds (``--budget``)
-    round the same way."""
+    rule. ``built`` has nearest rounding: the candidates (range methods, equalization) are
+    compared with it, and the input moments of ``source`` (the chosen candidate's float
+    model; on three quarters of the feeds in ``auto``) are collected here, once, for the
+    winner only. ``auto`` keeps the compensated model only when the worst output SQNR on
+    the held-out quarter improves; ``gptq`` keeps it; ``nearest`` collects nothing. When
+    nearest rounding is kept, the quantizer forgets the moments, so later builds
+    (``--budget``) round the same way. The ``rounding`` phase's seconds include the
+    moments."""
     report = RoundingReport(request.rounding)
-    moments = quantizer.moments
-    if moments is None:
+    if request.rounding == "nearest":
         report.reason = "nearest"
         return built[0], built[1], report
+    fit, check, check_reference = _holdout(feeds, reference, request.rounding)
+    moments = collect_moments(source, quantizer.full_plan.weights, fit)
     report.layers = len(moments.moments)
     report.skipped = [Skip(name, why) for name, why in sorted(moments.skipped.items())]
     if not moments.moments:  # every weight was rounded to nearest already
         quantizer.moments = None
         report.reason = "no layer covered"
         return built[0], built[1], report
-    fit, check, check_reference = _holdout(feeds, reference, request.rounding)
     report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
+    quantizer.moments = moments
+    compensated = quantizer.build(request.exclude, remedy)[0]
     quantizer.moments = None
-    nearest = quantizer.build(request.exclude, remedy)[0]
     kept, metrics, report = _keep_rule(
         report,
         "gptq",
-        (nearest, compare_outputs(reference, nearest, feeds)),
-        built[0],
+        built,
+        compensated,
         check=(check, check_reference),
         feeds=feeds,
         reference=reference,
@@ -446,10 +450,6 @@ def _candidate(
     details.calibration_cache[f"calibrate{label}"] = (
         "off" if request.cache is None else ("hit" if hit else "miss")
     )
-    if request.rounding != "nearest":
-        fit = _holdout(feeds, reference, request.rounding)[0]
-        with details.seconds.timed(f"input_moments{label}"):
-            quantizer.moments = collect_moments(source, quantizer.full_plan.weights, fit)
     summaries: dict[str, dict] = {}
 
     def build(remedy: str) -> ir.Model:
@@ -598,6 +598,7 @@ def _static(
         quantized, metrics, details.rounding = _rounding(
             request,
             quantizer,
+            source,
             choice.remedy,
             (quantized, metrics),
             feeds=feeds,
