@@ -31,10 +31,10 @@ def test_refit_chunks_bound_passes_and_memory() -> None:
 def test_refit_passes_do_not_grow_with_the_number_of_layers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """19 consumers: once one pass over every feed per consumer (20 passes), now at most
+    """39 consumers: once one pass over every feed per consumer (40 passes), now at most
     ``MAX_PASSES`` + the teacher's pass; every refit still helps."""
     model_path, calib = tmp_path / "deep.onnx", tmp_path / "calib.npz"
-    ir.save(deep_chain(20), model_path)
+    ir.save(deep_chain(40), model_path)
     x = np.random.default_rng(1).standard_normal((12, 1, 3, 6, 6)).astype(np.float32)
     np.savez(calib, x=x)
     passes = []
@@ -56,12 +56,12 @@ def test_refit_passes_do_not_grow_with_the_number_of_layers(
     options = PruneOptions(ratio=0.5, round_to=1)
     result = prune_file(model_path, tmp_path / "out.onnx", options, calib=calib, reconstruct=True)
     refits = result.refits[0]
-    assert len(refits) == 19
-    assert len(passes) <= recover.MAX_PASSES + 1, passes
+    assert len(refits) == 39
+    assert len(passes) <= recover.MAX_PASSES + 1 < len(refits), passes
     # one K x K product per consumer and fold, not one per feed (12 feeds, 5 folds)
     assert len(products) <= ridge.MAX_FOLDS * len(refits) < 12 * len(refits)
     assert all(r.error_after <= r.error_before for r in refits)
-    assert sum(r.error_after < r.error_before for r in refits) >= 10
+    assert sum(r.error_after < r.error_before for r in refits) >= 20
 
 
 def test_cross_validation_decomposes_once_per_fold(monkeypatch: pytest.MonkeyPatch) -> None:

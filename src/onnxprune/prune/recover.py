@@ -25,6 +25,10 @@ from passes over the pruned model, each serving a *chunk* of consecutive consume
 the inputs are those before its refits. With up to ``MAX_PASSES`` consumers (small models)
 every consumer gets its own pass, so each refit sees every earlier one. Passes were one per
 consumer before: a DenseNet-121 (120 consumers) then ran the whole model 120 times per feed.
+A shared pass costs fidelity where consecutive consumers' errors compound: the zoo's
+MobileNetV2 pruned to 0.75 of its MACs (16 consumers) measured 6.19 dB on the evaluation
+photos with 8 passes (two consumers each) and 6.64 dB with one pass per consumer (126 s ->
+190 s for the whole prune), hence 24.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: At most this many passes over the pruned model collect the consumers' input rows.
-MAX_PASSES = 8
+MAX_PASSES = 24
 #: The sampled input rows of one chunk of consumers stay under this many bytes.
 GRAM_BUDGET = 512 * 2**20
 
