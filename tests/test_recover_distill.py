@@ -14,7 +14,13 @@ torch = pytest.importorskip("torch")
 from onnxprune.errors import UsageError  # noqa: E402
 from onnxprune.fidelity import compare  # noqa: E402
 from onnxprune.recover import GraphReplay  # noqa: E402
-from onnxprune.recover.distill import DistillOptions, _augment, distill  # noqa: E402
+from onnxprune.recover.distill import (  # noqa: E402
+    KEEP_MIN_GAIN_DB,
+    DistillOptions,
+    _augment,
+    _improves,
+    distill,
+)
 
 OPTIONS = DistillOptions(steps=60, lr=3e-3, batch_size=8, eval_every=10, patience=10, threads=1)
 
@@ -135,6 +141,16 @@ def test_perfect_student_is_returned_unchanged() -> None:
     assert not result.kept
     assert result.model is student
     assert "kept the input" in result.reason
+
+
+def test_keep_rule_needs_more_than_a_hair_of_sqnr() -> None:
+    """Same top-1 agreement: kept only with at least KEEP_MIN_GAIN_DB more SQNR; a higher
+    agreement wins, a lower one loses, whatever the SQNR."""
+    base = (0.875, 18.26)
+    assert not _improves(base, (0.875, 18.26 + KEEP_MIN_GAIN_DB / 10))
+    assert _improves(base, (0.875, 18.26 + KEEP_MIN_GAIN_DB))
+    assert _improves(base, (0.9, 18.0))
+    assert not _improves(base, (0.85, 25.0))
 
 
 def test_node_without_rule_freezes_upstream_weights() -> None:

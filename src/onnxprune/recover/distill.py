@@ -439,6 +439,20 @@ def _score(result: FidelityResult, names: Sequence[str]) -> tuple[float, float]:
     return (float(np.mean(top)) if top else 0.0, float(np.mean(db)) if db else 0.0)
 
 
+#: An equal top-1 agreement with an SQNR gain below this (dB) is not an improvement: on the
+#: zoo's int8 MobileNetV2, distillation kept on 18.26 -> 18.26 dB held out measured 18.54
+#: -> 18.23 dB on the evaluation photos.
+KEEP_MIN_GAIN_DB = 0.1
+
+
+def _improves(old: tuple[float, float], new: tuple[float, float]) -> bool:
+    """Whether ``new`` (top-1, SQNR dB) beats ``old``: a higher top-1 agreement, or the same
+    one with at least :data:`KEEP_MIN_GAIN_DB` more SQNR."""
+    if new[0] != old[0]:
+        return new[0] > old[0]
+    return new[1] >= old[1] + KEEP_MIN_GAIN_DB
+
+
 @dataclasses.dataclass
 class _Run:
     steps: int = 0
@@ -520,8 +534,7 @@ def distill(
         return DistillResult(student, False, reason, after=None, **common)
     candidate = replay.export()
     after = compare(teacher_model, candidate, held, data=held_text, class_scores=scores)
-    old, new = _score(before, names), _score(after, names)
-    if new > old:
+    if _improves(_score(before, names), _score(after, names)):
         reason = "kept the distilled weights: held-out fidelity improved"
         return DistillResult(candidate, True, reason, after=after, **common)
     reason = "kept the input: the distilled weights did not improve held-out fidelity"
