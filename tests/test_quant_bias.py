@@ -267,6 +267,28 @@ def test_truncated_measurement_is_deterministic():
         np.testing.assert_array_equal(value, _biases(second)[name])
 
 
+@pytest.mark.parametrize("budget", [bias.CACHE_BYTES, 3000])
+def test_variants_in_one_pass_equal_separate_corrections(budget, monkeypatch):
+    """Several strengths corrected in one pass (the float side run once for all copies,
+    one cache for all) give each copy exactly the biases of its own correct_biases run."""
+    monkeypatch.setattr(bias, "CACHE_BYTES", budget)
+    feeds = _feeds(_residual_net, 8, seed=6)
+    model, built, nodes = _built(_residual_net(), feeds)
+    strengths = (2, None)
+    alone = [copy_model(built) for _ in strengths]
+    records = [
+        bias.correct_biases(model, m, nodes, feeds, evidence=e)
+        for m, e in zip(alone, strengths, strict=True)
+    ]
+    together = [copy_model(built) for _ in strengths]
+    got = bias.correct_bias_variants(model, together, nodes, feeds, strengths)
+    assert got == records
+    assert records[0].largest_offsets != records[1].largest_offsets  # the strengths differ
+    for one, other in zip(alone, together, strict=True):
+        for name, value in _biases(one).items():
+            np.testing.assert_array_equal(_biases(other)[name], value)
+
+
 class _Recorder:
     """Records, per step and model, the cut tensors read and the nodes run; the cache's
     bytes after every feed."""

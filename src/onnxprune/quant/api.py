@@ -39,7 +39,12 @@ from onnxprune.quant.analysis import (
     is_collapsed,
     reference_outputs,
 )
-from onnxprune.quant.bias import BIAS_MODES, BiasCorrection, correct_biases
+from onnxprune.quant.bias import (
+    BIAS_MODES,
+    BiasCorrection,
+    correct_bias_variants,
+    correct_biases,
+)
 from onnxprune.quant.calib_cache import CalibrationCache
 from onnxprune.quant.calibrate import CALIBRATION_METHODS, METHODS
 from onnxprune.quant.core import QuantOptions, StaticQuantizer, copy_model
@@ -254,10 +259,11 @@ def _bias_correction(
     fit, check, check_reference = _holdout(feeds, reference, request.bias_correction)
     report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
     strengths = _BIAS_EVIDENCE if request.bias_correction == "auto" else (None,)
+    # one pass for all strengths: the float model's layers run once for every copy
+    copies = [copy_model(quantized) for _ in strengths]
+    records = correct_bias_variants(model, copies, nodes, fit, strengths)
     tried: dict[int | None, tuple[ir.Model, BiasCorrection, float]] = {}
-    for evidence in strengths:
-        corrected = copy_model(quantized)
-        done = correct_biases(model, corrected, nodes, fit, evidence=evidence)
+    for evidence, corrected, done in zip(strengths, copies, records, strict=True):
         score = _min_sqnr(compare_outputs(check_reference, corrected, check))
         tried[evidence] = (corrected, done, score)
         if not done.changes:

@@ -112,6 +112,12 @@ MobileNetV2 12.95 / 12.73, encoder 29.43 / 28.92, digits CNN 44.56 / 42.33. All 
 still used. A cut model over 1 GB of initializers is saved with external data first
 (protobuf's 2 GB limit for in-memory models).
 
+Several strengths at once (:func:`correct_bias_variants`, what ``auto`` fits): copies of
+the quantized model, one per shrinkage strength, are corrected in the same pass. The float
+cut model runs once per layer and feed for all of them (on its worker thread, while the
+copies' int8 cut models run in turn), each copy has its own cache key, and one budget holds
+all; each copy gets the biases it would get alone (tested byte for byte).
+
 A Gemm followed by Relu and a QuantizeLinear is fused by onnxruntime into one QGemm with an
 int8 output, so, as for Conv, that int8 output is read (reading the Gemm's float output
 would block the fusion and measure a float Gemm instead of the deployed kernel).
@@ -141,7 +147,7 @@ from onnxprune.quant.segments import (
     downstream,
     float_cuts,
     int8_outputs,
-    paired_outputs,
+    shared_outputs,
 )
 from onnxprune.reports import Change, Skip
 
@@ -149,6 +155,7 @@ __all__ = [
     "BIAS_MODES",
     "BiasCorrection",
     "BiasLayer",
+    "correct_bias_variants",
     "correct_biases",
     "find_layers",
     "measure_offsets",
@@ -484,23 +491,46 @@ def correct_biases(
     Returns:
         The corrected layers (with their largest offsets) and the skipped ones.
     """
+    if sequential and truncate:
+        return correct_bias_variants(reference, [quantized], nodes, feeds, [evidence])[0]
     layers, skipped = find_layers(reference, quantized, nodes)
     record = BiasCorrection(skipped=skipped)
-    if not layers:
-        return record
-    if sequential and truncate:
-        stats = _correct_on_cuts(reference, quantized, layers, feeds, record, evidence=evidence)
-        logger.debug("bias correction: cache peak %d bytes", stats["cache_peak_bytes"])
-    else:
+    if layers:
         with session_with_outputs(reference, _reference_names(layers), optimize=True) as session:
             for batch in [[layer] for layer in layers] if sequential else [layers]:
                 _apply(session, quantized, batch, feeds, record, evidence=evidence)
+    _log(record)
+    return record
+
+
+def correct_bias_variants(
+    reference: ir.Model,
+    quantized: Sequence[ir.Model],
+    nodes: Sequence[str],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    evidences: Sequence[int | None],
+) -> list[BiasCorrection]:
+    """:func:`correct_biases` (sequential, on cut models) of several copies of one quantized
+    model, copy ``j`` with ``evidences[j]``, in one pass: the float model runs once per
+    layer for all of them. Each copy gets exactly the biases :func:`correct_biases` would
+    give it alone."""
+    layers, skipped = find_layers(reference, quantized[0], nodes)
+    records = [BiasCorrection(skipped=list(skipped)) for _ in quantized]
+    if layers:
+        variants = list(zip(quantized, records, evidences, strict=True))
+        stats = _correct_on_cuts(reference, variants, layers, feeds)
+        logger.debug("bias correction: cache peak %d bytes", stats["cache_peak_bytes"])
+    for record in records:
+        _log(record)
+    return records
+
+
+def _log(record: BiasCorrection) -> None:
     logger.info(
         "bias correction: %d layer(s) corrected, %d skipped",
         len(record.changes),
         len(record.skipped),
     )
-    return record
 
 
 def _apply(
@@ -537,28 +567,27 @@ def _record(
 
 def _correct_on_cuts(
     reference: ir.Model,
-    quantized: ir.Model,
+    variants: Sequence[tuple[ir.Model, BiasCorrection, int | None]],
     layers: Sequence[BiasLayer],
     feeds: Sequence[Mapping[str, np.ndarray]],
-    record: BiasCorrection,
-    *,
-    evidence: int | None,
 ) -> dict[str, int]:
-    """The sequential pass on cut models (see the module docstring); returns cache stats."""
+    """The sequential pass on cut models (see the module docstring) for one or more
+    ``(quantized model, record, evidence)`` variants, the float side computed once for all
+    of them; returns cache stats."""
     # The float side exposes every layer's tensors wherever computed, as the full-model
     # path does: exposing a tensor blocks onnxruntime's fusions of its producer (a Conv into
     # a following Add, say), which would change the float rounding.
     ref_targets: list[tuple[str, ...]] = [(x.reference, x.activated) for x in layers]
     exposed = {n for t in ref_targets for n in t}
-    sides = (
-        Side.build(FLOAT, reference, ref_targets, float_cuts(reference, exposed), exposed),
-        Side.build(
-            QUANT, quantized, [(x.measured,) for x in layers], int8_outputs(quantized), set()
-        ),
-    )
-    invalidated = [downstream(_bias_value(quantized, layer)) for layer in layers]
+    sides = [Side.build(FLOAT, reference, ref_targets, float_cuts(reference, exposed), exposed)]
+    sides += [
+        Side.build(QUANT + j, model, [(x.measured,) for x in layers], int8_outputs(model), set())
+        for j, (model, _, _) in enumerate(variants)
+    ]
     uses = {(FLOAT, n): s for n, s in sides[FLOAT].plan_uses().items()}
-    uses.update(((QUANT, n), s) for n, s in sides[QUANT].plan_uses(invalidated).items())
+    for side in sides[QUANT:]:
+        invalidated = [downstream(_bias_value(side.model, layer)) for layer in layers]
+        uses.update(((side.key, n), s) for n, s in side.plan_uses(invalidated).items())
     cache = Cache(CACHE_BYTES, uses, len(feeds))
     fixed = all(
         {n: a.shape for n, a in feed.items()} == {n: a.shape for n, a in feeds[0].items()}
@@ -566,12 +595,14 @@ def _correct_on_cuts(
     )
     for side in sides:
         side.fixed_shapes = fixed
+    evidences = [evidence for _, _, evidence in variants]
     for step, layer in enumerate(layers):
-        offset = _measure_step(sides, cache, step, layer, feeds, evidence=evidence)
-        changed: list[ir.Value] = []
-        _record(quantized, layer, offset, record, changed)
-        for value in changed:
-            cache.invalidate(QUANT, downstream(value))
+        offsets = _measure_step(sides, cache, step, layer, feeds, evidences=evidences)
+        for side, (model, record, _), offset in zip(sides[QUANT:], variants, offsets, strict=True):
+            changed: list[ir.Value] = []
+            _record(model, layer, offset, record, changed)
+            for value in changed:
+                cache.invalidate(side.key, downstream(value))
     return {"cache_peak_bytes": cache.peak}
 
 
@@ -587,24 +618,26 @@ def _bias_value(quantized: ir.Model, layer: BiasLayer) -> ir.Value:
 
 
 def _measure_step(
-    sides: tuple[Side, Side],
+    sides: Sequence[Side],
     cache: Cache,
     step: int,
     layer: BiasLayer,
     feeds: Sequence[Mapping[str, np.ndarray]],
     *,
-    evidence: int | None,
-) -> np.ndarray:
-    """``mu_c`` of ``layer``: both cut models run feed by feed, the error accumulated."""
-    readout = _readout(sides[QUANT].model, layer)
+    evidences: Sequence[int | None],
+) -> list[np.ndarray]:
+    """``mu_c`` of ``layer`` in each quantized side (``sides[1:]``, shrunk with the matching
+    ``evidences``): the cut models run feed by feed, the errors accumulated."""
+    readouts = [_readout(side.model, layer) for side in sides[QUANT:]]
     axis = _CHANNEL_AXIS[layer.op_type]
-    sums = _FeedSums()
-    for ref, cand in paired_outputs(sides, step, cache, feeds):
+    sums = [_FeedSums() for _ in readouts]
+    for ref, cands in shared_outputs(sides, step, cache, feeds):
         y = ref[layer.reference]
         linear = None if layer.activated == layer.reference else ref[layer.activated]
-        sums.add(*_masked_error(y, linear, cand[layer.measured], readout, axis))
-        del ref, cand
-    return sums.offset(evidence)
+        for total, cand, readout in zip(sums, cands, readouts, strict=True):
+            total.add(*_masked_error(y, linear, cand[layer.measured], readout, axis))
+        del ref, cands
+    return [total.offset(e) for total, e in zip(sums, evidences, strict=True)]
 
 
 def _masked_error(

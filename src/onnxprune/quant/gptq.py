@@ -132,20 +132,11 @@ def _rows(
     ]
     batch, *places = np.unravel_index(_pick(n * math.prod(outs), rng, limit), (n, *outs))
     last = np.ascontiguousarray(np.moveaxis(padded, 1, -1))  # channels last: one gather per tap
-    taps = [
-        last[
-            (
-                batch,
-                *(
-                    p * s + o * d
-                    for p, s, o, d in zip(
-                        places, layer.strides, offset, layer.dilations, strict=True
-                    )
-                ),
-            )
-        ]
-        for offset in np.ndindex(*layer.kernel)
-    ]
+    taps = []
+    for offset in np.ndindex(*layer.kernel):
+        spots = zip(places, layer.strides, offset, layer.dilations, strict=True)
+        index = (batch, *(p * s + o * d for p, s, o, d in spots))
+        taps.append(last[index])
     cols = np.stack(taps, axis=-1)  # (R, C, taps)
     g = layer.groups
     return np.moveaxis(cols.reshape(len(batch), g, (channels // g) * len(taps)), 1, 0)

@@ -48,6 +48,7 @@ __all__ = [
     "float_cuts",
     "int8_outputs",
     "paired_outputs",
+    "shared_outputs",
     "step_run",
 ]
 
@@ -483,25 +484,40 @@ def paired_outputs(
     cache: Cache,
     feeds: Sequence[Mapping[str, np.ndarray]],
 ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """``(float outputs, quantized outputs)`` of ``step``'s cut models, feed by feed.
+    """``(float outputs, quantized outputs)`` of ``step``'s cut models, feed by feed
+    (:func:`shared_outputs` with one quantized side)."""
+    for ref, (cand,) in shared_outputs(sides, step, cache, feeds):
+        yield ref, cand
 
-    The two cut models run side by side (the float one on a worker thread); what later
-    steps read is stored in ``cache``. Consume the whole iterator: the cache's step ends
-    after the last feed.
+
+def shared_outputs(
+    sides: Sequence[Side],
+    step: int,
+    cache: Cache,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+) -> Iterator[tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]]:
+    """``(float outputs, [outputs of each quantized side])`` of ``step``'s cut models, feed
+    by feed: ``sides[0]`` is the float model, run once for all the others (variants of one
+    quantized model, e.g. corrected with different settings, each with its own cache key).
+
+    The float cut model runs on a worker thread while the quantized ones run in turn on
+    this one; what later steps read is stored in ``cache``. Consume the whole iterator: the
+    cache's step ends after the last feed.
     """
     with contextlib.ExitStack() as stack:
         runs = [stack.enter_context(step_run(side, step, cache)) for side in sides]
         cache.begin(step, {(r.side.key, c) for r in runs for c in [*r.cuts, *r.cached]})
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
         for i, feed in enumerate(feeds):
-            pending = pool.submit(runs[FLOAT], cache, i, feed)
-            cand = runs[QUANT](cache, i, feed)
+            pending = pool.submit(runs[0], cache, i, feed)
+            cands = [run(cache, i, feed) for run in runs[1:]]
             ref = pending.result()
-            produced = {(FLOAT, n): v for n, v in ref.items()}
-            produced.update(((QUANT, n), v) for n, v in cand.items())
+            produced: dict[Key, np.ndarray] = {}
+            for run, out in zip(runs, [ref, *cands], strict=True):
+                produced.update(((run.side.key, n), v) for n, v in out.items())
             if i == 0:
                 cache.admit(produced)
             cache.store(i, produced)
             del produced
-            yield ref, cand
+            yield ref, cands
         cache.end()
