@@ -11,11 +11,11 @@ from onnxprune.quant.testing import matmul_net, write, write_calib
 from onnxprune.testing import assert_same_outputs, model_from_text
 
 
-def _outlier_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _outlier_data(seed: int = 0, outlier: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((16, 8)).astype(np.float32)
     x = rng.standard_normal((8, 1, 6, 16)).astype(np.float32)
-    x[..., 3] *= 100.0  # one outlier channel, as in transformer activations
+    x[..., 3] *= outlier  # one outlier channel, as in transformer activations
     return w, x
 
 
@@ -38,6 +38,24 @@ def test_smoothquant_improves_sqnr_with_an_outlier_channel(tmp_path):
     smooth = quantize_file(model_path, tmp_path / "b.onnx", calib=calib, smooth=0.5)
     assert smooth.details.smoothquant.alpha == 0.5
     assert smooth.worst["sqnr_db"] > plain.worst["sqnr_db"] + 6
+
+
+def test_auto_measures_each_alpha_and_keeps_the_best(tmp_path):
+    """``auto`` on a MatMul model builds a candidate per alpha, keeps the best worst-output
+    SQNR on the calibration feeds, and writes exactly what that alpha chosen by hand writes."""
+    w, x = _outlier_data(1, outlier=1000.0)  # data on which 0.5 is not the best
+    model_path = write(matmul_net(w), tmp_path)
+    calib = write_calib(tmp_path, x=x)
+    auto = quantize_file(model_path, tmp_path / "auto.onnx", calib=calib, smooth="auto")
+    report = auto.details.smoothquant
+    assert report.candidates_sqnr_db is not None
+    assert set(report.candidates_sqnr_db) == {"0.5", "0.75", "0.95"}
+    best = max(report.candidates_sqnr_db, key=report.candidates_sqnr_db.__getitem__)
+    assert report.alpha == float(best) != 0.5
+    assert f"SmoothQuant alpha {report.alpha} chosen by measurement" in auto.summary()
+    by_hand = quantize_file(model_path, tmp_path / "hand.onnx", calib=calib, smooth=float(best))
+    assert by_hand.details.smoothquant.candidates_sqnr_db is None
+    assert (tmp_path / "auto.onnx").read_bytes() == (tmp_path / "hand.onnx").read_bytes()
 
 
 def _layernorm_net(residual: bool):

@@ -124,6 +124,8 @@ class SmoothQuantReport(Record):
     reason: str
     smoothed: list[str] | None = None
     folded_into_layernorm: list[str] | None = None
+    #: auto: worst output SQNR (calibration feeds) of the candidate of each alpha tried
+    candidates_sqnr_db: dict[str, float] | None = None
 
 
 @dataclasses.dataclass
@@ -316,6 +318,10 @@ class QuantizeResult:
             lines.append(f"opset {opset.from_} -> {opset.to} (outputs checked unchanged)")
         if details.u8s8:
             lines.append(f"u8s8 remedy: {details.u8s8.remedy} ({details.u8s8.reason})")
+        smooth = details.smoothquant
+        if smooth and smooth.candidates_sqnr_db:
+            scores = ", ".join(f"{a} {v:.1f} dB" for a, v in smooth.candidates_sqnr_db.items())
+            lines.append(f"SmoothQuant alpha {smooth.alpha} chosen by measurement ({scores})")
         if details.method:
             scores = ", ".join(
                 f"{m} {v:.1f} dB" for m, v in details.method.candidates_sqnr_db.items()
