@@ -50,6 +50,7 @@ from onnxprune.prune.ridge import Folds, cross_validated_refit, fold_of
 __all__ = [
     "GRAM_BUDGET",
     "MAX_PASSES",
+    "MAX_ROWS",
     "RefitResult",
     "consumers",
     "conv_output_shape",
@@ -65,6 +66,11 @@ logger = logging.getLogger(__name__)
 
 #: At most this many passes over the pruned model collect the consumers' input rows.
 MAX_PASSES = 24
+#: Sampled rows per consumer, spread evenly over the feeds. More rows generalize better
+#: (MobileNetV2 at 0.75 of the MACs, 384 fit photos, evaluation photos: 4096 rows 6.64 dB /
+#: top-1 0.622, 16384 6.86 dB / 0.658, 65536 6.91 dB / 0.652, the same wall time); a
+#: 3073-column consumer holds 200 MB of rows at this size.
+MAX_ROWS = 16384
 #: The sampled input rows of one chunk of consumers stay under this many bytes.
 GRAM_BUDGET = 512 * 2**20
 
@@ -301,7 +307,7 @@ def refit_consumers(
     feeds: Sequence[Mapping[str, np.ndarray]],
     ranks: Mapping[str, int],
     *,
-    max_rows: int = 4096,
+    max_rows: int = MAX_ROWS,
     seed: int = 0,
 ) -> list[RefitResult]:
     """Refit every consumer of pruned channels in ``pruned`` (in place).
