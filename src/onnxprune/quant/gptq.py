@@ -113,14 +113,15 @@ def _layer(node: ir.Node, weight: np.ndarray) -> _Layer | None:
 def _rows(
     layer: _Layer, x: np.ndarray, rng: np.random.Generator, limit: int = _ROWS_PER_FEED
 ) -> np.ndarray:
-    """``x`` as rows of the layer's inputs: ``(groups, rows, K)``, at most ``limit`` rows
-    (positions drawn with ``rng`` without replacement, in order, when there are more).
+    """``x`` as rows of the layer's inputs: ``(groups, rows, K)`` in float64, at most
+    ``limit`` rows (positions drawn with ``rng`` without replacement, in order, when there
+    are more; only those are converted).
 
     A Conv's im2col patches are gathered at the drawn positions only (building every
     position's patch and then sampling cost as much as the moments themselves)."""
     if layer.op_type != "Conv":
         rows = x.reshape(1, -1, x.shape[-1])
-        return rows[:, _pick(rows.shape[1], rng, limit)]
+        return rows[:, _pick(rows.shape[1], rng, limit)].astype(np.float64)
     spatial = len(layer.kernel)
     lo, hi = layer.pads[:spatial], layer.pads[spatial:]
     padded = np.pad(x, [(0, 0), (0, 0), *zip(lo, hi, strict=True)])
@@ -139,7 +140,8 @@ def _rows(
         taps.append(last[index])
     cols = np.stack(taps, axis=-1)  # (R, C, taps)
     g = layer.groups
-    return np.moveaxis(cols.reshape(len(batch), g, (channels // g) * len(taps)), 1, 0)
+    rows = cols.reshape(len(batch), g, (channels // g) * len(taps)).astype(np.float64)
+    return np.moveaxis(rows, 1, 0)
 
 
 def _pick(total: int, rng: np.random.Generator, limit: int) -> np.ndarray:
@@ -228,7 +230,7 @@ def collect_moments(
         for chunk in chunks:
             for tensors in iter_intermediates(model, chunk, feeds):
                 for name in chunk:
-                    x = np.asarray(tensors[name], np.float64)
+                    x = tensors[name]
                     for layer in by_input[name]:
                         rows = _rows(layer, x, rng)
                         h = np.matmul(rows.transpose(0, 2, 1), rows)
