@@ -27,8 +27,8 @@ every consumer gets its own pass, so each refit sees every earlier one. Passes w
 consumer before: a DenseNet-121 (120 consumers) then ran the whole model 120 times per feed.
 A shared pass costs fidelity where consecutive consumers' errors compound: the zoo's
 MobileNetV2 pruned to 0.75 of its MACs (16 consumers) measured 6.19 dB on the evaluation
-photos with 8 passes (two consumers each) and 6.64 dB with one pass per consumer (126 s ->
-190 s for the whole prune), hence 24.
+photos with 8 passes (two consumers each) and 6.64 dB with one pass per consumer (the whole
+prune 131 s before, 120 s after on an idle machine: the passes are a small part), hence 24.
 """
 
 from __future__ import annotations

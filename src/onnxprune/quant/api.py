@@ -355,7 +355,6 @@ def _rounding(
     report.layers = len(moments.moments)
     report.skipped = [Skip(name, why) for name, why in sorted(moments.skipped.items())]
     if not moments.moments:  # every weight was rounded to nearest already
-        quantizer.moments = None
         report.reason = "no layer covered"
         return built[0], built[1], report
     report.fit_feeds, report.judged_on_feeds = len(fit), len(check)
@@ -572,33 +571,47 @@ def _smoothed(
     calibration feeds ranked them 18.1, 23.5, 23.3 (and 17.4 off)."""
     feeds = data[0]
     alpha, why = _smooth_alpha(request.smooth, model)
-    details.smoothquant = SmoothQuantReport(alpha, why)
+    report = details.smoothquant = SmoothQuantReport(alpha, why)
     if alpha is None:
         return model, None
-    alphas = _SMOOTH_ALPHAS if request.smooth == "auto" else (alpha,)
-    tried: list[tuple[float, ir.Model, dict, _Candidate | None]] = []
-    for each in alphas:
-        source = copy_model(model)
-        with details.seconds.timed("smoothquant" if len(alphas) == 1 else f"smoothquant_{each}"):
-            done = smooth_matmuls(source, feeds, each)
-        candidate = None
-        if len(alphas) > 1:
-            candidate = _candidate(request, source, data, details, label=f"_smoothquant_{each}")
-        tried.append((each, source, done, candidate))
-    if len(tried) > 1:
-        scores = {each: _min_sqnr(c.metrics) for each, _, _, c in tried if c is not None}
-        details.smoothquant.candidates_sqnr_db = {str(k): v for k, v in scores.items()}
-        best = max(scores, key=lambda k: scores[k])
-        details.smoothquant.alpha = best
-        details.smoothquant.reason = f"{why}; alpha {best} measured best of {len(scores)}"
-        chosen = next(t for t in tried if t[0] == best)
-    else:
-        chosen = tried[0]
-    _, source, done, candidate = chosen
-    details.smoothquant.smoothed = _names(done.get("smoothed"))
-    if "folded_into_layernorm" in done:
-        details.smoothquant.folded_into_layernorm = _names(done["folded_into_layernorm"])
+    if request.smooth != "auto":
+        source, done = _smooth_copy(model, feeds, alpha, details, "smoothquant")
+        _record_smoothing(report, done)
+        return source, None
+    scores: dict[float, float] = {}
+    # (alpha, source, smoothing report, candidate): only the best so far is kept (memory)
+    best: tuple[float, ir.Model, dict, _Candidate] | None = None
+    for each in _SMOOTH_ALPHAS:
+        label = f"smoothquant_{each}"
+        source, done = _smooth_copy(model, feeds, each, details, label)
+        candidate = _candidate(request, source, data, details, label=f"_{label}")
+        scores[each] = _min_sqnr(candidate.metrics)
+        if best is None or scores[each] > scores[best[0]]:
+            best = (each, source, done, candidate)
+    assert best is not None
+    chosen, source, done, candidate = best
+    _record_smoothing(report, done)
+    report.alpha = chosen
+    report.reason = f"{why}; alpha {chosen} measured best of {len(scores)}"
+    report.candidates_sqnr_db = {str(k): v for k, v in scores.items()}
     return source, candidate
+
+
+def _smooth_copy(
+    model: ir.Model, feeds: list, alpha: float, details: QuantizeDetails, phase: str
+) -> tuple[ir.Model, dict]:
+    """A copy of ``model`` smoothed with ``alpha`` (timed as ``phase``), and the report of
+    :func:`~onnxprune.quant.smooth.smooth_matmuls`."""
+    source = copy_model(model)
+    with details.seconds.timed(phase):
+        done = smooth_matmuls(source, feeds, alpha)
+    return source, done
+
+
+def _record_smoothing(report: SmoothQuantReport, done: dict) -> None:
+    report.smoothed = _names(done.get("smoothed"))
+    if "folded_into_layernorm" in done:
+        report.folded_into_layernorm = _names(done["folded_into_layernorm"])
 
 
 #: SmoothQuant strengths ``--smoothquant auto`` compares on MatMul-heavy models.
