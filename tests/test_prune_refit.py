@@ -4,16 +4,22 @@ fold, whatever the number of feeds (issue 14 item 27: DenseNet-121)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxprune.prune import recover, ridge
+from onnxprune.intermediates import iter_intermediates
+from onnxprune.prune import analyze, recover, ridge
+from onnxprune.prune.activations import removed_input_means
 from onnxprune.prune.api import prune_file
-from onnxprune.prune.core import PruneOptions
-from prune_models import deep_chain
+from onnxprune.prune.core import PruneOptions, prune_model
+from onnxprune.prune.plan import PruningPlan
+from onnxprune.runtime import run_model
+from onnxprune.testing import model_from_text
+from prune_models import HEADER, deep_chain
 
 
 def test_refit_chunks_bound_passes_and_memory() -> None:
@@ -88,3 +94,95 @@ def test_cross_validation_decomposes_once_per_fold(monkeypatch: pytest.MonkeyPat
     index = [g for g in ridge.GRID if np.isfinite(g)].index(chosen.strength)
     path = ridge._path(folds.gram.sum(0), r.sum(0), p, float(folds.rows.sum()))
     np.testing.assert_allclose(chosen.solution, s0 + path[index], rtol=1e-9, atol=1e-12)
+
+
+def _residual_mlp(seed: int = 0) -> ir.Model:
+    """Two residual blocks ``z = Gemm(Relu(Gemm(x))) + x`` of 8 hidden units on a 4-wide stream."""
+    rng = np.random.default_rng(seed)
+    text = f"""{HEADER}
+g (float[16,4] x, float[4,8] w1, float[8] b1, float[8,4] w2, float[4] b2, float[4,8] w3,
+   float[8] b3, float[8,4] w4, float[4] b4) => (float[16,4] z2) {{
+  h1 = Gemm (x, w1, b1)
+  r1 = Relu (h1)
+  y1 = Gemm (r1, w2, b2)
+  z1 = Add (y1, x)
+  h2 = Gemm (z1, w3, b3)
+  r2 = Relu (h2)
+  y2 = Gemm (r2, w4, b4)
+  z2 = Add (y2, z1)
+}}"""
+    shapes = {"w1": (4, 8), "b1": (8,), "w2": (8, 4), "b2": (4,)}
+    shapes |= {"w3": (4, 8), "b3": (8,), "w4": (8, 4), "b4": (4,)}
+    return model_from_text(
+        text, {k: (rng.standard_normal(v) * 0.7).astype(np.float32) for k, v in shapes.items()}
+    )
+
+
+def test_refit_before_a_residual_add_targets_the_sum_minus_the_pruned_skip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer whose output is added to a skip is fit to ``Z_o - s_p``: the original sum
+    minus the pruned model's skip (which carries the earlier blocks' error), not to its own
+    original output. Oracle: the normal equations built from rows computed here."""
+    model = _residual_mlp()
+    pruned = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    report = prune_model(pruned, PruneOptions(ratio=0.5, round_to=1))
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((16, 4)).astype(np.float32)} for _ in range(6)]
+    seen = []
+    solve = recover.cross_validated_refit
+    monkeypatch.setattr(
+        recover, "cross_validated_refit", lambda folds, s0: seen.append(folds) or solve(folds, s0)
+    )
+    results = recover.refit_consumers(model, pruned, report.kept, feeds, report.ranks)
+    assert len(results) == len(seen) == 2
+    teacher = list(iter_intermediates(model, ["z1", "z2"], feeds))
+    student = list(iter_intermediates(pruned, ["r1", "r2", "z1"], feeds))
+    for folds, hidden, target in (
+        (seen[0], "r1", [t["z1"] - f["x"] for t, f in zip(teacher, feeds, strict=True)]),
+        (seen[1], "r2", [t["z2"] - s["z1"] for t, s in zip(teacher, student, strict=True)]),
+    ):
+        a = np.concatenate([s[hidden] for s in student]).astype(np.float64)
+        design = np.hstack([a, np.ones((len(a), 1))])
+        t = np.concatenate(target).astype(np.float64)
+        np.testing.assert_allclose(folds.cross.sum(0), design.T @ t, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(folds.target_sq.sum(), np.sum(t * t), rtol=1e-5)
+    # the skip of the second block differs from the original's: the target is not y2's own
+    assert not np.allclose(teacher[0]["z1"], student[0]["z1"], atol=1e-3)
+
+
+def test_refit_of_a_conv_followed_by_border_compensation_stays_exact() -> None:
+    """Constant channels removed before a zero-padded 3x3 conv are compensated exactly (bias
+    plus the border constant added after the conv); the refit that follows aims at the
+    original output minus that constant, so the model stays exact (before the fix it
+    absorbed the border into the weights and the constant was then added twice)."""
+    rng = np.random.default_rng(0)
+    w = {
+        "we": rng.standard_normal((8, 3, 1, 1)).astype(np.float32),
+        "be": rng.uniform(0.5, 2.0, 8).astype(np.float32),
+        "w2": (rng.standard_normal((4, 8, 3, 3)) * 0.3).astype(np.float32),
+        "b2": rng.standard_normal(4).astype(np.float32),
+    }
+    w["we"][[1, 4, 6]] = 0.0  # these channels are Relu(be): constant, but not at the borders
+    text = f"""{HEADER}
+g (float[2,3,6,6] x, float[8,3,1,1] we, float[8] be, float[4,8,3,3] w2, float[4] b2)
+  => (float[2,4,6,6] y) {{
+  e = Conv (x, we, be)
+  r = Relu (e)
+  c = Conv <pads=[1,1,1,1]> (r, w2, b2)
+  y = Sigmoid (c)
+}}"""
+    model = model_from_text(text, w)
+    feeds = [{"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)} for _ in range(5)]
+    pruned = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    (group,) = analyze(model).prunable
+    plan = PruningPlan({group.id: [0, 2, 3, 5, 7]}, {group.id: 8})
+    measure = functools.partial(removed_input_means, pruned, feeds=feeds)
+    report = prune_model(pruned, PruneOptions(plan=plan), measure=measure)
+    assert any("border" in n for n in report.notes)
+    (result,) = recover.refit_consumers(model, pruned, report.kept, feeds, report.ranks)
+    assert result.heldout_before < 1e-5
+    for feed in feeds:
+        np.testing.assert_allclose(
+            run_model(pruned, feed)["y"], run_model(model, feed)["y"], atol=1e-5
+        )

@@ -9,7 +9,10 @@ original is the teacher; layer-wise distillation):
 
 ``A_p`` are the consumer's input rows in the pruned model (im2col patches for a Conv,
 token rows for Gemm/MatMul), ``Y_o`` the original model's consumer output on the same
-rows, restricted to the consumer's kept output channels, ``S' = [W'; b']`` and ``S0`` the
+rows, restricted to the consumer's kept output channels (where the layer's output is added
+to a skip, ``Y_o`` is the original sum minus the pruned model's skip, and a border
+compensation constant added after the layer is subtracted: :func:`_follow_adds`),
+``S' = [W'; b']`` and ``S0`` the
 un-refit (pruned, compensated) weights: the ridge pulls toward them, not toward zero, so
 ``lam -> inf`` is no refit. ``lam`` (or no refit) is chosen per layer by leave-feeds-out
 cross-validation, and a refit is kept only where it predicts held-out feeds better
@@ -97,8 +100,15 @@ class _Consumer:
     weight: ir.Value
     bias: ir.Value | None
     out_kept: np.ndarray | None
-    #: the value the teacher's targets are read from (a MatMul's bias Add, else the layer)
+    #: the layer's own output (a MatMul's bias Add): names this consumer's rows
     target: str = ""
+    #: the original model's value the targets are read from: ``target``, or the residual
+    #: Add right after it
+    teacher: str = ""
+    #: the residual Add's other input (the skip), read from the pruned model and subtracted
+    skip: str | None = None
+    #: a constant ``[1, C, H, W]`` added right after a Conv (border compensation), subtracted
+    offset: np.ndarray | None = None
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
@@ -155,12 +165,50 @@ def consumers(
         if not rank:
             continue
         key = (out, out_axis % rank)
-        target = out
+        value = node.outputs[0]
         if kind == "matmul" and (add := _bias_add(node)) is not None:
             bias = add.inputs[1 - add.inputs.index(node.outputs[0])]
-            target = name_of(add.outputs[0])
-        found.append(_Consumer(node, kind, required(node.inputs[1]), bias, kept.get(key), target))
+            value = add.outputs[0]
+        consumer = _Consumer(node, kind, required(node.inputs[1]), bias, kept.get(key), out)
+        consumer.target = consumer.teacher = name_of(value)
+        _follow_adds(consumer, value, ranks)
+        found.append(consumer)
     return found
+
+
+def _sole_add(value: ir.Value) -> tuple[ir.Node, ir.Value] | None:
+    """The Add that is ``value``'s only use, and that Add's other input."""
+    uses = uses_of(value)
+    if len(uses) != 1 or uses[0][0].op_type != "Add":
+        return None
+    add, index = uses[0]
+    other = add.inputs[1 - index]
+    return None if other is None else (add, other)
+
+
+def _follow_adds(c: _Consumer, value: ir.Value, ranks: Mapping[str, int]) -> None:
+    """Aim the refit at what the model adds the layer's output to.
+
+    A border compensation constant ``R`` right after a Conv is subtracted from the target (the
+    layer alone must give ``Y_o - R``, since ``R`` is added after it). A residual Add right
+    after the layer (``z = y + s``, the skip ``s`` a computed tensor of the same rank) makes the
+    target ``Z_o - s_p``: the original model's sum minus the pruned model's skip, so the refit
+    also cancels the error that earlier cuts left in the skip stream where the layer's inputs
+    can predict it (the same least squares; cross-validation judges it on the sum, which is
+    what the next layers read).
+    """
+    found = _sole_add(value)
+    const = None if found is None or c.kind != "conv" else found[1].const_value
+    if found is not None and const is not None and len(const.shape) == 4 and const.shape[0] == 1:
+        c.offset = const.numpy()[0].astype(np.float64)
+        found = _sole_add(found[0].outputs[0])
+    if found is None or found[1].const_value is not None:
+        return
+    add, skip = found
+    rank = ranks.get(name_of(add.outputs[0]))
+    if rank is None or ranks.get(name_of(skip)) != rank:
+        return
+    c.teacher, c.skip = name_of(add.outputs[0]), name_of(skip)
 
 
 def _bias_add(node: ir.Node) -> ir.Node | None:
@@ -320,17 +368,21 @@ def refit_consumers(
     if not layers or not feeds:
         return []
     per_feed = max(1, max_rows // len(feeds))
-    teacher_names = [c.target for c in layers]
-    teacher: dict[str, list[np.ndarray]] = {n: [] for n in teacher_names}
-    sampled: dict[str, list[np.ndarray]] = {n: [] for n in teacher_names}
+    teacher_names = list(dict.fromkeys(c.teacher for c in layers))
+    teacher: dict[str, list[np.ndarray]] = {c.target: [] for c in layers}
+    sampled: dict[str, list[np.ndarray]] = {c.target: [] for c in layers}
+    shapes: dict[str, list[tuple[int, ...]]] = {c.target: [] for c in layers}
     rng = np.random.default_rng(seed)
     for outputs in iter_intermediates(original, teacher_names, feeds):
         for c in layers:
-            name = c.target
-            y = outputs[name]
+            y = outputs[c.teacher]
             pos = positions(y.shape, c.kind, per_feed, rng)
-            sampled[name].append(pos)
-            teacher[name].append(_targets(c, y, pos).astype(np.float32))
+            sampled[c.target].append(pos)
+            shapes[c.target].append(y.shape)
+            t = _targets(c, y, pos)
+            if c.offset is not None:
+                t = t - c.offset[:, pos[:, 1], pos[:, 2]].T
+            teacher[c.target].append(t.astype(np.float32))
     folds = fold_of(len(feeds))
     # A chunk holds its consumers' sampled input rows (float32); the normal equations of one
     # consumer at a time are built from them when it is solved.
@@ -343,7 +395,7 @@ def refit_consumers(
     with Progress(len(layers), "refit") as bar:
         for chunk in chunks:
             results += _refit_chunk(
-                pruned, [layers[i] for i in chunk], feeds, teacher, sampled, folds
+                pruned, [layers[i] for i in chunk], feeds, teacher, sampled, shapes, folds
             )
             bar.update(len(chunk))
     return results
@@ -355,6 +407,7 @@ def _refit_chunk(  # noqa: PLR0917 - private helper of refit_consumers
     feeds: Sequence[Mapping[str, np.ndarray]],
     teacher: Mapping[str, list[np.ndarray]],
     positions: Mapping[str, list[np.ndarray]],
+    shapes: Mapping[str, list[tuple[int, ...]]],
     folds: Sequence[int],
 ) -> list[RefitResult]:
     """One pass over ``pruned`` for the inputs of ``layers``, then their refits in order.
@@ -364,16 +417,39 @@ def _refit_chunk(  # noqa: PLR0917 - private helper of refit_consumers
     per feed and consumer, which dominated on DenseNet-121 with a few dozen feeds.
     """
     rows: list[dict[int, list[np.ndarray]]] = [{} for _ in layers]
-    x_names = list(dict.fromkeys(name_of(c.node.inputs[0]) for c in layers))
+    targets: list[list[np.ndarray]] = [list(teacher[c.target]) for c in layers]
+    x_names = [name_of(c.node.inputs[0]) for c in layers]
+    x_names = list(dict.fromkeys(x_names + [c.skip for c in layers if c.skip is not None]))
     for index, out in enumerate(iter_intermediates(pruned, x_names, feeds)):
-        for c, kept in zip(layers, rows, strict=True):
-            a = _rows(c, out[name_of(c.node.inputs[0])], positions[c.target][index])
+        for c, kept, t in zip(layers, rows, targets, strict=True):
+            pos = positions[c.target][index]
+            a = _rows(c, out[name_of(c.node.inputs[0])], pos)
             kept.setdefault(folds[index], []).append(a.astype(np.float32, copy=False))
+            if c.skip is not None:
+                shape = _kept_shape(c, shapes[c.target][index], t[index].shape[1])
+                t[index] = t[index] - _skip_rows(c, out[c.skip], shape, pos)
     results = []
-    for c, kept in zip(layers, rows, strict=True):
-        results.append(_solve(c, _normal_equations(c, kept, teacher[c.target], folds)))
+    for c, kept, t in zip(layers, rows, targets, strict=True):
+        results.append(_solve(c, _normal_equations(c, kept, t, folds)))
         kept.clear()  # release the rows as soon as the consumer is solved
+        t.clear()
     return results
+
+
+def _kept_shape(c: _Consumer, shape: tuple[int, ...], width: int) -> tuple[int, ...]:
+    axis = 1 if c.kind in ("conv", "gemm") else len(shape) - 1
+    return (*shape[:axis], width, *shape[axis + 1 :])
+
+
+def _skip_rows(c: _Consumer, skip: np.ndarray, shape: tuple[int, ...], pos: np.ndarray):
+    """The pruned model's skip at the sampled positions, ``[R, C]`` (float32), broadcast as
+    the Add does to ``shape`` (the sum's shape in the original model, channels as kept)."""
+    if c.kind == "conv":
+        full = np.broadcast_to(skip, shape)
+        rows = full[pos[:, 0], :, pos[:, 1], pos[:, 2]]
+    else:
+        rows = np.broadcast_to(skip, shape).reshape(-1, shape[-1])[pos]
+    return rows.astype(np.float32, copy=False)
 
 
 def _normal_equations(
