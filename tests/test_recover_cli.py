@@ -98,3 +98,18 @@ def test_lr_auto_reports_its_trials(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main([*argv[:-2], "-o", str(tmp_path / "x.onnx"), "--lr", "fast"]) == 2
     assert "--lr 'fast': a positive number or auto" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_blockwise_reports_its_segments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    teacher, student, calib = _files(tmp_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    argv = ["recover", str(student), "--teacher", str(teacher), "--calib", str(calib)]
+    argv += ["-o", str(out), "--steps", "40", "--lr", "3e-3", "--threads", "1", "--blockwise"]
+    assert main([*argv, "--report", str(report)]) == 0
+    assert "block-wise: 3 segments" in capsys.readouterr().out
+    data = json.loads(report.read_text())
+    assert [s["end"] for s in data["distillation"]["segments"]] == [["c1"], ["c2"], ["logits"]]
+    old = data["fidelity_before"]["outputs"]["logits"]["sqnr_db"]
+    assert data["fidelity"]["outputs"]["logits"]["sqnr_db"] > old + 3.0

@@ -104,7 +104,7 @@ def _check_options(args: argparse.Namespace) -> None:
     calibration validator, before any work."""
     if not math.isfinite(args.bench_seconds) or args.bench_seconds < 0:
         raise UsageError(f"--bench-seconds {args.bench_seconds}: must be a number >= 0")
-    if args.recover == "distill":  # the bundled model (no MODEL) comes with its data
+    if args.recover != "none":  # the bundled model (no MODEL) comes with its data
         check_recover(args, needs_calib=args.model is not None)
     if not (args.calib or args.eval_set):
         return

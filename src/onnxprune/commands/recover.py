@@ -74,6 +74,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also match this intermediate tensor of both models ('auto': all of the same "
         "name and shape); repeatable",
     )
+    parser.add_argument(
+        "--blockwise",
+        action="store_true",
+        help="train segment by segment (between tensors every path passes through) to match "
+        "the teacher's tensor at each segment's end, the student's own tensor as its input; "
+        "--steps counts per segment",
+    )
     add_eval_option(parser)
     add_report_option(parser)
     parser.set_defaults(run=run, files=run_files)
@@ -108,6 +115,7 @@ def _options(args: argparse.Namespace) -> object:
         threads=args.threads,
         augment=args.augment,
         match=match,
+        blockwise=args.blockwise,
     )
 
 
@@ -134,10 +142,11 @@ def add_recover_option(parser: argparse.ArgumentParser, *, when: str = "after th
     """``--recover distill`` for a lossy command (with the distillation defaults)."""
     parser.add_argument(
         "--recover",
-        choices=("none", "distill"),
+        choices=("none", "distill", "blockwise"),
         default="none",
         help=f"{when}distil the result from the input model on --calib "
-        "(weights only; kept only if held-out fidelity improves; needs torch)",
+        "(weights only; kept only if held-out fidelity improves; needs torch); blockwise: "
+        "segment by segment on the input model's intermediate tensors",
     )
     parser.add_argument(
         "--recover-budget", type=float, default=None, metavar="S", help="distillation seconds"
@@ -156,7 +165,7 @@ def run_pass(args: argparse.Namespace, write: Callable[[str | Path], Any]) -> An
     """The pass into ``args.output`` (distilled after it with ``--recover distill``): both
     summaries printed, the report (with ``recovery``) written; returns the pass's result."""
     recovered = None
-    if getattr(args, "recover", "none") == "distill":
+    if getattr(args, "recover", "none") in ("distill", "blockwise"):
         result, recovered = recover_after(args, write)
     else:
         result = write(args.output)
@@ -181,7 +190,9 @@ def recover_after(args: argparse.Namespace, write: Callable[[Path], Any]) -> tup
     with tempfile.TemporaryDirectory(prefix="onnxprune-recover-") as folder:
         student = Path(folder) / Path(args.output).name
         result = write(student)
-        options = DistillOptions(time_budget=args.recover_budget)
+        options = DistillOptions(
+            time_budget=args.recover_budget, blockwise=args.recover == "blockwise"
+        )
         recovered = recover_file(
             student, args.model, args.output, args.calib, eval_data=args.eval_data, options=options
         )

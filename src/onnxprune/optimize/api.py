@@ -158,7 +158,7 @@ def _tries(
                     step.name, dict(step.options), "applied", strength, tries, note, check.outputs
                 )
             reason = f"budget missed: {check.failure_message()}"
-            if ctx.recover == "distill" and step.name in BACKOFF_STEPS:
+            if ctx.recover in ("distill", "blockwise") and step.name in BACKOFF_STEPS:
                 distilled = _distilled(dst, ctx)
                 if distilled is not None:
                     path, outputs = distilled
@@ -189,7 +189,13 @@ def _distilled(
     out = candidate.with_name(candidate.stem + "_distilled.onnx")
     ctx.progress.phase(f"distilling {candidate.name} from the input")
     recover_file(
-        candidate, ctx.input, out, ctx.fit, options=DistillOptions(time_budget=ctx.recover_budget)
+        candidate,
+        ctx.input,
+        out,
+        ctx.fit,
+        options=DistillOptions(
+            time_budget=ctx.recover_budget, blockwise=ctx.recover == "blockwise"
+        ),
     )
     check = verify(ctx.input, out, ctx.holdout, tolerance=ctx.tolerance)
     return (out, check.outputs) if check.passed else None
@@ -286,7 +292,8 @@ def optimize(
             nothing is written (exit code 1).
         UsageError, ModelLoadError, CalibrationError: bad options or input (exit code 2).
 
-    ``recover="distill"`` distils a pruned, sparsified or factorized model from the input
+    ``recover="distill"`` (or ``"blockwise"``, segment by segment on the input's
+    intermediate tensors) distils a pruned, sparsified or factorized model from the input
     (on the fit part of ``calib``; needs torch) when it misses the budget, before the step
     is retried milder; ``recover_budget`` bounds each distillation in seconds.
     """

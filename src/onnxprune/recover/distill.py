@@ -14,6 +14,9 @@ Loss, averaged over the student's float outputs that the teacher also has:
 * optionally intermediate tensors that exist in both graphs under the same name and shape,
   the same normalised error, weighted ``match_weight`` in total.
 
+Block-wise mode (``blockwise``): the same student and teacher, trained one segment at a
+time on the teacher's intermediate tensors (:mod:`onnxprune.recover.blockwise`).
+
 Weights that are exactly zero in the student (a sparsity mask) get no gradient and are zeroed
 again after each step; int8 weights of a QDQ model train through their fixed scales (see
 :mod:`onnxprune.recover.replay`).
@@ -88,6 +91,9 @@ class DistillOptions:
     threads: int = 2
     trainable: Sequence[str] | None = None
     progress: bool | None = None
+    #: train segment by segment on the teacher's intermediate tensors
+    #: (:mod:`onnxprune.recover.blockwise`); ``steps`` and ``eval_every`` count per segment
+    blockwise: bool = False
 
 
 @dataclasses.dataclass
@@ -114,6 +120,8 @@ class DistillResult:
     #: the learning rate used, and ``(rate, held-out loss after its trial)`` when searched
     lr: float = 0.0
     lr_trials: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    #: block-wise mode: what each segment's training did
+    segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         options = dataclasses.asdict(self.options)
@@ -135,6 +143,7 @@ class DistillResult:
             "held_losses": [[s, v] for s, v in self.held_losses],
             "lr": self.lr,
             "lr_trials": [[r, v] for r, v in self.lr_trials],
+            "segments": self.segments,
             "reproducible": self.reproducible,
             "options": options,
         }
@@ -156,6 +165,12 @@ class DistillResult:
         for name, metrics in self.before.outputs.items():
             after = self.after.outputs.get(name, {}) if self.after is not None else {}
             lines.append(f"  {name}: {_brief(metrics)} -> {_brief(after) if after else 'n/a'}")
+        if self.segments:
+            better = sum(s["best_step"] > 0 for s in self.segments)
+            lines.append(
+                f"  block-wise: {len(self.segments)} segments, {better} with a lower held-out "
+                "loss at their cut after training"
+            )
         if self.frozen_note:
             lines.append(f"  {self.frozen_note}")
         if not self.reproducible:
@@ -462,6 +477,53 @@ class _Run:
     held_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     lr: float = 0.0
     lr_trials: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+class _SegmentLoss:
+    """Block-wise loss: the distillation loss on the last segment's outputs, else the
+    normalised squared error of the segment's end tensors."""
+
+    def __init__(self, end: Sequence[str], last: _Loss | None, out_names: Sequence[str]) -> None:
+        self.last = last
+        self.target_names = list(last.names) if last is not None else list(end)
+        self.student_names = list(out_names) if last is not None else list(end)
+
+    def __call__(self, student: Mapping[str, torch.Tensor], teacher: Feed) -> torch.Tensor:
+        if self.last is not None:
+            return self.last(student, teacher)
+        terms = [_nmse(student[n], torch.from_numpy(teacher[n])) for n in self.target_names]
+        return torch.stack(terms).mean()
+
+
+def _train_blockwise(  # noqa: PLR0917 (one private call site)
+    replay: GraphReplay,
+    teacher: ir.Model,
+    fit: Sequence[Feed],
+    held: Sequence[Feed],
+    loss_fn: _Loss,
+    options: DistillOptions,
+) -> _Run:
+    from onnxprune.recover import blockwise
+
+    if replay.external_nodes:
+        raise UsageError(f"block-wise distillation needs every node replayed: {replay.frozen_note}")
+    t_replay = GraphReplay(teacher, trainable=[])
+    names = loss_fn.names
+    out_names = names + sorted(set(loss_fn.logits.values()) - set(names))
+
+    def make_loss(part: blockwise.Segment) -> _SegmentLoss:
+        return _SegmentLoss(part.end, loss_fn if part.last else None, out_names)
+
+    clock = blockwise.elapsed_clock(options.budget_clock)
+    runs = blockwise.train_blockwise(replay, t_replay, fit, held, names, make_loss, options, clock)
+    run = _Run(lr=options.lr)
+    run.steps = sum(r.steps for r in runs)
+    run.best_step = sum(r.best_step for r in runs)
+    run.best_loss = runs[-1].held_after
+    run.segments = [r.to_dict() for r in runs]
+    run.reproducible = not any(r.stopped_by_budget for r in runs)
+    return run
 
 
 def distill(
@@ -507,7 +569,10 @@ def distill(
         matched = _same_shapes(replay, matched, fit[0], first)
         logits = {n: src for n in probs if (src := _softmax_input(student, n)) is not None}
         loss_fn = _Loss(float_names, scores, probs, matched, options, logits=logits)
-        run = _train(replay, fit, held, teacher_run, loss_fn, options, start)
+        if options.blockwise:
+            run = _train_blockwise(replay, teacher_model, fit, held, loss_fn, options)
+        else:
+            run = _train(replay, fit, held, teacher_run, loss_fn, options, start)
     seconds = (time.perf_counter_ns() - start) / 1e9
     held_text = f"the last {len(held)} of {len(feeds)} calibration samples (never trained on)"
     before = compare(teacher_model, student, held, data=held_text, class_scores=scores)
@@ -528,6 +593,7 @@ def distill(
         options=options,
         lr=run.lr,
         lr_trials=run.lr_trials,
+        segments=run.segments,
     )
     if run.best_step == 0:
         reason = "kept the input: no step lowered the held-out loss"

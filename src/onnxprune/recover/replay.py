@@ -214,6 +214,7 @@ class GraphReplay(torch.nn.Module):
         self._external = externals
         self._constants_env = self._fold(constants, steps, externals)
         self._session: Any = None
+        self._segments: dict[tuple[tuple[str, ...], tuple[str, ...]], list[_Step]] = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -370,6 +371,47 @@ class GraphReplay(torch.nn.Module):
                 if name and out is not None:
                     env[name] = out
         return {n: env[n] for n in (outputs or self.output_names)}
+
+    def forward_from(
+        self, values: Mapping[str, torch.Tensor], outputs: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Run only the nodes between ``values`` (intermediate tensors given by name) and
+        ``outputs``: a segment of the graph, for block-wise training.
+
+        Raises:
+            ReplayError: the segment needs a value not given (a graph input, a tensor from
+                before the given ones) or a node run in onnxruntime.
+        """
+        key = (tuple(sorted(values)), tuple(outputs))
+        plan = self._segments.get(key)
+        if plan is None:
+            plan = self._segments[key] = self._segment(set(values), outputs)
+        env: dict[str, Any] = dict(self._constants_env)
+        for name in self._key:
+            env[name] = self.parameter_value(name)
+        env.update(values)
+        for step in plan:
+            for name, out in zip(step.outputs, self._run_step(step, env), strict=False):
+                if name and out is not None:
+                    env[name] = out
+        return {n: env[n] for n in outputs}
+
+    def _segment(self, given: set[str], outputs: Sequence[str]) -> list[_Step]:
+        known = set(self._constants_env) | set(self._key) | given
+        needed = {n for n in outputs if n not in known}
+        plan = []
+        for step in reversed(self._dynamic):
+            if not needed.intersection(step.outputs):
+                continue
+            if step.name in self._external:
+                raise ReplayError(f"node {step.name!r} runs in onnxruntime", step.name)
+            plan.append(step)
+            needed -= set(step.outputs)
+            needed |= {n for n in step.inputs if n and n not in known}
+        if needed:
+            first = sorted(needed)[0]
+            raise ReplayError(f"the segment needs {first!r}, which is not given", first)
+        return plan[::-1]
 
     # ------------------------------------------------------------------ masks and export
 

@@ -1,0 +1,336 @@
+"""Block-wise distillation: train the student one segment at a time on the teacher's tensors.
+
+End-to-end distillation learns from the outputs alone, a few numbers per sample for a
+classifier; a pruned network has millions of weights, so a few hundred unlabeled samples
+fit the training samples and little else. Block-wise distillation (as in BRECQ's block
+reconstruction) supervises every segment with the teacher's whole intermediate tensor, many
+values per sample:
+
+* **Cuts** (:func:`cut_points`): tensors that every path from the graph inputs to the outputs
+  passes through (after their producer, no other computed value is still needed), present in
+  both graphs with the same shape on a feed (a pruned residual stream with fewer channels is
+  not a cut; its segment runs on to the next one). The cuts split the student into segments;
+  a segment without a trainable weight joins the next one.
+* **Segment k** is trained with Adam to minimise ``||f_k(x_s) - y_t||^2 / ||y_t||^2``, where
+  ``x_s`` is the *student's* tensor at the previous cut (carrying every earlier segment's
+  training and error) and ``y_t`` the *teacher's* tensor at the segment's cut (the asymmetric
+  target of GPTQ-style sequential reconstruction); the last segment uses the distillation
+  loss of the outputs (KL for class scores). Both sides are replayed in torch segment by
+  segment (:meth:`GraphReplay.forward_from`): each feed's values at the current cut are kept,
+  one cut at a time.
+* The held-out feeds pick each segment's best step (early stopping, patience) and, with
+  ``lr_search``, its learning rate; a segment whose held-out loss never falls keeps its
+  weights. The final keep decision is :func:`onnxprune.recover.distill.distill`'s: held-out
+  fidelity of the whole model in onnxruntime.
+
+Memory: the student's and the teacher's tensors at one cut for every feed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from onnxprune.errors import UsageError
+from onnxprune.passes._match import name_of
+from onnxprune.progress import Progress
+from onnxprune.recover.replay import GraphReplay, ReplayError
+
+__all__ = ["Segment", "cut_points", "segments"]
+
+Values = dict[str, np.ndarray]
+
+
+def cut_points(model: ir.Model) -> list[str]:
+    """Computed tensors that are, right after their producer, the only value (besides
+    constants) that later nodes or the outputs still need, in graph order."""
+    graph = model.graph
+    constant = set(graph.initializers)
+    nodes = list(graph)
+    for node in nodes:
+        if all(v is None or v.name in constant for v in node.inputs) and not any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for a in node.attributes.values()
+        ):
+            constant.update(v.name for v in node.outputs if v.name)
+    last: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for v in node.inputs:
+            if v is not None and v.name and v.name not in constant:
+                last[v.name] = index
+    outputs = {name_of(v) for v in graph.outputs}
+    end = len(nodes)
+    for name in outputs:
+        last[name] = end
+    live = {name_of(v) for v in graph.inputs if name_of(v) in last}
+    cuts: list[str] = []
+    for index, node in enumerate(nodes):
+        live -= {name_of(v) for v in node.inputs if v is not None and last.get(name_of(v)) == index}
+        live |= {
+            name_of(v)
+            for v in node.outputs
+            if name_of(v) not in constant and last.get(name_of(v), -1) > index
+        }
+        if len(live) == 1:
+            (name,) = live
+            if name not in outputs and (not cuts or cuts[-1] != name):
+                cuts.append(name)
+    return cuts
+
+
+@dataclasses.dataclass
+class Segment:
+    """Student nodes from ``start`` (tensor names) to ``end``; the weights trained there."""
+
+    start: list[str]
+    end: list[str]
+    params: list[str]
+    last: bool
+
+
+def segments(
+    student: GraphReplay, teacher: GraphReplay, cuts: Sequence[str], outputs: Sequence[str]
+) -> list[Segment]:
+    """Split at ``cuts`` (valid in both replays); segments without weights join the next."""
+    found: list[Segment] = []
+    start = list(student.input_names)
+    bounds = [[c] for c in cuts] + [list(outputs)]
+    for index, end in enumerate(bounds):
+        last = index == len(bounds) - 1
+        try:
+            plan = student._segment(set(start), end)
+            teacher._segment(set(start), end)
+        except ReplayError:
+            continue  # not a cut of the teacher, or through a node run in onnxruntime
+        used = {n for step in plan for n in step.inputs}
+        params = [n for n in student._key if n in used]
+        if params or last:
+            found.append(Segment(start, end, params, last))
+            start = end
+    if not found or found[-1].start == found[-1].end or not found[-1].last:
+        raise UsageError("block-wise distillation could not split the model into segments")
+    return found
+
+
+@dataclasses.dataclass
+class SegmentRun:
+    """What one segment's training did (for the report)."""
+
+    end: list[str]
+    params: int
+    steps: int
+    best_step: int
+    held_before: float
+    held_after: float
+    lr: float
+    seconds: float
+    #: the time budget ended this segment's training (the result depends on the machine)
+    stopped_by_budget: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["held_before"] = round(self.held_before, 6)
+        data["held_after"] = round(self.held_after, 6)
+        data["seconds"] = round(self.seconds, 2)
+        return data
+
+
+def _stack(items: Sequence[Values], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    return {n: torch.from_numpy(np.concatenate([i[n] for i in items], axis=0)) for n in names}
+
+
+def _stackable(items: Sequence[Values]) -> bool:
+    first = items[0]
+    return all(v.ndim > 0 and all(i[n].shape == v.shape for i in items) for n, v in first.items())
+
+
+def _chunks(count: int, size: int) -> Iterator[list[int]]:
+    for begin in range(0, count, size):
+        yield list(range(begin, min(count, begin + size)))
+
+
+def propagate(
+    replay: GraphReplay,
+    values: Sequence[Values],
+    end: Sequence[str],
+    batch: int,
+) -> list[Values]:
+    """Each feed's tensors at ``end`` from its tensors at the segment's start (no gradient)."""
+    result: list[Values] = []
+    names = list(values[0])
+    with torch.no_grad():
+        if _stackable(values):
+            for chunk in _chunks(len(values), batch):
+                out = replay.forward_from(_stack([values[i] for i in chunk], names), end)
+                sizes = [values[i][names[0]].shape[0] for i in chunk]
+                split = {n: torch.split(out[n], sizes) for n in end}
+                result += [{n: split[n][k].numpy().copy() for n in end} for k in range(len(chunk))]
+            return result
+        for item in values:
+            out = replay.forward_from({n: torch.from_numpy(item[n]) for n in names}, end)
+            result.append({n: out[n].numpy().copy() for n in end})
+    return result
+
+
+def train_segment(  # noqa: PLR0917 (one private call site)
+    replay: GraphReplay,
+    segment: Segment,
+    data: tuple[list[Values], list[Values], list[Values], list[Values]],
+    loss_fn: Any,
+    options: Any,
+    budget: float | None,
+    clock: Any,
+) -> SegmentRun:
+    """Adam on the segment's weights; the best held-out state is loaded at the end."""
+    fit_in, fit_out, held_in, held_out = data
+    start_time = clock()
+    keys = [replay._key[n] for n in segment.params]
+    params = [replay.params[k] for k in keys]
+    stackable = _stackable(fit_in) and _stackable(fit_out)
+    batch = max(1, options.batch_size)
+
+    def loss_of(inputs: Sequence[Values], targets: Sequence[Values]) -> torch.Tensor:
+        names = loss_fn.student_names
+        if stackable:
+            got = replay.forward_from(_stack(inputs, list(inputs[0])), names)
+            want = {n: np.concatenate([t[n] for t in targets], axis=0) for n in targets[0]}
+            return loss_fn(got, want)
+        terms = [
+            loss_fn(replay.forward_from({n: torch.from_numpy(v) for n, v in i.items()}, names), t)
+            for i, t in zip(inputs, targets, strict=True)
+        ]
+        return torch.stack(terms).mean()
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            losses = [
+                loss_of([held_in[i] for i in c], [held_out[i] for i in c])
+                for c in _chunks(len(held_in), batch)
+            ]
+            return float(np.mean([v.item() for v in losses]))
+
+    def state() -> dict[str, torch.Tensor]:
+        return {k: replay.params[k].detach().clone() for k in keys}
+
+    def batches(rng: np.random.Generator) -> Iterator[list[int]]:
+        while True:
+            order = rng.permutation(len(fit_in)).tolist()
+            for begin in range(0, len(order), batch):
+                yield order[begin : begin + batch]
+
+    def step(optimizer: torch.optim.Optimizer, indices: list[int]) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of([fit_in[i] for i in indices], [fit_out[i] for i in indices])
+        loss.backward()
+        replay.mask_gradients()
+        optimizer.step()
+        replay.apply_masks()
+
+    before = held_loss()
+    best, best_state, best_step = before, state(), 0
+    lr = options.lr
+    if options.lr_search:
+        trials = []
+        for rate in sorted(options.lr_search):
+            replay.load(best_state)
+            trial = torch.optim.Adam(params, lr=rate)
+            order = batches(np.random.default_rng(options.seed))
+            for _ in range(options.lr_trial_steps):
+                step(trial, next(order))
+            trials.append((held_loss(), rate))
+        lr = min(trials)[1]
+        replay.load(best_state)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    order = batches(np.random.default_rng(options.seed))
+    stale, done, stopped = 0, 0, False
+    for index in range(1, options.steps + 1):
+        step(optimizer, next(order))
+        done = index
+        out_of_time = budget is not None and clock() - start_time >= budget
+        if index % options.eval_every == 0 or index == options.steps or out_of_time:
+            current = held_loss()
+            if current < best:
+                best, best_state, best_step, stale = current, state(), index, 0
+            else:
+                stale += 1
+            if stale >= options.patience:
+                break
+        if out_of_time:
+            stopped = index < options.steps
+            break
+    replay.load(best_state)
+    return SegmentRun(
+        segment.end, sum(p.numel() for p in params), done, best_step, before, best, lr,
+        clock() - start_time, stopped,
+    )  # fmt: skip
+
+
+def train_blockwise(  # noqa: PLR0917 (one private call site)
+    replay: GraphReplay,
+    teacher: GraphReplay,
+    fit: Sequence[Mapping[str, np.ndarray]],
+    held: Sequence[Mapping[str, np.ndarray]],
+    outputs: Sequence[str],
+    make_loss: Any,
+    options: Any,
+    clock: Any,
+) -> list[SegmentRun]:
+    """Train every segment in order; returns what each did."""
+    cuts = [c for c in cut_points(replay.model) if c in set(cut_points(teacher.model))]
+    probe = {n: np.asarray(fit[0][n]) for n in replay.input_names}
+    with torch.no_grad():
+        s_probe = replay(probe, cuts) if cuts else {}
+        t_probe = teacher(probe, cuts) if cuts else {}
+    cuts = [
+        c
+        for c in cuts
+        if s_probe[c].is_floating_point() and tuple(s_probe[c].shape) == tuple(t_probe[c].shape)
+    ]
+    parts = segments(replay, teacher, cuts, outputs)
+    inputs = [{n: np.asarray(f[n]) for n in replay.input_names} for f in (*fit, *held)]
+    student_at, teacher_at = inputs, inputs
+    count = len(fit)
+    runs: list[SegmentRun] = []
+    start = clock()
+    batch = max(8, options.batch_size)
+    with Progress(len(parts), "block-wise", enabled=options.progress) as bar:
+        for index, part in enumerate(parts):
+            loss_fn = make_loss(part)
+            teacher_end = propagate(teacher, teacher_at, loss_fn.target_names, batch)
+            budget = None
+            if options.time_budget is not None:
+                left = options.time_budget - (clock() - start)
+                budget = max(0.0, left / (len(parts) - index))
+            fit_pair, held_pair = (
+                (student_at[:count], teacher_end[:count]),
+                (
+                    student_at[count:],
+                    teacher_end[count:],
+                ),
+            )
+            data = (*fit_pair, *held_pair)
+            runs.append(train_segment(replay, part, data, loss_fn, options, budget, clock))
+            bar.update(note=f"held-out {runs[-1].held_before:.3g} -> {runs[-1].held_after:.3g}")
+            if part.last:
+                break
+            student_at = propagate(replay, student_at, part.end, batch)
+            teacher_at = propagate(teacher, teacher_at, part.end, batch)
+    return runs
+
+
+def elapsed_clock(budget_clock: str) -> Any:
+    """A function returning seconds on the chosen clock (wall or this process's CPU)."""
+    if budget_clock == "cpu":
+        return time.process_time
+    return time.perf_counter
+
+
+def total_loss(runs: Sequence[SegmentRun]) -> float:
+    return math.fsum(r.held_after for r in runs)
