@@ -100,9 +100,7 @@ def test_lr_auto_reports_its_trials(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_blockwise_reports_its_segments(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_blockwise_reports_its_segments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     teacher, student, calib = _files(tmp_path)
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     argv = ["recover", str(student), "--teacher", str(teacher), "--calib", str(calib)]
