@@ -145,10 +145,13 @@ def _distil(
     report = student.with_suffix(".recover.json")
     recover = ["recover", str(student), "--teacher", original, "--calib", str(calib)]
     recover += ["--eval", str(EVAL[model]), "-o", str(out), "--report", str(report)]
-    recover += ["--augment", "--time-budget", str(budget), "--budget-clock", "cpu"]
-    lr = ROW_LR.get(row, LR[model])
-    recover += ["--steps", str(args.steps), "--lr", str(lr), "--batch-size", "16"]
-    recover += ROW_FLAGS.get(row, [])
+    recover += ["--time-budget", str(budget), "--budget-clock", "cpu", "--batch-size", "16"]
+    if args.blockwise:  # per segment: steps, and the rate searched on the held-out feeds
+        recover += ["--blockwise", "--steps", str(min(args.steps, 1000)), "--lr", "auto"]
+    else:
+        lr = ROW_LR.get(row, LR[model])
+        recover += ["--augment", "--steps", str(args.steps), "--lr", str(lr)]
+        recover += ROW_FLAGS.get(row, [])
     seconds, cpu = _cli(recover)
     data = json.loads(report.read_text())
     details = data["distillation"]
@@ -213,6 +216,16 @@ def markdown(payload: dict[str, Any]) -> str:
         "counts the process's CPU seconds; Adam, batch 16), "
         "unlabeled calibration data only, the evaluation split passed as `--eval` (reported on, "
         "never fitted on).",
+        *(
+            [
+                "",
+                "**Block-wise** (`--blockwise`): the distillation columns are `onnxprune recover "
+                "--blockwise --lr auto --steps 1000` (steps and rate per segment), "
+                "no augmentation.",
+            ]
+            if payload.get("blockwise")
+            else []
+        ),
         "",
         "| row | before | refit | distilled (from before) | refit + distilled | "
         "distillation runs | calib samples |",
@@ -260,6 +273,9 @@ def main() -> int:
     parser.add_argument(
         "--distill-from", nargs="+", choices=("before", "refit"), default=["before", "refit"]
     )
+    parser.add_argument(
+        "--blockwise", action="store_true", help="distil with `recover --blockwise`"
+    )
     parser.add_argument("--out", default=str(RESULTS / "recover"))
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="combine runs' JSON into --out")
     args = parser.parse_args()
@@ -273,6 +289,7 @@ def main() -> int:
     payload: dict[str, Any] = {
         "time_budget": args.time_budget,
         "calib_crops": args.calib_crops,
+        "blockwise": args.blockwise,
         "cpus": os.cpu_count(),
         "load_start": [round(v, 1) for v in os.getloadavg()],
         "rows": [],

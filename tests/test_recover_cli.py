@@ -111,3 +111,14 @@ def test_blockwise_reports_its_segments(tmp_path: Path, capsys: pytest.CaptureFi
     assert [s["end"] for s in data["distillation"]["segments"]] == [["c1"], ["c2"], ["logits"]]
     old = data["fidelity_before"]["outputs"]["logits"]["sqnr_db"]
     assert data["fidelity"]["outputs"]["logits"]["sqnr_db"] > old + 3.0
+
+
+def test_blockwise_refuses_end_to_end_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    teacher, student, calib = _files(tmp_path)
+    out = tmp_path / "out.onnx"
+    argv = ["recover", str(student), "--teacher", str(teacher), "--calib", str(calib)]
+    assert main([*argv, "-o", str(out), "--blockwise", "--augment"]) == 2
+    assert "--augment and --match apply to end-to-end" in capsys.readouterr().err
+    assert not out.exists()

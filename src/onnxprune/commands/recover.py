@@ -103,6 +103,8 @@ def _options(args: argparse.Namespace) -> object:
     if not lr > 0 or (args.time_budget is not None and not args.time_budget > 0):
         raise UsageError("--lr and --time-budget must be positive")
     match = "auto" if args.match == ["auto"] else (args.match or None)
+    if args.blockwise and (args.augment or match):
+        raise UsageError("--augment and --match apply to end-to-end distillation, not --blockwise")
     return DistillOptions(
         steps=args.steps,
         time_budget=args.time_budget,

@@ -300,6 +300,7 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
     runs: list[SegmentRun] = []
     start = clock()
     batch = max(8, options.batch_size)
+    costs = segment_costs(replay, parts, inputs[: max(1, options.batch_size)])
     with Progress(len(parts), "block-wise", enabled=options.progress) as bar:
         for index, part in enumerate(parts):
             loss_fn = make_loss(part)
@@ -307,15 +308,13 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
             budget = None
             if options.time_budget is not None:
                 left = options.time_budget - (clock() - start)
-                budget = max(0.0, left / (len(parts) - index))
-            fit_pair, held_pair = (
-                (student_at[:count], teacher_end[:count]),
-                (
-                    student_at[count:],
-                    teacher_end[count:],
-                ),
+                budget = max(0.0, left * costs[index] / sum(costs[index:]))
+            data = (
+                student_at[:count],
+                teacher_end[:count],
+                student_at[count:],
+                teacher_end[count:],
             )
-            data = (*fit_pair, *held_pair)
             runs.append(train_segment(replay, part, data, loss_fn, options, budget, clock))
             bar.update(note=f"held-out {runs[-1].held_before:.3g} -> {runs[-1].held_after:.3g}")
             if part.last:
@@ -323,6 +322,20 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
             student_at = propagate(replay, student_at, part.end, batch)
             teacher_at = propagate(teacher, teacher_at, part.end, batch)
     return runs
+
+
+def segment_costs(
+    replay: GraphReplay, parts: Sequence[Segment], sample: Sequence[Values]
+) -> list[float]:
+    """Seconds of one no-gradient forward of each segment on ``sample``: a time budget is
+    shared in proportion (a segment at full resolution costs many at the end)."""
+    costs = []
+    values = list(sample)
+    for part in parts:
+        begin = time.perf_counter()
+        values = propagate(replay, values, part.end, len(values))
+        costs.append(max(time.perf_counter() - begin, 1e-6))
+    return costs
 
 
 def elapsed_clock(budget_clock: str) -> Any:
