@@ -342,3 +342,42 @@ def test_retained_heap_is_active_on_glibc_and_a_no_op_elsewhere(monkeypatch) -> 
     monkeypatch.setattr(allocator, "_glibc", lambda: None)
     with allocator.retained_heap() as active:
         assert active is False
+
+
+def test_int8_weights_free_of_u8s8_saturation_stay_free() -> None:
+    """A student quantized for AVX2 without VNNI (no adjacent K pair of int8 weights sums past
+    128, the quantizer's remedy) keeps that after training, though the teacher's best
+    integers break it; an unconstrained student (pairs past 128 already) is not held to it."""
+    from onnxprune.quant.vnni import limit_pairs, saturating_channels
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((6, 4)).astype(np.float32)
+    teacher = _cnn_free_linear(weight)
+    scale = (np.abs(weight).max(axis=0) / 127).astype(np.float32)
+    assert saturating_channels(np.round(weight / scale), 1, "MatMul").any()
+    coarse = np.clip(np.round(weight / scale / 8) * 8, -128, 127)
+    start = limit_pairs(coarse.astype(np.int8), 1, "MatMul")
+    assert not saturating_channels(start, 1, "MatMul").any()
+    feeds = [{"x": rng.standard_normal((1, 6)).astype(np.float32)} for _ in range(32)]
+    options = DistillOptions(steps=150, lr=1e-2, batch_size=8, eval_every=10, threads=1)
+    result = distill(_qdq_linear(start, scale), teacher, feeds, options)
+    assert result.kept, result.reason
+    q = _init(result.model, "q")
+    assert not np.array_equal(q, start)
+    assert not saturating_channels(q, 1, "MatMul").any()
+
+
+def test_limit_pairs_changes_only_pairs_past_the_limit() -> None:
+    from onnxprune.quant.vnni import limit_pairs, saturating_channels
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-128, 128, (8, 6, 3, 3)).astype(np.int8)
+    out = limit_pairs(q, 0, "Conv")
+    assert saturating_channels(q, 0, "Conv").any()
+    assert not saturating_channels(out, 0, "Conv").any()  # both K orders of a Conv
+    assert np.all(np.abs(out.astype(int)) <= np.abs(q.astype(int)))  # magnitudes only fall
+    np.testing.assert_array_equal(limit_pairs(out, 0, "Conv"), out)  # safe input: unchanged
+    # MatMul [K, N]: pairs along K per column; the larger of an excessive pair gives way
+    m = np.array([[100, -120], [50, -9], [10, 64], [20, 64]], np.int8)
+    expected = np.array([[78, -119], [50, -9], [10, 64], [20, 64]], np.int8)
+    np.testing.assert_array_equal(limit_pairs(m, 1, "MatMul"), expected)

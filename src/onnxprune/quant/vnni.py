@@ -31,7 +31,14 @@ import numpy as np
 from onnxprune.bench.system import cpu_info
 from onnxprune.quant.params import QParams, quantize, weight_qparams
 
-__all__ = ["REMEDIES", "cpu_isa", "needs_u8s8_remedy", "remedy_params", "saturating_channels"]
+__all__ = [
+    "REMEDIES",
+    "cpu_isa",
+    "limit_pairs",
+    "needs_u8s8_remedy",
+    "remedy_params",
+    "saturating_channels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +88,37 @@ def _max_pair(array: np.ndarray, axis: int, op_type: str) -> np.ndarray:
 def saturating_channels(q: np.ndarray, axis: int, op_type: str) -> np.ndarray:
     """Boolean per output channel: some adjacent K pair has ``|q_i| + |q_j| > 128``."""
     return _max_pair(q, axis, op_type) > _PAIR_LIMIT
+
+
+def limit_pairs(q: np.ndarray, axis: int, op_type: str) -> np.ndarray:
+    """``q`` (integers) with every adjacent K pair brought to ``|q_i| + |q_j| <= 128`` in each
+    reduction order, by lowering the larger magnitude of a pair that exceeds it by the
+    excess: the smallest change that keeps a model free of u8s8 saturation when its weights
+    are changed after quantization (distillation). Values in no such pair are unchanged."""
+    out = np.moveaxis(np.array(q, dtype=np.int64), axis, 0)
+    shape = out.shape
+    conv = op_type in ("Conv", "ConvTranspose") and out.ndim > 2
+    for _ in range(_MAX_BUMPS):
+        changed = False
+        for last in (False, True) if conv else (False,):
+            view = np.moveaxis(out, 1, -1) if last else out
+            flat = view.reshape(shape[0], -1).copy()
+            k = flat.shape[1] - flat.shape[1] % 2
+            a, b = flat[:, :k:2], flat[:, 1:k:2]
+            excess = np.abs(a) + np.abs(b) - _PAIR_LIMIT
+            bad = excess > 0
+            if not bad.any():
+                continue
+            changed = True
+            larger_a = np.abs(a) >= np.abs(b)
+            a_new = np.where(bad & larger_a, a - np.sign(a) * excess, a)
+            b_new = np.where(bad & ~larger_a, b - np.sign(b) * excess, b)
+            flat[:, :k:2], flat[:, 1:k:2] = a_new, b_new
+            restored = flat.reshape(view.shape)
+            out = np.moveaxis(restored, -1, 1) if last else restored
+        if not changed:
+            break
+    return np.moveaxis(out, 0, axis).astype(np.asarray(q).dtype)
 
 
 def _bump_until_safe(weight: np.ndarray, params: QParams, op_type: str) -> QParams:

@@ -31,6 +31,7 @@ import torch
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.passes._match import name_of
+from onnxprune.quant.vnni import limit_pairs, saturating_channels
 from onnxprune.recover.ops import RULES, TORCH_DTYPES, fake_quantize, has_rule
 from onnxprune.runtime import make_session
 
@@ -184,6 +185,8 @@ class GraphReplay(torch.nn.Module):
         self._key: dict[str, str] = {}
         self._dequant: dict[str, _Dequant] = {}
         self._masks: dict[str, torch.Tensor] = {}
+        #: int8 weights free of u8s8 pair saturation in the input: (axis, op type, dequant)
+        self._pairs: dict[str, tuple[int, str, _Dequant]] = {}
         constants = self._constants(graph)
         for index, name in enumerate(self.trainable):
             key = f"p{index}"
@@ -210,6 +213,10 @@ class GraphReplay(torch.nn.Module):
             )
             if (value.dim() >= 2 or table) and bool((value == 0).any()):
                 self._masks[key] = value != 0
+            if dequant is not None:
+                limit = _pair_limited(graph, name, dequant)
+                if limit is not None:
+                    self._pairs[key] = (*limit, dequant)
         self._steps_all = steps
         self._external = externals
         self._constants_env = self._fold(constants, steps, externals)
@@ -416,10 +423,23 @@ class GraphReplay(torch.nn.Module):
     # ------------------------------------------------------------------ masks and export
 
     def apply_masks(self) -> None:
-        """Zero again every weight entry that was exactly zero (a sparsity mask)."""
+        """Zero again every weight entry that was exactly zero (a sparsity mask), and bring
+        int8 weights whose input had no u8s8-saturating pair back to none
+        (:func:`onnxprune.quant.vnni.limit_pairs`: the quantizer's remedy for AVX2 without
+        VNNI stays true after training)."""
         with torch.no_grad():
             for key, mask in self._masks.items():
                 self.params[key].mul_(mask)
+            for key, (axis, op_type, dequant) in self._pairs.items():
+                param = self.params[key]
+                scale = _shape_like(dequant.scale, param, dequant.axis)
+                q = torch.clamp(torch.round(param / scale), -128, 127)
+                limited = torch.from_numpy(
+                    limit_pairs(q.numpy().astype(np.int64), axis, op_type).astype(np.float32)
+                )
+                changed = limited != q
+                if bool(changed.any()):
+                    param.copy_(torch.where(changed, limited * scale, param))
 
     def mask_gradients(self) -> None:
         for key, mask in self._masks.items():
@@ -467,6 +487,31 @@ class GraphReplay(torch.nn.Module):
             f"no replay rule for {shown}{extra}: run in onnxruntime as constants; "
             f"{len(self.frozen)} weight(s) upstream of them frozen"
         )
+
+
+def _pair_limited(graph: ir.Graph, name: str, dequant: _Dequant) -> tuple[int, str] | None:
+    """(output-channel axis, op type) of an int8 Conv/Gemm/MatMul weight with no adjacent K
+    pair summing past 128 (a model quantized for AVX2 without VNNI), else None."""
+    if dequant.qtype != torch.int8 or (dequant.zero is not None and bool(dequant.zero.any())):
+        return None
+    value = graph.initializers[name]
+    dq = next(u.node for u in value.uses() if u.node.op_type == "DequantizeLinear")
+    uses = list(dq.outputs[0].uses())
+    if len(uses) != 1 or uses[0].idx != 1 or uses[0].node.op_type not in ("Conv", "Gemm", "MatMul"):
+        return None
+    layer = uses[0].node
+    tensor = value.const_value
+    assert tensor is not None
+    q = np.asarray(tensor.numpy())
+    if layer.op_type == "Conv":
+        axis = 0
+    elif layer.op_type == "Gemm":
+        axis = 0 if layer.attributes.get_int("transB", 0) else 1
+    else:
+        axis = q.ndim - 1
+    if q.ndim < 2 or saturating_channels(q, axis, layer.op_type).any():
+        return None
+    return axis, layer.op_type
 
 
 def _shape_like(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
