@@ -108,7 +108,7 @@ def test_blockwise_reports_its_segments(tmp_path: Path, capsys: pytest.CaptureFi
     assert main([*argv, "--report", str(report)]) == 0
     assert "block-wise: 3 segments" in capsys.readouterr().out
     data = json.loads(report.read_text())
-    assert [s["end"] for s in data["distillation"]["segments"]] == [["c1"], ["c2"], ["logits"]]
+    assert [s["end"] for s in data["distillation"]["segments"]] == [["r1"], ["r2"], ["logits"]]
     old = data["fidelity_before"]["outputs"]["logits"]["sqnr_db"]
     assert data["fidelity"]["outputs"]["logits"]["sqnr_db"] > old + 3.0
 

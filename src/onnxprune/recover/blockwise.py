@@ -9,7 +9,8 @@ values per sample:
 * **Cuts** (:func:`cut_points`): tensors that every path from the graph inputs to the outputs
   passes through (after their producer, no other computed value is still needed), present in
   both graphs with the same shape on a feed (a pruned residual stream with fewer channels is
-  not a cut; its segment runs on to the next one). The cuts split the student into segments;
+  not a cut; its segment runs on to the next one), and not read only by an activation (the
+  tensor after it is the cut). The cuts split the student into segments;
   a segment without a trainable weight joins the next one.
 * **Segment k** is trained with Adam to minimise ``||f_k(x_s) - y_t||^2 / ||y_t||^2``, where
   ``x_s`` is the *student's* tensor at the previous cut (carrying every earlier segment's
@@ -83,6 +84,23 @@ def cut_points(model: ir.Model) -> list[str]:
             if name not in outputs and (not cuts or cuts[-1] != name):
                 cuts.append(name)
     return cuts
+
+
+#: Elementwise nonlinearities: a cut right before one is moved past it.
+ACTIVATIONS = frozenset(
+    {"Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+     "Elu", "Selu", "Celu", "Softplus", "Gelu", "Mish", "ThresholdedRelu"}
+)  # fmt: skip
+
+
+def _before_activation(model: ir.Model, name: str) -> bool:
+    """Whether every use of ``name`` is an activation: matching the tensor before it would
+    spend the segment on values the activation discards (the zoo's int8 MobileNetV2: cut
+    before a ReLU6, a segment went from 4.3 to 16.0 dB there while the clipped tensor that
+    the next layer reads fell from 20.2 to 12.9 dB)."""
+    value = next((v for node in model.graph for v in node.outputs if v.name == name), None)
+    uses = list(value.uses()) if value is not None else []
+    return bool(uses) and all(u.node.op_type in ACTIVATIONS for u in uses)
 
 
 @dataclasses.dataclass
@@ -291,7 +309,9 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
     cuts = [
         c
         for c in cuts
-        if s_probe[c].is_floating_point() and tuple(s_probe[c].shape) == tuple(t_probe[c].shape)
+        if s_probe[c].is_floating_point()
+        and tuple(s_probe[c].shape) == tuple(t_probe[c].shape)
+        and not _before_activation(replay.model, c)
     ]
     parts = segments(replay, teacher, cuts, outputs)
     inputs = [{n: np.asarray(f[n]) for n in replay.input_names} for f in (*fit, *held)]
