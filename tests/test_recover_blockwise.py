@@ -3,6 +3,8 @@ segment by segment (masks kept, only initializer values changed, deterministic).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -16,7 +18,14 @@ from onnxprune.testing import model_from_text  # noqa: E402
 from test_recover_distill import _cnn, _damaged, _feeds, _init, _structure, _weights  # noqa: E402
 
 OPTIONS = DistillOptions(
-    steps=60, lr=3e-3, batch_size=8, eval_every=10, patience=10, threads=1, blockwise=True
+    steps=60,
+    lr=3e-3,
+    batch_size=8,
+    eval_every=10,
+    patience=10,
+    threads=1,
+    blockwise=True,
+    block_layers=1,
 )
 
 
@@ -75,9 +84,20 @@ def test_blockwise_recovers_a_damaged_student_and_keeps_masks() -> None:
 def test_blockwise_is_deterministic() -> None:
     teacher, feeds = _cnn(_weights(0)), _feeds(24)
     options = DistillOptions(
-        steps=12, lr=3e-3, batch_size=4, eval_every=4, threads=1, blockwise=True
+        steps=12, lr=3e-3, batch_size=4, eval_every=4, threads=1, blockwise=True, block_layers=1
     )
     runs = [distill(_cnn(_damaged(_weights(0))), teacher, feeds, options) for _ in range(2)]
     assert runs[0].kept
     first, second = (ir.to_proto(r.model).SerializeToString() for r in runs)
     assert first == second
+
+
+def test_segments_hold_at_least_block_layers_layers() -> None:
+    """With the default (3 layers a segment) the 3-layer CNN is one segment; with 2, the
+    first segment runs to the first cut after conv2."""
+    teacher = _cnn(_weights(0))
+    feeds = _feeds(16)
+    for layers, ends in ((3, [["logits"]]), (2, [["r2"], ["logits"]])):
+        options = dataclasses.replace(OPTIONS, steps=4, block_layers=layers)
+        result = distill(_cnn(_damaged(_weights(0))), teacher, feeds, options)
+        assert [s["end"] for s in result.segments] == ends

@@ -56,7 +56,10 @@ def test_refusals_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = tmp_path / "out.onnx"
     base = ["recover", str(student), "--calib", str(calib), "-o", str(out)]
     assert main([*base, "--teacher", str(teacher), "--steps", "0"]) == 2
-    assert "--steps, --batch-size and --threads must be positive" in capsys.readouterr().err
+    assert (
+        "--steps, --batch-size, --threads and --block-layers must be positive"
+        in capsys.readouterr().err
+    )
     other = tmp_path / "other.onnx"
     model = _cnn(_weights(0))
     model.graph.inputs[0].name = "image"
@@ -105,6 +108,7 @@ def test_blockwise_reports_its_segments(tmp_path: Path, capsys: pytest.CaptureFi
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     argv = ["recover", str(student), "--teacher", str(teacher), "--calib", str(calib)]
     argv += ["-o", str(out), "--steps", "40", "--lr", "3e-3", "--threads", "1", "--blockwise"]
+    argv += ["--block-layers", "1"]
     assert main([*argv, "--report", str(report)]) == 0
     assert "block-wise: 3 segments" in capsys.readouterr().out
     data = json.loads(report.read_text())

@@ -81,6 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the teacher's tensor at each segment's end, the student's own tensor as its input; "
         "--steps counts per segment",
     )
+    parser.add_argument(
+        "--block-layers",
+        type=int,
+        default=3,
+        metavar="N",
+        help="--blockwise: a segment ends at the first cut after N layers with weights (3)",
+    )
     add_eval_option(parser)
     add_report_option(parser)
     parser.set_defaults(run=run, files=run_files)
@@ -93,8 +100,8 @@ def run_files(args: argparse.Namespace) -> RunFiles:
 def _options(args: argparse.Namespace) -> object:
     from onnxprune.recover.distill import DistillOptions
 
-    if args.steps < 1 or args.batch_size < 1 or args.threads < 1:
-        raise UsageError("--steps, --batch-size and --threads must be positive")
+    if min(args.steps, args.batch_size, args.threads, args.block_layers) < 1:
+        raise UsageError("--steps, --batch-size, --threads and --block-layers must be positive")
     search = args.lr == "auto"
     try:
         lr = 1e-4 if search else float(args.lr)
@@ -118,6 +125,7 @@ def _options(args: argparse.Namespace) -> object:
         augment=args.augment,
         match=match,
         blockwise=args.blockwise,
+        block_layers=args.block_layers,
     )
 
 

@@ -113,10 +113,19 @@ class Segment:
     last: bool
 
 
+#: Ops that count as a layer for ``min_layers``.
+LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
 def segments(
-    student: GraphReplay, teacher: GraphReplay, cuts: Sequence[str], outputs: Sequence[str]
+    student: GraphReplay,
+    teacher: GraphReplay,
+    cuts: Sequence[str],
+    outputs: Sequence[str],
+    min_layers: int = 1,
 ) -> list[Segment]:
-    """Split at ``cuts`` (valid in both replays); segments without weights join the next."""
+    """Split at ``cuts`` (valid in both replays): a segment ends at the first cut after it
+    holds ``min_layers`` layers with a trainable weight; what is left joins the last one."""
     found: list[Segment] = []
     start = list(student.input_names)
     bounds = [[c] for c in cuts] + [list(outputs)]
@@ -129,12 +138,27 @@ def segments(
             continue  # not a cut of the teacher, or through a node run in onnxruntime
         used = {n for step in plan for n in step.inputs}
         params = [n for n in student._key if n in used]
-        if params or last:
+        layers = sum(
+            step.op_type in LAYERS
+            and any(n in params or _dequantized(student, n, params) for n in step.inputs)
+            for step in plan
+        )
+        if (params and layers >= min_layers) or last:
             found.append(Segment(start, end, params, last))
             start = end
     if not found or found[-1].start == found[-1].end or not found[-1].last:
         raise UsageError("block-wise distillation could not split the model into segments")
     return found
+
+
+def _dequantized(replay: GraphReplay, name: str, params: Sequence[str]) -> bool:
+    """Whether ``name`` is the output of a DequantizeLinear of a trained weight."""
+    producer = replay._producers.get(name)
+    return (
+        producer is not None
+        and producer.op_type == "DequantizeLinear"
+        and (producer.inputs[0] in params)
+    )
 
 
 @dataclasses.dataclass
@@ -313,7 +337,7 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
         and tuple(s_probe[c].shape) == tuple(t_probe[c].shape)
         and not _before_activation(replay.model, c)
     ]
-    parts = segments(replay, teacher, cuts, outputs)
+    parts = segments(replay, teacher, cuts, outputs, options.block_layers)
     inputs = [{n: np.asarray(f[n]) for n in replay.input_names} for f in (*fit, *held)]
     student_at, teacher_at = inputs, inputs
     count = len(fit)

@@ -94,6 +94,11 @@ class DistillOptions:
     #: train segment by segment on the teacher's intermediate tensors
     #: (:mod:`onnxprune.recover.blockwise`); ``steps`` and ``eval_every`` count per segment
     blockwise: bool = False
+    #: block-wise: a segment ends at the first cut after this many layers with trained
+    #: weights (3: an inverted-residual block; cut after every layer, the zoo's int8
+    #: MobileNetV2 traded error in channels the next depthwise conv ignores for error in
+    #: ones it reads: every segment improved, the model lost 1.9 dB)
+    block_layers: int = 3
 
 
 @dataclasses.dataclass

@@ -222,6 +222,7 @@ class GraphReplay(torch.nn.Module):
         self._constants_env = self._fold(constants, steps, externals)
         self._session: Any = None
         self._segments: dict[tuple[tuple[str, ...], tuple[str, ...]], list[_Step]] = {}
+        self._producers = {n: step for step in steps for n in step.outputs if n}
 
     # ------------------------------------------------------------------ construction
 
