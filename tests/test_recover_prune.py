@@ -16,19 +16,21 @@ from test_recover_cli import _files
 from test_recover_distill import _structure
 
 
+@pytest.mark.parametrize("mode", ["distill", "blockwise"])
 def test_prune_recover_distill_changes_weights_only(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
 ) -> None:
     teacher, _, calib = _files(tmp_path)
     plain, recovered, report = tmp_path / "p.onnx", tmp_path / "r.onnx", tmp_path / "r.json"
     base = ["prune", str(teacher), "--ratio", "0.25", "--calib", str(calib), "--round-to", "1"]
     assert main([*base, "-o", str(plain)]) == 0
-    argv = [*base, "-o", str(recovered), "--recover", "distill", "--recover-budget", "3"]
+    argv = [*base, "-o", str(recovered), "--recover", mode, "--recover-budget", "3"]
     argv += ["--report", str(report)]
     assert main(argv) == 0
     assert "distillation:" in capsys.readouterr().out
     data = json.loads(report.read_text())["recovery"]
     assert data["distillation"]["steps"] > 0
+    assert bool(data["distillation"]["segments"]) == (mode == "blockwise")
     # Same graph as plain pruning; the weights differ exactly when distillation was kept.
     a, b = ir.load(plain), ir.load(recovered)
     assert _structure(a) == _structure(b)
