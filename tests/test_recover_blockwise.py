@@ -101,3 +101,16 @@ def test_segments_hold_at_least_block_layers_layers() -> None:
         options = dataclasses.replace(OPTIONS, steps=4, block_layers=layers)
         result = distill(_cnn(_damaged(_weights(0))), teacher, feeds, options)
         assert [s["end"] for s in result.segments] == ends
+
+
+def test_a_node_without_replay_falls_back_to_end_to_end() -> None:
+    """Segments cannot run through a node onnxruntime computes: the run is end-to-end (with
+    the upstream weights frozen, as there) and says why."""
+    teacher = _cnn(_weights(0), middle="LpNormalization")
+    student = _cnn(_damaged(_weights(0)), middle="LpNormalization")
+    result = distill(student, teacher, _feeds(), OPTIONS)
+    assert result.mode.startswith("end-to-end (block-wise needs every node")
+    assert not result.segments
+    assert result.kept
+    assert "block-wise needs every node" in result.summary()
+    np.testing.assert_array_equal(_init(result.model, "w1"), _init(student, "w1"))

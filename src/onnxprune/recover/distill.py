@@ -127,6 +127,8 @@ class DistillResult:
     lr_trials: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     #: block-wise mode: what each segment's training did
     segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: "end-to-end", "block-wise", or the end-to-end fallback and why
+    mode: str = "end-to-end"
 
     def to_dict(self) -> dict[str, Any]:
         options = dataclasses.asdict(self.options)
@@ -149,6 +151,7 @@ class DistillResult:
             "lr": self.lr,
             "lr_trials": [[r, v] for r, v in self.lr_trials],
             "segments": self.segments,
+            "mode": self.mode,
             "reproducible": self.reproducible,
             "options": options,
         }
@@ -170,6 +173,8 @@ class DistillResult:
         for name, metrics in self.before.outputs.items():
             after = self.after.outputs.get(name, {}) if self.after is not None else {}
             lines.append(f"  {name}: {_brief(metrics)} -> {_brief(after) if after else 'n/a'}")
+        if self.mode.startswith("end-to-end ("):
+            lines.append(f"  {self.mode}")
         if self.segments:
             better = sum(s["best_step"] > 0 for s in self.segments)
             lines.append(
@@ -511,8 +516,6 @@ def _train_blockwise(  # noqa: PLR0917 (one private call site)
 ) -> _Run:
     from onnxprune.recover import blockwise
 
-    if replay.external_nodes:
-        raise UsageError(f"block-wise distillation needs every node replayed: {replay.frozen_note}")
     t_replay = GraphReplay(teacher, trainable=[])
     names = loss_fn.names
     out_names = names + sorted(set(loss_fn.logits.values()) - set(names))
@@ -574,7 +577,10 @@ def distill(
         matched = _same_shapes(replay, matched, fit[0], first)
         logits = {n: src for n in probs if (src := _softmax_input(student, n)) is not None}
         loss_fn = _Loss(float_names, scores, probs, matched, options, logits=logits)
-        if options.blockwise:
+        mode = "block-wise" if options.blockwise else "end-to-end"
+        if options.blockwise and replay.external_nodes:
+            mode = "end-to-end (block-wise needs every node replayed in torch)"
+        if mode == "block-wise":
             run = _train_blockwise(replay, teacher_model, fit, held, loss_fn, options)
         else:
             run = _train(replay, fit, held, teacher_run, loss_fn, options, start)
@@ -599,6 +605,7 @@ def distill(
         lr=run.lr,
         lr_trials=run.lr_trials,
         segments=run.segments,
+        mode=mode,
     )
     if run.best_step == 0:
         reason = "kept the input: no step lowered the held-out loss"
