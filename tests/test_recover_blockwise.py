@@ -114,3 +114,24 @@ def test_a_node_without_replay_falls_back_to_end_to_end() -> None:
     assert result.kept
     assert "block-wise needs every node" in result.summary()
     np.testing.assert_array_equal(_init(result.model, "w1"), _init(student, "w1"))
+
+
+def test_a_fixed_batch_graph_runs_feed_by_feed() -> None:
+    """A Reshape to a fixed batch of 1 cannot take stacked feeds: block-wise runs them one at
+    a time and still recovers the damaged student."""
+    from onnx import helper, numpy_helper
+
+    def fixed(weights: dict[str, np.ndarray]) -> ir.Model:
+        proto = ir.to_proto(_cnn(weights))
+        flatten = next(n for n in proto.graph.node if n.op_type == "Flatten")
+        index = list(proto.graph.node).index(flatten)
+        proto.graph.node.remove(flatten)
+        proto.graph.node.insert(index, helper.make_node("Reshape", ["g", "shape"], ["f"]))
+        proto.graph.initializer.append(numpy_helper.from_array(np.array([1, 8]), "shape"))
+        return ir.from_proto(proto)
+
+    result = distill(fixed(_damaged(_weights(0))), fixed(_weights(0)), _feeds(), OPTIONS)
+    assert result.kept, result.reason
+    assert result.after is not None
+    before, after = result.before.outputs["logits"], result.after.outputs["logits"]
+    assert after["sqnr_db"] > before["sqnr_db"] + 6.0

@@ -204,11 +204,12 @@ def propagate(
     end: Sequence[str],
     batch: int,
 ) -> list[Values]:
-    """Each feed's tensors at ``end`` from its tensors at the segment's start (no gradient)."""
+    """Each feed's tensors at ``end`` from its tensors at the segment's start (no gradient);
+    ``batch`` feeds a forward where they stack on axis 0 (``batch`` 1: one at a time)."""
     result: list[Values] = []
     names = list(values[0])
     with torch.no_grad():
-        if _stackable(values):
+        if batch > 1 and _stackable(values):
             for chunk in _chunks(len(values), batch):
                 out = replay.forward_from(_stack([values[i] for i in chunk], names), end)
                 sizes = [values[i][names[0]].shape[0] for i in chunk]
@@ -229,13 +230,14 @@ def train_segment(  # noqa: PLR0917 (one private call site)
     options: Any,
     budget: float | None,
     clock: Any,
+    stack: bool = True,
 ) -> SegmentRun:
     """Adam on the segment's weights; the best held-out state is loaded at the end."""
     fit_in, fit_out, held_in, held_out = data
     start_time = clock()
     keys = [replay._key[n] for n in segment.params]
     params = [replay.params[k] for k in keys]
-    stackable = _stackable(fit_in) and _stackable(fit_out)
+    stackable = stack and _stackable(fit_in) and _stackable(fit_out)
     batch = max(1, options.batch_size)
 
     def loss_of(inputs: Sequence[Values], targets: Sequence[Values]) -> torch.Tensor:
@@ -343,8 +345,9 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
     count = len(fit)
     runs: list[SegmentRun] = []
     start = clock()
-    batch = max(8, options.batch_size)
-    costs = segment_costs(replay, parts, inputs[: max(1, options.batch_size)])
+    stack = _batchable(replay, teacher, inputs[:2])
+    batch = max(8, options.batch_size) if stack else 1
+    costs = segment_costs(replay, parts, inputs[: max(1, options.batch_size)], stack)
     with Progress(len(parts), "block-wise", enabled=options.progress) as bar:
         for index, part in enumerate(parts):
             loss_fn = make_loss(part)
@@ -359,7 +362,7 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
                 student_at[count:],
                 teacher_end[count:],
             )
-            runs.append(train_segment(replay, part, data, loss_fn, options, budget, clock))
+            runs.append(train_segment(replay, part, data, loss_fn, options, budget, clock, stack))
             bar.update(note=f"held-out {runs[-1].held_before:.3g} -> {runs[-1].held_after:.3g}")
             if part.last:
                 break
@@ -369,7 +372,7 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
 
 
 def segment_costs(
-    replay: GraphReplay, parts: Sequence[Segment], sample: Sequence[Values]
+    replay: GraphReplay, parts: Sequence[Segment], sample: Sequence[Values], stack: bool
 ) -> list[float]:
     """Seconds of one no-gradient forward of each segment on ``sample``: a time budget is
     shared in proportion (a segment at full resolution costs many at the end)."""
@@ -377,9 +380,27 @@ def segment_costs(
     values = list(sample)
     for part in parts:
         begin = time.perf_counter()
-        values = propagate(replay, values, part.end, len(values))
+        values = propagate(replay, values, part.end, len(values) if stack else 1)
         costs.append(max(time.perf_counter() - begin, 1e-6))
     return costs
+
+
+def _batchable(student: GraphReplay, teacher: GraphReplay, sample: Sequence[Values]) -> bool:
+    """Whether feeds stacked on axis 0 run as one batch in both models (a graph with a fixed
+    batch of 1 in a Reshape does not)."""
+    if len(sample) < 2 or not _stackable(sample):
+        return False
+    stacked = {n: np.concatenate([s[n] for s in sample]) for n in sample[0]}
+    try:
+        with torch.no_grad():
+            pairs = [(m(sample[0]), m(stacked)) for m in (student, teacher)]
+    except (ReplayError, RuntimeError, ValueError):
+        return False
+    return all(
+        one[n].dim() > 0 and many[n].shape[0] == len(sample) * one[n].shape[0]
+        for one, many in pairs
+        for n in one
+    )
 
 
 def elapsed_clock(budget_clock: str) -> Any:
