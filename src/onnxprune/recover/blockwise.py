@@ -24,7 +24,8 @@ values per sample:
   weights. The final keep decision is :func:`onnxprune.recover.distill.distill`'s: held-out
   fidelity of the whole model in onnxruntime.
 
-Memory: the student's and the teacher's tensors at one cut for every feed.
+Memory: each feed's student tensor at the current cut, and the teacher's at the current cut
+and at the segment's end (while the segment trains).
 """
 
 from __future__ import annotations
@@ -146,7 +147,10 @@ def segments(
         if (params and layers >= min_layers) or last:
             found.append(Segment(start, end, params, last))
             start = end
-    if not found or found[-1].start == found[-1].end or not found[-1].last:
+    if len(found) > 1 and not found[-1].params:  # nothing to train after the last cut
+        tail = found.pop()
+        found[-1] = Segment(found[-1].start, tail.end, found[-1].params, True)
+    if not found or not found[-1].last or not any(part.params for part in found):
         raise UsageError("block-wise distillation could not split the model into segments")
     return found
 
@@ -212,8 +216,9 @@ def propagate(
         if batch > 1 and _stackable(values):
             for chunk in _chunks(len(values), batch):
                 out = replay.forward_from(_stack([values[i] for i in chunk], names), end)
-                sizes = [values[i][names[0]].shape[0] for i in chunk]
-                split = {n: torch.split(out[n], sizes) for n in end}
+                split = {n: torch.chunk(out[n], len(chunk)) for n in end}
+                if any(len(v) != len(chunk) for v in split.values()):
+                    raise ReplayError(f"the tensors at {end[0]!r} do not split by feed", end[0])
                 result += [{n: split[n][k].numpy().copy() for n in end} for k in range(len(chunk))]
             return result
         for item in values:
@@ -279,6 +284,8 @@ def train_segment(  # noqa: PLR0917 (one private call site)
 
     before = held_loss()
     best, best_state, best_step = before, state(), 0
+    if not params:
+        return SegmentRun(segment.end, 0, 0, 0, before, before, 0.0, clock() - start_time)
     lr = options.lr
     if options.lr_search:
         trials = []
@@ -327,7 +334,8 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
     clock: Any,
 ) -> list[SegmentRun]:
     """Train every segment in order; returns what each did."""
-    cuts = [c for c in cut_points(replay.model) if c in set(cut_points(teacher.model))]
+    teacher_cuts = set(cut_points(teacher.model))
+    cuts = [c for c in cut_points(replay.model) if c in teacher_cuts]
     probe = {n: np.asarray(fit[0][n]) for n in replay.input_names}
     with torch.no_grad():
         s_probe = replay(probe, cuts) if cuts else {}
@@ -345,7 +353,7 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
     count = len(fit)
     runs: list[SegmentRun] = []
     start = clock()
-    stack = _batchable(replay, teacher, inputs[:2])
+    stack = _batchable(replay, teacher, parts, inputs[:2])
     batch = max(8, options.batch_size) if stack else 1
     costs = segment_costs(replay, parts, inputs[: max(1, options.batch_size)], stack)
     with Progress(len(parts), "block-wise", enabled=options.progress) as bar:
@@ -367,7 +375,7 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
             if part.last:
                 break
             student_at = propagate(replay, student_at, part.end, batch)
-            teacher_at = propagate(teacher, teacher_at, part.end, batch)
+            teacher_at = teacher_end
     return runs
 
 
@@ -385,22 +393,26 @@ def segment_costs(
     return costs
 
 
-def _batchable(student: GraphReplay, teacher: GraphReplay, sample: Sequence[Values]) -> bool:
-    """Whether feeds stacked on axis 0 run as one batch in both models (a graph with a fixed
-    batch of 1 in a Reshape does not)."""
+def _batchable(
+    student: GraphReplay, teacher: GraphReplay, parts: Sequence[Segment], sample: Sequence[Values]
+) -> bool:
+    """Whether feeds stacked on axis 0 give, at every segment's end in both models, the
+    feeds' own tensors stacked on axis 0 (not so for a Reshape to a fixed batch of 1, or a
+    sequence-first layout whose batch is another axis)."""
     if len(sample) < 2 or not _stackable(sample):
         return False
-    stacked = {n: np.concatenate([s[n] for s in sample]) for n in sample[0]}
     try:
-        with torch.no_grad():
-            pairs = [(m(sample[0]), m(stacked)) for m in (student, teacher)]
+        for replay in (student, teacher):
+            one, many = list(sample), list(sample)
+            for part in parts:
+                one = propagate(replay, one, part.end, 1)
+                many = propagate(replay, many, part.end, len(many))
+                for a, b in zip(one, many, strict=True):
+                    if any(not np.allclose(a[n], b[n], rtol=1e-4, atol=1e-5) for n in a):
+                        return False
     except (ReplayError, RuntimeError, ValueError):
         return False
-    return all(
-        one[n].dim() > 0 and many[n].shape[0] == len(sample) * one[n].shape[0]
-        for one, many in pairs
-        for n in one
-    )
+    return True
 
 
 def elapsed_clock(budget_clock: str) -> Any:

@@ -566,6 +566,8 @@ def distill(
     options = options or DistillOptions()
     if options.budget_clock not in ("wall", "cpu"):
         raise UsageError(f"budget clock {options.budget_clock!r}: expected wall or cpu")
+    if options.blockwise and (options.match or options.augment):
+        raise UsageError("match and augment apply to end-to-end distillation, not block-wise")
     if not all(r > 0 for r in (options.lr, *options.lr_search)) or options.lr_trial_steps < 1:
         raise UsageError("learning rates and the trial step count must be positive")
     teacher_model = teacher if isinstance(teacher, ir.Model) else load(teacher)
