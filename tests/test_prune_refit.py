@@ -186,3 +186,52 @@ g (float[2,3,6,6] x, float[8,3,1,1] we, float[8] be, float[4,8,3,3] w2, float[4]
         np.testing.assert_allclose(
             run_model(pruned, feed)["y"], run_model(model, feed)["y"], atol=1e-5
         )
+
+
+def test_a_constant_of_the_model_after_a_conv_is_not_taken_for_compensation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Conv -> Add(constant of the model) -> y: the refit target is the original ``y`` minus
+    the constant (= the original conv output), not the conv output minus the constant."""
+    rng = np.random.default_rng(0)
+    text = f"""{HEADER}
+g (float[2,3,6,6] x, float[8,3,1,1] we, float[8] be, float[4,8,3,3] w2, float[4] b2,
+   float[1,4,6,6] pe) => (float[2,4,6,6] y) {{
+  e = Conv (x, we, be)
+  r = Relu (e)
+  c = Conv <pads=[1,1,1,1]> (r, w2, b2)
+  y = Add (c, pe)
+}}"""
+    shapes = {"we": (8, 3, 1, 1), "be": (8,), "w2": (4, 8, 3, 3), "b2": (4,), "pe": (1, 4, 6, 6)}
+    model = model_from_text(
+        text, {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+    )
+    feeds = [{"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32)} for _ in range(5)]
+    pruned = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    (group,) = analyze(model).prunable
+    report = prune_model(
+        pruned, PruneOptions(plan=PruningPlan({group.id: [0, 2, 3, 5]}, {group.id: 8}))
+    )
+    seen = []
+    solve = recover.cross_validated_refit
+    monkeypatch.setattr(
+        recover, "cross_validated_refit", lambda folds, s0: seen.append(folds) or solve(folds, s0)
+    )
+    recover.refit_consumers(model, pruned, report.kept, feeds, report.ranks)
+    (folds,) = seen
+    original = list(iter_intermediates(model, ["c"], feeds))
+    t = np.concatenate([o["c"].transpose(0, 2, 3, 1).reshape(-1, 4) for o in original])
+    np.testing.assert_allclose(folds.target_sq.sum(), np.sum(t.astype(np.float64) ** 2), rtol=1e-5)
+
+
+def test_a_skip_computed_in_the_same_pass_starts_a_new_one() -> None:
+    """One pass for both blocks (``passes=1``): the second consumer's skip comes from the
+    first, so it gets a pass of its own, after the first refit."""
+    model = _residual_mlp()
+    pruned = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    report = prune_model(pruned, PruneOptions(ratio=0.5, round_to=1))
+    layers = recover.consumers(pruned, report.kept, report.ranks)
+    assert [c.skip for c in layers] == ["x", "z1"]
+    assert recover._split_at_skips([[0, 1]], layers) == [[0], [1]]
+    layers[1].skip_value = layers[0].skip_value  # a skip from before the chunk: one pass
+    assert recover._split_at_skips([[0, 1]], layers) == [[0, 1]]

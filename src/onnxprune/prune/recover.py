@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,7 +107,8 @@ class _Consumer:
     teacher: str = ""
     #: the residual Add's other input (the skip), read from the pruned model and subtracted
     skip: str | None = None
-    #: a constant ``[1, C, H, W]`` added right after a Conv (border compensation), subtracted
+    skip_value: ir.Value | None = None
+    #: a constant ``[C, H, W]`` (broadcastable) added right after a Conv, subtracted
     offset: np.ndarray | None = None
 
 
@@ -147,7 +148,10 @@ def refittable(node: ir.Node) -> bool:
 
 
 def consumers(
-    model: ir.Model, kept: Mapping[SpaceKey, np.ndarray], ranks: Mapping[str, int]
+    model: ir.Model,
+    kept: Mapping[SpaceKey, np.ndarray],
+    ranks: Mapping[str, int],
+    original: Collection[str] = (),
 ) -> list[_Consumer]:
     """Layers of the pruned model whose weight lost input channels, in graph order."""
     found = []
@@ -171,7 +175,7 @@ def consumers(
             value = add.outputs[0]
         consumer = _Consumer(node, kind, required(node.inputs[1]), bias, kept.get(key), out)
         consumer.target = consumer.teacher = name_of(value)
-        _follow_adds(consumer, value, ranks)
+        _follow_adds(consumer, value, ranks, original)
         found.append(consumer)
     return found
 
@@ -186,21 +190,32 @@ def _sole_add(value: ir.Value) -> tuple[ir.Node, ir.Value] | None:
     return None if other is None else (add, other)
 
 
-def _follow_adds(c: _Consumer, value: ir.Value, ranks: Mapping[str, int]) -> None:
+def _follow_adds(
+    c: _Consumer, value: ir.Value, ranks: Mapping[str, int], original: Collection[str]
+) -> None:
     """Aim the refit at what the model adds the layer's output to.
 
-    A border compensation constant ``R`` right after a Conv is subtracted from the target (the
-    layer alone must give ``Y_o - R``, since ``R`` is added after it). A residual Add right
-    after the layer (``z = y + s``, the skip ``s`` a computed tensor of the same rank) makes the
-    target ``Z_o - s_p``: the original model's sum minus the pruned model's skip, so the refit
-    also cancels the error that earlier cuts left in the skip stream where the layer's inputs
-    can predict it (the same least squares; cross-validation judges it on the sum, which is
-    what the next layers read).
+    A constant ``R`` added right after a Conv (border compensation, or a constant of the
+    model) is subtracted from the target: the layer alone must give ``Z_o - R``, ``Z_o`` the
+    original model's value after the Add where it has one (a constant of the model), else the
+    layer's original output (compensation, which exists only in the pruned model). A
+    residual Add right after that (``z = y + s``, the skip ``s`` a computed tensor of the same
+    rank) makes the target ``Z_o - s_p``: the original sum minus the pruned model's skip, so
+    the refit also cancels the error that earlier cuts left in the skip stream where the
+    layer's inputs can predict it (the same least squares; cross-validation judges it on the
+    sum, which is what the next layers read).
     """
     found = _sole_add(value)
     const = None if found is None or c.kind != "conv" else found[1].const_value
-    if found is not None and const is not None and len(const.shape) == 4 and const.shape[0] == 1:
-        c.offset = const.numpy()[0].astype(np.float64)
+    if found is not None and const is not None and len(const.shape) in (3, 4):
+        array = const.numpy().astype(np.float64)
+        c.offset = array[0] if array.ndim == 4 and array.shape[0] == 1 else array
+        if c.offset.ndim != 3:
+            c.offset = None
+            return
+        out = name_of(found[0].outputs[0])
+        if out in original:
+            c.teacher = out
         found = _sole_add(found[0].outputs[0])
     if found is None or found[1].const_value is not None:
         return
@@ -208,7 +223,7 @@ def _follow_adds(c: _Consumer, value: ir.Value, ranks: Mapping[str, int]) -> Non
     rank = ranks.get(name_of(add.outputs[0]))
     if rank is None or ranks.get(name_of(skip)) != rank:
         return
-    c.teacher, c.skip = name_of(add.outputs[0]), name_of(skip)
+    c.teacher, c.skip, c.skip_value = name_of(add.outputs[0]), name_of(skip), skip
 
 
 def _bias_add(node: ir.Node) -> ir.Node | None:
@@ -364,7 +379,8 @@ def refit_consumers(
     a ridge toward the un-refit weights, its strength (or no refit) chosen by
     leave-feeds-out cross-validation (:mod:`onnxprune.prune.ridge`).
     """
-    layers = consumers(pruned, kept, ranks)
+    names = {v.name for node in original.graph for v in node.outputs if v.name}
+    layers = consumers(pruned, kept, ranks, names)
     if not layers or not feeds:
         return []
     per_feed = max(1, max_rows // len(feeds))
@@ -381,13 +397,14 @@ def refit_consumers(
             shapes[c.target].append(y.shape)
             t = _targets(c, y, pos)
             if c.offset is not None:
-                t = t - c.offset[:, pos[:, 1], pos[:, 2]].T
+                offset = np.broadcast_to(c.offset, (t.shape[1], *y.shape[2:]))
+                t = t - offset[:, pos[:, 1], pos[:, 2]].T
             teacher[c.target].append(t.astype(np.float32))
     folds = fold_of(len(feeds))
     # A chunk holds its consumers' sampled input rows (float32); the normal equations of one
     # consumer at a time are built from them when it is solved.
     sizes = [4 * min(max_rows, per_feed * len(feeds)) * _columns(c) for c in layers]
-    chunks = refit_chunks(sizes)
+    chunks = _split_at_skips(refit_chunks(sizes), layers)
     logger.info(
         "refit %d consumers in %d passes over %d feeds", len(layers), len(chunks), len(feeds)
     )
@@ -399,6 +416,37 @@ def refit_consumers(
             )
             bar.update(len(chunk))
     return results
+
+
+def _split_at_skips(chunks: list[list[int]], layers: Sequence[_Consumer]) -> list[list[int]]:
+    """Start a new chunk at a consumer whose skip is computed from an earlier consumer of its
+    chunk: its target subtracts the skip as the pass saw it, before that consumer's refit,
+    and would cancel the same error twice."""
+    result: list[list[int]] = []
+    for chunk in chunks:
+        result.append([])
+        for index in chunk:
+            c = layers[index]
+            earlier = {id(layers[i].node) for i in result[-1]}
+            if c.skip is not None and earlier and _computed_from(c, earlier):
+                result.append([])
+            result[-1].append(index)
+    return result
+
+
+def _computed_from(c: _Consumer, nodes: set[int]) -> bool:
+    """Whether ``c``'s skip depends on any of ``nodes`` (by id)."""
+    assert c.skip_value is not None
+    stack, seen = [c.skip_value.producer()], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        if id(node) in nodes:
+            return True
+        seen.add(id(node))
+        stack += [v.producer() for v in node.inputs if v is not None]
+    return False
 
 
 def _refit_chunk(  # noqa: PLR0917 - private helper of refit_consumers
