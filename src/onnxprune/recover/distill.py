@@ -99,9 +99,6 @@ class DistillOptions:
     #: MobileNetV2 traded error in channels the next depthwise conv ignores for error in
     #: ones it reads: every segment improved, the model lost 1.9 dB)
     block_layers: int = 3
-    #: block-wise: weight of the error of each NCHW cut's spatial means (what a global
-    #: pooling keeps) added to its squared error (experimental; 0 = off)
-    pooled_weight: float = 0.0
 
 
 @dataclasses.dataclass
@@ -497,28 +494,15 @@ class _SegmentLoss:
     """Block-wise loss: the distillation loss on the last segment's outputs, else the
     normalised squared error of the segment's end tensors."""
 
-    def __init__(
-        self,
-        end: Sequence[str],
-        last: _Loss | None,
-        out_names: Sequence[str],
-        pooled: float = 0.0,
-    ) -> None:
+    def __init__(self, end: Sequence[str], last: _Loss | None, out_names: Sequence[str]) -> None:
         self.last = last
-        self.pooled = pooled
         self.target_names = list(last.names) if last is not None else list(end)
         self.student_names = list(out_names) if last is not None else list(end)
 
     def __call__(self, student: Mapping[str, torch.Tensor], teacher: Feed) -> torch.Tensor:
         if self.last is not None:
             return self.last(student, teacher)
-        terms = []
-        for n in self.target_names:
-            s, t = student[n], torch.from_numpy(teacher[n])
-            term = _nmse(s, t)
-            if self.pooled and s.dim() == 4:  # the error a global pooling keeps
-                term = term + self.pooled * _nmse(s.mean(dim=(2, 3)), t.mean(dim=(2, 3)))
-            terms.append(term)
+        terms = [_nmse(student[n], torch.from_numpy(teacher[n])) for n in self.target_names]
         return torch.stack(terms).mean()
 
 
@@ -537,9 +521,7 @@ def _train_blockwise(  # noqa: PLR0917 (one private call site)
     out_names = names + sorted(set(loss_fn.logits.values()) - set(names))
 
     def make_loss(part: blockwise.Segment) -> _SegmentLoss:
-        return _SegmentLoss(
-            part.end, loss_fn if part.last else None, out_names, options.pooled_weight
-        )
+        return _SegmentLoss(part.end, loss_fn if part.last else None, out_names)
 
     clock = blockwise.elapsed_clock(options.budget_clock)
     runs = blockwise.train_blockwise(replay, t_replay, fit, held, names, make_loss, options, clock)
