@@ -106,10 +106,13 @@ class _Consumer:
     #: Add right after it
     teacher: str = ""
     #: the residual Add's other input (the skip), read from the pruned model and subtracted
-    skip: str | None = None
     skip_value: ir.Value | None = None
     #: a constant ``[C, H, W]`` (broadcastable) added right after a Conv, subtracted
     offset: np.ndarray | None = None
+
+    @property
+    def skip(self) -> str | None:
+        return None if self.skip_value is None else name_of(self.skip_value)
 
 
 def _attr(node: ir.Node, name: str, default: Any) -> Any:
@@ -223,7 +226,7 @@ def _follow_adds(
     rank = ranks.get(name_of(add.outputs[0]))
     if rank is None or ranks.get(name_of(skip)) != rank:
         return
-    c.teacher, c.skip, c.skip_value = name_of(add.outputs[0]), name_of(skip), skip
+    c.teacher, c.skip_value = name_of(add.outputs[0]), skip
 
 
 def _bias_add(node: ir.Node) -> ir.Node | None:

@@ -31,7 +31,6 @@ and at the segment's end (while the segment trains).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -43,6 +42,7 @@ import torch
 from onnxprune.errors import UsageError
 from onnxprune.passes._match import name_of
 from onnxprune.progress import Progress
+from onnxprune.recover.distill import shuffled_batches, stack_feeds
 from onnxprune.recover.replay import GraphReplay, ReplayError
 
 __all__ = ["Segment", "cut_points", "segments"]
@@ -94,13 +94,12 @@ ACTIVATIONS = frozenset(
 )  # fmt: skip
 
 
-def _before_activation(model: ir.Model, name: str) -> bool:
-    """Whether every use of ``name`` is an activation: matching the tensor before it would
+def _before_activation(value: ir.Value) -> bool:
+    """Whether every use of ``value`` is an activation: matching the tensor before it would
     spend the segment on values the activation discards (the zoo's int8 MobileNetV2: cut
     before a ReLU6, a segment went from 4.3 to 16.0 dB there while the clipped tensor that
     the next layer reads fell from 20.2 to 12.9 dB)."""
-    value = next((v for node in model.graph for v in node.outputs if v.name == name), None)
-    uses = list(value.uses()) if value is not None else []
+    uses = list(value.uses())
     return bool(uses) and all(u.node.op_type in ACTIVATIONS for u in uses)
 
 
@@ -133,8 +132,8 @@ def segments(
     for index, end in enumerate(bounds):
         last = index == len(bounds) - 1
         try:
-            plan = student._segment(set(start), end)
-            teacher._segment(set(start), end)
+            plan = student.segment_plan(start, end)
+            teacher.segment_plan(start, end)
         except ReplayError:
             continue  # not a cut of the teacher, or through a node run in onnxruntime
         used = {n for step in plan for n in step.inputs}
@@ -188,8 +187,8 @@ class SegmentRun:
         return data
 
 
-def _stack(items: Sequence[Values], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    return {n: torch.from_numpy(np.concatenate([i[n] for i in items], axis=0)) for n in names}
+def _stack(items: Sequence[Values]) -> dict[str, torch.Tensor]:
+    return {n: torch.from_numpy(a) for n, a in stack_feeds(items).items()}
 
 
 def _stackable(items: Sequence[Values]) -> bool:
@@ -215,7 +214,7 @@ def propagate(
     with torch.no_grad():
         if batch > 1 and _stackable(values):
             for chunk in _chunks(len(values), batch):
-                out = replay.forward_from(_stack([values[i] for i in chunk], names), end)
+                out = replay.forward_from(_stack([values[i] for i in chunk]), end)
                 split = {n: torch.chunk(out[n], len(chunk)) for n in end}
                 if any(len(v) != len(chunk) for v in split.values()):
                     raise ReplayError(f"the tensors at {end[0]!r} do not split by feed", end[0])
@@ -248,9 +247,7 @@ def train_segment(  # noqa: PLR0917 (one private call site)
     def loss_of(inputs: Sequence[Values], targets: Sequence[Values]) -> torch.Tensor:
         names = loss_fn.student_names
         if stackable:
-            got = replay.forward_from(_stack(inputs, list(inputs[0])), names)
-            want = {n: np.concatenate([t[n] for t in targets], axis=0) for n in targets[0]}
-            return loss_fn(got, want)
+            return loss_fn(replay.forward_from(_stack(inputs), names), stack_feeds(targets))
         terms = [
             loss_fn(replay.forward_from({n: torch.from_numpy(v) for n, v in i.items()}, names), t)
             for i, t in zip(inputs, targets, strict=True)
@@ -267,12 +264,6 @@ def train_segment(  # noqa: PLR0917 (one private call site)
 
     def state() -> dict[str, torch.Tensor]:
         return {k: replay.params[k].detach().clone() for k in keys}
-
-    def batches(rng: np.random.Generator) -> Iterator[list[int]]:
-        while True:
-            order = rng.permutation(len(fit_in)).tolist()
-            for begin in range(0, len(order), batch):
-                yield order[begin : begin + batch]
 
     def step(optimizer: torch.optim.Optimizer, indices: list[int]) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -292,14 +283,14 @@ def train_segment(  # noqa: PLR0917 (one private call site)
         for rate in sorted(options.lr_search):
             replay.load(best_state)
             trial = torch.optim.Adam(params, lr=rate)
-            order = batches(np.random.default_rng(options.seed))
+            order = shuffled_batches(len(fit_in), batch, np.random.default_rng(options.seed))
             for _ in range(options.lr_trial_steps):
                 step(trial, next(order))
             trials.append((held_loss(), rate))
         lr = min(trials)[1]
         replay.load(best_state)
     optimizer = torch.optim.Adam(params, lr=lr)
-    order = batches(np.random.default_rng(options.seed))
+    order = shuffled_batches(len(fit_in), batch, np.random.default_rng(options.seed))
     stale, done, stopped = 0, 0, False
     for index in range(1, options.steps + 1):
         step(optimizer, next(order))
@@ -340,12 +331,13 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
     with torch.no_grad():
         s_probe = replay(probe, cuts) if cuts else {}
         t_probe = teacher(probe, cuts) if cuts else {}
+    values = {v.name: v for node in replay.model.graph for v in node.outputs if v.name}
     cuts = [
         c
         for c in cuts
         if s_probe[c].is_floating_point()
         and tuple(s_probe[c].shape) == tuple(t_probe[c].shape)
-        and not _before_activation(replay.model, c)
+        and not _before_activation(values[c])
     ]
     parts = segments(replay, teacher, cuts, outputs, options.block_layers)
     inputs = [{n: np.asarray(f[n]) for n in replay.input_names} for f in (*fit, *held)]
@@ -420,7 +412,3 @@ def elapsed_clock(budget_clock: str) -> Any:
     if budget_clock == "cpu":
         return time.process_time
     return time.perf_counter
-
-
-def total_loss(runs: Sequence[SegmentRun]) -> float:
-    return math.fsum(r.held_after for r in runs)

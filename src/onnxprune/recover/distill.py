@@ -240,7 +240,8 @@ def _max_shift(feed: Feed) -> int:
     return 0
 
 
-def _stack(feeds: Sequence[Feed]) -> dict[str, np.ndarray]:
+def stack_feeds(feeds: Sequence[Feed]) -> dict[str, np.ndarray]:
+    """The feeds' arrays joined on axis 0, by name."""
     return {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
 
 
@@ -447,7 +448,7 @@ def _batchable(replay: GraphReplay, feeds: Sequence[Feed], single: Mapping[str, 
         return False
     try:
         with torch.no_grad():
-            out = replay(_stack(feeds[:2]))
+            out = replay(stack_feeds(feeds[:2]))
     except (ReplayError, RuntimeError, ValueError):
         return False
     return all(
@@ -645,7 +646,7 @@ def _elapsed(options: DistillOptions, start_ns: int, start_cpu: float) -> float:
     return (time.perf_counter_ns() - start_ns) / 1e9
 
 
-def _batches(count: int, size: int, rng: np.random.Generator) -> Iterator[list[int]]:
+def shuffled_batches(count: int, size: int, rng: np.random.Generator) -> Iterator[list[int]]:
     """Endless shuffled epochs of ``count`` indices, cut into batches of ``size``."""
     while True:
         order = rng.permutation(count).tolist()
@@ -673,7 +674,7 @@ def _train(  # noqa: PLR0917 (one private call site)
     def forward_loss(items: Sequence[tuple[int, tuple[int, int, int], Feed]]) -> torch.Tensor:
         targets = [teacher(index, key, feed) for index, key, feed in items]
         if batchable:
-            student = replay(_stack([f for _, _, f in items]), out_names)
+            student = replay(stack_feeds([f for _, _, f in items]), out_names)
             joined = {n: np.concatenate([t[n] for t in targets], axis=0) for n in targets_names}
             return loss_fn(student, joined)
         losses = [
@@ -720,7 +721,7 @@ def _train(  # noqa: PLR0917 (one private call site)
             replay.load(best_state)
             rng = np.random.default_rng(options.seed)
             trial = torch.optim.Adam(params, lr=lr)
-            batches = _batches(len(fit), max(1, options.batch_size), rng)
+            batches = shuffled_batches(len(fit), max(1, options.batch_size), rng)
             for _ in range(options.lr_trial_steps):
                 step_once(trial, batches)
             run.lr_trials.append((lr, held_loss()))
@@ -728,7 +729,7 @@ def _train(  # noqa: PLR0917 (one private call site)
         replay.load(best_state)
         rng = np.random.default_rng(options.seed)
     optimizer = torch.optim.Adam(params, lr=run.lr)
-    batches = _batches(len(fit), max(1, options.batch_size), rng)
+    batches = shuffled_batches(len(fit), max(1, options.batch_size), rng)
     stale = 0
     with Progress(options.steps, "distill", enabled=options.progress) as bar:
         for step in range(1, options.steps + 1):

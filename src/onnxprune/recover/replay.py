@@ -390,10 +390,7 @@ class GraphReplay(torch.nn.Module):
             ReplayError: the segment needs a value not given (a graph input, a tensor from
                 before the given ones) or a node run in onnxruntime.
         """
-        key = (tuple(sorted(values)), tuple(outputs))
-        plan = self._segments.get(key)
-        if plan is None:
-            plan = self._segments[key] = self._segment(set(values), outputs)
+        plan = self.segment_plan(values, outputs)
         env: dict[str, Any] = dict(self._constants_env)
         for name in self._key:
             env[name] = self.parameter_value(name)
@@ -403,6 +400,15 @@ class GraphReplay(torch.nn.Module):
                 if name and out is not None:
                     env[name] = out
         return {n: env[n] for n in outputs}
+
+    def segment_plan(self, given: Collection[str], outputs: Sequence[str]) -> list[_Step]:
+        """The nodes :meth:`forward_from` runs from ``given`` to ``outputs`` (computed once
+        per pair); raises :class:`ReplayError` as it does."""
+        key = (tuple(sorted(given)), tuple(outputs))
+        plan = self._segments.get(key)
+        if plan is None:
+            plan = self._segments[key] = self._segment(set(given), outputs)
+        return plan
 
     def _segment(self, given: set[str], outputs: Sequence[str]) -> list[_Step]:
         known = set(self._constants_env) | set(self._key) | given
