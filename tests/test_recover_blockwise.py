@@ -94,6 +94,20 @@ def test_blockwise_is_deterministic() -> None:
     assert first == second
 
 
+def test_blockwise_rate_search_is_per_segment_and_within_the_budget() -> None:
+    teacher, feeds = _cnn(_weights(0)), _feeds(24)
+    common = {"steps": 8, "batch_size": 4, "eval_every": 4, "threads": 1}
+    options = DistillOptions(blockwise=True, block_layers=1, lr_search=(1e-7, 3e-3), **common)
+    result = distill(_cnn(_damaged(_weights(0))), teacher, feeds, options)
+    assert result.lr is None  # no single rate: each segment reports its own
+    assert [s["lr"] for s in result.segments] == [3e-3] * 3
+    assert result.reproducible
+    spent = dataclasses.replace(options, time_budget=1e-9)
+    result = distill(_cnn(_damaged(_weights(0))), teacher, feeds, spent)
+    assert all(s["lr"] == spent.lr and s["stopped_by_budget"] for s in result.segments)
+    assert not result.reproducible
+
+
 def test_segments_hold_at_least_block_layers_layers() -> None:
     """With the default (3 layers a segment) the 3-layer CNN is one segment; with 2, the
     first segment runs to the first cut after conv2."""

@@ -125,4 +125,6 @@ def test_blockwise_refuses_end_to_end_options(
     argv = ["recover", str(student), "--teacher", str(teacher), "--calib", str(calib)]
     assert main([*argv, "-o", str(out), "--blockwise", "--augment"]) == 2
     assert "--augment and --match apply to end-to-end" in capsys.readouterr().err
+    assert main([*argv, "-o", str(out), "--block-layers", "2"]) == 2
+    assert "--block-layers sets the segment size of --blockwise" in capsys.readouterr().err
     assert not out.exists()

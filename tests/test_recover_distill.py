@@ -332,6 +332,36 @@ def test_learning_rate_search_picks_the_best_trial_and_restarts_from_the_input()
     assert searched_bytes == direct_bytes
 
 
+def test_rate_search_stops_when_the_time_budget_is_spent() -> None:
+    from onnxprune.recover.distill import search_rate
+
+    tried: list[float] = []
+    losses = {1e-3: 0.5, 1e-4: 0.2, 1e-5: 0.2}
+
+    def trial(rate: float) -> float:
+        tried.append(rate)
+        return losses[rate]
+
+    # ascending order, ties keep the smaller rate
+    assert search_rate((1e-3, 1e-4, 1e-5), trial, lambda: False) == (
+        1e-5,
+        [(1e-5, 0.2), (1e-4, 0.2), (1e-3, 0.5)],
+    )
+    tried.clear()
+    assert search_rate((1e-3, 1e-4), trial, lambda: len(tried) >= 1) == (1e-4, [(1e-4, 0.2)])
+    assert search_rate((1e-3,), trial, lambda: True) == (None, [])
+    # Through distill: a budget spent before the search starts runs no trial; the given
+    # rate is used and the run says the clock decided.
+    result = distill(
+        _cnn(_damaged(_weights(0))),
+        _cnn(_weights(0)),
+        _feeds(24),
+        DistillOptions(steps=5, lr=3e-3, lr_search=(1e-4, 3e-3), threads=1, time_budget=1e-9),
+    )
+    assert result.lr_trials == [] and result.lr == 3e-3
+    assert result.steps == 1 and not result.reproducible
+
+
 def test_retained_heap_is_active_on_glibc_and_a_no_op_elsewhere(monkeypatch) -> None:
     from onnxprune.recover import allocator
 

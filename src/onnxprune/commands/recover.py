@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--block-layers",
         type=int,
-        default=3,
+        default=None,
         metavar="N",
         help="--blockwise: a segment ends at the first cut after N layers with weights (3)",
     )
@@ -100,7 +100,10 @@ def run_files(args: argparse.Namespace) -> RunFiles:
 def _options(args: argparse.Namespace) -> object:
     from onnxprune.recover.distill import DistillOptions
 
-    if min(args.steps, args.batch_size, args.threads, args.block_layers) < 1:
+    if args.block_layers is not None and not args.blockwise:
+        raise UsageError("--block-layers sets the segment size of --blockwise; add --blockwise")
+    block_layers = 3 if args.block_layers is None else args.block_layers
+    if min(args.steps, args.batch_size, args.threads, block_layers) < 1:
         raise UsageError("--steps, --batch-size, --threads and --block-layers must be positive")
     search = args.lr == "auto"
     try:
@@ -125,7 +128,7 @@ def _options(args: argparse.Namespace) -> object:
         augment=args.augment,
         match=match,
         blockwise=args.blockwise,
-        block_layers=args.block_layers,
+        block_layers=block_layers,
     )
 
 
@@ -164,11 +167,12 @@ def add_recover_option(parser: argparse.ArgumentParser, *, when: str = "after th
 
 
 def check_recover(args: argparse.Namespace, *, needs_calib: bool = True) -> None:
-    """``--recover distill`` needs torch and ``--calib`` (one line each, exit 2)."""
+    """``--recover distill|blockwise`` needs torch and ``--calib`` (one line each, exit 2)."""
+    option = f"--recover {getattr(args, 'recover', 'distill')}"
     if importlib.util.find_spec("torch") is None:
-        raise UsageError(NO_TORCH.replace("recover needs", "--recover distill needs"))
+        raise UsageError(NO_TORCH.replace("recover needs", f"{option} needs"))
     if needs_calib and not args.calib:
-        raise UsageError("--recover distill needs --calib (unlabeled samples to distil on)")
+        raise UsageError(f"{option} needs --calib (unlabeled samples to distil on)")
 
 
 def run_pass(args: argparse.Namespace, write: Callable[[str | Path], Any]) -> Any:

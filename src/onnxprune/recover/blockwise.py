@@ -42,7 +42,7 @@ import torch
 from onnxprune.errors import UsageError
 from onnxprune.passes._match import name_of
 from onnxprune.progress import Progress
-from onnxprune.recover.distill import shuffled_batches, stack_feeds
+from onnxprune.recover.distill import search_rate, shuffled_batches, stack_feeds
 from onnxprune.recover.replay import GraphReplay, ReplayError
 
 __all__ = ["Segment", "cut_points", "segments"]
@@ -277,26 +277,32 @@ def train_segment(  # noqa: PLR0917 (one private call site)
     best, best_state, best_step = before, state(), 0
     if not params:
         return SegmentRun(segment.end, 0, 0, 0, before, before, 0.0, clock() - start_time)
-    lr = options.lr
+
+    def out_of_time() -> bool:
+        return budget is not None and clock() - start_time >= budget
+
+    def trial(rate: float) -> float:
+        replay.load(best_state)
+        optimizer = torch.optim.Adam(params, lr=rate)
+        order = shuffled_batches(len(fit_in), batch, np.random.default_rng(options.seed))
+        for _ in range(options.lr_trial_steps):
+            step(optimizer, next(order))
+        return held_loss()
+
+    lr, searched = options.lr, True
     if options.lr_search:
-        trials = []
-        for rate in sorted(options.lr_search):
-            replay.load(best_state)
-            trial = torch.optim.Adam(params, lr=rate)
-            order = shuffled_batches(len(fit_in), batch, np.random.default_rng(options.seed))
-            for _ in range(options.lr_trial_steps):
-                step(trial, next(order))
-            trials.append((held_loss(), rate))
-        lr = min(trials)[1]
+        chosen, trials = search_rate(options.lr_search, trial, out_of_time)
+        searched = len(trials) == len(options.lr_search)
+        lr = options.lr if chosen is None else chosen
         replay.load(best_state)
     optimizer = torch.optim.Adam(params, lr=lr)
     order = shuffled_batches(len(fit_in), batch, np.random.default_rng(options.seed))
-    stale, done, stopped = 0, 0, False
+    stale, done, stopped = 0, 0, not searched
     for index in range(1, options.steps + 1):
         step(optimizer, next(order))
         done = index
-        out_of_time = budget is not None and clock() - start_time >= budget
-        if index % options.eval_every == 0 or index == options.steps or out_of_time:
+        stop = out_of_time()
+        if index % options.eval_every == 0 or index == options.steps or stop:
             current = held_loss()
             if current < best:
                 best, best_state, best_step, stale = current, state(), index, 0
@@ -304,8 +310,8 @@ def train_segment(  # noqa: PLR0917 (one private call site)
                 stale += 1
             if stale >= options.patience:
                 break
-        if out_of_time:
-            stopped = index < options.steps
+        if stop:
+            stopped = stopped or index < options.steps
             break
     replay.load(best_state)
     return SegmentRun(

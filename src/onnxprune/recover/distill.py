@@ -44,7 +44,7 @@ import collections
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,8 +122,9 @@ class DistillResult:
     held_losses: list[tuple[int, float]]
     reproducible: bool
     options: DistillOptions
-    #: the learning rate used, and ``(rate, held-out loss after its trial)`` when searched
-    lr: float = 0.0
+    #: the learning rate used (None: block-wise, each segment's own in ``segments``), and
+    #: ``(rate, held-out loss after its trial)`` when searched
+    lr: float | None = 0.0
     lr_trials: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     #: block-wise mode: what each segment's training did
     segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -486,7 +487,7 @@ class _Run:
     best_loss: float = math.inf
     reproducible: bool = True
     held_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
-    lr: float = 0.0
+    lr: float | None = 0.0
     lr_trials: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
@@ -526,7 +527,8 @@ def _train_blockwise(  # noqa: PLR0917 (one private call site)
 
     clock = blockwise.elapsed_clock(options.budget_clock)
     runs = blockwise.train_blockwise(replay, t_replay, fit, held, names, make_loss, options, clock)
-    run = _Run(lr=options.lr)
+    # each segment searched its own rate (in ``segments``) where a search was asked for
+    run = _Run(lr=None if options.lr_search else options.lr)
     run.steps = sum(r.steps for r in runs)
     run.best_step = sum(r.best_step for r in runs)
     run.best_loss = runs[-1].held_after
@@ -646,6 +648,22 @@ def _elapsed(options: DistillOptions, start_ns: int, start_cpu: float) -> float:
     return (time.perf_counter_ns() - start_ns) / 1e9
 
 
+def search_rate(
+    rates: Sequence[float], trial: Callable[[float], float], out_of_time: Callable[[], bool]
+) -> tuple[float | None, list[tuple[float, float]]]:
+    """The rate whose ``trial`` (a few steps from the same start, then the held-out loss) is
+    lowest, smaller rates first and kept on ties, with ``(rate, loss)`` per trial run. No
+    trial starts once ``out_of_time()``: the time budget covers the search; None when no
+    trial ran."""
+    trials: list[tuple[float, float]] = []
+    for rate in sorted(rates):
+        if out_of_time():
+            break
+        trials.append((rate, trial(rate)))
+    best = min(trials, key=lambda t: t[1])[0] if trials else None
+    return best, trials
+
+
 def shuffled_batches(count: int, size: int, rng: np.random.Generator) -> Iterator[list[int]]:
     """Endless shuffled epochs of ``count`` indices, cut into batches of ``size``."""
     while True:
@@ -716,29 +734,42 @@ def _train(  # noqa: PLR0917 (one private call site)
     params = list(replay.params.values())
     if not params or options.steps <= 0:
         return run
+
+    rate = options.lr
+
+    def out_of_time() -> bool:
+        return (
+            options.time_budget is not None
+            and _elapsed(options, start_ns, start_cpu) >= options.time_budget
+        )
+
     if options.lr_search:
-        for lr in sorted(options.lr_search):  # same start, same batches for every rate
+
+        def trial(lr: float) -> float:
+            nonlocal rng  # same start, same batches for every rate
             replay.load(best_state)
             rng = np.random.default_rng(options.seed)
-            trial = torch.optim.Adam(params, lr=lr)
+            optimizer = torch.optim.Adam(params, lr=lr)
             batches = shuffled_batches(len(fit), max(1, options.batch_size), rng)
             for _ in range(options.lr_trial_steps):
-                step_once(trial, batches)
-            run.lr_trials.append((lr, held_loss()))
-        run.lr = min(run.lr_trials, key=lambda t: t[1])[0]  # min keeps the smaller on ties
+                step_once(optimizer, batches)
+            return held_loss()
+
+        chosen, run.lr_trials = search_rate(options.lr_search, trial, out_of_time)
+        rate = run.lr = options.lr if chosen is None else chosen
+        run.reproducible = len(run.lr_trials) == len(options.lr_search)
         replay.load(best_state)
         rng = np.random.default_rng(options.seed)
-    optimizer = torch.optim.Adam(params, lr=run.lr)
+    optimizer = torch.optim.Adam(params, lr=rate)
     batches = shuffled_batches(len(fit), max(1, options.batch_size), rng)
     stale = 0
     with Progress(options.steps, "distill", enabled=options.progress) as bar:
         for step in range(1, options.steps + 1):
             loss = step_once(optimizer, batches)
             run.steps = step
-            elapsed = _elapsed(options, start_ns, start_cpu)
-            out_of_time = options.time_budget is not None and elapsed >= options.time_budget
+            stop = out_of_time()
             bar.update(note=f"loss {loss:.4g}")
-            if step % options.eval_every == 0 or step == options.steps or out_of_time:
+            if step % options.eval_every == 0 or step == options.steps or stop:
                 current = held_loss()
                 run.held_losses.append((step, current))
                 if current < run.best_loss:
@@ -746,10 +777,10 @@ def _train(  # noqa: PLR0917 (one private call site)
                     best_state = replay.state()
                 else:
                     stale += 1
-                if stale >= options.patience and not out_of_time:
+                if stale >= options.patience and not stop:
                     break
-            if out_of_time:
-                run.reproducible = step == options.steps
+            if stop:
+                run.reproducible = run.reproducible and step == options.steps
                 break
     replay.load(best_state)
     return run
