@@ -375,3 +375,23 @@ g (float[1,3,8,8] x, float[6,3,3,3] w1, float[6] b1, float[4,6,3,3] w2, float[4]
     solution, *_ = np.linalg.lstsq(basis, target, rcond=None)
     expected = float(np.sum((target - basis @ solution) ** 2))
     assert error == pytest.approx(expected, rel=1e-3)
+
+
+def test_report_says_when_only_part_of_the_fit_samples_were_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Statistics and refits read at most FIT_SAMPLES fit samples; the report says so
+    rather than letting the split's description ("fitting used ...") claim all of them."""
+    from onnxprune.prune import api
+
+    options = PruneOptions(target_macs=0.75, round_to=1, allocation="uniform")
+    calib = np.load(digits_calibration())
+    fit = len(calib[next(iter(calib.files))]) * 3 // 4  # the rest is held out
+    monkeypatch.setattr(api, "FIT_SAMPLES", 10)
+    result = prune_file(digits_model(), tmp_path / "p.onnx", options, calib=digits_calibration())
+    assert f"statistics and refits used the first 10 of the {fit} fit samples" in (
+        result.steps[0].notes
+    )
+    monkeypatch.setattr(api, "FIT_SAMPLES", 10**6)
+    result = prune_file(digits_model(), tmp_path / "q.onnx", options, calib=digits_calibration())
+    assert not any("fit samples" in n for n in result.steps[0].notes)
