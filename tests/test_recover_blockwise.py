@@ -48,8 +48,89 @@ g (float[1,4,6,6] x, float[4,4,3,3] wa, float[4,4,3,3] wb) => (float[1,4,6,6] o)
 
 def test_cut_points_are_the_tensors_every_path_passes_through() -> None:
     # b is not a cut (r is still needed by the Add); the output o is not a cut
-    assert cut_points(_residual()) == ["a", "r", "s"]
-    assert cut_points(_cnn(_weights(0))) == ["c1", "r1", "c2", "r2", "g", "f"]
+    assert cut_points(_residual()) == [("a",), ("r",), ("s",)]
+    assert cut_points(_cnn(_weights(0))) == [("c1",), ("r1",), ("c2",), ("r2",), ("g",), ("f",)]
+
+
+def _masked(weights: dict[str, np.ndarray], late: bool = False) -> ir.Model:
+    """Two token layers that each add the same additive mask built from an input once (as
+    a transformer's attention mask): the mask stays live through both layers. ``late``:
+    the second layer rebuilds it from ``m`` (same function, other side values live)."""
+    second = (
+        "keep2 = Sub (one, m)\n  bias2 = Mul (keep2, big)" if late else "bias2 = Identity (bias)"
+    )
+    text = f"""<ir_version: 10, opset_import: ["" : 18]>
+g (float[N,6,4] x, float[N,6] mask, int64[1] axis, float one, float big, float[4,4] w1,
+   float[4,4] w2, float[4,3] w3) => (float[N,6,3] o) {{
+  m = Unsqueeze (mask, axis)
+  keep = Sub (one, m)
+  bias = Mul (keep, big)
+  h1 = MatMul (x, w1)
+  a1 = Add (h1, bias)
+  r1 = Relu (a1)
+  {second}
+  h2 = MatMul (r1, w2)
+  a2 = Add (h2, bias2)
+  r2 = Relu (a2)
+  o = MatMul (r2, w3)
+}}"""
+    constants = {
+        "axis": np.array([2], np.int64),
+        "one": np.array(1.0, np.float32),
+        "big": np.array(-3.0, np.float32),
+    }
+    return model_from_text(text, {**constants, **weights})
+
+
+def _masked_weights(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = {"w1": (4, 4), "w2": (4, 4), "w3": (4, 3)}
+    return {k: (rng.standard_normal(v) * 0.6).astype(np.float32) for k, v in shapes.items()}
+
+
+def _masked_feeds(count: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    feeds = []
+    for _ in range(count):
+        mask = np.ones((1, 6), np.float32)
+        mask[0, int(rng.integers(3, 7)) :] = 0.0
+        feeds.append({"x": rng.standard_normal((1, 6, 4)).astype(np.float32), "mask": mask})
+    return feeds
+
+
+def test_a_side_value_live_through_the_layers_rides_along_the_cuts() -> None:
+    """Without side values the mask would leave no cut at all (the whole model one segment);
+    each hidden state is a cut that carries the mask, and only the hidden state is matched."""
+    teacher = _masked(_masked_weights(0))
+    assert cut_points(teacher) == [
+        ("h1", "bias"),
+        ("a1", "bias"),
+        ("r1", "bias2"),  # the later point: the Identity's output is the side value there
+        ("h2", "bias2"),
+        ("a2",),
+        ("r2",),
+    ]
+    damaged = _masked_weights(0)
+    damaged["w1"] = damaged["w1"] + np.random.default_rng(9).standard_normal((4, 4)).astype(
+        np.float32
+    ) * np.float32(0.4)
+    options = dataclasses.replace(OPTIONS, steps=300, lr=1e-2, eval_every=20)
+    # The student's side values differ from the teacher's where it rebuilds the mask: each
+    # model carries its own along; the cuts are matched by their value.
+    for late, ends in (
+        (False, [["h1", "bias"], ["h2", "bias2"], ["o"]]),
+        (True, [["h1", "bias", "m"], ["h2", "bias2"], ["o"]]),
+    ):
+        student = _masked(damaged, late=late)
+        result = distill(student, teacher, _masked_feeds(40), options)
+        assert result.mode == "block-wise"
+        assert [s["end"] for s in result.segments] == ends
+        assert result.kept, result.reason
+        assert result.after is not None
+        before, after = result.before.outputs["o"], result.after.outputs["o"]
+        assert after["sqnr_db"] > before["sqnr_db"] + 6.0, (before, after)
+        first = result.segments[0]
+        assert first["best_step"] > 0 and first["held_after"] < 0.5 * first["held_before"]
 
 
 def test_a_segment_replays_exactly_what_the_whole_graph_computes() -> None:

@@ -7,11 +7,14 @@ reconstruction) supervises every segment with the teacher's whole intermediate t
 values per sample:
 
 * **Cuts** (:func:`cut_points`): tensors that every path from the graph inputs to the outputs
-  passes through (after their producer, no other computed value is still needed), present in
-  both graphs with the same shape on a feed (a pruned residual stream with fewer channels is
+  passes through (after their producer, no other computed value is still needed) but *side
+  values* that depend on no weight (a transformer's attention mask built from an input,
+  shapes, positions: without them no tensor of a transformer is a cut), present in both
+  graphs with the same shape on a feed (a pruned residual stream with fewer channels is
   not a cut; its segment runs on to the next one), and not read only by an activation (the
   tensor after it is the cut). The cuts split the student into segments;
-  a segment without a trainable weight joins the next one.
+  a segment without a trainable weight joins the next one. Side values are carried from
+  segment to segment (each model its own) and never matched.
 * **Segment k** is trained with Adam to minimise ``||f_k(x_s) - y_t||^2 / ||y_t||^2``, where
   ``x_s`` is the *student's* tensor at the previous cut (carrying every earlier segment's
   training and error) and ``y_t`` the *teacher's* tensor at the segment's cut (the asymmetric
@@ -50,9 +53,42 @@ __all__ = ["Segment", "cut_points", "segments"]
 Values = dict[str, np.ndarray]
 
 
-def cut_points(model: ir.Model) -> list[str]:
-    """Computed tensors that are, right after their producer, the only value (besides
-    constants) that later nodes or the outputs still need, in graph order."""
+#: Ops whose outputs are integers whatever their input (a shape, an index).
+_INTEGER_OPS = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
+
+
+def _heavy_values(model: ir.Model, constant: set[str]) -> set[str]:
+    """Computed float values that depend on a weight (a float constant of rank >= 2): the
+    data stream. Everything else (an attention mask made from an input, a shape, a position
+    index) is a *side* value a segment can take along without being trained on."""
+    graph = model.graph
+    weights = {
+        name
+        for name, v in graph.initializers.items()
+        if v.dtype in _FLOAT_TYPES and v.shape is not None and len(v.shape) >= 2
+    }
+    heavy: set[str] = set()
+    for node in graph:
+        if node.op_type in _INTEGER_OPS:
+            continue
+        if any(v is not None and (v.name in heavy or v.name in weights) for v in node.inputs):
+            heavy.update(
+                v.name
+                for v in node.outputs
+                if v.name and v.name not in constant and v.dtype in (*_FLOAT_TYPES, None)
+            )
+    return heavy
+
+
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def cut_points(model: ir.Model) -> list[tuple[str, ...]]:
+    """Points where one computed value that depends on a weight is, with side values that do
+    not (:func:`_heavy_values`), all that later nodes or the outputs still need, in graph
+    order: ``(value, *sides)`` with the sides sorted. In a transformer the attention mask
+    built from an input stays live through every layer; each layer's hidden state is a cut
+    with the mask as its side value."""
     graph = model.graph
     constant = set(graph.initializers)
     nodes = list(graph)
@@ -62,6 +98,7 @@ def cut_points(model: ir.Model) -> list[str]:
             for a in node.attributes.values()
         ):
             constant.update(v.name for v in node.outputs if v.name)
+    heavy = _heavy_values(model, constant)
     last: dict[str, int] = {}
     for index, node in enumerate(nodes):
         for v in node.inputs:
@@ -72,7 +109,7 @@ def cut_points(model: ir.Model) -> list[str]:
     for name in outputs:
         last[name] = end
     live = {name_of(v) for v in graph.inputs if name_of(v) in last}
-    cuts: list[str] = []
+    cuts: list[tuple[str, ...]] = []
     for index, node in enumerate(nodes):
         live -= {name_of(v) for v in node.inputs if v is not None and last.get(name_of(v)) == index}
         live |= {
@@ -80,10 +117,12 @@ def cut_points(model: ir.Model) -> list[str]:
             for v in node.outputs
             if name_of(v) not in constant and last.get(name_of(v), -1) > index
         }
-        if len(live) == 1:
-            (name,) = live
-            if name not in outputs and (not cuts or cuts[-1] != name):
-                cuts.append(name)
+        main = live & heavy if len(live) > 1 else live
+        if len(main) == 1 and not main & outputs:
+            (name,) = main
+            if cuts and cuts[-1][0] == name:  # side values computed meanwhile: the later
+                cuts.pop()  # point has them all
+            cuts.append((name, *sorted(live - main)))
     return cuts
 
 
@@ -111,6 +150,23 @@ class Segment:
     end: list[str]
     params: list[str]
     last: bool
+    #: the teacher's tensors at the same cuts (its side values may differ): None, the same
+    teacher_start: list[str] | None = None
+    teacher_end: list[str] | None = None
+
+    @property
+    def t_start(self) -> list[str]:
+        return self.start if self.teacher_start is None else self.teacher_start
+
+    @property
+    def t_end(self) -> list[str]:
+        return self.end if self.teacher_end is None else self.teacher_end
+
+    @property
+    def targets(self) -> list[str]:
+        """What the segment is trained to match: the outputs (last), else the cut's value
+        (its side values are carried along, not matched)."""
+        return list(self.end) if self.last else self.end[:1]
 
 
 #: Ops that count as a layer for ``min_layers``.
@@ -120,20 +176,25 @@ LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 def segments(
     student: GraphReplay,
     teacher: GraphReplay,
-    cuts: Sequence[str],
+    cuts: Sequence[Sequence[str]],
     outputs: Sequence[str],
     min_layers: int = 1,
+    *,
+    teacher_cuts: Mapping[str, Sequence[str]] | None = None,
 ) -> list[Segment]:
-    """Split at ``cuts`` (valid in both replays): a segment ends at the first cut after it
-    holds ``min_layers`` layers with a trainable weight; what is left joins the last one."""
+    """Split at ``cuts`` (valid in both replays; ``teacher_cuts`` maps a cut's value to the
+    teacher's cut there where its side values differ): a segment ends at the first cut
+    after it holds ``min_layers`` layers with a trainable weight; what is left joins the
+    last one."""
     found: list[Segment] = []
-    start = list(student.input_names)
-    bounds = [[c] for c in cuts] + [list(outputs)]
-    for index, end in enumerate(bounds):
+    start, t_start = list(student.input_names), list(teacher.input_names)
+    bounds = [(list(c), list((teacher_cuts or {}).get(c[0], c))) for c in cuts]
+    bounds.append((list(outputs), list(outputs)))
+    for index, (end, t_end) in enumerate(bounds):
         last = index == len(bounds) - 1
         try:
             plan = student.segment_plan(start, end)
-            teacher.segment_plan(start, end)
+            teacher.segment_plan(t_start, t_end)
         except ReplayError:
             continue  # not a cut of the teacher, or through a node run in onnxruntime
         used = {n for step in plan for n in step.inputs}
@@ -144,11 +205,11 @@ def segments(
             for step in plan
         )
         if (params and layers >= min_layers) or last:
-            found.append(Segment(start, end, params, last))
-            start = end
+            found.append(Segment(start, end, params, last, t_start, t_end))
+            start, t_start = end, t_end
     if len(found) > 1 and not found[-1].params:  # nothing to train after the last cut
-        tail = found.pop()
-        found[-1] = Segment(found[-1].start, tail.end, found[-1].params, True)
+        tail, prev = found.pop(), found[-1]
+        found[-1] = Segment(prev.start, tail.end, prev.params, True, prev.t_start, tail.t_end)
     if not found or not found[-1].last or not any(part.params for part in found):
         raise UsageError("block-wise distillation could not split the model into segments")
     return found
@@ -331,21 +392,24 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
     clock: Any,
 ) -> list[SegmentRun]:
     """Train every segment in order; returns what each did."""
-    teacher_cuts = set(cut_points(teacher.model))
-    cuts = [c for c in cut_points(replay.model) if c in teacher_cuts]
+    teacher_cuts = {c[0]: c for c in cut_points(teacher.model)}
+    cuts = [c for c in cut_points(replay.model) if c[0] in teacher_cuts]
     probe = {n: np.asarray(fit[0][n]) for n in replay.input_names}
+    mains = [c[0] for c in cuts]
     with torch.no_grad():
-        s_probe = replay(probe, cuts) if cuts else {}
-        t_probe = teacher(probe, cuts) if cuts else {}
+        s_probe = replay(probe, mains) if cuts else {}
+        t_probe = teacher(probe, mains) if cuts else {}
     values = {v.name: v for node in replay.model.graph for v in node.outputs if v.name}
     cuts = [
         c
         for c in cuts
-        if s_probe[c].is_floating_point()
-        and tuple(s_probe[c].shape) == tuple(t_probe[c].shape)
-        and not _before_activation(values[c])
+        if s_probe[c[0]].is_floating_point()
+        and tuple(s_probe[c[0]].shape) == tuple(t_probe[c[0]].shape)
+        and not _before_activation(values[c[0]])
     ]
-    parts = segments(replay, teacher, cuts, outputs, options.block_layers)
+    parts = segments(
+        replay, teacher, cuts, outputs, options.block_layers, teacher_cuts=teacher_cuts
+    )
     inputs = [{n: np.asarray(f[n]) for n in replay.input_names} for f in (*fit, *held)]
     student_at, teacher_at = inputs, inputs
     count = len(fit)
@@ -357,7 +421,9 @@ def train_blockwise(  # noqa: PLR0917 (one private call site)
     with Progress(len(parts), "block-wise", enabled=options.progress) as bar:
         for index, part in enumerate(parts):
             loss_fn = make_loss(part)
-            teacher_end = propagate(teacher, teacher_at, loss_fn.target_names, batch)
+            # the teacher's whole state at a cut (its value and side values) carries on
+            ends = loss_fn.target_names if part.last else part.t_end
+            teacher_end = propagate(teacher, teacher_at, ends, batch)
             budget = None
             if options.time_budget is not None:
                 left = options.time_budget - (clock() - start)
@@ -403,8 +469,9 @@ def _batchable(
         for replay in (student, teacher):
             one, many = list(sample), list(sample)
             for part in parts:
-                one = propagate(replay, one, part.end, 1)
-                many = propagate(replay, many, part.end, len(many))
+                end = part.end if replay is student else part.t_end
+                one = propagate(replay, one, end, 1)
+                many = propagate(replay, many, end, len(many))
                 for a, b in zip(one, many, strict=True):
                     if any(not np.allclose(a[n], b[n], rtol=1e-4, atol=1e-5) for n in a):
                         return False

@@ -523,7 +523,7 @@ def _train_blockwise(  # noqa: PLR0917 (one private call site)
     out_names = names + sorted(set(loss_fn.logits.values()) - set(names))
 
     def make_loss(part: blockwise.Segment) -> _SegmentLoss:
-        return _SegmentLoss(part.end, loss_fn if part.last else None, out_names)
+        return _SegmentLoss(part.targets, loss_fn if part.last else None, out_names)
 
     clock = blockwise.elapsed_clock(options.budget_clock)
     runs = blockwise.train_blockwise(replay, t_replay, fit, held, names, make_loss, options, clock)
