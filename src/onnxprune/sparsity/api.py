@@ -88,6 +88,10 @@ def validate_config(config: SparsifyConfig, node_names: Sequence[str], has_calib
         raise UsageError("--layer-sparsity cannot be combined with an N:M pattern")
     if config.data_aware and not has_calib:
         raise UsageError("--method wanda and --update need calibration data (--calib PATH)")
+    if config.scope == "measured" and not has_calib:
+        raise UsageError("--scope measured needs calibration data (--calib PATH)")
+    if config.scope == "measured" and nm is not None:
+        raise UsageError(f"--scope measured cannot be combined with --pattern {config.pattern}")
     if config.iterative < 1:
         raise UsageError(f"--iterative {config.iterative} must be >= 1")
 

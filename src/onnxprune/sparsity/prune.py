@@ -41,6 +41,7 @@ from onnxprune.passes._match import const_numpy
 from onnxprune.registry.options import option
 from onnxprune.sparsity import masks as masks_mod
 from onnxprune.sparsity.activations import InputStats, collect_stats, stats_support
+from onnxprune.sparsity.allocate import SparsityAllocation, allocate_sparsity, measure_curves
 from onnxprune.sparsity.layers import WeightLayer
 from onnxprune.sparsity.report import LayerResult
 from onnxprune.sparsity.sparsegpt import obs_update, refit_target
@@ -59,7 +60,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Pattern = Literal["unstructured", "2:4"]
-Scope = Literal["global", "layer"]
+Scope = Literal["global", "layer", "measured"]
 Method = Literal["magnitude", "wanda"]
 Compare = Literal["layer", "row"]
 PATTERNS: tuple[str, ...] = get_args(Pattern)
@@ -82,7 +83,9 @@ class SparsifyConfig:
     )
     pattern: Pattern = option("unstructured", help="unstructured, or N:M (2:4 for TensorRT)")
     scope: Scope = option(
-        "layer", help="one threshold for all layers (global) or the target in every layer (layer)"
+        "layer",
+        help="one threshold for all layers (global), the target in every layer (layer), or "
+        "per-layer targets from each layer's measured sensitivity on --calib (measured)",
     )
     method: Method = option("magnitude", help="importance: |W| or Wanda's |W| * ||x|| (--calib)")
     update: bool = option(False, help="OBS/SparseGPT update of the kept weights (--calib)")
@@ -331,6 +334,18 @@ def _layer_target(config: SparsifyConfig, node: str) -> float:
     return target
 
 
+def _measured_targets(
+    model: ir.Model, layers: list[WeightLayer], config: SparsifyConfig, feeds: FeedSource
+) -> SparsityAllocation:
+    """Targets of the layers without a ``layer_sparsity`` entry, from their measured
+    curves, so that all of them together reach ``config.sparsity`` of their weights."""
+    free = [layer for layer in layers if layer.node not in config.layer_sparsity]
+    curves, samples = measure_curves(model, free, feeds())
+    assert config.sparsity is not None
+    targets, nsr = allocate_sparsity({x.node: x.size for x in free}, curves, config.sparsity)
+    return SparsityAllocation(targets, curves, samples, nsr)
+
+
 def apply_sparsity(
     model: ir.Model,
     layers: list[WeightLayer],
@@ -359,6 +374,11 @@ def apply_sparsity(
             reason = stats_support(layer)
             if reason is not None:
                 results[layer.node].notes.append(reason + "; magnitude scores, no update")
+    allocation = None
+    if config.scope == "measured" and feeds is not None:
+        allocation = _measured_targets(model, layers, config, feeds)
+        for node, target in allocation.targets.items():
+            results[node].target = target
     reference = None
     if config.update and config.sequential and feeds is not None:
         reference = copy_model(model)
@@ -367,6 +387,8 @@ def apply_sparsity(
         targets = {k: schedule(r.target, step, config.iterative) for k, r in results.items()}
         final = step == config.iterative
         summary = _step(model, layers, config, targets, results, feeds, final, reference)
+        if allocation is not None and step == 1:
+            summary["allocation"] = allocation.note()
         steps.append({"step": step, **summary})
         logger.info("step %d/%d: sparsity %.4f", step, config.iterative, summary["sparsity"])
     for layer in layers:

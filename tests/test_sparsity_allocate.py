@@ -1,0 +1,133 @@
+"""``--scope measured``: per-layer sparsity from each layer's measured sensitivity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxprune.cli import main
+from onnxprune.runtime import make_session
+from onnxprune.sparsity import SparsifyConfig, apply_sparsity, find_layers
+from onnxprune.sparsity.allocate import LEVELS, allocate_sparsity, measure_curves
+from onnxprune.testing import model_from_text
+from test_sparsity import weights
+from test_sparsity_cli import CALIB, MODEL
+
+# A wide layer whose weights are mostly tiny next to a narrow one whose every weight
+# matters (and a layer three quarters near zero): the same fraction costs them very
+# different amounts.
+TWO = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,8] x, float[8,4] narrow, float[4,64] spread, float[64,6] wide) => (float[N,6] y) {
+    a = MatMul(x, narrow)
+    b = MatMul(a, spread)
+    y = MatMul(b, wide)
+}
+"""
+
+
+def _two() -> object:
+    rng = np.random.default_rng(0)
+    spread = np.tile(np.eye(4), (1, 16)) + rng.standard_normal((4, 64)) * 1e-3  # b ~ a x16
+    return model_from_text(
+        TWO,
+        {
+            "narrow": rng.standard_normal((8, 4)).astype(np.float32),
+            "spread": spread.astype(np.float32),
+            # most of its weights are tiny: half of them can go at little cost
+            "wide": (
+                rng.standard_normal((64, 6)) * np.where(rng.random((64, 6)) < 0.7, 0.005, 0.2)
+            ).astype(np.float32),
+        },
+    )
+
+
+def _feeds(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(count)]
+
+
+def test_greedy_takes_the_cheapest_weights_first_and_stops_at_the_target() -> None:
+    sizes = {"cheap": 100, "dear": 100}
+    curves = {"cheap": [0.001 * (i + 1) for i in range(len(LEVELS))], "dear": [1.0] * len(LEVELS)}
+    targets, nsr = allocate_sparsity(sizes, curves, 0.25)
+    assert targets == {"cheap": 0.5, "dear": 0.0}
+    assert nsr == pytest.approx(0.002)
+    # 60 of 200 weights: the step 0.5 -> 0.625 is taken only as far as needed
+    targets, _ = allocate_sparsity(sizes, curves, 0.3)
+    assert targets["cheap"] == pytest.approx(0.6) and targets["dear"] == 0.0
+    # a curve that falls is made non-decreasing: its later levels cost what the worst did
+    targets, _ = allocate_sparsity({"a": 100}, {"a": [0.5, 0.1, 0.1, 0.1, 0.1, 0.1]}, 0.5)
+    assert targets == {"a": 0.5}
+
+
+def test_curves_are_the_error_of_each_layer_sparsified_alone() -> None:
+    """Oracle: the same layer sparsified in a copy of the model, run by its own session."""
+    model = _two()
+    before = {k: v.copy() for k, v in weights(model).items()}
+    layers, _ = find_layers(model)
+    data = _feeds(6, 1)
+    curves, samples = measure_curves(model, layers, iter(data))
+    assert samples == 6
+    assert {k: v.tobytes() for k, v in weights(model).items()} == {
+        k: v.tobytes() for k, v in before.items()
+    }  # the model itself is not changed
+    dense = make_session(model)
+    ref = [dense.run(None, f)[0].astype(np.float64) for f in data]
+    for layer in layers:
+        for level, measured in zip(LEVELS, curves[layer.node], strict=True):
+            copy = _two()
+            config = SparsifyConfig(sparsity=level, exclude=())
+            only = [x for x in find_layers(copy)[0] if x.node == layer.node]
+            apply_sparsity(copy, only, config)
+            got = [make_session(copy).run(None, f)[0] for f in data]
+            nsr = sum(np.sum((g - r) ** 2) for g, r in zip(got, ref, strict=True)) / sum(
+                np.sum(r**2) for r in ref
+            )
+            assert measured == pytest.approx(nsr, rel=1e-5, abs=1e-12)
+    # the wide layer tolerates what the narrow one does not
+    assert curves["wide"][1] < curves["narrow"][1]
+
+
+def test_measured_scope_reaches_the_target_and_spares_the_fragile_layer() -> None:
+    fit, held = _feeds(8, 1), _feeds(8, 2)
+    errors, zeros = {}, {}
+    for scope in ("layer", "measured"):
+        model = _two()
+        layers, _ = find_layers(model)
+        results, steps = apply_sparsity(
+            model, layers, SparsifyConfig(sparsity=0.5, scope=scope), lambda: iter(fit)
+        )
+        zeros[scope] = {r.node: r.zeros / r.params for r in results}
+        total = sum(r.zeros for r in results) / sum(r.params for r in results)
+        assert total == pytest.approx(0.5, abs=0.01)
+        session, dense = make_session(model), make_session(_two())
+        errors[scope] = sum(
+            float(np.sum((session.run(None, f)[0] - dense.run(None, f)[0]) ** 2)) for f in held
+        )
+        if scope == "measured":
+            assert "measured allocation on 8 calibration feeds" in steps[0]["allocation"]
+    # the narrow layer is spared; the near-zero quarters of the other two go first
+    assert zeros["measured"] == {"narrow": 0.0, "spread": 0.75, "wide": 0.375}
+    assert errors["measured"] < 0.5 * errors["layer"], errors
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sparsity", "0.5", "--scope", "measured"], "--scope measured needs calibration"),
+        (
+            ["--pattern", "2:4", "--scope", "measured", "--calib", CALIB],
+            "--scope measured cannot be combined with --pattern 2:4",
+        ),
+    ],
+)
+def test_measured_scope_refusals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    out = tmp_path / "out.onnx"
+    assert main(["sparsify", MODEL, "-o", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
