@@ -3,7 +3,10 @@
 One step: score every layer's weight view ``W[rows, K]`` (magnitude ``|W|`` or Wanda
 ``|W| * ||x_k||``), select keep-masks (:mod:`onnxprune.sparsity.masks`: one global
 threshold, or the target in every layer ranked within the layer (``compare="layer"``) or
-within each output row (``compare="row"``, the Wanda paper's choice), or N:M), then either
+within each output row (``compare="row"``, the Wanda paper's choice), the per-layer targets
+measured by :mod:`onnxprune.sparsity.allocate` (``scope="measured"``; ``auto``, the default,
+is measured with calibration data and an unstructured pattern, else per layer), or N:M),
+then either
 zero the pruned weights or, with ``update``, apply the OBS/SparseGPT compensation
 (:mod:`onnxprune.sparsity.sparsegpt`) with the layer's input Gram matrix.
 
@@ -60,7 +63,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Pattern = Literal["unstructured", "2:4"]
-Scope = Literal["global", "layer", "measured"]
+Scope = Literal["auto", "global", "layer", "measured"]
 Method = Literal["magnitude", "wanda"]
 Compare = Literal["layer", "row"]
 PATTERNS: tuple[str, ...] = get_args(Pattern)
@@ -83,9 +86,10 @@ class SparsifyConfig:
     )
     pattern: Pattern = option("unstructured", help="unstructured, or N:M (2:4 for TensorRT)")
     scope: Scope = option(
-        "layer",
-        help="one threshold for all layers (global), the target in every layer (layer), or "
-        "per-layer targets from each layer's measured sensitivity on --calib (measured)",
+        "auto",
+        help="one threshold for all layers (global), the target in every layer (layer), "
+        "per-layer targets from each layer's measured sensitivity on --calib (measured); "
+        "auto: measured with --calib and an unstructured pattern, else layer",
     )
     method: Method = option("magnitude", help="importance: |W| or Wanda's |W| * ||x|| (--calib)")
     update: bool = option(False, help="OBS/SparseGPT update of the kept weights (--calib)")
@@ -196,7 +200,7 @@ def _mask(
     nm = parse_pattern(config.pattern)
     if nm is not None and final:
         return masks_mod.nm_mask(scores, *nm, forced)
-    if config.compare == "row" and config.scope == "layer":
+    if config.compare == "row" and config.scope != "global":
         return masks_mod.select_rows(scores, target, forced)
     return masks_mod.select_layer(scores, target, forced)
 
@@ -334,6 +338,12 @@ def _layer_target(config: SparsifyConfig, node: str) -> float:
     return target
 
 
+def _measures(config: SparsifyConfig) -> bool:
+    """``scope`` measured, or auto with an unstructured pattern (given data)."""
+    unstructured = parse_pattern(config.pattern) is None
+    return config.scope == "measured" or (config.scope == "auto" and unstructured)
+
+
 def _measured_targets(
     model: ir.Model, layers: list[WeightLayer], config: SparsifyConfig, feeds: FeedSource
 ) -> SparsityAllocation:
@@ -375,7 +385,7 @@ def apply_sparsity(
             if reason is not None:
                 results[layer.node].notes.append(reason + "; magnitude scores, no update")
     allocation = None
-    if config.scope == "measured" and feeds is not None:
+    if _measures(config) and feeds is not None:
         allocation = _measured_targets(model, layers, config, feeds)
         for node, target in allocation.targets.items():
             results[node].target = target
