@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from onnxprune.cli import main
 from onnxprune.runtime import make_session
 from onnxprune.sparsity import SparsifyConfig, apply_sparsity, find_layers
 from onnxprune.sparsity.allocate import LEVELS, allocate_sparsity, measure_curves
 from onnxprune.testing import model_from_text
 from test_sparsity import weights
-from test_sparsity_cli import CALIB, MODEL
 
 # A wide layer whose weights are mostly tiny next to a narrow one whose every weight
 # matters (and a layer three quarters near zero): the same fraction costs them very
@@ -112,22 +108,3 @@ def test_measured_scope_reaches_the_target_and_spares_the_fragile_layer() -> Non
     # the narrow layer is spared; the near-zero quarters of the other two go first
     assert zeros["measured"] == {"narrow": 0.0, "spread": 0.75, "wide": 0.375}
     assert errors["measured"] < 0.5 * errors["layer"], errors
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--sparsity", "0.5", "--scope", "measured"], "--scope measured needs calibration"),
-        (
-            ["--pattern", "2:4", "--scope", "measured", "--calib", CALIB],
-            "--scope measured cannot be combined with --pattern 2:4",
-        ),
-    ],
-)
-def test_measured_scope_refusals(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
-) -> None:
-    out = tmp_path / "out.onnx"
-    assert main(["sparsify", MODEL, "-o", str(out), *extra]) == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()

@@ -68,6 +68,11 @@ def test_same_input_and_seed_give_same_bytes(tmp_path: Path) -> None:
         (["--sparsity", "0.5", "--layer-sparsity", "bad"], "expected NODE=S"),
         (["--sparsity", "0.5", "--method", "wanda"], "need calibration data (--calib PATH)"),
         (["--pattern", "2:4", "--sparsity", "0.7"], "contradicts it"),
+        (["--sparsity", "0.5", "--scope", "measured"], "--scope measured needs calibration"),
+        (
+            ["--pattern", "2:4", "--scope", "measured", "--calib", CALIB],
+            "--scope measured cannot be combined with --pattern 2:4",
+        ),
         (["--sparsity", "0.5", "--iterative", "0"], "--iterative 0 must be >= 1"),
         ([], "--sparsity is required"),
         (
