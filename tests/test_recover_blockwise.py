@@ -15,6 +15,7 @@ from onnxprune.recover import GraphReplay  # noqa: E402
 from onnxprune.recover.blockwise import cut_points  # noqa: E402
 from onnxprune.recover.distill import DistillOptions, distill  # noqa: E402
 from onnxprune.recover.replay import ReplayError  # noqa: E402
+from onnxprune.sparsity.storage import store_bitmask  # noqa: E402
 from onnxprune.testing import model_from_text  # noqa: E402
 from test_recover_distill import _cnn, _damaged, _feeds, _init, _structure, _weights  # noqa: E402
 
@@ -111,18 +112,26 @@ def test_a_side_value_live_through_the_layers_rides_along_the_cuts() -> None:
         ("r2",),
     ]
     damaged = _masked_weights(0)
-    damaged["w1"] = damaged["w1"] + np.random.default_rng(9).standard_normal((4, 4)).astype(
-        np.float32
-    ) * np.float32(0.4)
+    noise = np.random.default_rng(9).standard_normal((4, 4)).astype(np.float32)
+    damaged["w1"] = damaged["w1"] + noise * np.float32(0.4)
+    half = (np.arange(16) % 2).reshape(4, 4).astype(np.float32)  # the bitmask case's zeros
     options = dataclasses.replace(OPTIONS, steps=300, lr=1e-2, eval_every=20)
     # The student's side values differ from the teacher's where it rebuilds the mask: each
     # model carries its own along; the cuts are matched by their value.
-    for late, ends in (
-        (False, [["h1", "bias"], ["h2", "bias2"], ["o"]]),
-        (True, [["h1", "bias", "m"], ["h2", "bias2"], ["o"]]),
+    for late, bitmask, ends in (
+        (False, False, [["h1", "bias"], ["h2", "bias2"], ["o"]]),
+        (True, False, [["h1", "bias", "m"], ["h2", "bias2"], ["o"]]),
+        # w1 decoded from its bitmask storage (sparsify's): computed, still a weight
+        (False, True, [["h1", "bias"], ["h2", "bias2"], ["o"]]),
     ):
-        student = _masked(damaged, late=late)
-        result = distill(student, teacher, _masked_feeds(40), options)
+        student, reference = _masked(damaged, late=late), teacher
+        if bitmask:  # a half-sparse teacher; the student's zeros stay where they are
+            reference = _masked({**_masked_weights(0), "w1": _masked_weights(0)["w1"] * half})
+            student = _masked({**damaged, "w1": damaged["w1"] * half})
+            (stored,) = store_bitmask(student, ["w1"])
+            assert stored.format == "bitmask"
+            assert cut_points(student) == cut_points(teacher)
+        result = distill(student, reference, _masked_feeds(40), options)
         assert result.mode == "block-wise"
         assert [s["end"] for s in result.segments] == ends
         assert result.kept, result.reason

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,13 +62,21 @@ def _heavy_values(model: ir.Model, constant: set[str]) -> set[str]:
     data stream. Everything else (an attention mask made from an input, a shape, a position
     index) is a *side* value a segment can take along without being trained on."""
     graph = model.graph
-    weights = {
-        name
+    floats = {
+        name: v.const_value
         for name, v in graph.initializers.items()
-        if v.dtype in _FLOAT_TYPES and v.shape is not None and len(v.shape) >= 2
+        if v.const_value is not None and v.const_value.dtype in _FLOAT_TYPES
     }
+    weights = {name for name, t in floats.items() if len(t.shape) >= 2}
+    # computed from a float array of the model: a weight decoded from its bitmask storage
+    arrays = {name for name, t in floats.items() if t.size > 1}
     heavy: set[str] = set()
     for node in graph:
+        names = [v.name for v in node.inputs if v is not None]
+        if node.op_type not in _INTEGER_OPS and all(n in constant for n in names):
+            if any(n in weights or n in arrays for n in names):
+                weights.update(v.name for v in node.outputs if v.name)
+            continue
         if node.op_type in _INTEGER_OPS:
             continue
         if any(v is not None and (v.name in heavy or v.name in weights) for v in node.inputs):
@@ -187,6 +195,8 @@ def segments(
     after it holds ``min_layers`` layers with a trainable weight; what is left joins the
     last one."""
     found: list[Segment] = []
+    memo: dict[str, bool] = {}
+    trained = set(student._key)
     start, t_start = list(student.input_names), list(teacher.input_names)
     bounds = [(list(c), list((teacher_cuts or {}).get(c[0], c))) for c in cuts]
     bounds.append((list(outputs), list(outputs)))
@@ -201,7 +211,7 @@ def segments(
         params = [n for n in student._key if n in used]
         layers = sum(
             step.op_type in LAYERS
-            and any(n in params or _dequantized(student, n, params) for n in step.inputs)
+            and any(n and _weight_of(student, n, trained, memo) for n in step.inputs)
             for step in plan
         )
         if (params and layers >= min_layers) or last:
@@ -215,14 +225,20 @@ def segments(
     return found
 
 
-def _dequantized(replay: GraphReplay, name: str, params: Sequence[str]) -> bool:
-    """Whether ``name`` is the output of a DequantizeLinear of a trained weight."""
-    producer = replay._producers.get(name)
-    return (
-        producer is not None
-        and producer.op_type == "DequantizeLinear"
-        and (producer.inputs[0] in params)
-    )
+def _weight_of(
+    replay: GraphReplay, name: str, params: Collection[str], memo: dict[str, bool]
+) -> bool:
+    """Whether ``name`` is computed from trained weights and constants alone (a
+    DequantizeLinear of an int8 weight, a weight decoded from its bitmask storage)."""
+    if name in params:
+        return True
+    if name not in memo:
+        memo[name] = False  # a cycle or a graph input reads as "not a weight"
+        producer = replay._producers.get(name)
+        inputs = [n for n in producer.inputs if n] if producer is not None else []
+        known = [n for n in inputs if n not in replay._constants_env]
+        memo[name] = bool(known) and all(_weight_of(replay, n, params, memo) for n in known)
+    return memo[name]
 
 
 @dataclasses.dataclass
