@@ -173,6 +173,21 @@ def test_blockwise_recovers_a_damaged_student_and_keeps_masks() -> None:
     assert _structure(result.model) == _structure(student)
 
 
+def test_a_segment_already_close_to_the_teacher_is_not_trained() -> None:
+    """conv1 left exact: its segment's error is 0 at r1, so it takes no step (and no share
+    of a time budget); the damaged layers after it are trained."""
+    teacher = _cnn(_weights(0))
+    damaged = _damaged(_weights(0))
+    damaged["w1"], damaged["b1"] = _weights(0)["w1"], _weights(0)["b1"]
+    result = distill(_cnn(damaged), teacher, _feeds(), OPTIONS)
+    first, second = result.segments[0], result.segments[1]
+    assert first["end"] == ["r1"] and first["held_before"] < 1e-9
+    assert first["steps"] == 0 and first["held_after"] == first["held_before"]
+    assert second["steps"] > 0 and second["held_after"] < second["held_before"]
+    assert result.kept
+    np.testing.assert_array_equal(_init(result.model, "w1"), _weights(0)["w1"])
+
+
 def test_blockwise_is_deterministic() -> None:
     teacher, feeds = _cnn(_weights(0)), _feeds(24)
     options = DistillOptions(

@@ -24,8 +24,10 @@ values per sample:
   one cut at a time.
 * The held-out feeds pick each segment's best step (early stopping, patience) and, with
   ``lr_search``, its learning rate; a segment whose held-out loss never falls keeps its
-  weights. The final keep decision is :func:`onnxprune.recover.distill.distill`'s: held-out
-  fidelity of the whole model in onnxruntime.
+  weights; a segment whose held-out error at its cut is already below :data:`CLOSE_ENOUGH`
+  is not trained (its share of a time budget goes to the later ones). The final keep
+  decision is :func:`onnxprune.recover.distill.distill`'s: held-out fidelity of the whole
+  model in onnxruntime.
 
 Memory: each feed's student tensor at the current cut, and the teacher's at the current cut
 and at the segment's end (while the segment trains).
@@ -176,6 +178,11 @@ class Segment:
         (its side values are carried along, not matched)."""
         return list(self.end) if self.last else self.end[:1]
 
+
+#: A segment whose held-out normalised squared error at its end is below this (40 dB) is
+#: not trained: the zoo's MobileNetV2 sparsified to 50 % spent 288 of 600 s on its first
+#: four segments (errors 1e-6 to 2e-5) and left one step for each of the late ones.
+CLOSE_ENOUGH = 1e-4
 
 #: Ops that count as a layer for ``min_layers``.
 LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -352,7 +359,7 @@ def train_segment(  # noqa: PLR0917 (one private call site)
 
     before = held_loss()
     best, best_state, best_step = before, state(), 0
-    if not params:
+    if not params or (not segment.last and before < CLOSE_ENOUGH):
         return SegmentRun(segment.end, 0, 0, 0, before, before, 0.0, clock() - start_time)
 
     def out_of_time() -> bool:
