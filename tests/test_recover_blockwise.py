@@ -183,6 +183,7 @@ def test_a_segment_already_close_to_the_teacher_is_not_trained() -> None:
     first, second = result.segments[0], result.segments[1]
     assert first["end"] == ["r1"] and first["held_before"] < 1e-9
     assert first["steps"] == 0 and first["held_after"] == first["held_before"]
+    assert first["params"] == 8 * 3 * 3 * 3 + 8  # what it holds, though not trained
     assert second["steps"] > 0 and second["held_after"] < second["held_before"]
     assert result.kept
     np.testing.assert_array_equal(_init(result.model, "w1"), _weights(0)["w1"])

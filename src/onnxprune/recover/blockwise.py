@@ -360,7 +360,8 @@ def train_segment(  # noqa: PLR0917 (one private call site)
     before = held_loss()
     best, best_state, best_step = before, state(), 0
     if not params or (not segment.last and before < CLOSE_ENOUGH):
-        return SegmentRun(segment.end, 0, 0, 0, before, before, 0.0, clock() - start_time)
+        size = sum(p.numel() for p in params)
+        return SegmentRun(segment.end, size, 0, 0, before, before, 0.0, clock() - start_time)
 
     def out_of_time() -> bool:
         return budget is not None and clock() - start_time >= budget
