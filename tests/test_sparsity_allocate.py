@@ -108,3 +108,18 @@ def test_measured_scope_reaches_the_target_and_spares_the_fragile_layer() -> Non
     # the narrow layer is spared; the near-zero quarters of the other two go first
     assert zeros["measured"] == {"narrow": 0.0, "spread": 0.75, "wide": 0.375}
     assert errors["measured"] < 0.5 * errors["layer"], errors
+
+
+def test_layers_with_their_own_target_are_not_measured() -> None:
+    model = _two()
+    layers, _ = find_layers(model)
+    own = {"narrow": 0.25, "spread": 0.5}
+    config = SparsifyConfig(sparsity=0.5, scope="measured", layer_sparsity=own)
+    results, steps = apply_sparsity(model, layers, config, lambda: iter(_feeds(4, 1)))
+    by_node = {r.node: r for r in results}
+    assert by_node["narrow"].target == 0.25 and by_node["spread"].target == 0.5
+    assert by_node["wide"].target == pytest.approx(0.5)  # alone, it carries the target
+    assert "1 layers" in steps[0]["allocation"]
+    every = SparsifyConfig(sparsity=0.5, scope="measured", layer_sparsity={**own, "wide": 0.1})
+    results, steps = apply_sparsity(_two(), layers, every, lambda: iter(_feeds(4, 1)))
+    assert [r.target for r in results] == [0.25, 0.5, 0.1] and "allocation" not in steps[0]

@@ -385,7 +385,7 @@ def apply_sparsity(
             if reason is not None:
                 results[layer.node].notes.append(reason + "; magnitude scores, no update")
     allocation = None
-    if _measures(config) and feeds is not None:
+    if _measures(config) and feeds is not None and set(results) - set(config.layer_sparsity):
         allocation = _measured_targets(model, layers, config, feeds)
         for node, target in allocation.targets.items():
             results[node].target = target
