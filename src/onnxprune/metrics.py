@@ -15,10 +15,11 @@ All metrics are computed in float64 over the flattened tensors:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["HIGHER_IS_BETTER", "METRIC_NAMES", "output_metrics", "rows"]
+__all__ = ["HIGHER_IS_BETTER", "METRIC_NAMES", "output_metrics", "rows", "worst_nsr"]
 
 METRIC_NAMES = (
     "top1_agreement",
@@ -44,6 +45,21 @@ def _is_classifier_like(array: np.ndarray) -> bool:
         and array.shape[-1] > 1
         and array.size > 0
     )
+
+
+def worst_nsr(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> float:
+    """The largest noise-to-signal ratio ``sum (c - r)^2 / sum r^2`` over the float outputs
+    of ``reference`` (0 when nothing changes, inf for noise on an all-zero reference); the
+    scalar error of sensitivity measurements. Integer outputs (labels) are skipped."""
+    worst = 0.0
+    for name, r in reference.items():
+        if not np.issubdtype(r.dtype, np.floating):
+            continue
+        r64, c64 = r.astype(np.float64), candidate[name].astype(np.float64)
+        signal = float(np.sum(r64**2))
+        noise = float(np.sum((c64 - r64) ** 2))
+        worst = max(worst, noise / signal if signal > 0 else (math.inf if noise else 0.0))
+    return worst
 
 
 def output_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float | None]:

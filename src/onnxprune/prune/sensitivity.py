@@ -40,7 +40,7 @@ from onnxprune.calib import load_calibration
 from onnxprune.errors import UsageError
 from onnxprune.io import load
 from onnxprune.io.pinned import copy_model
-from onnxprune.metrics import output_metrics
+from onnxprune.metrics import output_metrics, worst_nsr
 from onnxprune.passes._match import name_of
 from onnxprune.passes.pipeline import canonicalize
 from onnxprune.progress import Progress
@@ -156,18 +156,12 @@ def _finite_or_none(metric: float | None) -> float | None:
 
 def _compare(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> tuple[float, dict]:
     """(worst nsr, {output: cosine/sqnr_db/top1_agreement}); infinite SQNR is stored as None."""
-    worst, per_output = 0.0, {}
+    per_output = {}
     for name, r in ref.items():
-        c = got[name]
-        if not np.issubdtype(r.dtype, np.floating):
-            continue
-        r64, c64 = r.astype(np.float64), c.astype(np.float64)
-        signal = float(np.sum(r64**2))
-        noise = float(np.sum((c64 - r64) ** 2))
-        worst = max(worst, noise / signal if signal > 0 else (math.inf if noise else 0.0))
-        metrics = output_metrics(r, c)
-        per_output[name] = {k: _finite_or_none(metrics[k]) for k in _KEPT_METRICS}
-    return worst, per_output
+        if np.issubdtype(r.dtype, np.floating):
+            metrics = output_metrics(r, got[name])
+            per_output[name] = {k: _finite_or_none(metrics[k]) for k in _KEPT_METRICS}
+    return worst_nsr(ref, got), per_output
 
 
 def removal_order(group: Group, scores: np.ndarray) -> list[int]:

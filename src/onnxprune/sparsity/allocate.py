@@ -12,8 +12,10 @@ against the dense model, worst output::
 
     nsr_l(s) = sum (y - y0)^2 / sum y0^2
 
-One onnxruntime session serves every probe: the candidate weights are made graph inputs
-(with their initializers as defaults) and a probe feeds the sparsified weight of one layer.
+(:func:`onnxprune.metrics.worst_nsr`, as for structured pruning's sensitivity: integer
+outputs are skipped). One onnxruntime session serves every probe: the candidate weights are
+made graph inputs (with their initializers as defaults) and a probe feeds the sparsified
+weight of one layer.
 
 **Allocation.** Perturbations of different layers add up in noise power to first order,
 so the levels ``s_l`` minimise ``sum_l nsr_l(s_l)`` subject to
@@ -36,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.io.pinned import copy_model
+from onnxprune.metrics import worst_nsr
 from onnxprune.passes._match import const_numpy
 from onnxprune.progress import Progress
 from onnxprune.runtime import make_session
@@ -95,26 +98,23 @@ def measure_curves(
     stacked = _stacked(session, names, data, reference)
     if stacked is not None:  # one run per probe instead of one per feed
         data, reference = [stacked], [session.run(names, stacked)]
-    power = [sum(float(np.sum(np.square(r[i], dtype=np.float64))) for r in reference)
-             for i in range(len(names))]  # fmt: skip
+    ref = _joined(names, reference)
     curves: dict[str, list[float]] = {}
     with Progress(len(layers) * len(LEVELS), "sparsity sensitivity") as bar:
         for layer in layers:
             curve = []
             for level in LEVELS:
                 override = {layer.weight: _sparsified(layer, weights[layer.node], level)}
-                noise = [0.0] * len(names)
-                for feed, ref in zip(data, reference, strict=True):
-                    got = session.run(names, {**feed, **override})
-                    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
-                        diff = g.astype(np.float64) - r
-                        noise[i] += float(np.sum(diff * diff))
-                curve.append(
-                    max(n / p if p > 0 else 0.0 for n, p in zip(noise, power, strict=True))
-                )
+                got = [session.run(names, {**feed, **override}) for feed in data]
+                curve.append(worst_nsr(ref, _joined(names, got)))
                 bar.update()
             curves[layer.node] = curve
     return curves, count
+
+
+def _joined(names: Sequence[str], runs: Sequence[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each output of every run, flattened and joined: ``{name: values}``."""
+    return {n: np.concatenate([r[i].reshape(-1) for r in runs]) for i, n in enumerate(names)}
 
 
 def _stacked(
