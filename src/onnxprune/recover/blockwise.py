@@ -55,6 +55,9 @@ __all__ = ["Segment", "cut_points", "segments"]
 Values = dict[str, np.ndarray]
 
 
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
 #: Ops whose outputs are integers whatever their input (a shape, an index).
 _INTEGER_OPS = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
 
@@ -74,23 +77,19 @@ def _heavy_values(model: ir.Model, constant: set[str]) -> set[str]:
     arrays = {name for name, t in floats.items() if t.size > 1}
     heavy: set[str] = set()
     for node in graph:
-        names = [v.name for v in node.inputs if v is not None]
-        if node.op_type not in _INTEGER_OPS and all(n in constant for n in names):
-            if any(n in weights or n in arrays for n in names):
-                weights.update(v.name for v in node.outputs if v.name)
-            continue
         if node.op_type in _INTEGER_OPS:
             continue
-        if any(v is not None and (v.name in heavy or v.name in weights) for v in node.inputs):
+        names = [v.name for v in node.inputs if v is not None]
+        if all(n in constant for n in names):
+            if any(n in weights or n in arrays for n in names):
+                weights.update(v.name for v in node.outputs if v.name)
+        elif any(n in heavy or n in weights for n in names):
             heavy.update(
                 v.name
                 for v in node.outputs
                 if v.name and v.name not in constant and v.dtype in (*_FLOAT_TYPES, None)
             )
     return heavy
-
-
-_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
 
 def cut_points(model: ir.Model) -> list[tuple[str, ...]]:
