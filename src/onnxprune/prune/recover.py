@@ -212,10 +212,10 @@ def _follow_adds(
     const = None if found is None or c.kind != "conv" else found[1].const_value
     if found is not None and const is not None and len(const.shape) in (3, 4):
         array = const.numpy().astype(np.float64)
-        c.offset = array[0] if array.ndim == 4 and array.shape[0] == 1 else array
-        if c.offset.ndim != 3:
-            c.offset = None
+        offset = array[0] if array.ndim == 4 and array.shape[0] == 1 else array
+        if offset.ndim != 3:
             return
+        c.offset = offset
         out = name_of(found[0].outputs[0])
         if out in original:
             c.teacher = out
