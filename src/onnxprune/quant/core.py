@@ -27,7 +27,7 @@ from onnxprune.quant.hazards import hazard_node
 from onnxprune.quant.params import QParams, activation_qparams, weight_qparams
 from onnxprune.quant.placement import QuantPlan, plan_quantization
 from onnxprune.quant.rewrite import apply_plan, quantize_embeddings, values_by_name
-from onnxprune.quant.vnni import is_depthwise, remedy_params
+from onnxprune.quant.vnni import remedy_params
 
 __all__ = ["QuantOptions", "StaticQuantizer", "copy_model"]
 
@@ -172,7 +172,6 @@ class StaticQuantizer:
     def weight_params(self, plan: QuantPlan, remedy: str) -> tuple[dict[str, QParams], int]:
         """Weight parameters per initializer and the count of channels the remedy changed."""
         values = values_by_name(self.model.graph)
-        groups = {node.name: node.attributes.get_int("group", 1) for node in self.model.graph}
         params: dict[str, QParams] = {}
         changed = 0
         for use in plan.weights:
@@ -182,8 +181,7 @@ class StaticQuantizer:
             assert const is not None
             array = const.numpy()
             axis = use.axis if self.options.per_channel else None
-            depthwise = is_depthwise(use.op_type, array.shape, groups.get(use.node, 1))
-            if remedy == "none" or self.options.symmetric_activations or depthwise:
+            if remedy == "none" or self.options.symmetric_activations:
                 params[use.weight] = weight_qparams(array, axis)
                 continue
             params[use.weight], count = remedy_params(array, axis, use.op_type, remedy)

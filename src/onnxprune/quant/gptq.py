@@ -53,7 +53,7 @@ from onnxprune.progress import Progress
 from onnxprune.quant.params import QParams, quantize
 from onnxprune.quant.placement import WeightUse
 from onnxprune.quant.rewrite import WeightRounder, values_by_name
-from onnxprune.quant.vnni import is_depthwise, saturating_channels
+from onnxprune.quant.vnni import saturating_channels
 
 __all__ = ["DAMPING", "WeightMoments", "collect_moments", "gptq_round"]
 
@@ -181,8 +181,7 @@ class WeightMoments:
         scale = params.scale.astype(np.float64).reshape(groups, out // groups)
         q = gptq_round(w, moment, scale, params.qmin, params.qmax)
         result = np.moveaxis(q.reshape(moved.shape), 0, axis).astype(plain.dtype)
-        depthwise = is_depthwise(op_type, moved.shape, groups)
-        if remedy in _PAIR_REMEDIES and not depthwise:  # depthwise: no pair sums (vnni)
+        if remedy in _PAIR_REMEDIES:
             bad = saturating_channels(result, axis, op_type) & ~saturating_channels(
                 plain, axis, op_type
             )

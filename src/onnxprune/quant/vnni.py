@@ -15,12 +15,6 @@ Remedies, per weight:
 * ``reduce-range``: 7-bit weights (``qmax = 63``) everywhere, so ``|q_i| + |q_j| <= 126``.
 * ``none``: keep the 8-bit weights.
 
-Depthwise convolutions (one input and one output channel per group) are left out of every
-remedy: onnxruntime runs them with its depthwise kernel, which accumulates in int32 (no pair
-sums; checked in the tests against the unfused float path). Coarsening them lost precision
-for nothing: on the zoo's MobileNetV2 their exact 8-bit weights lift the output SQNR from
-12.6 to 14.1 dB (held-out calibration photos, nearest rounding, the rest unchanged).
-
 ``auto`` builds the candidates and keeps the one with the best measured output SQNR on
 calibration data (onnxruntime optimizations on, i.e. the real kernels). The K order of a
 Conv is not fixed by ONNX (onnxruntime may reorder to ``kh, kw, C``), so Conv pairs are
@@ -40,7 +34,6 @@ from onnxprune.quant.params import QParams, quantize, weight_qparams
 __all__ = [
     "REMEDIES",
     "cpu_isa",
-    "is_depthwise",
     "limit_pairs",
     "needs_u8s8_remedy",
     "remedy_params",
@@ -71,18 +64,6 @@ def needs_u8s8_remedy() -> bool:
     """True on AVX2 CPUs without VNNI (where u8s8 pair sums saturate in int16)."""
     isa = cpu_isa()
     return isa["avx2"] and not (isa["avx512_vnni"] or isa["avx_vnni"] or isa["amx_int8"])
-
-
-def is_depthwise(op_type: str, weight_shape: tuple[int, ...], group: int) -> bool:
-    """A Conv with one input and one output channel per group (weight ``[C, 1, ...]``,
-    ``group == C``): onnxruntime's depthwise kernel, no u8s8 pair sums."""
-    return (
-        op_type == "Conv"
-        and len(weight_shape) > 2
-        and weight_shape[1] == 1
-        and group == weight_shape[0]
-        and group > 1
-    )
 
 
 def _k_orders(array: np.ndarray, axis: int, op_type: str) -> list[np.ndarray]:
