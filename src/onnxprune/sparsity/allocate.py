@@ -97,7 +97,7 @@ def measure_curves(
     count = len(data)
     stacked = _stacked(session, names, data, reference)
     if stacked is not None:  # one run per probe instead of one per feed
-        data, reference = [stacked], [session.run(names, stacked)]
+        data, reference = [stacked[0]], [stacked[1]]
     ref = _joined(names, reference)
     curves: dict[str, list[float]] = {}
     with Progress(len(layers) * len(LEVELS), "sparsity sensitivity") as bar:
@@ -119,9 +119,9 @@ def _joined(names: Sequence[str], runs: Sequence[list[np.ndarray]]) -> dict[str,
 
 def _stacked(
     session: Any, names: Sequence[str], data: Sequence[dict], reference: Sequence[list]
-) -> dict[str, np.ndarray] | None:
-    """The feeds concatenated on axis 0 where the model then gives every feed's outputs
-    concatenated on axis 0 (a dynamic batch axis), else None."""
+) -> tuple[dict[str, np.ndarray], list[np.ndarray]] | None:
+    """The feeds concatenated on axis 0 and the model's outputs for them, where those are
+    every feed's outputs concatenated on axis 0 (a dynamic batch axis), else None."""
     if len(data) < 2:
         return None
     try:
@@ -133,7 +133,7 @@ def _stacked(
         want = np.concatenate([r[i] for r in reference])
         if value.shape != want.shape or not np.allclose(value, want, rtol=1e-4, atol=1e-5):
             return None
-    return joined
+    return joined, got
 
 
 def allocate_sparsity(
