@@ -11,6 +11,10 @@ weight view), or the pixels of a ConvTranspose input. Accumulated in float64 ove
   same rows taken from the reference (dense) model on the same feeds, so the update can
   aim at the dense model's layer output ``W x_ref`` instead of ``W x`` (it then corrects
   the error that layers pruned earlier left in ``x``).
+* with ``holdout``, the same sums once more over the rows of the held-out feeds only
+  (:func:`is_held`: every fourth pair of consecutive feeds), plus ``X_ref^T X_ref`` there:
+  the update's dampening is chosen by its error on those feeds (:mod:`.damping`). The
+  totals still hold every row; the fit part is the total minus the held-out part.
 
 Memory is bounded: the needed intermediate values are read with
 :func:`onnxprune.intermediates.iter_intermediates` (a temporary copy of the model with them
@@ -33,28 +37,72 @@ import onnx_ir as ir
 from onnxprune.intermediates import iter_intermediates
 from onnxprune.sparsity.layers import WeightLayer
 
-__all__ = ["InputStats", "collect_stats", "layer_rows", "stats_support"]
+__all__ = ["HeldOut", "InputStats", "collect_stats", "is_held", "layer_rows", "stats_support"]
 
 logger = logging.getLogger(__name__)
 
 
+#: Held-out feeds: the last ``HOLD_BLOCK`` of every ``HOLD_EVERY * HOLD_BLOCK`` consecutive
+#: feeds (blocks of neighbours, so crops of one photo mostly stay on one side).
+HOLD_EVERY = 4
+HOLD_BLOCK = 2
+
+
+def is_held(index: int) -> bool:
+    """Whether feed ``index`` (0-based) is held out of the fit (see :data:`HOLD_EVERY`)."""
+    return (index // HOLD_BLOCK) % HOLD_EVERY == HOLD_EVERY - 1
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """Sums over the held-out rows only: ``gram = X^T X``, ``cross = X^T X_ref`` and
+    ``target = X_ref^T X_ref`` (``X_ref = X`` without a reference model)."""
+
+    rows: int
+    gram: np.ndarray
+    cross: np.ndarray
+    target: np.ndarray
+
+    def add(self, x: np.ndarray, x_ref: np.ndarray) -> None:
+        self.rows += x.shape[0]
+        self.gram += x.T @ x
+        self.cross += x.T @ x_ref
+        self.target += x_ref.T @ x_ref
+
+
 @dataclasses.dataclass
 class InputStats:
-    """Sums over the rows ``X[n, K]`` seen so far."""
+    """Sums over the rows ``X[n, K]`` seen so far (``held``: those of held-out feeds again)."""
 
     rows: int
     sq: np.ndarray
     gram: np.ndarray | None = None
     cross: np.ndarray | None = None
+    held: HeldOut | None = None
 
-    def add(self, x: np.ndarray, x_ref: np.ndarray | None = None) -> None:
+    def add(self, x: np.ndarray, x_ref: np.ndarray | None = None, held: bool = False) -> None:
         x = x.astype(np.float64, copy=False)
+        ref = x_ref.astype(np.float64, copy=False) if x_ref is not None else None
         self.rows += x.shape[0]
         self.sq += np.einsum("nk,nk->k", x, x)
         if self.gram is not None:
             self.gram += x.T @ x
-        if self.cross is not None and x_ref is not None:
-            self.cross += x.T @ x_ref.astype(np.float64, copy=False)
+        if self.cross is not None and ref is not None:
+            self.cross += x.T @ ref
+        if held and self.held is not None:
+            self.held.add(x, ref if ref is not None else x)
+
+    def fit_part(self) -> InputStats:
+        """The sums over the rows not held out (all rows when nothing was held out)."""
+        if self.held is None or self.held.rows == 0:
+            return self
+        h = self.held
+        return InputStats(
+            self.rows - h.rows,
+            self.sq - np.diag(h.gram),
+            None if self.gram is None else self.gram - h.gram,
+            None if self.cross is None else self.cross - h.cross,
+        )
 
     @property
     def norms(self) -> np.ndarray:
@@ -137,11 +185,13 @@ def collect_stats(
     max_rows: int = 256,
     seed: int = 0,
     reference: ir.Model | None = None,
+    holdout: bool = False,
 ) -> dict[str, InputStats]:
     """Input statistics per layer node name (layers without support are left out).
 
     With ``reference`` (a model with the same graph, e.g. the dense original) and ``gram``,
-    ``cross`` is accumulated from both models run on the same feeds.
+    ``cross`` is accumulated from both models run on the same feeds. With ``holdout`` (and
+    ``gram``), the held-out feeds' sums are kept apart too (:class:`HeldOut`).
     """
     wanted = [layer for layer in layers if stats_support(layer) is None]
     if not wanted:
@@ -158,6 +208,7 @@ def collect_stats(
                 np.zeros(k),
                 np.zeros((k, k)) if gram else None,
                 np.zeros((k, k)) if with_cross else None,
+                HeldOut(0, *(np.zeros((k, k)) for _ in range(3))) if gram and holdout else None,
             )
             by_sig[sig] = layer
     fetch = sorted({layer.activation for layer in by_sig.values()})
@@ -174,9 +225,11 @@ def collect_stats(
     else:
         pairs = ((values, None) for values in iter_intermediates(model, fetch, feeds))
     for values, ref_values in pairs:
+        held = is_held(samples)
         for sig, layer in by_sig.items():
             x_ref = ref_values[layer.activation] if ref_values is not None else None
-            shared[sig].add(*layer_rows(layer, values[layer.activation], rng, max_rows, x_ref))
+            rows = layer_rows(layer, values[layer.activation], rng, max_rows, x_ref)
+            shared[sig].add(*rows, held=held)
         samples += 1
     logger.info("collected input statistics of %d layers on %d samples", len(wanted), samples)
     return {layer.node: shared[_signature(layer)] for layer in wanted}

@@ -22,9 +22,17 @@ so the levels ``s_l`` minimise ``sum_l nsr_l(s_l)`` subject to
 ``sum_l s_l n_l >= s sum_l n_l`` (``n_l`` the layer's weights): each curve is made
 non-decreasing, and a greedy pass repeatedly raises the layer whose next level costs the
 least noise per removed weight; the last step is taken only as far as the target needs
-(a fraction between two levels). The update that follows (OBS, when asked for) then
-sparsifies each layer to its level; a layer's measured cost is an upper bound of what it
-costs after the update.
+(a fraction between two levels).
+
+**With the update** (``--update``), a layer is probed the way it will be pruned: Wanda
+scores and the OBS update (:func:`~onnxprune.sparsity.sparsegpt.obs_update`, dampening
+:data:`PROBE_DAMP`) on input statistics of the dense model collected on up to
+:data:`GRAM_SAMPLES` *other* calibration feeds (the probe feeds are never fitted on). The
+update helps layers very unequally: on the zoo's MobileNetV2 it cut the classifier's
+held-out error 2.7x at 62.5 % and the 1280-channel head conv's by 3 % at 75 %, so
+magnitude curves put the sparsity where the update cannot repair it. Layers without
+statistics (depthwise convs), or past :data:`GRAM_BYTES` of ``K x K`` sums, keep magnitude
+probes.
 """
 
 from __future__ import annotations
@@ -43,15 +51,30 @@ from onnxprune.passes._match import const_numpy
 from onnxprune.progress import Progress
 from onnxprune.runtime import make_session
 from onnxprune.sparsity import masks as masks_mod
+from onnxprune.sparsity.activations import InputStats, collect_stats, stats_support
 from onnxprune.sparsity.layers import WeightLayer
-from onnxprune.sparsity.wanda import magnitude_scores
+from onnxprune.sparsity.sparsegpt import obs_update
+from onnxprune.sparsity.wanda import magnitude_scores, wanda_scores
 
-__all__ = ["LEVELS", "SAMPLES", "SparsityAllocation", "allocate_sparsity", "measure_curves"]
+__all__ = [
+    "GRAM_SAMPLES",
+    "LEVELS",
+    "SAMPLES",
+    "SparsityAllocation",
+    "allocate_sparsity",
+    "measure_curves",
+]
 
 #: Sparsity levels each layer is measured at (0 is the dense model, nsr 0).
 LEVELS = (0.25, 0.5, 0.625, 0.75, 0.875, 0.95)
 #: Calibration feeds each probe runs on (at most).
 SAMPLES = 16
+#: Further calibration feeds whose input statistics fit the updated probes (at most).
+GRAM_SAMPLES = 128
+#: Dampening of the updated probes (the value most layers chose on held-out feeds).
+PROBE_DAMP = 0.1
+#: At most this many bytes of ``K x K`` input sums are held for the updated probes.
+GRAM_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -71,10 +94,39 @@ class SparsityAllocation:
         )
 
 
-def _sparsified(layer: WeightLayer, weight: np.ndarray, level: float) -> np.ndarray:
+def _sparsified(
+    layer: WeightLayer, weight: np.ndarray, level: float, stats: InputStats | None = None
+) -> np.ndarray:
+    """``weight`` at ``level``: by magnitude, or with ``stats`` (a gram) Wanda + OBS."""
     matrix = layer.to_matrix(weight)
-    keep = masks_mod.select_layer(magnitude_scores(matrix), level)
-    return layer.from_matrix(np.where(keep, matrix, 0.0).astype(weight.dtype))
+    if stats is None or stats.gram is None:
+        keep = masks_mod.select_layer(magnitude_scores(matrix), level)
+        return layer.from_matrix(np.where(keep, matrix, 0.0).astype(weight.dtype))
+    keep = masks_mod.select_layer(wanda_scores(matrix, stats.norms), level)
+    new, _ = obs_update(matrix, keep, stats.gram, stats.rows, damp=PROBE_DAMP)
+    return layer.from_matrix(new.astype(weight.dtype))
+
+
+def _probe_stats(
+    model: ir.Model, layers: Sequence[WeightLayer], feeds: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, InputStats]:
+    """Dense-model input statistics (with gram) of the supported layers, smallest ``K``
+    first until :data:`GRAM_BYTES`."""
+    chosen, used, seen = [], 0, set()
+    for layer in sorted(layers, key=lambda x: x.matrix_shape[1]):
+        if stats_support(layer) is not None:
+            continue
+        k = layer.matrix_shape[1]
+        key = (layer.activation, k)
+        if key not in seen and used + 8 * k * k > GRAM_BYTES:
+            continue
+        used += 0 if key in seen else 8 * k * k
+        seen.add(key)
+        chosen.append(layer)
+    if not chosen:
+        return {}
+    stats = collect_stats(model, chosen, feeds, gram=True)
+    return {name: x for name, x in stats.items() if x.rows > 0}
 
 
 def measure_curves(
@@ -84,8 +136,13 @@ def measure_curves(
     *,
     samples: int = SAMPLES,
     threads: int = 1,
+    gram_feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
 ) -> tuple[dict[str, list[float]], int]:
-    """``{layer: [nsr at each of LEVELS]}`` and the number of feeds measured on."""
+    """``{layer: [nsr at each of LEVELS]}`` and the number of feeds measured on.
+
+    With ``gram_feeds`` (feeds other than the probed ones), layers are probed with the OBS
+    update fitted on them (module docstring), else by magnitude."""
+    stats = _probe_stats(model, layers, gram_feeds) if gram_feeds is not None else {}
     probe = copy_model(model)
     weights = {layer.node: const_numpy(probe.graph.initializers[layer.weight]) for layer in layers}
     for layer in layers:  # an initializer that is also an input can be fed
@@ -104,7 +161,8 @@ def measure_curves(
         for layer in layers:
             curve = []
             for level in LEVELS:
-                override = {layer.weight: _sparsified(layer, weights[layer.node], level)}
+                weight = _sparsified(layer, weights[layer.node], level, stats.get(layer.node))
+                override = {layer.weight: weight}
                 got = [session.run(names, {**feed, **override}) for feed in data]
                 curve.append(worst_nsr(ref, _joined(names, got)))
                 bar.update()

@@ -32,6 +32,7 @@ are unstructured per layer and the last step applies N:M.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, get_args
@@ -44,7 +45,14 @@ from onnxprune.passes._match import const_numpy
 from onnxprune.registry.options import option
 from onnxprune.sparsity import masks as masks_mod
 from onnxprune.sparsity.activations import InputStats, collect_stats, stats_support
-from onnxprune.sparsity.allocate import SparsityAllocation, allocate_sparsity, measure_curves
+from onnxprune.sparsity.allocate import (
+    GRAM_SAMPLES,
+    SAMPLES,
+    SparsityAllocation,
+    allocate_sparsity,
+    measure_curves,
+)
+from onnxprune.sparsity.damping import DEFAULT_DAMP, choose_damp
 from onnxprune.sparsity.layers import WeightLayer
 from onnxprune.sparsity.report import LayerResult
 from onnxprune.sparsity.sparsegpt import obs_update, refit_target
@@ -99,7 +107,11 @@ class SparsifyConfig:
         help="per-node targets overriding --sparsity", default_factory=dict, metavar="NODE=S"
     )
     seed: int = option(0, help="seed of the Conv patch sampling")
-    damp: float = option(0.01, help="OBS update dampening, a fraction of the mean Hessian diagonal")
+    damp: float | None = option(
+        None,
+        help="OBS update dampening, a fraction of the mean Hessian diagonal; default: chosen per "
+        "layer by the error on held-out calibration feeds (no update where that is best)",
+    )
     max_rows: int = option(
         256, help="Conv patch positions sampled per feed for the statistics", metavar="N"
     )
@@ -205,6 +217,35 @@ def _mask(
     return masks_mod.select_layer(scores, target, forced)
 
 
+def _pruned(  # noqa: PLR0917 - private helper of _prune_layer
+    matrix: np.ndarray,
+    layer: WeightLayer,
+    config: SparsifyConfig,
+    target: float,
+    stats: InputStats | None,
+    result: LayerResult,
+    final: bool,
+    damp: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``matrix`` pruned to ``target``: with a ``damp``, refit to the dense inputs (when
+    ``stats`` has them) and OBS-updated; without, the mask alone. Returns (new, keep-mask)."""
+    forced = _forced(matrix)
+    stats_map = {layer.node: stats} if stats else {}
+    if damp is None or stats is None or stats.gram is None:
+        mask = _mask(config, _scores(matrix, layer, stats_map, result), target, forced, final)
+        return np.where(mask, matrix, 0.0), mask
+    aim = matrix
+    if stats.cross is not None:
+        aim = refit_target(matrix, stats.gram, stats.cross, stats.rows, damp=damp)
+    mask = _mask(config, _scores(aim, layer, stats_map, result), target, forced, final)
+    if mask.all():
+        return matrix, mask
+    nm = parse_pattern(config.pattern) if final else None
+    return obs_update(
+        aim, mask, stats.gram, stats.rows, damp=damp, group=nm[1] if nm else None, forced=forced
+    )
+
+
 def _prune_layer(  # noqa: PLR0917 - private helper of _step
     model: ir.Model,
     layer: WeightLayer,
@@ -214,28 +255,25 @@ def _prune_layer(  # noqa: PLR0917 - private helper of _step
     result: LayerResult,
     final: bool,
 ) -> tuple[int, int]:
-    """Prune (and with ``update`` compensate) one layer; returns (pruned, size)."""
+    """Prune (and with ``update`` compensate) one layer; returns (pruned, size).
+
+    With ``update`` and no fixed ``damp``, the dampening (or no update) is chosen on the
+    held-out feeds (:func:`~onnxprune.sparsity.damping.choose_damp`), then applied with
+    all feeds (see that module for why)."""
     matrix = layer.to_matrix(_weight(model, layer))
-    forced = _forced(matrix)
-    aim = matrix
-    if config.update and stats is not None and stats.gram is not None and stats.cross is not None:
-        aim = refit_target(matrix, stats.gram, stats.cross, stats.rows, damp=config.damp)
-    scores = _scores(aim, layer, {layer.node: stats} if stats else {}, result)
-    mask = _mask(config, scores, target, forced, final)
-    if config.update and stats is not None and stats.gram is not None and not mask.all():
-        nm = parse_pattern(config.pattern) if final else None
-        new, mask = obs_update(
-            aim,
-            mask,
-            stats.gram,
-            stats.rows,
-            damp=config.damp,
-            group=nm[1] if nm else None,
-            forced=forced,
-        )
-        result.updated = True
-    else:
-        new = np.where(mask, matrix, 0.0)
+    damp: float | None = None
+    if config.update and stats is not None and stats.gram is not None:
+        damp = DEFAULT_DAMP if config.damp is None else config.damp
+        if config.damp is None and target > 0:
+
+            def prune(d: float | None, part: InputStats) -> tuple[np.ndarray, np.ndarray]:
+                return _pruned(matrix, layer, config, target, part, result, final, d)
+
+            choice = choose_damp(prune, matrix, stats)
+            damp, result.damping = choice.damp, choice.errors
+        result.damp = damp
+    new, mask = _pruned(matrix, layer, config, target, stats, result, final, damp)
+    result.updated = damp is not None and not mask.all()
     _set_weight(model, layer, layer.from_matrix(new.astype(matrix.dtype)))
     return int((~mask).sum()), mask.size
 
@@ -297,6 +335,7 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
             max_rows=config.max_rows,
             seed=config.seed,
             reference=reference,
+            holdout=config.update and config.damp is None,
         )
 
     sequential = aware and config.update and config.sequential
@@ -309,10 +348,11 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
         budgets = _global_budgets(
             model, layers, config, targets=targets, stats=stats, results=results
         )
-    pruned = total = 0
+    pruned = total = aware_layers = 0
     for index, group in enumerate(groups):
         if index > 0:
             stats.update(collect(group))
+        aware_layers += sum(layer.node in stats for layer in group)
         for layer in group:
             count, size = _prune_layer(
                 model,
@@ -324,9 +364,11 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
                 final,
             )
             pruned, total = pruned + count, total + size
+        for layer in group:  # done with: free the K x K sums
+            stats.pop(layer.node, None)
     return {
         "sparsity": pruned / total if total else 0.0,
-        "data_aware_layers": sum(layer.node in stats for layer in layers),
+        "data_aware_layers": aware_layers,
         "stages": len(groups),
     }
 
@@ -350,7 +392,10 @@ def _measured_targets(
     """Targets of the layers without a ``layer_sparsity`` entry, from their measured
     curves, so that all of them together reach ``config.sparsity`` of their weights."""
     free = [layer for layer in layers if layer.node not in config.layer_sparsity]
-    curves, samples = measure_curves(model, free, feeds())
+    grams = None
+    if config.update:  # probe as the update will prune, fitted on feeds the probes skip
+        grams = itertools.islice(feeds(), SAMPLES, SAMPLES + GRAM_SAMPLES)
+    curves, samples = measure_curves(model, free, feeds(), gram_feeds=grams)
     assert config.sparsity is not None
     targets, nsr = allocate_sparsity({x.node: x.size for x in free}, curves, config.sparsity)
     return SparsityAllocation(targets, curves, samples, nsr)

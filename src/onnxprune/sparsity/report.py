@@ -39,6 +39,8 @@ class LayerResult:
     pattern: str = "unstructured"
     scores: str = "magnitude"
     updated: bool = False
+    damp: float | None = None  # the OBS dampening used (None: no update)
+    damping: dict[str, float] = dataclasses.field(default_factory=dict)  # held-out error by damp
     storage: str = "dense"
     dense_bytes: int = 0
     stored_bytes: int = 0
@@ -86,8 +88,16 @@ class SparsifyReport:
         )
 
     def summary(self) -> str:
-        return (
+        text = (
             f"pruned {len(self.layers)} layers to {self.overall_sparsity:.1%} overall "
             f"({len(self.skipped)} skipped); stored model equals the masked model exactly\n"
-            f"speed: {SPEEDUP_NOTE['onnxruntime_cpu']}"
         )
+        chosen = [layer for layer in self.layers if layer.damping and layer.zeros]
+        if chosen:
+            counts: dict[str, int] = {}
+            for layer in chosen:
+                key = "no update" if layer.damp is None else f"{layer.damp:g}"
+                counts[key] = counts.get(key, 0) + 1
+            spread = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+            text += f"OBS dampening chosen on held-out calibration feeds per layer ({spread})\n"
+        return text + f"speed: {SPEEDUP_NOTE['onnxruntime_cpu']}"
