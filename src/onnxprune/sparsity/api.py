@@ -86,7 +86,7 @@ def validate_config(config: SparsifyConfig, node_names: Sequence[str], has_calib
         _check_fraction(f"--layer-sparsity {name}", fraction)
     if nm is not None and config.layer_sparsity:
         raise UsageError("--layer-sparsity cannot be combined with an N:M pattern")
-    if config.data_aware and not has_calib:
+    if config.with_data(has_calib).data_aware and not has_calib:
         raise UsageError("--method wanda and --update need calibration data (--calib PATH)")
     if config.scope == "measured" and not has_calib:
         raise UsageError("--scope measured needs calibration data (--calib PATH)")

@@ -100,7 +100,11 @@ class SparsifyConfig:
         "auto: measured with --calib and an unstructured pattern, else layer",
     )
     method: Method = option("magnitude", help="importance: |W| or Wanda's |W| * ||x|| (--calib)")
-    update: bool = option(False, help="OBS/SparseGPT update of the kept weights (--calib)")
+    update: bool | None = option(
+        None,
+        help="OBS/SparseGPT update of the kept weights (needs --calib); default: on with "
+        "--calib (--no-update: masks only, about 4x faster)",
+    )
     iterative: int = option(1, help="reach the target in K steps (cubic schedule)", metavar="K")
     exclude: tuple[str, ...] = option((), help="nodes never sparsified", metavar="NODE")
     layer_sparsity: Mapping[str, float] = option(
@@ -132,9 +136,15 @@ class SparsifyConfig:
         if self.sparsity is None and nm is not None:
             object.__setattr__(self, "sparsity", 1 - nm[0] / nm[1])
 
+    def with_data(self, has_calib: bool) -> SparsifyConfig:
+        """The config with an unset ``update`` resolved: on exactly when there is data."""
+        if self.update is not None:
+            return self
+        return dataclasses.replace(self, update=has_calib)
+
     @property
     def data_aware(self) -> bool:
-        return self.method == "wanda" or self.update
+        return self.method == "wanda" or bool(self.update)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -331,14 +341,14 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
             model,
             subset,
             feeds(),
-            gram=config.update,
+            gram=bool(config.update),
             max_rows=config.max_rows,
             seed=config.seed,
             reference=reference,
-            holdout=config.update and config.damp is None,
+            holdout=bool(config.update) and config.damp is None,
         )
 
-    sequential = aware and config.update and config.sequential
+    sequential = aware and bool(config.update) and config.sequential
     groups = stages(model, layers) if sequential else [layers]
     nm_final = final and parse_pattern(config.pattern) is not None
     needs_global = config.scope == "global" and not nm_final
@@ -411,6 +421,7 @@ def apply_sparsity(
 
     ``feeds`` yields calibration feeds anew on each call (needed when ``config.data_aware``).
     """
+    config = config.with_data(feeds is not None)
     pattern = config.pattern
     results = {
         layer.node: LayerResult(
