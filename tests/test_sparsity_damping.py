@@ -108,3 +108,20 @@ def test_fixed_damp_is_used_as_given() -> None:
     config = SparsifyConfig(sparsity=0.5, scope="layer", update=True, damp=0.05)
     results, _ = apply_sparsity(model, layers, config, lambda: iter(mlp_feeds(8, 1)))
     assert all(r.damp == 0.05 and not r.damping and r.updated for r in results)
+
+
+def test_update_is_on_by_default_exactly_with_data() -> None:
+    layers = find_layers(mlp_model(0))[0]
+    with_data, _ = apply_sparsity(
+        mlp_model(0), layers, SparsifyConfig(sparsity=0.5), lambda: iter(mlp_feeds(8, 1))
+    )
+    assert all(r.updated and r.damp is not None for r in with_data)
+    without, _ = apply_sparsity(mlp_model(0), layers, SparsifyConfig(sparsity=0.5))
+    assert not any(r.updated for r in without)
+    off, _ = apply_sparsity(
+        mlp_model(0),
+        layers,
+        SparsifyConfig(sparsity=0.5, update=False),
+        lambda: iter(mlp_feeds(8, 1)),
+    )
+    assert not any(r.updated for r in off)
