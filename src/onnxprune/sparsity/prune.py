@@ -7,8 +7,10 @@ within each output row (``compare="row"``, the Wanda paper's choice), the per-la
 measured by :mod:`onnxprune.sparsity.allocate` (``scope="measured"``; ``auto``, the default,
 is measured with calibration data and an unstructured pattern, else per layer), or N:M),
 then either
-zero the pruned weights or, with ``update``, apply the OBS/SparseGPT compensation
-(:mod:`onnxprune.sparsity.sparsegpt`) with the layer's input Gram matrix.
+zero the pruned weights or, with ``update`` (the default when calibration data is given),
+apply the OBS/SparseGPT compensation (:mod:`onnxprune.sparsity.sparsegpt`) with the layer's
+input Gram matrix, its dampening chosen per layer on held-out calibration feeds unless one
+is given (:mod:`onnxprune.sparsity.damping`).
 
 Sequential update (``update`` with ``sequential``, the default): layers are pruned stage by
 stage in graph order (:func:`stages`); each stage's inputs ``X`` are collected on the model
