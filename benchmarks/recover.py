@@ -178,6 +178,9 @@ def run_row(row: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     if base[0] == "prune" and _has_option("prune", "--no-reconstruct"):
         # prune refits by default with --calib since issue 17: "before" must say no.
         t_before, c_before = _cli([*cut, "--no-reconstruct"])
+    elif base[0] == "sparsify" and _has_option("sparsify", "--no-update"):
+        # sparsify updates by default with --calib since commit 1a92501: "before" says no.
+        t_before, c_before = _cli([*cut, "--no-update"])
     else:
         t_before, c_before = _cli(cut)
     t_refit, c_refit = _cli([*cut[:3], str(refit), *cut[4:], refit_flag])
