@@ -23,6 +23,12 @@ by every earlier layer's fit, so later choices are judged on inputs as fresh as 
 on MobileNetV2 at 50 % that scored 6.18 dB on the evaluation photos against 6.45 dB with
 all feeds, the quarter of rows it gives up costing more than the bias it removes.) Errors
 are reported relative to ``tr(W R W^T)``, the held-out output energy.
+
+Limit: the held-out feeds are chosen by position (:func:`~onnxprune.sparsity.activations.is_held`),
+so crops of one photo, or near-duplicate photos, can sit on both sides; on the zoo's
+MobileNetV2 the held-out quarter scored like the fitted feeds (17.7 dB) while photos of
+other sources scored 7.9 dB. The choice guards against fitting the rows, not against a
+shift between the calibration data and the user's.
 """
 
 from __future__ import annotations
