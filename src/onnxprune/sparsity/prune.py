@@ -229,62 +229,62 @@ def _mask(
     return masks_mod.select_layer(scores, target, forced)
 
 
-def _pruned(  # noqa: PLR0917 - private helper of _prune_layer
-    matrix: np.ndarray,
-    layer: WeightLayer,
-    config: SparsifyConfig,
-    target: float,
-    stats: InputStats | None,
-    result: LayerResult,
-    final: bool,
-    damp: float | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``matrix`` pruned to ``target``: with a ``damp``, refit to the dense inputs (when
-    ``stats`` has them) and OBS-updated; without, the mask alone. Returns (new, keep-mask)."""
-    forced = _forced(matrix)
-    stats_map = {layer.node: stats} if stats else {}
-    if damp is None or stats is None or stats.gram is None:
-        mask = _mask(config, _scores(matrix, layer, stats_map, result), target, forced, final)
-        return np.where(mask, matrix, 0.0), mask
-    aim = matrix
-    if stats.cross is not None:
-        aim = refit_target(matrix, stats.gram, stats.cross, stats.rows, damp=damp)
-    mask = _mask(config, _scores(aim, layer, stats_map, result), target, forced, final)
-    if mask.all():
-        return matrix, mask
-    nm = parse_pattern(config.pattern) if final else None
-    return obs_update(
-        aim, mask, stats.gram, stats.rows, damp=damp, group=nm[1] if nm else None, forced=forced
-    )
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One layer to prune in one step, to ``target`` (the final step applies N:M)."""
+
+    layer: WeightLayer
+    config: SparsifyConfig
+    target: float
+    result: LayerResult
+    final: bool
+
+    def pruned(
+        self, matrix: np.ndarray, stats: InputStats | None, damp: float | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``matrix`` pruned: with a ``damp``, refit to the dense inputs (when ``stats``
+        has them) and OBS-updated; without, the mask alone. Returns (new, keep-mask)."""
+        config, forced = self.config, _forced(matrix)
+        stats_map = {self.layer.node: stats} if stats else {}
+
+        def mask_of(aim: np.ndarray) -> np.ndarray:
+            scores = _scores(aim, self.layer, stats_map, self.result)
+            return _mask(config, scores, self.target, forced, self.final)
+
+        if damp is None or stats is None or stats.gram is None:
+            mask = mask_of(matrix)
+            return np.where(mask, matrix, 0.0), mask
+        aim = matrix
+        if stats.cross is not None:
+            aim = refit_target(matrix, stats.gram, stats.cross, stats.rows, damp=damp)
+        mask = mask_of(aim)
+        if mask.all():
+            return matrix, mask
+        nm = parse_pattern(config.pattern) if self.final else None
+        group = nm[1] if nm else None
+        return obs_update(aim, mask, stats.gram, stats.rows, damp=damp, group=group, forced=forced)
 
 
-def _prune_layer(  # noqa: PLR0917 - private helper of _step
-    model: ir.Model,
-    layer: WeightLayer,
-    config: SparsifyConfig,
-    target: float,
-    stats: InputStats | None,
-    result: LayerResult,
-    final: bool,
-) -> tuple[int, int]:
+def _prune_layer(model: ir.Model, job: _Job, stats: InputStats | None) -> tuple[int, int]:
     """Prune (and with ``update`` compensate) one layer; returns (pruned, size).
 
     With ``update`` and no fixed ``damp``, the dampening (or no update) is chosen on the
     held-out feeds (:func:`~onnxprune.sparsity.damping.choose_damp`), then applied with
     all feeds (see that module for why)."""
+    layer, config, result = job.layer, job.config, job.result
     matrix = layer.to_matrix(_weight(model, layer))
     damp: float | None = None
     if config.update and stats is not None and stats.gram is not None:
         damp = DEFAULT_DAMP if config.damp is None else config.damp
-        if config.damp is None and target > 0:
+        if config.damp is None and job.target > 0:
 
             def prune(d: float | None, part: InputStats) -> tuple[np.ndarray, np.ndarray]:
-                return _pruned(matrix, layer, config, target, part, result, final, d)
+                return job.pruned(matrix, part, d)
 
             choice = choose_damp(prune, matrix, stats)
             damp, result.damping = choice.damp, choice.errors
         result.damp = damp
-    new, mask = _pruned(matrix, layer, config, target, stats, result, final, damp)
+    new, mask = job.pruned(matrix, stats, damp)
     result.updated = damp is not None and not mask.all()
     _set_weight(model, layer, layer.from_matrix(new.astype(matrix.dtype)))
     return int((~mask).sum()), mask.size
@@ -366,15 +366,8 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
             stats.update(collect(group))
         aware_layers += sum(layer.node in stats for layer in group)
         for layer in group:
-            count, size = _prune_layer(
-                model,
-                layer,
-                config,
-                budgets[layer.node],
-                stats.get(layer.node),
-                results[layer.node],
-                final,
-            )
+            job = _Job(layer, config, budgets[layer.node], results[layer.node], final)
+            count, size = _prune_layer(model, job, stats.get(layer.node))
             pruned, total = pruned + count, total + size
         for layer in group:  # done with: free the K x K sums
             stats.pop(layer.node, None)
