@@ -283,9 +283,9 @@ def _prune_layer(model: ir.Model, job: _Job, stats: InputStats | None) -> tuple[
 
             choice = choose_damp(prune, matrix, stats)
             damp, result.damping = choice.damp, choice.errors
-        result.damp = damp
     new, mask = job.pruned(matrix, stats, damp)
     result.updated = damp is not None and not mask.all()
+    result.damp = damp if result.updated else None
     _set_weight(model, layer, layer.from_matrix(new.astype(matrix.dtype)))
     return int((~mask).sum()), mask.size
 

@@ -3,6 +3,7 @@ envelope adds sizes and fidelity)."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -92,12 +93,12 @@ class SparsifyReport:
             f"pruned {len(self.layers)} layers to {self.overall_sparsity:.1%} overall "
             f"({len(self.skipped)} skipped); stored model equals the masked model exactly\n"
         )
-        chosen = [layer for layer in self.layers if layer.damping and layer.zeros]
-        if chosen:
-            counts: dict[str, int] = {}
-            for layer in chosen:
-                key = "no update" if layer.damp is None else f"{layer.damp:g}"
-                counts[key] = counts.get(key, 0) + 1
+        counts = collections.Counter(
+            "no update" if layer.damp is None else f"{layer.damp:g}"
+            for layer in self.layers
+            if layer.damping and layer.zeros
+        )
+        if counts:
             spread = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
             text += f"OBS dampening chosen on held-out calibration feeds per layer ({spread})\n"
         return text + f"speed: {SPEEDUP_NOTE['onnxruntime_cpu']}"
