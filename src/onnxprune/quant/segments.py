@@ -25,7 +25,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -494,7 +494,7 @@ def shared_outputs(
     sides: Sequence[Side],
     step: int,
     cache: Cache,
-    feeds: Sequence[Mapping[str, np.ndarray]],
+    feeds: Iterable[Mapping[str, np.ndarray]],
 ) -> Iterator[tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]]:
     """``(float outputs, [outputs of each quantized side])`` of ``step``'s cut models, feed
     by feed: ``sides[0]`` is the float model, run once for all the others (variants of one

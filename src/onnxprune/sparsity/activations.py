@@ -16,11 +16,13 @@ weight view), or the pixels of a ConvTranspose input. Accumulated in float64 ove
   the update's dampening is chosen by its error on those feeds (:mod:`.damping`). The
   totals still hold every row; the fit part is the total minus the held-out part.
 
-Memory is bounded: the needed intermediate values are read with
+Memory is bounded: :func:`collect_stats` reads the needed intermediate values with
 :func:`onnxprune.intermediates.iter_intermediates` (a temporary copy of the model with them
-as extra outputs, streamed one feed at a time), and a Conv keeps at most ``max_rows`` patch
-positions per sample (chosen by a seeded generator, so results are reproducible). Layers
-reading the same value with the same view (Q/K/V projections) share one statistic.
+as extra outputs, streamed one feed at a time; the sequential update reads them from cut
+models instead, :mod:`onnxprune.sparsity.sequential`, and sums them with
+:func:`accumulate_stats`), and a Conv keeps at most ``max_rows`` patch positions per sample
+(chosen by a seeded generator, so results are reproducible). Layers reading the same value
+with the same view (Q/K/V projections) share one statistic.
 """
 
 from __future__ import annotations
@@ -37,7 +39,16 @@ import onnx_ir as ir
 from onnxprune.intermediates import iter_intermediates
 from onnxprune.sparsity.layers import WeightLayer
 
-__all__ = ["HeldOut", "InputStats", "collect_stats", "is_held", "layer_rows", "stats_support"]
+__all__ = [
+    "HeldOut",
+    "InputStats",
+    "accumulate_stats",
+    "collect_stats",
+    "is_held",
+    "layer_rows",
+    "new_stats",
+    "stats_support",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +95,21 @@ class InputStats:
         x = x.astype(np.float64, copy=False)
         ref = x_ref.astype(np.float64, copy=False) if x_ref is not None else None
         self.rows += x.shape[0]
-        self.sq += np.einsum("nk,nk->k", x, x)
-        if self.gram is not None:
-            self.gram += x.T @ x
-        if self.cross is not None and ref is not None:
-            self.cross += x.T @ ref
+        if self.gram is None:
+            self.sq += np.einsum("nk,nk->k", x, x)
+            return
+        gram = x.T @ x  # each product once, shared by the totals and the held-out sums
+        self.sq += np.diag(gram)
+        self.gram += gram
+        cross = x.T @ ref if ref is not None else gram
+        if self.cross is not None:
+            self.cross += cross
         if held and self.held is not None:
-            self.held.add(x, ref if ref is not None else x)
+            h = self.held
+            h.rows += x.shape[0]
+            h.gram += gram
+            h.cross += cross
+            h.target += ref.T @ ref if ref is not None else gram
 
     def fit_part(self) -> InputStats:
         """The sums over the rows not held out (all rows when nothing was held out)."""
@@ -176,6 +195,60 @@ def _signature(layer: WeightLayer) -> tuple[Any, ...]:
     return (layer.activation, view, layer.matrix_shape[1], kernel, conv)
 
 
+def new_stats(
+    layers: Sequence[WeightLayer], *, gram: bool, cross: bool, holdout: bool
+) -> tuple[dict[tuple[Any, ...], InputStats], dict[tuple[Any, ...], WeightLayer]]:
+    """Empty sums per signature of the supported ``layers`` (layers reading the same value
+    with the same view share one), and one layer of each signature."""
+    shared: dict[tuple[Any, ...], InputStats] = {}
+    by_sig: dict[tuple[Any, ...], WeightLayer] = {}
+    for layer in layers:
+        if stats_support(layer) is not None:
+            continue
+        sig = _signature(layer)
+        if sig not in shared:
+            k = layer.matrix_shape[1]
+            shared[sig] = InputStats(
+                0,
+                np.zeros(k),
+                np.zeros((k, k)) if gram else None,
+                np.zeros((k, k)) if gram and cross else None,
+                HeldOut(0, *(np.zeros((k, k)) for _ in range(3))) if gram and holdout else None,
+            )
+            by_sig[sig] = layer
+    return shared, by_sig
+
+
+def accumulate_stats(
+    layers: Sequence[WeightLayer],
+    pairs: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None]],
+    *,
+    gram: bool,
+    cross: bool,
+    max_rows: int = 256,
+    seed: int = 0,
+    holdout: bool = False,
+) -> dict[str, InputStats]:
+    """Input statistics per supported layer from ``pairs``: per feed, the layers' input
+    values and (with ``cross``) the reference model's (see :func:`collect_stats`)."""
+    shared, by_sig = new_stats(layers, gram=gram, cross=cross, holdout=holdout)
+    if not shared:
+        return {}
+    rng = np.random.default_rng(seed)
+    samples = 0
+    for values, ref_values in pairs:
+        held = is_held(samples)
+        for sig, layer in by_sig.items():
+            x_ref = ref_values[layer.activation] if ref_values is not None else None
+            rows = layer_rows(layer, values[layer.activation], rng, max_rows, x_ref)
+            shared[sig].add(*rows, held=held)
+        samples += 1
+    logger.info("collected input statistics of %d layers on %d samples", len(by_sig), samples)
+    return {
+        layer.node: shared[_signature(layer)] for layer in layers if stats_support(layer) is None
+    }
+
+
 def collect_stats(
     model: ir.Model,
     layers: Sequence[WeightLayer],
@@ -196,40 +269,19 @@ def collect_stats(
     wanted = [layer for layer in layers if stats_support(layer) is None]
     if not wanted:
         return {}
-    shared: dict[tuple[Any, ...], InputStats] = {}
-    by_sig: dict[tuple[Any, ...], WeightLayer] = {}
+    fetch = sorted({layer.activation for layer in wanted})
     with_cross = gram and reference is not None
-    for layer in wanted:
-        sig = _signature(layer)
-        if sig not in shared:
-            k = layer.matrix_shape[1]
-            shared[sig] = InputStats(
-                0,
-                np.zeros(k),
-                np.zeros((k, k)) if gram else None,
-                np.zeros((k, k)) if with_cross else None,
-                HeldOut(0, *(np.zeros((k, k)) for _ in range(3))) if gram and holdout else None,
-            )
-            by_sig[sig] = layer
-    fetch = sorted({layer.activation for layer in by_sig.values()})
-    rng = np.random.default_rng(seed)
-    samples = 0
+    pairs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]]
     if with_cross:
         assert reference is not None
         mine, theirs = itertools.tee(feeds)  # consumed in lockstep: one feed buffered
-        pairs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]] = zip(
+        pairs = zip(
             iter_intermediates(model, fetch, mine),
             iter_intermediates(reference, fetch, theirs),
             strict=True,
         )
     else:
         pairs = ((values, None) for values in iter_intermediates(model, fetch, feeds))
-    for values, ref_values in pairs:
-        held = is_held(samples)
-        for sig, layer in by_sig.items():
-            x_ref = ref_values[layer.activation] if ref_values is not None else None
-            rows = layer_rows(layer, values[layer.activation], rng, max_rows, x_ref)
-            shared[sig].add(*rows, held=held)
-        samples += 1
-    logger.info("collected input statistics of %d layers on %d samples", len(wanted), samples)
-    return {layer.node: shared[_signature(layer)] for layer in wanted}
+    return accumulate_stats(
+        wanted, pairs, gram=gram, cross=with_cross, max_rows=max_rows, seed=seed, holdout=holdout
+    )

@@ -135,13 +135,14 @@ def measure_curves(
     feeds: Iterable[Mapping[str, np.ndarray]],
     *,
     samples: int = SAMPLES,
-    threads: int = 1,
+    threads: int = 0,
     gram_feeds: Iterable[Mapping[str, np.ndarray]] | None = None,
 ) -> tuple[dict[str, list[float]], int]:
     """``{layer: [nsr at each of LEVELS]}`` and the number of feeds measured on.
 
     With ``gram_feeds`` (feeds other than the probed ones), layers are probed with the OBS
-    update fitted on them (module docstring), else by magnitude."""
+    update fitted on them (module docstring), else by magnitude. ``threads``: onnxruntime's
+    intra-op threads for the probe runs (0: one per core)."""
     stats = _probe_stats(model, layers, gram_feeds) if gram_feeds is not None else {}
     probe = copy_model(model)
     weights = {layer.node: const_numpy(probe.graph.initializers[layer.weight]) for layer in layers}

@@ -17,12 +17,15 @@ stage in graph order (:func:`stages`); each stage's inputs ``X`` are collected o
 whose earlier stages are already pruned, together with the dense model's inputs ``X_ref``
 on the same feeds, and the update aims at the dense layer output ``W x_ref``
 (:func:`onnxprune.sparsity.sparsegpt.refit_target`), so every layer also absorbs error left
-by the layers before it. Without ``sequential`` all statistics come from one pass over the
-unpruned model. Why these defaults (measured on the calibration half the tool does not use,
-digits CNN, 50 % unstructured, logits MSE): per-row ranking puts 5 of 9 weights of every
-3x3 filter of the single-channel first conv to zero and raised the error from 3.9 to 10.4;
-the one-shot update left 3.9, the sequential one 0.22. Wanda scores without the update
-always come from one pass (stage-wise norms gave 9.4 against 8.6).
+by the layers before it. The stage inputs come from cut models run from tensors cached at
+earlier stages (:mod:`onnxprune.sparsity.sequential`; on MobileNetV2 the statistics took
+276 s with two full models per stage, ~15 s so). Without ``sequential`` all statistics come
+from one pass over the unpruned model. Why these defaults (measured on the calibration half
+the tool does not use, digits CNN, 50 % unstructured, logits MSE): per-row ranking puts 5
+of 9 weights of every 3x3 filter of the single-channel first conv to zero and raised the
+error from 3.9 to 10.4; the one-shot update left 3.9, the sequential one 0.22. Wanda
+scores without the update always come from one pass (stage-wise norms gave 9.4 against
+8.6).
 
 Iterative mode (``iterations = T``) reaches each layer's target ``s`` in ``T`` steps
 with the cubic schedule of Zhu & Gupta (2017), ``s_t = s * (1 - (1 - t/T)^3)``, and
@@ -46,7 +49,12 @@ from onnxprune.io.pinned import copy_model
 from onnxprune.passes._match import const_numpy
 from onnxprune.registry.options import option
 from onnxprune.sparsity import masks as masks_mod
-from onnxprune.sparsity.activations import InputStats, collect_stats, stats_support
+from onnxprune.sparsity.activations import (
+    InputStats,
+    accumulate_stats,
+    collect_stats,
+    stats_support,
+)
 from onnxprune.sparsity.allocate import (
     GRAM_SAMPLES,
     SAMPLES,
@@ -57,6 +65,7 @@ from onnxprune.sparsity.allocate import (
 from onnxprune.sparsity.damping import DEFAULT_DAMP, choose_damp
 from onnxprune.sparsity.layers import WeightLayer
 from onnxprune.sparsity.report import LayerResult
+from onnxprune.sparsity.sequential import StageInputs
 from onnxprune.sparsity.sparsegpt import obs_update, refit_target
 from onnxprune.sparsity.wanda import magnitude_scores, wanda_scores
 
@@ -352,9 +361,30 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
 
     sequential = aware and bool(config.update) and config.sequential
     groups = stages(model, layers) if sequential else [layers]
+    runner = None
+    if sequential and reference is not None:
+        assert feeds is not None
+        runner = StageInputs(model, reference, groups, feeds)
+
+    def collect_stage(index: int) -> dict[str, InputStats]:
+        if runner is None:
+            return collect(groups[index])
+        group = groups[index]
+        if all(stats_support(layer) is not None for layer in group):
+            return {}
+        return accumulate_stats(
+            group,
+            runner.pairs(index),
+            gram=True,
+            cross=True,
+            max_rows=config.max_rows,
+            seed=config.seed,
+            holdout=config.damp is None,
+        )
+
     nm_final = final and parse_pattern(config.pattern) is not None
     needs_global = config.scope == "global" and not nm_final
-    stats = collect(layers if needs_global else groups[0])
+    stats = collect(layers) if needs_global else collect_stage(0)
     budgets = dict(targets)
     if needs_global:
         budgets = _global_budgets(
@@ -363,7 +393,7 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
     pruned = total = aware_layers = 0
     for index, group in enumerate(groups):
         if index > 0:
-            stats.update(collect(group))
+            stats.update(collect_stage(index))
         aware_layers += sum(layer.node in stats for layer in group)
         for layer in group:
             job = _Job(layer, config, budgets[layer.node], results[layer.node], final)
@@ -371,11 +401,16 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
             pruned, total = pruned + count, total + size
         for layer in group:  # done with: free the K x K sums
             stats.pop(layer.node, None)
-    return {
+        if runner is not None:
+            runner.pruned(index)
+    summary: dict[str, Any] = {
         "sparsity": pruned / total if total else 0.0,
         "data_aware_layers": aware_layers,
         "stages": len(groups),
     }
+    if runner is not None:
+        summary["stage_cache_peak_bytes"] = runner.peak_bytes
+    return summary
 
 
 def _layer_target(config: SparsifyConfig, node: str) -> float:
