@@ -114,7 +114,7 @@ class SparsifyConfig:
     update: bool | None = option(
         None,
         help="OBS/SparseGPT update of the kept weights (needs --calib); default: on with "
-        "--calib (--no-update: masks only, about 4x faster)",
+        "--calib (--no-update: masks only, about 2x faster)",
     )
     iterative: int = option(1, help="reach the target in K steps (cubic schedule)", metavar="K")
     exclude: tuple[str, ...] = option((), help="nodes never sparsified", metavar="NODE")
