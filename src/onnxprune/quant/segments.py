@@ -347,6 +347,7 @@ class Cache:
     _releasing: set[Key] = dataclasses.field(default_factory=set)
     _inputs: set[Key] = dataclasses.field(default_factory=set)
     _step: int = 0
+    _held: int = 0  # bytes of the arrays held now (kept up to date, not summed per feed)
 
     def next_use(self, key: Key, step: int) -> int | None:
         return next((s for s in self.uses.get(key, ()) if s > step), None)
@@ -396,9 +397,13 @@ class Cache:
         for key in self._admitted:
             self.arrays[key].append(np.array(produced[key]))  # own copy, see Cache
             self.nbytes[key] += produced[key].nbytes
+            self._held += produced[key].nbytes
         for key in self._releasing:
+            released = self.arrays[key][feed]
+            if released is not None:
+                self._held -= released.nbytes
             self.arrays[key][feed] = None
-        self.peak = max(self.peak, self.held())
+        self.peak = max(self.peak, self._held)
 
     def end(self) -> None:
         """Finish the step: drop the released tensors; beyond the budget (feeds of other
@@ -411,13 +416,14 @@ class Cache:
             self._drop(order.pop())
 
     def held(self) -> int:
-        return sum(a.nbytes for v in self.arrays.values() for a in v if a is not None)
+        return self._held
 
     def invalidate(self, side: int, names: set[str]) -> None:
         for key in [k for k in self.arrays if k[0] == side and k[1] in names]:
             self._drop(key)
 
     def _drop(self, key: Key) -> None:
+        self._held -= sum(a.nbytes for a in self.arrays[key] if a is not None)
         del self.arrays[key], self.nbytes[key]
 
 
