@@ -26,12 +26,11 @@ __all__ = ["apply_removal", "kept_counts", "kept_indices", "zero_units"]
 
 def kept_indices(analysis: Analysis, removed_roots: Collection[int]) -> dict[SpaceKey, np.ndarray]:
     """Kept indices of every space that loses at least one element."""
-    removed = set(removed_roots)
+    removed = np.fromiter(set(removed_roots), np.int64)
     graph = analysis.graph
     kept: dict[SpaceKey, np.ndarray] = {}
     for key, space in graph.spaces.items():
-        roots = [graph.find(space.base + i) for i in range(space.size)]
-        mask = np.array([r not in removed for r in roots])
+        mask = ~np.isin(graph.roots(space), removed)
         if not mask.all():
             if not mask.any():
                 raise ValueError(f"pruning would remove every channel of {key[0]} axis {key[1]}")

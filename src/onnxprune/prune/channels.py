@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+import numpy as np
+
 from onnxprune.reports import Skip
 
 __all__ = ["ChannelGraph", "Dims", "Space", "SpaceKey"]
@@ -63,6 +65,7 @@ class ChannelGraph:
         #: reshape registers): applied when the space is created
         self._pending: dict[SpaceKey, Skip] = {}
         self._parent: list[int] = []
+        self._roots: np.ndarray | None = None  # root of every element; reset by a union
 
     # -- spaces -------------------------------------------------------------------------
     def rank(self, value: str) -> int | None:
@@ -123,9 +126,17 @@ class ChannelGraph:
     def find(self, x: int) -> int:
         return self._find(x)
 
+    def roots(self, space: Space) -> np.ndarray:
+        """The root of each element of ``space`` (computed once for all spaces until the
+        next union: pruning probes ask for every space's roots hundreds of times)."""
+        if self._roots is None or len(self._roots) != len(self._parent):
+            self._roots = np.array([self._find(x) for x in range(len(self._parent))], np.int64)
+        return self._roots[space.base : space.base + space.size]
+
     def _union(self, a: int, b: int) -> None:
         ra, rb = self._find(a), self._find(b)
         if ra != rb:
+            self._roots = None
             # Deterministic: the smaller id becomes the root.
             if ra < rb:
                 self._parent[rb] = ra
