@@ -66,3 +66,46 @@ def test_stage_inputs_equal_full_model_runs_as_weights_change(budget: int) -> No
         runner.pruned(step)
     if budget:
         assert runner.peak_bytes > 0
+
+
+BRANCHED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2,4] x, bool c, float[4,6] w1, float[6,3] w2) => (float[2,3] y) {
+    h = MatMul(x, w1)
+    r = Relu(h)
+    t = If(c) <
+        then_branch = g1 () => (float[2,6] o1) { o1 = Identity(r) },
+        else_branch = g2 () => (float[2,6] o2) { o2 = Neg(r) }
+    >
+    y = MatMul(t, w2)
+}
+"""
+
+
+def test_stage_inputs_through_a_subgraph_reading_an_outer_value() -> None:
+    """The second stage's input comes out of an If whose branches read the first stage's
+    output: the cut model must carry that outer-scope read."""
+    rng = np.random.default_rng(2)
+    weights = {"w1": rng.standard_normal((4, 6)), "w2": rng.standard_normal((6, 3))}
+    model = model_from_text(BRANCHED, {k: v.astype(np.float32) for k, v in weights.items()})
+    reference = copy_model(model)
+    layers, _ = find_layers(model)
+    groups = stages(model, layers)
+    assert [[x.weight for x in g] for g in groups] == [["w1"], ["w2"]]
+    data = [
+        {"x": rng.standard_normal((2, 4)).astype(np.float32), "c": np.array(i % 2 == 0)}
+        for i in range(4)
+    ]
+    runner = StageInputs(model, reference, groups, lambda: iter(data))
+    list(runner.pairs(0))
+    set_initializer(model, "w1", np.zeros((4, 6), np.float32))
+    runner.pruned(0)
+    for (mine, ref), want, want_ref in zip(
+        runner.pairs(1),
+        iter_intermediates(model, ["t"], data),
+        iter_intermediates(reference, ["t"], data),
+        strict=True,
+    ):
+        np.testing.assert_allclose(mine["t"], want["t"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(ref["t"], want_ref["t"], rtol=1e-6, atol=1e-6)
+        assert not mine["t"].any() and ref["t"].any()

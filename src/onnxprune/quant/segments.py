@@ -47,6 +47,7 @@ __all__ = [
     "downstream",
     "float_cuts",
     "int8_outputs",
+    "node_reads",
     "paired_outputs",
     "shared_outputs",
     "step_run",
@@ -60,7 +61,7 @@ FLOAT, QUANT = 0, 1
 Key = tuple[int, str]
 
 
-def _reads(node: ir.Node) -> list[ir.Value]:
+def node_reads(node: ir.Node) -> list[ir.Value]:
     """The values ``node`` reads, those read by its subgraphs included."""
     reads = [v for v in node.inputs if v is not None]
     for attr in node.attributes.values():
@@ -217,7 +218,7 @@ class Side:
                 continue
             seen.add(id(node))
             keep.append(node)
-            for read in _reads(node):
+            for read in node_reads(node):
                 if read.name not in visited:
                     visited.add(read.name or "")
                     stack.append(read)
@@ -266,7 +267,7 @@ class Side:
         g = proto.graph
         g.node.extend(self._node(n) for n in nodes)
         produced = {o.name for n in nodes for o in n.outputs}
-        read = dict.fromkeys(v.name for n in nodes for v in _reads(n))
+        read = dict.fromkeys(v.name for n in nodes for v in node_reads(n))
         initializers = self.model.graph.initializers
         size = 0
         graph_inputs = {v.name for v in self.model.graph.inputs}

@@ -47,6 +47,7 @@ import onnx_ir as ir
 
 from onnxprune.io.pinned import copy_model
 from onnxprune.passes._match import const_numpy
+from onnxprune.quant.segments import node_reads
 from onnxprune.registry.options import option
 from onnxprune.sparsity import masks as masks_mod
 from onnxprune.sparsity.activations import (
@@ -309,7 +310,8 @@ def stages(model: ir.Model, layers: list[WeightLayer]) -> list[list[WeightLayer]
     depth: dict[str, int] = {}  # value name -> stage of a layer reading it
     result: dict[str, int] = {}
     for node in model.graph:  # ONNX graphs are topologically sorted
-        upstream = max((depth.get(str(v.name), 0) for v in node.inputs if v), default=0)
+        # An If/Loop body may read outer values: they count as the node's inputs.
+        upstream = max((depth.get(str(v.name), 0) for v in node_reads(node)), default=0)
         weight = node.inputs[1] if len(node.inputs) > 1 else None  # index 1 for every op
         layer = by_weight.get(str(weight.name)) if weight is not None else None
         if layer is not None:
