@@ -25,15 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxprune.passes._match import const_numpy
-from onnxprune.quant.segments import (
-    FLOAT,
-    QUANT,
-    Cache,
-    Side,
-    downstream,
-    float_cuts,
-    shared_outputs,
-)
+from onnxprune.quant import segments
 from onnxprune.sparsity.activations import stats_support
 from onnxprune.sparsity.layers import WeightLayer
 
@@ -42,7 +34,7 @@ __all__ = ["CACHE_BYTES", "StageInputs"]
 #: Bytes of cached tensors, both models and every feed together.
 CACHE_BYTES = 768 << 20
 
-DENSE, SPARSE = FLOAT, QUANT
+DENSE, SPARSE = segments.FLOAT, segments.QUANT
 
 Pair = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
@@ -75,12 +67,13 @@ class StageInputs:
         targets = [tuple(n for n in names if n in produced) for names in wanted]
         exposed = {n for t in targets for n in t}
         self._sides = [
-            Side.build(DENSE, reference, targets, float_cuts(reference, exposed), exposed),
-            Side.build(SPARSE, model, targets, float_cuts(model, exposed), exposed),
+            segments.Side.build(key, m, targets, segments.float_cuts(m, exposed), exposed)
+            for key, m in ((DENSE, reference), (SPARSE, model))
         ]
         weights = model.graph.initializers
         self._changed = [
-            set().union(*(downstream(weights[x.weight]) for x in group)) for group in groups
+            set().union(*(segments.downstream(weights[x.weight]) for x in group))
+            for group in groups
         ]
         uses = {(DENSE, n): s for n, s in self._sides[DENSE].plan_uses().items()}
         plan = self._sides[SPARSE].plan_uses(self._changed)
@@ -91,7 +84,7 @@ class StageInputs:
             shapes.add(tuple(sorted((k, np.shape(v)) for k, v in feed.items())))
         for side in self._sides:
             side.fixed_shapes = len(shapes) <= 1
-        self._cache = Cache(budget, uses, count)
+        self._cache = segments.Cache(budget, uses, count)
 
     @property
     def peak_bytes(self) -> int:
@@ -100,7 +93,7 @@ class StageInputs:
 
     def pairs(self, step: int) -> Iterator[Pair]:
         """The inputs of stage ``step``'s layers, feed by feed."""
-        outputs = shared_outputs(self._sides, step, self._cache, self._feeds())
+        outputs = segments.shared_outputs(self._sides, step, self._cache, self._feeds())
         direct = self._direct[step]
         if not direct:
             for ref, (mine,) in outputs:
