@@ -13,8 +13,8 @@ from onnxprune.quant.speed import SpeedCheck
 from onnxprune.quant.testing import conv_net, image_calib, write
 
 
-def _check(ratio: float, low: float, high: float) -> SpeedCheck:
-    return SpeedCheck(2, 100, 1.0, ratio, ratio, low, high)
+def _check(ratio: float, low: float, high: float, output_ms: float | None = None) -> SpeedCheck:
+    return SpeedCheck(2, 100, 1.0, ratio if output_ms is None else output_ms, ratio, low, high)
 
 
 def test_verdict_follows_the_interval_and_only_slower_warns():
@@ -27,6 +27,10 @@ def test_verdict_follows_the_interval_and_only_slower_warns():
     assert "warning: the quantized model is slower" in slower.summary()
     assert "2.00x the input's speed" in faster.summary()
     assert "warning" not in faster.summary() and "warning" not in unclear.summary()
+    # The per-round ratios say faster, the medians slower: no verdict either way.
+    split = _check(0.97, 0.957, 0.988, output_ms=1.06)
+    assert split.verdict == "no clear difference"
+    assert split.summary().endswith("no clear difference")
 
 
 def test_cli_times_the_output_and_the_bytes_do_not_depend_on_it(tmp_path):
