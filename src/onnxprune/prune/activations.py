@@ -90,10 +90,13 @@ def reconstruction_stats(
         for key in keys:
             array = outputs[key[0]]
             rows = np.moveaxis(array, key[1], 0).reshape(array.shape[key[1]], -1)
-            rows = rows.astype(np.float64)
-            gram = rows @ rows.T
+            # One feed's product in single precision (2x faster than double), the sums over
+            # feeds in float64.
+            rows = rows.astype(np.float32, copy=False)
+            gram = (rows @ rows.T).astype(np.float64)
+            total = rows.sum(1, dtype=np.float64)
             grams[key] = grams[key] + gram if key in grams else gram
-            sums[key] = sums[key] + rows.sum(1) if key in sums else rows.sum(1)
+            sums[key] = sums[key] + total if key in sums else total
             counts[key] += rows.shape[1]
     result = {k: grams[k] / max(counts[k], 1) for k in grams}
     if centered:
