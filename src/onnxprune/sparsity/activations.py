@@ -46,7 +46,6 @@ __all__ = [
     "collect_stats",
     "is_held",
     "layer_rows",
-    "new_stats",
     "stats_support",
 ]
 
@@ -75,10 +74,16 @@ class HeldOut:
     target: np.ndarray
 
     def add(self, x: np.ndarray, x_ref: np.ndarray) -> None:
-        self.rows += x.shape[0]
-        self.gram += x.T @ x
-        self.cross += x.T @ x_ref
-        self.target += x_ref.T @ x_ref
+        self.add_products(x.shape[0], x.T @ x, x.T @ x_ref, x_ref.T @ x_ref)
+
+    def add_products(
+        self, rows: int, gram: np.ndarray, cross: np.ndarray, target: np.ndarray
+    ) -> None:
+        """Add the products of ``rows`` rows computed elsewhere (:meth:`InputStats.add`)."""
+        self.rows += rows
+        self.gram += gram
+        self.cross += cross
+        self.target += target
 
 
 @dataclasses.dataclass
@@ -105,11 +110,8 @@ class InputStats:
         if self.cross is not None:
             self.cross += cross
         if held and self.held is not None:
-            h = self.held
-            h.rows += x.shape[0]
-            h.gram += gram
-            h.cross += cross
-            h.target += ref.T @ ref if ref is not None else gram
+            target = ref.T @ ref if ref is not None else gram
+            self.held.add_products(x.shape[0], gram, cross, target)
 
     def fit_part(self) -> InputStats:
         """The sums over the rows not held out (all rows when nothing was held out)."""
@@ -195,7 +197,7 @@ def _signature(layer: WeightLayer) -> tuple[Any, ...]:
     return (layer.activation, view, layer.matrix_shape[1], kernel, conv)
 
 
-def new_stats(
+def _new_stats(
     layers: Sequence[WeightLayer], *, gram: bool, cross: bool, holdout: bool
 ) -> tuple[dict[tuple[Any, ...], InputStats], dict[tuple[Any, ...], WeightLayer]]:
     """Empty sums per signature of the supported ``layers`` (layers reading the same value
@@ -231,7 +233,7 @@ def accumulate_stats(
 ) -> dict[str, InputStats]:
     """Input statistics per supported layer from ``pairs``: per feed, the layers' input
     values and (with ``cross``) the reference model's (see :func:`collect_stats`)."""
-    shared, by_sig = new_stats(layers, gram=gram, cross=cross, holdout=holdout)
+    shared, by_sig = _new_stats(layers, gram=gram, cross=cross, holdout=holdout)
     if not shared:
         return {}
     rng = np.random.default_rng(seed)

@@ -371,11 +371,8 @@ def _step(  # noqa: PLR0917 - private helper of apply_sparsity
     def collect_stage(index: int) -> dict[str, InputStats]:
         if runner is None:
             return collect(groups[index])
-        group = groups[index]
-        if all(stats_support(layer) is not None for layer in group):
-            return {}
-        return accumulate_stats(
-            group,
+        return accumulate_stats(  # runs nothing for a stage without supported layers
+            groups[index],
             runner.pairs(index),
             gram=True,
             cross=True,
